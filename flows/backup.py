@@ -1,0 +1,145 @@
+"""Backup: the runbook's backup.sh as a flow.
+
+snapshot + row counts -> pg_dump | zstd | gpg -> repository -> manifest (last) ->
+audit record -> artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from prefect import flow, get_run_logger, task
+
+from flows.steps import (
+    Progress,
+    Stopwatch,
+    human_bytes,
+    open_repo,
+    publish_table,
+    record_audit,
+    transient_only,
+    write_manifest,
+)
+from tasks import catalog, crypto, postgres
+from tasks.audit import audit_record
+from tasks.dump import stream_dump
+from tasks.errors import ConfigError
+from tasks.settings import Settings, check_tier, load_settings
+
+TOOL_VERSION = "pgdr 0.1.0"
+
+
+@task(name="dump database", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+      timeout_seconds=24 * 3600, tags=["pgdr", "postgres"])
+def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str, tier: str,
+                  encrypt_fingerprint: str | None) -> catalog.Manifest:
+    """Count rows in an exported snapshot and dump exactly that snapshot: the counts in the
+    manifest are exactly the rows in the dump, whatever is written meanwhile."""
+    logger = get_run_logger()
+    repo = open_repo(repo_url, settings)
+    database = postgres.database_name(db_url)
+    started = catalog.utcnow()
+    with postgres.connect(db_url) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with conn.transaction():
+            snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+            snapshot_at = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            row_counts = postgres.count_rows(conn)
+            version = postgres.server_version(conn)
+            wal_lsn = postgres.current_wal_lsn(conn)
+            size_hint = postgres.database_size(conn)
+            logger.info("snapshot %s of %s: %d tables, %d rows", snapshot, database,
+                        len(row_counts), sum(row_counts.values()))
+            prefix = catalog.backup_prefix(database, backup_id)
+            progress = Progress(f"backup of {database}", size_hint)
+            result = stream_dump(
+                db_url, repo, f"{prefix}/{catalog.DUMP}",
+                snapshot=snapshot,
+                encrypt_to=encrypt_fingerprint,
+                gpg_homedir=settings.gpg_homedir,
+                storage_class=settings.storage_classes.get(tier),
+                size_hint=size_hint,
+                zstd_level=settings.zstd_level,
+                zstd_threads=settings.zstd_threads,
+                secrets=settings.secrets(),
+                progress=lambda read, _written: progress.update(read),
+            )
+            progress.finish()
+    return catalog.Manifest(
+        backup_id=backup_id,
+        database=database,
+        tier=tier,
+        started_at=catalog.iso(started),
+        finished_at=catalog.iso(catalog.utcnow()),
+        snapshot_at=catalog.iso(snapshot_at),
+        server_version=version,
+        tool_version=TOOL_VERSION,
+        format="pg_dump-custom",
+        compression=f"zstd-{settings.zstd_level}",
+        encryption={"type": "gpg", "recipient_fingerprint": encrypt_fingerprint}
+        if encrypt_fingerprint else None,
+        size_bytes=result.stored.size,
+        dump_bytes=result.dump_bytes,
+        sha256=result.stored.sha256,
+        row_counts=row_counts,
+        wal_lsn_start=wal_lsn,
+        source=postgres.display_dsn(db_url),
+        data_key=catalog.DUMP,
+    )
+
+
+def publish_backup_artifact(manifest: catalog.Manifest, seconds: float) -> None:
+    rate = manifest.dump_bytes / seconds if seconds else 0
+    rows = [{"table": table, "rows": count} for table, count in manifest.row_counts.items()]
+    rows.append({"table": "TOTAL", "rows": sum(manifest.row_counts.values())})
+    publish_table(
+        "backup-" + _artifact_key(manifest.database),
+        rows,
+        f"Backup {manifest.backup_id} of {manifest.database}: "
+        f"{human_bytes(manifest.size_bytes)} stored ({human_bytes(manifest.dump_bytes)} dumped) "
+        f"in {seconds:.1f} s, {human_bytes(rate)}/s",
+    )
+
+
+def _artifact_key(name: str) -> str:
+    """Artifact keys allow lower-case letters, digits and dashes only."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "db"
+
+
+@flow(name="backup", log_prints=True)
+def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
+           encrypt_to: str | None = None) -> dict[str, Any]:
+    """Back up one database into the repository; returns the backup's summary."""
+    settings = load_settings()
+    db_url = db or settings.db_url
+    if not db_url:
+        raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
+    check_tier(tier)
+    repo_url = repo or settings.repo_url
+    recipient = encrypt_to or settings.encrypt_to
+    fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
+    database = postgres.database_name(db_url)
+    backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
+    clock = Stopwatch()
+    try:
+        manifest = dump_database(db_url, repo_url, settings, backup_id, tier, fingerprint)
+        write_manifest(repo_url, settings, manifest)
+    except Exception as exc:
+        record_audit(repo_url, settings, audit_record(
+            "backup", type=tier, source=database, destination=repo_url, status="failed",
+            duration_seconds=clock.seconds, backup_id=backup_id, error=str(exc)))
+        raise
+    record_audit(repo_url, settings, audit_record(
+        "backup", type=tier, source=database, destination=f"{repo_url}/{manifest.prefix}",
+        status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
+        backup_id=backup_id))
+    publish_backup_artifact(manifest, clock.seconds)
+    return {
+        **manifest.summary(),
+        "sha256": manifest.sha256,
+        "row_counts": manifest.row_counts,
+        "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
+        "duration_seconds": round(clock.seconds, 3),
+    }

@@ -1,0 +1,193 @@
+"""`pgdr`: the command line.
+
+Commands that change something run their Prefect flow (recorded in the Prefect server
+when PREFECT_API_URL is set); commands that only read, and the WAL commands, call plain
+functions and never import Prefect. `--json` prints one JSON object on stdout and nothing
+else there; errors are one line on stderr; the exit status is 0 only on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tasks.errors import PgdrError
+from tasks.process import redact
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_backup(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.backup import backup
+
+    return backup(db=_db(args), repo=args.repo, tier=args.tier, encrypt_to=args.encrypt_to)
+
+
+def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks import catalog
+    from tasks.repository import open_repository
+
+    settings = _settings()
+    repo = open_repository(args.repo or settings.repo_url, region=settings.aws_region)
+    backups = [m.summary() for m in catalog.list_backups(repo, args.db)]
+    return {"repository": repo.url, "backups": backups}
+
+
+def show_list(result: dict[str, Any]) -> None:
+    backups = result["backups"]
+    if not backups:
+        print(f"No backups in {result['repository']}.")
+        return
+    _print_table(
+        ["BACKUP", "DATABASE", "TIER", "FINISHED (UTC)", "SIZE", "ENCRYPTED"],
+        [[b["backup_id"], b["database"], b["tier"], b["finished_at"], _size(b["size_bytes"]),
+          "yes" if b["encrypted"] else "no"] for b in backups],
+    )
+    print(f"{len(backups)} backup(s) in {result['repository']}")
+
+
+def show_backup(result: dict[str, Any]) -> None:
+    rows = sum(result["row_counts"].values())
+    print(f"Backup {result['backup_id']} of {result['database']} ({result['tier']}): "
+          f"{_size(result['size_bytes'])}, {len(result['row_counts'])} tables, {rows} rows, "
+          f"{result['duration_seconds']:.1f} s")
+    print(f"  stored at {result['location']}")
+    print(f"  sha256    {result['sha256']}")
+
+
+# --- the parser -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgdr", description="Backup and disaster recovery "
+                                     "for PostgreSQL, as Prefect flows.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help: str, show: Callable[[dict[str, Any]], None]
+                ) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help, description=help)
+        cmd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        cmd.set_defaults(handler=handler, show=show)
+        return cmd
+
+    cmd = command("backup", cmd_backup, "back up a database into the repository", show_backup)
+    cmd.add_argument("--db", help="database URL (default: DATABASE_URL or DB_HOST/DB_NAME/...)")
+    cmd.add_argument("--repo", help="repository URL (default: PGDR_REPO, S3_BUCKET or BACKUP_DIR)")
+    cmd.add_argument("--tier", default="manual", help="backup tier (default: manual)")
+    cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient to encrypt to")
+
+    cmd = command("list", cmd_list, "list complete backups", show_list)
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="only this database")
+    return parser
+
+
+# --- plumbing ---------------------------------------------------------------------------
+
+
+def _settings() -> Any:
+    from tasks.settings import load_settings
+
+    return load_settings()
+
+
+def _db(args: argparse.Namespace) -> str | None:
+    """The --db URL without its password: the password stays in this process and out of
+    the flow's parameters, which Prefect stores."""
+    from tasks.postgres import strip_password
+
+    url = getattr(args, "db", None) or _settings().db_url
+    return strip_password(url) if url else None
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} TB"
+
+
+def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _terminal_progress() -> None:
+    """A progress line on stderr while a flow runs, when a person is watching."""
+    if not sys.stderr.isatty():
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
+    from flows.steps import add_progress_listener
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), transient=True, console=None)
+    tasks: dict[str, Any] = {}
+
+    def listener(label: str, done: int, total: int | None) -> None:
+        if done < 0:
+            if label in tasks:
+                bar.remove_task(tasks.pop(label))
+            if not tasks:
+                bar.stop()
+            return
+        if label not in tasks:
+            bar.start()
+            tasks[label] = bar.add_task(label, total=total)
+        bar.update(tasks[label], completed=min(done, total) if total else done)
+
+    add_progress_listener(listener)
+
+
+def _secrets() -> list[str]:
+    try:
+        return _settings().secrets()
+    except PgdrError:
+        return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        if not args.json:
+            _terminal_progress()
+        result = args.handler(args)
+    except PgdrError as exc:
+        print(f"pgdr: error: {redact(str(exc), _secrets())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pgdr: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an unexpected fault: one line, still no secret
+        if os.environ.get("PGDR_DEBUG"):
+            raise
+        message = redact(f"{type(exc).__name__}: {exc}".splitlines()[0], _secrets())
+        print(f"pgdr: error: {message}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(result, sort_keys=True, default=str) + "\n")
+    else:
+        args.show(result)
+    return 0 if result.get("ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The backup catalog: key layout, backup ids, manifests, and finding backups.
+
+A backup exists when its manifest exists: the manifest is written last, so a killed
+backup never looks complete. Verification results go to `verified.json` beside it,
+so the manifest is never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, unquote
+
+from tasks.errors import ConfigError, NotFoundError
+from tasks.repository import Repository, validate_key
+from tasks.settings import check_tier
+
+MANIFEST = "manifest.json"
+DUMP = "dump.pgdr"
+VERIFIED = "verified.json"
+# Top-level areas that are not databases.
+RESERVED_AREAS = frozenset({"audit", "drills", "locks", "files", "storage"})
+# Per-database areas that are not backup tiers.
+NON_TIER_AREAS = frozenset({"wal", "base"})
+
+_BACKUP_ID = re.compile(r"^(\d{8}T\d{6}Z)-([a-z][a-z-]*[a-z])-([0-9a-f]{4,32})$")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def new_backup_id(now: datetime, tier: str) -> str:
+    """`20260128T020000Z-daily-3f2a`: sorts by time, names its tier, unique."""
+    check_tier(tier)
+    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{tier}-{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True)
+class BackupId:
+    value: str
+    started: datetime
+    tier: str
+
+
+def parse_backup_id(value: str) -> BackupId:
+    match = _BACKUP_ID.match(value or "")
+    if not match:
+        raise ConfigError(f"{value!r} is not a backup id (like 20260128T020000Z-daily-3f2a)")
+    started = datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    return BackupId(value, started, check_tier(match.group(2)))
+
+
+def database_component(name: str) -> str:
+    """A database name as one key component (percent-encoded where it has to be)."""
+    if not name:
+        raise ConfigError("empty database name")
+    encoded = quote(name, safe="")
+    if encoded in (".", "..") or encoded in RESERVED_AREAS:
+        encoded = "".join(f"%{ord(c):02X}" for c in encoded[:1]) + encoded[1:]
+    return encoded
+
+
+def database_from_component(component: str) -> str:
+    return unquote(component)
+
+
+def backup_prefix(database: str, backup_id: str) -> str:
+    """`<database>/<tier>/<YYYY>/<MM>/<DD>/<backup_id>` (no trailing slash)."""
+    parsed = parse_backup_id(backup_id)
+    day = parsed.started
+    return validate_key(
+        f"{database_component(database)}/{parsed.tier}/{day:%Y}/{day:%m}/{day:%d}/{backup_id}"
+    )
+
+
+@dataclass
+class Manifest:
+    backup_id: str
+    database: str
+    tier: str
+    started_at: str
+    finished_at: str
+    snapshot_at: str
+    server_version: str
+    tool_version: str
+    format: str
+    compression: str
+    encryption: dict[str, str] | None
+    size_bytes: int
+    dump_bytes: int
+    sha256: str
+    row_counts: dict[str, int]
+    wal_lsn_start: str | None
+    source: str
+    data_key: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return backup_prefix(self.database, self.backup_id)
+
+    @property
+    def manifest_key(self) -> str:
+        return f"{self.prefix}/{MANIFEST}"
+
+    @property
+    def verified_key(self) -> str:
+        return f"{self.prefix}/{VERIFIED}"
+
+    @property
+    def finished(self) -> datetime:
+        return parse_iso(self.finished_at)
+
+    @property
+    def snapshot(self) -> datetime:
+        return parse_iso(self.snapshot_at)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        try:
+            raw = json.loads(data)
+            known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+            manifest = cls(**known)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"unreadable manifest: {exc}") from None
+        parse_backup_id(manifest.backup_id)
+        return manifest
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id,
+            "database": self.database,
+            "tier": self.tier,
+            "finished_at": self.finished_at,
+            "size_bytes": self.size_bytes,
+            "encrypted": self.encryption is not None,
+        }
+
+
+def list_databases(repo: Repository) -> list[str]:
+    return [database_from_component(name) for name in repo.list_dirs("")
+            if name not in RESERVED_AREAS]
+
+
+def list_backups(repo: Repository, database: str | None = None) -> list[Manifest]:
+    """Every complete backup (it has a manifest), oldest first."""
+    manifests = []
+    for db in [database] if database else list_databases(repo):
+        db_prefix = database_component(db) + "/"
+        for tier in repo.list_dirs(db_prefix):
+            if tier in NON_TIER_AREAS:
+                continue
+            for info in repo.list(f"{db_prefix}{tier}/"):
+                if info.key.endswith("/" + MANIFEST):
+                    manifests.append(Manifest.from_json(repo.get_bytes(info.key)))
+    return sorted(manifests, key=lambda m: (m.finished_at, m.backup_id))
+
+
+def find_backup(repo: Repository, backup_id: str, database: str | None = None) -> Manifest:
+    parse_backup_id(backup_id)
+    databases = [database] if database else list_databases(repo)
+    for db in databases:
+        key = f"{backup_prefix(db, backup_id)}/{MANIFEST}"
+        if repo.head(key):
+            return Manifest.from_json(repo.get_bytes(key))
+    raise NotFoundError(f"backup {backup_id} not found in {repo.url}")
+
+
+def resolve_backup(repo: Repository, selector: str, database: str | None = None,
+                   target_database: str | None = None) -> Manifest:
+    """A backup id, or `latest`: the newest complete backup of `database`; without it, of
+    the only database in the repository; with several, of the target's database name."""
+    if selector != "latest":
+        return find_backup(repo, selector, database)
+    if database is None:
+        databases = list_databases(repo)
+        if len(databases) == 1:
+            database = databases[0]
+        elif target_database in databases:
+            database = target_database
+        elif not databases:
+            raise NotFoundError(f"no backups in {repo.url}")
+        else:
+            raise ConfigError(
+                f"several databases in {repo.url} ({', '.join(databases)}): name one with --db"
+            )
+    backups = list_backups(repo, database)
+    if not backups:
+        raise NotFoundError(f"no backups of {database} in {repo.url}")
+    return backups[-1]
+
+
+def read_verification(repo: Repository, manifest: Manifest) -> dict[str, Any] | None:
+    if not repo.head(manifest.verified_key):
+        return None
+    return json.loads(repo.get_bytes(manifest.verified_key))
+
+
+def write_verification(repo: Repository, manifest: Manifest, result: dict[str, Any]) -> None:
+    repo.put_bytes(manifest.verified_key, json.dumps(result, indent=2, sort_keys=True).encode())

@@ -1,0 +1,84 @@
+"""GPG public-key encryption of backups, with real gpg.
+
+Backups are encrypted to a recipient's public key (so the backup host never holds the
+key that decrypts them); gpg's own compression is off because zstd already did it.
+A passphrase, when the restore key has one, reaches gpg through a pipe, never argv.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tasks.errors import ConfigError
+from tasks.process import run
+
+
+def _base(homedir: str | None) -> list[str]:
+    argv = ["gpg", "--batch", "--no-tty", "--quiet"]
+    if homedir:
+        argv += ["--homedir", homedir]
+    return argv
+
+
+def recipient_fingerprint(recipient: str, homedir: str | None = None) -> str:
+    """The fingerprint of the encryption key for recipient; ConfigError if there is none
+    usable (missing, expired, revoked, or not an encryption key)."""
+    if not re.fullmatch(r"[A-Za-z0-9@._+<> -]{1,200}", recipient) or recipient.startswith("-"):
+        raise ConfigError(f"invalid gpg recipient {recipient!r}")
+    try:
+        listing = run([*_base(homedir), "--with-colons", "--list-keys", "--", recipient])
+    except Exception:
+        raise ConfigError(f"no gpg public key for {recipient!r}") from None
+    fingerprint = None
+    usable = False
+    for line in listing.splitlines():
+        fields = line.split(":")
+        if fields[0] == "pub":
+            usable = fields[1] not in ("r", "e", "d", "i") and "E" in fields[11]
+        elif fields[0] == "fpr" and fingerprint is None:
+            fingerprint = fields[9]
+    if not fingerprint or not usable:
+        raise ConfigError(f"gpg key {recipient!r} cannot encrypt (expired, revoked or sign-only)")
+    return fingerprint
+
+
+def encrypt_command(fingerprint: str, homedir: str | None = None) -> list[str]:
+    return [*_base(homedir), "--trust-model", "always", "--compress-algo", "none",
+            "--recipient", fingerprint, "--encrypt"]
+
+
+@contextmanager
+def decrypt_command(homedir: str | None = None, passphrase: str | None = None
+                    ) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+    """(argv, fds to pass) for decrypting stdin to stdout. The passphrase is written to a
+    pipe whose read end gpg inherits."""
+    argv = [*_base(homedir), "--decrypt"]
+    if passphrase is None:
+        yield argv, ()
+        return
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, passphrase.encode() + b"\n")
+        os.close(write_fd)
+        write_fd = -1
+        yield [*argv[:-1], "--pinentry-mode", "loopback", "--passphrase-fd", str(read_fd),
+               "--decrypt"], (read_fd,)
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+
+
+def resolve_passphrase(passphrase: str | None, block_name: str | None) -> str | None:
+    """The restore key's passphrase: given directly, or from a Prefect Secret block."""
+    if passphrase or not block_name:
+        return passphrase
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(block_name).get()
+    except ValueError:
+        raise ConfigError(f"Prefect Secret block {block_name!r} not found") from None

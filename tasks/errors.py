@@ -1,0 +1,20 @@
+"""Errors an operator can act on.
+
+Every message is one line, safe to print: no secret, no traceback needed to understand it.
+"""
+
+
+class PgdrError(Exception):
+    """A failure with a clear, secret-free, one-line explanation."""
+
+
+class ConfigError(PgdrError):
+    """Bad input or configuration: fixing the call fixes the problem."""
+
+
+class NotFoundError(PgdrError):
+    """A backup, object or database that was asked for does not exist."""
+
+
+class IntegrityError(PgdrError):
+    """Stored bytes do not match what was recorded: never restore them."""

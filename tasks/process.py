@@ -1,0 +1,205 @@
+"""The one way pgdr runs child processes: argument lists, never a shell, secrets kept out.
+
+A `Pipeline` connects commands stdout-to-stdin the way `a | b | c` would, collects each
+command's stderr, and reports the command that really failed (not the ones that only died
+of a broken pipe because of it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO, Any
+
+from tasks.errors import PgdrError
+
+_STDERR_TAIL_LINES = 20
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret (of a useful length) in text by ***."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child: ours, plus extra, minus libpq variables that could
+    silently point a child at another server than the one we named."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "PGSERVICE")}
+    env.update(extra or {})
+    return env
+
+
+class _StderrCollector(threading.Thread):
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lines: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+
+    def run(self) -> None:
+        for raw in iter(self.stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.lines.append(line)
+        self.stream.close()
+
+
+class CommandError(PgdrError):
+    """A child process failed; the message names it and quotes its last stderr line."""
+
+    def __init__(self, name: str, returncode: int, stderr_lines: Sequence[str]) -> None:
+        self.name = name
+        self.returncode = returncode
+        self.stderr_lines = list(stderr_lines)
+        if returncode < 0:
+            how = f"was killed by signal {signal.Signals(-returncode).name}"
+        else:
+            how = f"exited with status {returncode}"
+        last = self.stderr_lines[-1] if self.stderr_lines else ""
+        super().__init__(f"{name} {how}" + (f": {last}" if last else ""))
+
+
+class Pipeline:
+    """`cmd1 | cmd2 | ...` with the last stdout read by the caller (or sent to a file).
+
+    Use as a context manager: leaving the block early kills every command, so a failed
+    upload never leaves pg_dump running.
+    """
+
+    def __init__(
+        self,
+        commands: Sequence[Sequence[str]],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: IO[bytes] | int | None = subprocess.DEVNULL,
+        stdout: IO[bytes] | int = subprocess.PIPE,
+        secrets: Iterable[str] = (),
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        if not commands:
+            raise ValueError("a pipeline needs at least one command")
+        self.names = [os.path.basename(cmd[0]) for cmd in commands]
+        self.secrets = list(secrets)
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._collectors: list[_StderrCollector] = []
+        full_env = child_env(env)
+        upstream: Any = stdin
+        try:
+            for index, argv in enumerate(commands):
+                last = index == len(commands) - 1
+                proc = subprocess.Popen(
+                    list(argv),
+                    stdin=upstream,
+                    stdout=stdout if last else subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=full_env,
+                    pass_fds=tuple(pass_fds),
+                    start_new_session=True,
+                )
+                if index > 0 and upstream is not None:
+                    upstream.close()  # only the child holds the read end now
+                upstream = proc.stdout if not last else None
+                self.processes.append(proc)
+                collector = _StderrCollector(proc.stderr)  # type: ignore[arg-type]
+                collector.start()
+                self._collectors.append(collector)
+        except OSError as exc:
+            self.kill()
+            raise PgdrError(f"cannot start {os.path.basename(argv[0])}: {exc.strerror}") from None
+
+    @property
+    def stdin(self) -> IO[bytes] | None:
+        return self.processes[0].stdin
+
+    @property
+    def stdout(self) -> IO[bytes] | None:
+        return self.processes[-1].stdout
+
+    def kill(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for every command; raise CommandError for the one that really failed."""
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                proc.wait()
+        for collector in self._collectors:
+            collector.join(timeout=5)
+        failure = self.failure()
+        if failure:
+            raise failure
+
+    def failure(self) -> CommandError | None:
+        failed = [
+            (name, proc.returncode, collector)
+            for name, proc, collector in zip(
+                self.names, self.processes, self._collectors, strict=True
+            )
+            if proc.returncode not in (0, None)
+        ]
+        if not failed:
+            return None
+        # A command killed by SIGPIPE only reacts to a failure further down the line.
+        real = [f for f in failed if f[1] != -signal.SIGPIPE] or failed
+        name, code, collector = real[0]
+        return CommandError(name, code, [redact(line, self.secrets) for line in collector.lines])
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.kill()
+        for proc in self.processes:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None and not stream.closed:
+                    stream.close()
+            if proc.poll() is None and exc_type is not None:
+                proc.wait()
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    timeout: float | None = None,
+    secrets: Iterable[str] = (),
+    pass_fds: Sequence[int] = (),
+) -> str:
+    """Run one command to completion and return its stdout; CommandError on failure."""
+    try:
+        proc = subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            env=child_env(env),
+            timeout=timeout,
+            pass_fds=tuple(pass_fds),
+            check=False,
+        )
+    except FileNotFoundError:
+        raise PgdrError(f"{argv[0]} is not installed or not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise PgdrError(f"{os.path.basename(argv[0])} did not finish within {timeout} s") from None
+    if proc.returncode != 0:
+        lines = [
+            redact(line, secrets)
+            for line in proc.stderr.decode("utf-8", "replace").splitlines()
+            if line.strip()
+        ]
+        raise CommandError(os.path.basename(argv[0]), proc.returncode, lines[-_STDERR_TAIL_LINES:])
+    return proc.stdout.decode("utf-8", "replace")

@@ -1,0 +1,511 @@
+"""Where backups live: one small interface, a local directory or S3 behind it.
+
+A repository URL is `file:///path` or `s3://bucket/prefix`. Keys are relative paths
+under that root; every key is validated so that no input can reach outside it.
+Writes are atomic: a reader sees a whole object or none (a file is renamed into place,
+an S3 multipart upload is completed or aborted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MIN_PART_SIZE = 8 * MiB
+MAX_PART_SIZE = 5 * GiB
+MAX_PARTS = 10_000
+READ_CHUNK = 1 * MiB
+_PARTIAL_MARK = ".partial-"
+_KEY_PART = re.compile(r"^[A-Za-z0-9._%+=@,-]+$")
+
+
+def validate_key(key: str) -> str:
+    """A key is a relative path of plain components: no `..`, no absolute path, no
+    backslash or control character, nothing a URL could turn into another place."""
+    if not isinstance(key, str) or not key or key.startswith("/") or key.endswith("/"):
+        raise ConfigError(f"invalid repository key {key!r}")
+    for part in key.split("/"):
+        if part in ("", ".", "..") or not _KEY_PART.match(part):
+            raise ConfigError(f"invalid repository key {key!r}")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A listing prefix: empty, or a key with an optional trailing slash."""
+    if prefix:
+        validate_key(prefix.rstrip("/") or "/")
+    return prefix
+
+
+def part_size(part_number: int, base: int = MIN_PART_SIZE) -> int:
+    """Size of multipart part N (1-based): `base` up to part 9000, then doubling every
+    100 parts (capped at 5 GiB) so that even an unexpectedly large stream — a 1 TB dump
+    with no size hint — completes within S3's 10,000 parts."""
+    if part_number <= 9000:
+        return base
+    doublings = (part_number - 9001) // 100 + 1
+    return min(MAX_PART_SIZE, base * 2**doublings)
+
+
+def base_part_size(size_hint: int | None) -> int:
+    """The first parts' size: big enough that size_hint fits in 9000 parts."""
+    if not size_hint:
+        return MIN_PART_SIZE
+    needed = -(-size_hint // 9000)
+    return min(MAX_PART_SIZE, max(MIN_PART_SIZE, -(-needed // MiB) * MiB))
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: datetime
+    storage_class: str | None = None
+
+
+@dataclass(frozen=True)
+class PutResult:
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class IncompleteUpload:
+    """An upload that was started and never completed (a killed backup)."""
+
+    key: str
+    started: datetime
+    upload_id: str
+
+
+class Repository(ABC):
+    url: str
+
+    @abstractmethod
+    def put_stream(self, key: str, chunks: Iterable[bytes], *, storage_class: str | None = None,
+                   size_hint: int | None = None) -> PutResult:
+        """Store the chunks under key atomically; return size and sha256 of what was stored."""
+
+    @abstractmethod
+    def get_stream(self, key: str) -> Iterator[bytes]:
+        """The object's bytes in chunks; NotFoundError when absent."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's size and time, or None when absent."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every complete object whose key starts with prefix (all pages)."""
+
+    @abstractmethod
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """The next path component of every key under prefix (`prefix` ends with / or is '')."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object (no error when it is already gone)."""
+
+    @abstractmethod
+    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+        """Uploads started but never completed under prefix."""
+
+    @abstractmethod
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        """Discard an incomplete upload."""
+
+    def put_bytes(self, key: str, data: bytes, *, storage_class: str | None = None) -> PutResult:
+        return self.put_stream(key, [data], storage_class=storage_class, size_hint=len(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        return b"".join(self.get_stream(key))
+
+    def sha256(self, key: str) -> tuple[int, str]:
+        """Read the whole object back: (size, sha256 of its bytes)."""
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in self.get_stream(key):
+            digest.update(chunk)
+            size += len(chunk)
+        return size, digest.hexdigest()
+
+    def verify(self, key: str, size: int, sha256: str) -> None:
+        """IntegrityError unless the stored object has exactly this size and checksum."""
+        actual_size, actual = self.sha256(key)
+        if actual_size != size or actual != sha256:
+            raise IntegrityError(
+                f"{key} is corrupt: expected {size} bytes with sha256 {sha256[:12]}…, "
+                f"found {actual_size} bytes with sha256 {actual[:12]}…"
+            )
+
+
+def _chunks_of(chunks: Iterable[bytes], digest: Any) -> Iterator[bytes]:
+    for chunk in chunks:
+        if chunk:
+            digest.update(chunk)
+            yield chunk
+
+
+# --- local directory ----------------------------------------------------------------------
+
+
+class FileRepository(Repository):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = self.root / validate_key(key)
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise ConfigError(f"invalid repository key {key!r}")
+        return path
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], *, storage_class: str | None = None,
+                   size_hint: int | None = None) -> PutResult:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PgdrError(f"cannot write to repository {self.url}: {exc.strerror}") from None
+        partial = path.with_name(f".{path.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(partial, "wb") as out:
+                for chunk in _chunks_of(chunks, digest):
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return PutResult(key, size, digest.hexdigest())
+
+    def get_stream(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed by the generator below
+        except FileNotFoundError:
+            raise NotFoundError(f"{key} is not in the repository") from None
+        return self._read(handle)
+
+    @staticmethod
+    def _read(handle: Any) -> Iterator[bytes]:
+        with handle:
+            while chunk := handle.read(READ_CHUNK):
+                yield chunk
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            stat = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield key, path
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        for key, path in self._walk(prefix):
+            if _PARTIAL_MARK in path.name:
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue  # deleted while we listed
+            yield ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        validate_prefix(prefix)
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir())
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Remove directories the deletion left empty, up to the root.
+        parent = path.parent
+        while parent != self.root and parent.is_relative_to(self.root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+        validate_prefix(prefix)
+        found = []
+        for key, path in self._walk(prefix):
+            if _PARTIAL_MARK in path.name:
+                try:
+                    started = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+                except FileNotFoundError:
+                    continue
+                found.append(IncompleteUpload(key, started, path.name))
+        return found
+
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        (self.root / upload.key).unlink(missing_ok=True)
+
+
+# --- S3 -------------------------------------------------------------------------------------
+
+
+class S3Repository(Repository):
+    """boto3 with the standard configuration chain (AWS_ENDPOINT_URL, profiles, roles)."""
+
+    def __init__(self, bucket: str, prefix: str, *, sse: str = "AES256",
+                 kms_key_id: str | None = None, region: str | None = None,
+                 client: Any = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.sse = sse
+        self.kms_key_id = kms_key_id
+        self.client = client or s3_client(region)
+
+    def _key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1:] if self.prefix else full_key
+
+    def _write_args(self, storage_class: str | None) -> dict[str, str]:
+        args = {"ServerSideEncryption": self.sse}
+        if self.sse == "aws:kms" and self.kms_key_id:
+            args["SSEKMSKeyId"] = self.kms_key_id
+        if storage_class and storage_class != "STANDARD":
+            args["StorageClass"] = storage_class
+        return args
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], *, storage_class: str | None = None,
+                   size_hint: int | None = None) -> PutResult:
+        full_key = self._key(key)
+        digest = hashlib.sha256()
+        base = base_part_size(size_hint)
+        buffer = bytearray()
+        parts: list[dict[str, Any]] = []
+        upload_id: str | None = None
+        size = 0
+        try:
+            for chunk in _chunks_of(chunks, digest):
+                buffer += chunk
+                size += len(chunk)
+                while len(buffer) >= part_size(len(parts) + 1, base):
+                    if upload_id is None:
+                        upload_id = self._s3(
+                            "create_multipart_upload", Bucket=self.bucket, Key=full_key,
+                            **self._write_args(storage_class),
+                        )["UploadId"]
+                    take = part_size(len(parts) + 1, base)
+                    body = bytes(buffer[:take])
+                    del buffer[:take]
+                    parts.append(self._upload_part(full_key, upload_id, len(parts) + 1, body))
+            if upload_id is None:
+                self._s3("put_object", Bucket=self.bucket, Key=full_key, Body=bytes(buffer),
+                         **self._write_args(storage_class))
+            else:
+                if buffer:
+                    parts.append(self._upload_part(full_key, upload_id, len(parts) + 1, bytes(buffer)))
+                self._s3("complete_multipart_upload", Bucket=self.bucket, Key=full_key,
+                         UploadId=upload_id, MultipartUpload={"Parts": parts})
+                upload_id = None
+        except BaseException:
+            if upload_id is not None:
+                self._abort(full_key, upload_id)
+            raise
+        stored = self.head(key)
+        if stored is None or stored.size != size:
+            raise IntegrityError(f"{key}: S3 reports {stored.size if stored else 'no'} bytes "
+                                 f"after an upload of {size}")
+        return PutResult(key, size, digest.hexdigest())
+
+    def _upload_part(self, full_key: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
+        response = self._s3("upload_part", Bucket=self.bucket, Key=full_key, UploadId=upload_id,
+                            PartNumber=number, Body=body)
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def _abort(self, full_key: str, upload_id: str) -> None:
+        # Best effort: prune aborts stale uploads that this could not.
+        with contextlib.suppress(Exception):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+
+    def _s3(self, operation: str, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.client, operation)(**kwargs)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = error.get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise NotFoundError(f"{self._rel(kwargs.get('Key', ''))} is not in the repository") from None
+            if code == "NoSuchBucket":
+                raise PgdrError(f"bucket {self.bucket} does not exist") from None
+            raise PgdrError(f"S3 {operation} failed: {code} {error.get('Message', '')}".strip()) from None
+        except BotoCoreError as exc:
+            raise PgdrError(f"S3 {operation} failed: {exc}") from None
+
+    def get_stream(self, key: str) -> Iterator[bytes]:
+        full_key = self._key(key)
+        # Resolve "absent" before the caller starts consuming.
+        response = self._s3("get_object", Bucket=self.bucket, Key=full_key)
+        return self._read(full_key, response)
+
+    def _read(self, full_key: str, response: dict[str, Any]) -> Iterator[bytes]:
+        """Stream the body; on a dropped connection, resume from the last byte received."""
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        total = int(response["ContentLength"])
+        etag = response.get("ETag")
+        offset = 0
+        resumes = 0
+        while True:
+            try:
+                for chunk in response["Body"].iter_chunks(READ_CHUNK):
+                    offset += len(chunk)
+                    yield chunk
+                if offset >= total:
+                    return
+                raise PgdrError("connection closed early")
+            except (BotoCoreError, HTTPError, PgdrError, OSError):
+                resumes += 1
+                if resumes > 5:
+                    raise PgdrError(f"reading {self._rel(full_key)} failed after {offset} bytes") from None
+                response = self._s3("get_object", Bucket=self.bucket, Key=full_key,
+                                     Range=f"bytes={offset}-", IfMatch=etag)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            response = self._s3("head_object", Bucket=self.bucket, Key=self._key(key))
+        except NotFoundError:
+            return None
+        return ObjectInfo(key, int(response["ContentLength"]), response["LastModified"],
+                          response.get("StorageClass", "STANDARD"))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(self._rel(item["Key"]), int(item["Size"]), item["LastModified"],
+                                     item.get("StorageClass"))
+        except Exception as exc:
+            raise PgdrError(f"cannot list {self.url}: {_short(exc)}") from None
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        validate_prefix(prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full, Delimiter="/")
+        names = []
+        try:
+            for page in pages:
+                for common in page.get("CommonPrefixes", []):
+                    names.append(common["Prefix"][len(full):].rstrip("/"))
+        except Exception as exc:
+            raise PgdrError(f"cannot list {self.url}: {_short(exc)}") from None
+        return sorted(names)
+
+    def delete(self, key: str) -> None:
+        self._s3("delete_object", Bucket=self.bucket, Key=self._key(key))
+
+    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+        validate_prefix(prefix)
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=full)
+        found = []
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                found.append(IncompleteUpload(self._rel(upload["Key"]), upload["Initiated"],
+                                              upload["UploadId"]))
+        return found
+
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        self._s3("abort_multipart_upload", Bucket=self.bucket, Key=self._key(upload.key),
+                 UploadId=upload.upload_id)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def s3_client(region: str | None = None, *, hook: Callable[[Any], None] | None = None) -> Any:
+    """A boto3 S3 client from the standard chain, with adaptive retries (503 SlowDown,
+    resets) unless AWS_MAX_ATTEMPTS / AWS_RETRY_MODE say otherwise."""
+    import boto3
+    from botocore.config import Config
+
+    retries: dict[str, Any] = {}
+    if not os.environ.get("AWS_RETRY_MODE"):
+        retries["mode"] = "standard"
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = 8
+    config = Config(retries=retries, connect_timeout=10, read_timeout=120,
+                    user_agent_extra="pgdr")
+    client = boto3.session.Session().client("s3", region_name=region, config=config)
+    if hook:
+        hook(client)
+    return client
+
+
+def open_repository(url: str, *, sse: str = "AES256", kms_key_id: str | None = None,
+                    region: str | None = None) -> Repository:
+    """The repository a URL names: file:///path or s3://bucket[/prefix]."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"file repository URLs have no host: {url}")
+        path = Path(unquote(parsed.path))
+        if not path.is_absolute() or ".." in path.parts:
+            raise ConfigError(f"file repository path must be absolute: {url}")
+        return FileRepository(path)
+    if parsed.scheme == "s3":
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", parsed.netloc or ""):
+            raise ConfigError(f"invalid S3 bucket name in {url}")
+        prefix = parsed.path.strip("/")
+        if prefix:
+            validate_key(prefix)
+        if parsed.query or parsed.fragment or parsed.params:
+            raise ConfigError(f"S3 repository URLs take no query or fragment: {url}")
+        return S3Repository(parsed.netloc, prefix, sse=sse, kms_key_id=kms_key_id, region=region)
+    raise ConfigError(f"unsupported repository URL {url!r}: use file:///path or s3://bucket/prefix")
