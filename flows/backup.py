@@ -18,6 +18,7 @@ from flows.steps import (
     open_repo,
     publish_table,
     record_audit,
+    record_failure,
     transient_only,
     write_manifest,
 )
@@ -31,7 +32,7 @@ TOOL_VERSION = "pgdr 0.1.0"
 
 
 @task(name="dump database", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
-      timeout_seconds=24 * 3600, tags=["pgdr", "postgres"])
+      timeout_seconds=24 * 3600, tags=["pg_dump"])
 def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str, tier: str,
                   encrypt_fingerprint: str | None) -> catalog.Manifest:
     """Count rows in an exported snapshot and dump exactly that snapshot: the counts in the
@@ -118,6 +119,7 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
     check_tier(tier)
     repo_url = repo or settings.repo_url
+    open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
     recipient = encrypt_to or settings.encrypt_to
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
     database = postgres.database_name(db_url)
@@ -127,7 +129,7 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         manifest = dump_database(db_url, repo_url, settings, backup_id, tier, fingerprint)
         write_manifest(repo_url, settings, manifest)
     except Exception as exc:
-        record_audit(repo_url, settings, audit_record(
+        record_failure(repo_url, settings, audit_record(
             "backup", type=tier, source=database, destination=repo_url, status="failed",
             duration_seconds=clock.seconds, backup_id=backup_id, error=str(exc)))
         raise

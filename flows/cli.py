@@ -9,10 +9,12 @@ else there; errors are one line on stderr; the exit status is 0 only on success.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tasks.errors import PgdrError
@@ -38,6 +40,54 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
     repo = open_repository(args.repo or settings.repo_url, region=settings.aws_region)
     backups = [m.summary() for m in catalog.list_backups(repo, args.db)]
     return {"repository": repo.url, "backups": backups}
+
+
+def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.restore import restore
+
+    return restore(backup_id=args.backup, target=_url(args.target), repo=args.repo, db=args.db,
+                   jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup)
+
+
+def cmd_restore_temp(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.restore import restore_to_temp
+
+    return restore_to_temp(backup_id=args.backup, repo=args.repo, db=args.db, server=_url(args.server),
+                           keep=args.keep, jobs=args.jobs, no_owner=args.no_owner)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.restore import rollback
+
+    return rollback(target=_url(args.target), repo=args.repo)
+
+
+def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.verify import verify
+
+    return verify(repo=args.repo, db=args.db, max_age_hours=args.max_age_hours, server=_url(args.server))
+
+
+def show_restore(result: dict[str, Any]) -> None:
+    rows = sum(v or 0 for v in result["row_counts"].values())
+    where = result.get("temp_database") or result["target"]
+    print(f"Restored {result['backup_id']} into {where}: {len(result['row_counts'])} tables, {rows} rows, "
+          f"verified: {'yes' if result['verified'] else 'NO'} ({result['duration_seconds']:.1f} s)")
+    if result.get("previous_database"):
+        print(f"  previous database kept as {result['previous_database']} (pgdr rollback undoes this)")
+    if result.get("temp_database") and not result.get("kept"):
+        print(f"  temporary database {result['temp_database']} dropped")
+
+
+def show_rollback(result: dict[str, Any]) -> None:
+    print(f"Rolled back {result['target']} to {result['restored_from']}; "
+          f"the restored database is kept as {result['set_aside_as']}")
+
+
+def show_verify(result: dict[str, Any]) -> None:
+    _print_table(["DATABASE", "BACKUP", "AGE (H)", "RESULT"],
+                 [[e["database"], e["backup_id"] or "-", e["age_hours"], "ok" if e["ok"] else e.get("reason")]
+                  for e in result["databases"]])
 
 
 def show_list(result: dict[str, Any]) -> None:
@@ -70,11 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "for PostgreSQL, as Prefect flows.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Handler, help: str, show: Callable[[dict[str, Any]], None]
-                ) -> argparse.ArgumentParser:
+    def command(name: str, handler: Handler, help: str, show: Callable[[dict[str, Any]], None],
+                runs_flow: bool = True) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help, description=help)
         cmd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        cmd.set_defaults(handler=handler, show=show)
+        if runs_flow:
+            cmd.add_argument("-v", "--verbose", action="store_true", help="show the flow's log on stderr")
+        cmd.set_defaults(handler=handler, show=show, runs_flow=runs_flow)
         return cmd
 
     cmd = command("backup", cmd_backup, "back up a database into the repository", show_backup)
@@ -83,7 +135,38 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--tier", default="manual", help="backup tier (default: manual)")
     cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient to encrypt to")
 
-    cmd = command("list", cmd_list, "list complete backups", show_list)
+    cmd = command("restore", cmd_restore, "restore a backup into a database (replacing it safely)",
+                  show_restore)
+    cmd.add_argument("backup", metavar="BACKUP", help="backup id, or latest")
+    cmd.add_argument("--target", required=True, help="database URL to restore into")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore (for latest)")
+    cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")
+    cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
+    cmd.add_argument("--no-pre-restore-backup", action="store_true",
+                     help="skip the backup of the current database before replacing it")
+
+    cmd = command("restore-temp", cmd_restore_temp, "restore into a temporary database and validate it",
+                  show_restore)
+    cmd.add_argument("backup", metavar="BACKUP", help="backup id, or latest")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore (for latest)")
+    cmd.add_argument("--server", help="server URL for the temporary database (default: DATABASE_URL)")
+    cmd.add_argument("--keep", action="store_true", help="keep the temporary database")
+    cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")
+    cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
+
+    cmd = command("rollback", cmd_rollback, "undo the last restore of a database", show_rollback)
+    cmd.add_argument("--target", required=True, help="database URL that was restored")
+    cmd.add_argument("--repo", help="repository URL (for the audit record)")
+
+    cmd = command("verify", cmd_verify, "check the latest backups by restoring them", show_verify)
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="only this database")
+    cmd.add_argument("--max-age-hours", type=float, default=26.0, help="oldest acceptable backup (26)")
+    cmd.add_argument("--server", help="server URL for the test restore (default: DATABASE_URL)")
+
+    cmd = command("list", cmd_list, "list complete backups", show_list, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="only this database")
     return parser
@@ -101,9 +184,13 @@ def _settings() -> Any:
 def _db(args: argparse.Namespace) -> str | None:
     """The --db URL without its password: the password stays in this process and out of
     the flow's parameters, which Prefect stores."""
+    return _url(getattr(args, "db", None) or _settings().db_url)
+
+
+def _url(url: str | None) -> str | None:
+    """A database URL without its password (kept in this process only)."""
     from tasks.postgres import strip_password
 
-    url = getattr(args, "db", None) or _settings().db_url
     return strip_password(url) if url else None
 
 
@@ -155,6 +242,32 @@ def _terminal_progress() -> None:
     add_progress_listener(listener)
 
 
+@contextlib.contextmanager
+def _quiet_console(verbose: bool) -> Iterator[None]:
+    """While a flow runs for the command line, Prefect's console log stays off stderr
+    (its records still reach the Prefect server): the person sees a progress bar and one
+    result or error line, never a traceback. --verbose shows the log, still without
+    tracebacks."""
+    import prefect  # noqa: F401 - configures logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    class NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.exc_info = None
+            record.exc_text = None
+            return verbose and record.levelno >= logging.INFO
+
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    quiet = NoTraceback()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
 def _secrets() -> list[str]:
     try:
         return _settings().secrets()
@@ -169,8 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.json:
             _terminal_progress()
-        result = args.handler(args)
+        if args.runs_flow:
+            with _quiet_console(args.verbose):
+                result = args.handler(args)
+        else:
+            result = args.handler(args)
     except PgdrError as exc:
+        details = getattr(exc, "details", None)
+        if args.json and details is not None:
+            sys.stdout.write(json.dumps(details, sort_keys=True, default=str) + "\n")
         print(f"pgdr: error: {redact(str(exc), _secrets())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -79,7 +79,7 @@ def open_repo(url: str, settings: Settings) -> Repository:
                            region=settings.aws_region)
 
 
-@task(name="write manifest", retries=3, retry_delay_seconds=[2, 10, 30], tags=["pgdr", "repository"])
+@task(name="write manifest", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient_only)
 def write_manifest(repo_url: str, settings: Settings, manifest: catalog.Manifest) -> str:
     """The completion marker, written last."""
     repo = open_repo(repo_url, settings)
@@ -87,7 +87,7 @@ def write_manifest(repo_url: str, settings: Settings, manifest: catalog.Manifest
     return manifest.manifest_key
 
 
-@task(name="record audit", retries=3, retry_delay_seconds=[2, 10, 30], tags=["pgdr", "audit"])
+@task(name="record audit", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient_only)
 def record_audit(repo_url: str, settings: Settings, record: dict[str, Any]) -> str:
     """The runbook's audit record in the repository, and a Prefect event."""
     key = audit.write_audit(open_repo(repo_url, settings), record)
@@ -102,6 +102,15 @@ def record_audit(repo_url: str, settings: Settings, record: dict[str, Any]) -> s
     except Exception as exc:  # an event is a convenience; the record is stored
         get_run_logger().warning("could not emit the audit event: %s", exc)
     return key
+
+
+def record_failure(repo_url: str, settings: Settings, record: dict[str, Any]) -> None:
+    """Audit a failed operation without hiding why it failed: if even the audit record
+    cannot be written (the repository may be the problem), say so in the log."""
+    try:
+        record_audit(repo_url, settings, record)
+    except Exception as exc:
+        get_run_logger().warning("could not write the audit record of this failure: %s", exc)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

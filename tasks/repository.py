@@ -30,7 +30,7 @@ MAX_PART_SIZE = 5 * GiB
 MAX_PARTS = 10_000
 READ_CHUNK = 1 * MiB
 _PARTIAL_MARK = ".partial-"
-_KEY_PART = re.compile(r"^[A-Za-z0-9._%+=@,-]+$")
+_KEY_PART = re.compile(r"^[A-Za-z0-9._~%+=@,-]+$")
 
 
 def validate_key(key: str) -> str:

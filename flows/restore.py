@@ -1,0 +1,265 @@
+"""Restore, restore-to-temp and rollback: the runbook's restore.sh as flows.
+
+resolve backup -> stage (checksum verified, decrypted, decompressed to one local file)
+-> pg_restore -j into a new database -> validate row counts (great-expectations)
+-> [pre-restore backup, swap into place] -> audit, artifact.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.backup import backup
+from flows.steps import (
+    Progress,
+    Stopwatch,
+    human_bytes,
+    open_repo,
+    publish_markdown,
+    record_audit,
+    record_failure,
+    transient_only,
+)
+from tasks import catalog, postgres, quality
+from tasks import restore as restoring
+from tasks.audit import audit_record
+from tasks.crypto import resolve_passphrase
+from tasks.dump import fetch_dump
+from tasks.errors import ConfigError, PgdrError
+from tasks.settings import Settings, load_settings
+
+
+class VerificationFailed(PgdrError):
+    """The restored database does not hold what the backup's manifest says."""
+
+    def __init__(self, message: str, details: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+@task(name="find backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def find_backup(repo_url: str, settings: Settings, selector: str, database: str | None,
+                target_database: str | None = None) -> catalog.Manifest:
+    manifest = catalog.resolve_backup(open_repo(repo_url, settings), selector, database, target_database)
+    get_run_logger().info("backup %s of %s (%s, %s)", manifest.backup_id, manifest.database,
+                          manifest.finished_at, human_bytes(manifest.size_bytes))
+    return manifest
+
+
+@task(name="stage backup", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_only)
+def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, directory: Path) -> Path:
+    """Verify the stored bytes' checksum while decoding them into one local file; nothing
+    reaches PostgreSQL unless the checksum matched."""
+    restoring.check_free_space(directory, manifest.dump_bytes)
+    progress = Progress(f"fetch {manifest.backup_id}", manifest.size_bytes)
+    archive = directory / f"{manifest.backup_id}.dump"
+    fetch_dump(
+        open_repo(repo_url, settings), f"{manifest.prefix}/{manifest.data_key}", archive,
+        size=manifest.size_bytes, sha256=manifest.sha256, encrypted=manifest.encryption is not None,
+        gpg_homedir=settings.gpg_homedir,
+        passphrase=resolve_passphrase(settings.gpg_passphrase, settings.gpg_passphrase_block),
+        secrets=settings.secrets(), progress=lambda received, _decoded: progress.update(received),
+    )
+    progress.finish()
+    return archive
+
+
+# Tagged so that operators can cap concurrent restores: `prefect concurrency-limit create pg_restore 2`.
+@task(name="restore into new database", tags=["pg_restore"], timeout_seconds=24 * 3600)
+def restore_into_new_database(server_url: str, settings: Settings, dbname: str, archive: Path,
+                              jobs: int | None, no_owner: bool) -> None:
+    """CREATE DATABASE + pg_restore -j; the new database is dropped if anything fails."""
+    with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
+        if postgres.database_exists(conn, dbname):
+            raise ConfigError(f"database {dbname} already exists")
+        postgres.create_database(conn, dbname)
+    try:
+        restoring.pg_restore(server_url, dbname, archive, jobs=jobs or settings.restore_jobs,
+                             no_owner=no_owner, secrets=settings.secrets())
+    except BaseException:
+        restoring.drop_quietly(server_url, dbname)
+        raise
+
+
+@task(name="validate restore")
+def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -> dict[str, Any]:
+    """great-expectations: every table's row count equals the manifest's."""
+    result = quality.validate_row_counts(postgres.with_database(server_url, dbname), manifest.row_counts)
+    result.update(backup_id=manifest.backup_id, database=dbname, verified_at=catalog.iso(catalog.utcnow()))
+    rows = [[t["table"], t["expected"], t["observed"], "ok" if t["success"] else "FAILED"]
+            for t in result["tables"]]
+    from flows.steps import markdown_table
+
+    publish_markdown(
+        "validation-" + "".join(c if c.isalnum() else "-" for c in manifest.database.lower()),
+        f"## Restore validation of {manifest.backup_id}\n\n"
+        f"**{'passed' if result['success'] else 'FAILED'}** "
+        f"({result['statistics']['evaluated']} tables, {result['engine']})\n\n"
+        + markdown_table(["table", "expected rows", "restored rows", "result"], rows),
+        f"Row counts of {dbname} against the manifest of {manifest.backup_id}",
+    )
+    return result
+
+
+@task(name="record verification", retries=3, retry_delay_seconds=[2, 10, 30])
+def record_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
+                        result: dict[str, Any], by: str) -> None:
+    """Append the result to verified.json beside the manifest (never rewriting the manifest)."""
+    repo = open_repo(repo_url, settings)
+    history = catalog.read_verification(repo, manifest) or {"backup_id": manifest.backup_id, "results": []}
+    history["results"].append({"by": by, "success": result["success"], "at": result["verified_at"],
+                               "statistics": result["statistics"], "tables": result["tables"]})
+    history["verified"] = result["success"]
+    history["last_verified_at"] = result["verified_at"]
+    catalog.write_verification(repo, manifest, history)
+
+
+@task(name="swap into place")
+def swap_into_place(server_url: str, target: str, incoming: str, manifest: catalog.Manifest) -> str:
+    now = catalog.utcnow()
+    keep_as = restoring.derived_name(target, "pre_restore", now)
+    restoring.swap_databases(server_url, target, incoming, keep_as, {
+        "pgdr": "pre-restore", "of": target, "at": catalog.iso(now), "replaced_by": manifest.backup_id})
+    get_run_logger().info("%s now holds backup %s; the previous database is kept as %s",
+                          target, manifest.backup_id, keep_as)
+    return keep_as
+
+
+def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Manifest, server_url: str,
+                         dbname: str, jobs: int | None, no_owner: bool, by: str) -> dict[str, Any]:
+    """Stage, restore into the new database `dbname`, validate; the database is dropped
+    and the local copy removed on any failure (the local copy always)."""
+    directory = restoring.work_directory(settings.work_dir)
+    try:
+        archive = stage_backup(repo_url, settings, manifest, directory)
+        restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    try:
+        result = validate_restore(server_url, dbname, manifest)
+        record_verification(repo_url, settings, manifest, result, by)
+        if not result["success"]:
+            raise VerificationFailed(
+                f"restored {manifest.backup_id} does not match its manifest: "
+                f"{quality.failure_summary(result)}", result)
+    except BaseException:
+        restoring.drop_quietly(server_url, dbname)
+        raise
+    return result
+
+
+def _audited(operation: str, kind: str, repo_url: str, settings: Settings, source: str, destination: str,
+             clock: Stopwatch, status: str, size: int = 0, **details: Any) -> None:
+    write = record_audit if status == "success" else record_failure
+    write(repo_url, settings, audit_record(
+        operation, type=kind, source=source, destination=destination, status=status, size_bytes=size,
+        duration_seconds=clock.seconds, **details))
+
+
+@flow(name="restore", log_prints=True)
+def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
+            db: str | None = None, jobs: int | None = None, no_owner: bool = False,
+            pre_restore_backup: bool = True) -> dict[str, Any]:
+    """Restore a backup into `target` (a database URL). A new database is restored
+    directly; an existing one is replaced only after the restored copy validated, and is
+    kept as `<db>_pre_restore_<ts>` (see rollback)."""
+    settings = load_settings()
+    target_url = target or settings.db_url
+    if not target_url:
+        raise ConfigError("no target given: pass --target URL")
+    repo_url = repo or settings.repo_url
+    target_db = postgres.database_name(target_url)
+    clock = Stopwatch()
+    manifest = find_backup(repo_url, settings, backup_id, db, target_db)
+    with postgres.connect(target_url, dbname=restoring.admin_database(target_db)) as conn:
+        exists = postgres.database_exists(conn, target_db)
+    kept_as = None
+    try:
+        if not exists:
+            result = restore_and_validate(repo_url, settings, manifest, target_url, target_db, jobs, no_owner,
+                                          by="restore")
+        else:
+            if pre_restore_backup:
+                backup(db=target_url, repo=repo_url, tier="pre-restore")
+            incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
+            result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
+                                          by="restore")
+            kept_as = swap_into_place(target_url, target_db, incoming, manifest)
+    except Exception as exc:
+        _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
+                 error=str(exc))
+        raise
+    _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "success",
+             manifest.size_bytes, previous_database=kept_as)
+    return {
+        "backup_id": manifest.backup_id,
+        "database": manifest.database,
+        "target": postgres.display_dsn(target_url),
+        "verified": result["success"],
+        "row_counts": {t["table"]: t["observed"] for t in result["tables"]},
+        "previous_database": kept_as,
+        "duration_seconds": round(clock.seconds, 3),
+    }
+
+
+@flow(name="restore-to-temp", log_prints=True)
+def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str | None = None,
+                    server: str | None = None, keep: bool = False, jobs: int | None = None,
+                    no_owner: bool = False) -> dict[str, Any]:
+    """Restore into a throwaway database on `server`, validate it, drop it unless kept."""
+    settings = load_settings()
+    server_url = server or settings.db_url
+    if not server_url:
+        raise ConfigError("no server given: pass --server URL or set DATABASE_URL")
+    repo_url = repo or settings.repo_url
+    clock = Stopwatch()
+    manifest = find_backup(repo_url, settings, backup_id, db)
+    temp_db = restoring.derived_name(manifest.database, "temp", catalog.utcnow())
+    try:
+        result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, jobs, no_owner,
+                                      by="restore-to-temp")
+    except Exception as exc:
+        _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "failed",
+                 error=str(exc))
+        raise
+    if not keep:
+        restoring.drop_quietly(server_url, temp_db)
+    _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "success",
+             manifest.size_bytes, kept=keep)
+    return {
+        "backup_id": manifest.backup_id,
+        "database": manifest.database,
+        "target": postgres.display_dsn(postgres.with_database(server_url, temp_db)),
+        "temp_database": temp_db,
+        "kept": keep,
+        "verified": result["success"],
+        "row_counts": {t["table"]: t["observed"] for t in result["tables"]},
+        "duration_seconds": round(clock.seconds, 3),
+    }
+
+
+@flow(name="rollback", log_prints=True)
+def rollback(target: str | None = None, repo: str | None = None) -> dict[str, Any]:
+    """Undo the last restore of `target`: its pre-restore database takes the name back."""
+    settings = load_settings()
+    target_url = target or settings.db_url
+    if not target_url:
+        raise ConfigError("no target given: pass --target URL")
+    target_db = postgres.database_name(target_url)
+    clock = Stopwatch()
+    with postgres.connect(target_url, dbname=restoring.admin_database(target_db), autocommit=True) as conn:
+        kept = restoring.tagged_databases(conn, "pre-restore", target_db)
+    if not kept:
+        raise PgdrError(f"no pre-restore copy of {target_db} to roll back to")
+    previous, tag = kept[0]
+    now = catalog.utcnow()
+    aside = restoring.derived_name(target_db, "rolled_back", now)
+    restoring.swap_databases(target_url, target_db, previous, aside, {
+        "pgdr": "rolled-back", "of": target_db, "at": catalog.iso(now), "restored": tag.get("replaced_by")})
+    _audited("rollback", "full", repo or settings.repo_url, settings, previous, target_db, clock, "success")
+    return {"target": postgres.display_dsn(target_url), "restored_from": previous, "set_aside_as": aside,
+            "duration_seconds": round(clock.seconds, 3)}

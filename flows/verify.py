@@ -1,0 +1,86 @@
+"""Verify: the runbook's verify-backups.sh as a flow.
+
+For each database in the repository (or the one named): the latest backup exists, is
+younger than max_age_hours, its checksum holds, and a test restore into a temporary
+database passes the great-expectations validation; the temporary database is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.restore import VerificationFailed, restore_and_validate
+from flows.steps import Stopwatch, markdown_table, open_repo, publish_markdown, record_audit
+from tasks import catalog
+from tasks import restore as restoring
+from tasks.audit import audit_record
+from tasks.errors import ConfigError, PgdrError
+from tasks.settings import load_settings
+
+
+def backup_age_hours(manifest: catalog.Manifest, now: Any) -> float:
+    return (now - manifest.finished).total_seconds() / 3600
+
+
+@flow(name="verify", log_prints=True)
+def verify(repo: str | None = None, db: str | None = None, max_age_hours: float = 26.0,
+           server: str | None = None) -> dict[str, Any]:
+    """Check the latest backup of every database; fail, with the reasons, if any check fails."""
+    settings = load_settings()
+    server_url = server or settings.db_url
+    if not server_url:
+        raise ConfigError("verify restores into a temporary database: pass --server URL or set DATABASE_URL")
+    repo_url = repo or settings.repo_url
+    repository = open_repo(repo_url, settings)
+    databases = [db] if db else catalog.list_databases(repository)
+    if not databases:
+        raise VerificationFailed(f"no backups in {repo_url}", {"ok": False, "databases": []})
+    logger = get_run_logger()
+    now = catalog.utcnow()
+    report = []
+    for database in databases:
+        clock = Stopwatch()
+        entry: dict[str, Any] = {"database": database, "ok": False, "backup_id": None, "age_hours": None}
+        report.append(entry)
+        try:
+            backups = catalog.list_backups(repository, database)
+            if not backups:
+                raise PgdrError(f"no backup of {database}")
+            manifest = backups[-1]
+            entry["backup_id"] = manifest.backup_id
+            age = backup_age_hours(manifest, now)
+            entry["age_hours"] = round(age, 2)
+            if age > max_age_hours:
+                raise PgdrError(f"latest backup of {database} is {age:.1f} h old "
+                                f"(more than {max_age_hours:g} h)")
+            temp_db = restoring.derived_name(database, "verify", catalog.utcnow())
+            try:
+                result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, None, True,
+                                              by="verify")
+            finally:
+                restoring.drop_quietly(server_url, temp_db)
+            entry["tables"] = result["statistics"]["evaluated"]
+            entry["ok"] = True
+        except PgdrError as exc:
+            entry["reason"] = str(exc)
+            logger.error("verification of %s failed: %s", database, exc)
+        record_audit(repo_url, settings, audit_record(
+            "verify", type="restore-test", source=entry["backup_id"] or database,
+            destination="temporary database",
+            status="success" if entry["ok"] else "failed", duration_seconds=clock.seconds,
+            reason=entry.get("reason")))
+    publish_markdown(
+        "verify-backups",
+        "## Backup verification\n\n" + markdown_table(
+            ["database", "backup", "age (h)", "result"],
+            [[e["database"], e["backup_id"] or "-", e["age_hours"] if e["age_hours"] is not None else "-",
+              "ok" if e["ok"] else f"FAILED: {e.get('reason')}"] for e in report]),
+        f"Verification of {len(report)} database(s) in {repo_url}",
+    )
+    summary = {"ok": all(e["ok"] for e in report), "repository": repo_url, "databases": report}
+    failed = [e for e in report if not e["ok"]]
+    if failed:
+        raise VerificationFailed("; ".join(e["reason"] for e in failed), summary)
+    return summary
