@@ -279,10 +279,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL Prefect starts a temporary server; on a busy machine it needs
+    # longer than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         if not args.json:
             _terminal_progress()
         if args.runs_flow:
+            if not args.verbose:
+                # Also for the logging setup a temporary Prefect server redoes at its start.
+                os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
             with _quiet_console(args.verbose):
                 result = args.handler(args)
         else:
