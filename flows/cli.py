@@ -13,7 +13,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -275,9 +277,20 @@ def _secrets() -> list[str]:
         return []
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled flow run, a stopped container): unwind like Ctrl-C so that
+    child processes are killed and an unfinished upload is aborted, not left behind."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Without PREFECT_API_URL Prefect starts a temporary server; on a busy machine it needs
     # longer than Prefect's default 20 s.
@@ -299,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(json.dumps(details, sort_keys=True, default=str) + "\n")
         print(f"pgdr: error: {redact(str(exc), _secrets())}", file=sys.stderr)
         return 1
+    except _Terminated:
+        print("pgdr: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("pgdr: interrupted", file=sys.stderr)
         return 130

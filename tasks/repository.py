@@ -469,7 +469,12 @@ def _short(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def s3_client(region: str | None = None, *, hook: Callable[[Any], None] | None = None) -> Any:
+# Functions called with every new S3 client: how tests inject faults through botocore's
+# event hooks (client.meta.events), and where an operator could add instrumentation.
+S3_CLIENT_HOOKS: list[Callable[[Any], None]] = []
+
+
+def s3_client(region: str | None = None) -> Any:
     """A boto3 S3 client from the standard chain, with adaptive retries (503 SlowDown,
     resets) unless AWS_MAX_ATTEMPTS / AWS_RETRY_MODE say otherwise."""
     import boto3
@@ -483,7 +488,7 @@ def s3_client(region: str | None = None, *, hook: Callable[[Any], None] | None =
     config = Config(retries=retries, connect_timeout=10, read_timeout=120,
                     user_agent_extra="pgdr")
     client = boto3.session.Session().client("s3", region_name=region, config=config)
-    if hook:
+    for hook in S3_CLIENT_HOOKS:
         hook(client)
     return client
 
