@@ -168,8 +168,9 @@ def _minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.2f} min ({seconds:.1f} s)"
 
 
-def _mark(value: bool | None) -> str:
-    return {True: "[x]", False: "[ ] FAILED", None: "[ ] not run"}[value]
+def _ticked(item: dict[str, Any]) -> str:
+    return {True: f"[x] {item['label']}", False: f"[ ] {item['label']}: **FAILED**",
+            None: f"[ ] {item['label']} (not run)"}[item["done"]]
 
 
 def phases_markdown(phases: list[dict[str, Any]]) -> str:
@@ -198,7 +199,7 @@ def drill_markdown(report: dict[str, Any]) -> str:
         "",
         "### Checklist",
         "",
-        *[f"- {_mark(item['done'])} {item['label']}" for item in report["checklist"]],
+        *[f"- {_ticked(item)}" for item in report["checklist"]],
         "",
         "### Phases",
         "",
