@@ -114,6 +114,61 @@ def show_backup(result: dict[str, Any]) -> None:
     print(f"  sha256    {result['sha256']}")
 
 
+def cmd_failover(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.failover import failover
+
+    return failover(
+        zone_id=args.zone_id, record_name=args.record_name, record_value=args.record_value,
+        record_type=args.record_type, ttl=args.ttl, repo=args.repo, target=_url(args.target), db=args.db,
+        health_urls=args.health_url, health_sql=args.health_sql, health_timeout_seconds=args.health_timeout,
+        dry_run=args.dry_run, region=args.region, rds_source_instance=args.rds_source_instance,
+        rds_target_instance=args.rds_target_instance, rds_from_snapshot=args.rds_from_snapshot,
+        rds_instance_class=args.rds_instance_class, rds_subnet_group=args.rds_subnet_group,
+        rds_timeout_minutes=args.rds_timeout_minutes, rds_poll_seconds=args.rds_poll_seconds)
+
+
+def cmd_drill(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.drill import drill
+
+    failover = None
+    if args.with_failover_dry_run:
+        if not (args.zone_id and args.record_name and args.record_value):
+            from tasks.errors import ConfigError
+
+            raise ConfigError("--with-failover-dry-run needs --zone-id, --record-name and --record-value")
+        failover = {"zone_id": args.zone_id, "record_name": args.record_name,
+                    "record_value": args.record_value, "record_type": args.record_type, "ttl": args.ttl,
+                    "health_urls": args.health_url, "region": args.region}
+        if args.failover_repo:
+            failover["repo"] = args.failover_repo
+    return drill(repo=args.repo, db=args.db, server=_url(args.server), scenario=args.scenario,
+                 rto_target_minutes=args.rto_target_minutes, rpo_target_minutes=args.rpo_target_minutes,
+                 health_sql=args.health_sql, failover=failover, last_archived_at=args.last_archived_at)
+
+
+def show_failover(result: dict[str, Any]) -> None:
+    print(f"Failover{' (dry run)' if result['dry_run'] else ''} from {result['source']} "
+          f"({result['selection']}) to {result['target']}: {result['rto_seconds']:.1f} s in total")
+    for phase in result["phases"]:
+        print(f"  {phase['name']:<24} {phase['duration_seconds']:>8.1f} s  {phase['detail']}")
+
+
+def show_drill(result: dict[str, Any]) -> None:
+    def minutes(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds / 60:.1f} min"
+
+    targets = result["targets"]
+    print(f"DR drill ({result['scenario']}) of {result['database']}, backup {result['backup_id']}: "
+          f"{'all targets met' if result['ok'] else 'NEEDS ATTENTION'}")
+    print(f"  RTO {minutes(result['rto_seconds'])} (target {targets['rto_minutes']:g} min), "
+          f"RPO {minutes(result['rpo_seconds'])} (target {targets['rpo_minutes']:g} min)")
+    for item in result["checklist"]:
+        print(f"  [{ {True: 'x', False: '!', None: ' '}[item['done']] }] {item['label']}")
+    for problem in result["missed"] + result["problems"]:
+        print(f"  ! {problem}")
+    print(f"  report: {result['report_key']} in {result['repository']}")
+
+
 # --- the parser -------------------------------------------------------------------------
 
 
@@ -168,10 +223,68 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--max-age-hours", type=float, default=26.0, help="oldest acceptable backup (26)")
     cmd.add_argument("--server", help="server URL for the test restore (default: DATABASE_URL)")
 
+    cmd = command("failover", cmd_failover, "bring the database up in the DR region and switch DNS to it",
+                  show_failover)
+    cmd.add_argument("--repo", help="DR repository URL (default: PGDR_REPLICA_REPO, else PGDR_REPO)")
+    cmd.add_argument("--target",
+                     help="DR database URL to restore into (RDS: user and database for SQL checks)")
+    cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore")
+    _dns_arguments(cmd, required=True)
+    cmd.add_argument("--health-sql", action="append", metavar="SQL",
+                     help="SQL check on the restored database (fails on error, false or NULL); repeatable")
+    cmd.add_argument("--health-timeout", type=float, default=10.0, help="seconds per health check (10)")
+    cmd.add_argument("--dry-run", action="store_true", help="everything except the DNS switch")
+    cmd.add_argument("--rds-source-instance", metavar="ID",
+                     help="RDS instance (or automated-backups ARN) to restore instead of a pgdr backup")
+    cmd.add_argument("--rds-target-instance", metavar="ID", help="name of the restored RDS instance")
+    cmd.add_argument("--rds-from-snapshot", action="store_true",
+                     help="restore the newest automated snapshot instead of the latest restorable time")
+    cmd.add_argument("--rds-instance-class", help="instance class of the restored instance")
+    cmd.add_argument("--rds-subnet-group", help="DB subnet group in the DR region")
+    cmd.add_argument("--rds-timeout-minutes", type=float, default=60.0, help="wait for the instance (60)")
+    cmd.add_argument("--rds-poll-seconds", type=float, default=30.0, help="status poll interval (30)")
+
+    cmd = command("drill", cmd_drill, "rehearse a recovery and measure RTO and RPO", show_drill)
+    cmd.add_argument("--repo", help="repository URL (primary or DR)")
+    cmd.add_argument("--db", metavar="NAME", help="database whose newest backup to restore")
+    cmd.add_argument("--server", help="server URL for the scratch database (default: DATABASE_URL)")
+    cmd.add_argument("--scenario", default="database-corruption",
+                     help="runbook scenario whose targets apply (database-corruption, accidental-deletion, "
+                     "region-failure, ransomware)")
+    cmd.add_argument("--rto-target-minutes", type=float, help="override the scenario's RTO target")
+    cmd.add_argument("--rpo-target-minutes", type=float, help="override the scenario's RPO target")
+    cmd.add_argument("--health-sql", action="append", metavar="SQL", help="SQL check on the restored copy")
+    cmd.add_argument("--last-archived-at", type=_utc_time, metavar="TIME",
+                     help="time of the last archived WAL (ISO 8601 UTC): the RPO of point-in-time recovery")
+    cmd.add_argument("--with-failover-dry-run", action="store_true",
+                     help="also run the failover as a dry run (needs the DNS options)")
+    cmd.add_argument("--failover-repo", help="DR repository for the failover dry run (default: --repo)")
+    _dns_arguments(cmd, required=False)
+
     cmd = command("list", cmd_list, "list complete backups", show_list, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="only this database")
     return parser
+
+
+def _dns_arguments(cmd: argparse.ArgumentParser, required: bool) -> None:
+    cmd.add_argument("--zone-id", required=required, help="Route53 hosted zone id")
+    cmd.add_argument("--record-name", required=required, help="DNS name clients connect to")
+    cmd.add_argument("--record-type", default="CNAME", help="record type (CNAME)")
+    cmd.add_argument("--record-value", help="the DR database's host name (RDS: default its endpoint)")
+    cmd.add_argument("--ttl", type=int, default=60, help="record TTL in seconds (60)")
+    cmd.add_argument("--health-url", action="append", metavar="URL",
+                     help="HTTP URL that must answer 2xx before DNS is switched; repeatable")
+    cmd.add_argument("--region", help="AWS region of the DR side (default: AWS_REGION)")
+
+
+def _utc_time(text: str) -> Any:
+    from tasks.catalog import parse_iso
+
+    try:
+        return parse_iso(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
 
 
 # --- plumbing ---------------------------------------------------------------------------
