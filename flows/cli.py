@@ -141,6 +141,30 @@ def show_restore_files(result: dict[str, Any]) -> None:
           f"{result['symlinks']} symlinks, every checksum verified")
 
 
+def cmd_storage_snapshot(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.storage import storage_snapshot
+
+    return storage_snapshot(source=args.source, repo=args.repo, tier=args.tier)
+
+
+def cmd_storage_restore(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.storage import storage_restore
+
+    return storage_restore(snapshot=args.snapshot, dest=args.dest, bucket=args.bucket, repo=args.repo,
+                           overwrite=args.overwrite)
+
+
+def show_storage_snapshot(result: dict[str, Any]) -> None:
+    print(f"Snapshot {result['snapshot_id']} of s3://{result['bucket']}/{result['source_prefix']}: "
+          f"{result['object_count']} objects ({_size(result['total_bytes'])}), {result['copied_count']} "
+          f"copied ({_size(result['copied_bytes'])}), {result['duration_seconds']:.1f} s")
+    print(f"  stored at {result['location']}")
+
+
+def show_storage_restore(result: dict[str, Any]) -> None:
+    print(f"Restored snapshot {result['snapshot_id']} of {result['bucket']} into {result['dest']}: "
+          f"{result['object_count']} objects, {_size(result['bytes'])}")
+
 # --- the parser -------------------------------------------------------------------------
 
 
@@ -210,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--dest", required=True, metavar="DIR", help="directory to restore into")
     cmd.add_argument("--overwrite", action="store_true", help="replace files that already exist")
     cmd.add_argument("--repo", help="repository URL")
+
+    cmd = command("storage-snapshot", cmd_storage_snapshot,
+                  "snapshot an S3 bucket or prefix into the (S3) repository", show_storage_snapshot)
+    cmd.add_argument("--source", required=True, metavar="S3_URL", help="s3://bucket[/prefix] to snapshot")
+    cmd.add_argument("--repo", help="repository URL (s3://...)")
+    cmd.add_argument("--tier", default="manual", help="snapshot tier (default: manual)")
+
+    cmd = command("storage-restore", cmd_storage_restore,
+                  "copy every object of a storage snapshot into a bucket or prefix", show_storage_restore)
+    cmd.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot id, or latest")
+    cmd.add_argument("--dest", required=True, metavar="S3_URL", help="s3://bucket[/prefix] to restore into")
+    cmd.add_argument("--bucket", help="bucket the snapshot was taken of (for latest, with several)")
+    cmd.add_argument("--overwrite", action="store_true", help="restore into a non-empty bucket or prefix")
+    cmd.add_argument("--repo", help="repository URL (s3://...)")
 
     cmd = command("list", cmd_list, "list complete backups", show_list, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
