@@ -209,7 +209,10 @@ def collect(paths: Sequence[str]) -> Collected:
                               "back them up under different names")
         found.sources[top] = str(local)
         _scan(local, top, found)
-    check_members([entry for entry, _ in found.entries])
+    try:
+        check_members([entry for entry, _ in found.entries])
+    except UnsafeArchive as exc:  # a backup that no restore would accept is no backup
+        raise ConfigError(f"cannot back up: {exc}") from None
     return found
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from tasks import catalog
 from tasks import files as filing
+from tasks.errors import ConfigError
 from tasks.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
@@ -137,6 +138,13 @@ def test_secret_file_without_encryption_is_refused(extra_patterns, capsys, file_
     repo = open_repository(file_repo)
     assert filing.list_file_backups(repo) == []
     assert not [o for o in repo.list("files/")]
+
+
+def test_symlink_pointing_outside_the_backed_up_paths_is_refused(tmp_path):
+    config, _ = make_tree(tmp_path / "src")
+    os.symlink("/etc/hostname", config / "hostname")
+    with pytest.raises(ConfigError, match="cannot back up: refusing symlink 'config/hostname'"):
+        filing.collect([str(config)])
 
 
 def test_secret_patterns_match_file_names():
