@@ -169,6 +169,59 @@ def show_drill(result: dict[str, Any]) -> None:
     print(f"  report: {result['report_key']} in {result['repository']}")
 
 
+def cmd_files(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.files import files
+
+    return files(paths=args.path, name=args.name, repo=args.repo, tier=args.tier,
+                 encrypt_to=args.encrypt_to)
+
+
+def cmd_restore_files(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.files import restore_files
+
+    return restore_files(backup_id=args.backup, name=args.name, dest=args.dest, repo=args.repo,
+                         overwrite=args.overwrite)
+
+
+def show_files(result: dict[str, Any]) -> None:
+    print(f"Files backup {result['backup_id']} of {result['name']} ({result['tier']}): "
+          f"{result['files']} files, {_size(result['size_bytes'])} stored, "
+          f"encrypted: {'yes' if result['encrypted'] else 'no'}, {result['duration_seconds']:.1f} s")
+    print(f"  stored at {result['location']}")
+    if result["skipped"]:
+        print(f"  skipped {len(result['skipped'])} special files: {', '.join(result['skipped'][:5])}")
+
+
+def show_restore_files(result: dict[str, Any]) -> None:
+    print(f"Restored {result['backup_id']} of {result['name']} into {result['dest']}: "
+          f"{result['files']} files ({_size(result['bytes'])}), {result['dirs']} directories, "
+          f"{result['symlinks']} symlinks, every checksum verified")
+
+
+def cmd_storage_snapshot(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.storage import storage_snapshot
+
+    return storage_snapshot(source=args.source, repo=args.repo, tier=args.tier)
+
+
+def cmd_storage_restore(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.storage import storage_restore
+
+    return storage_restore(snapshot=args.snapshot, dest=args.dest, bucket=args.bucket, repo=args.repo,
+                           overwrite=args.overwrite)
+
+
+def show_storage_snapshot(result: dict[str, Any]) -> None:
+    print(f"Snapshot {result['snapshot_id']} of s3://{result['bucket']}/{result['source_prefix']}: "
+          f"{result['object_count']} objects ({_size(result['total_bytes'])}), {result['copied_count']} "
+          f"copied ({_size(result['copied_bytes'])}), {result['duration_seconds']:.1f} s")
+    print(f"  stored at {result['location']}")
+
+
+def show_storage_restore(result: dict[str, Any]) -> None:
+    print(f"Restored snapshot {result['snapshot_id']} of {result['bucket']} into {result['dest']}: "
+          f"{result['object_count']} objects, {_size(result['bytes'])}")
+
 # --- the parser -------------------------------------------------------------------------
 
 
@@ -260,6 +313,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run the failover as a dry run (needs the DNS options)")
     cmd.add_argument("--failover-repo", help="DR repository for the failover dry run (default: --repo)")
     _dns_arguments(cmd, required=False)
+    cmd = command("files", cmd_files, "back up files and directories into the repository", show_files)
+    cmd.add_argument("--path", action="append", required=True, metavar="PATH",
+                     help="file or directory to back up (repeatable)")
+    cmd.add_argument("--name", required=True, help="name of this set of files, e.g. app-config")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--tier", default="manual", help="backup tier (default: manual)")
+    cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient to encrypt to")
+
+    cmd = command("restore-files", cmd_restore_files, "restore a files backup into a directory",
+                  show_restore_files)
+    cmd.add_argument("backup", metavar="BACKUP", help="backup id, or latest")
+    cmd.add_argument("--name", required=True, help="name the files were backed up under")
+    cmd.add_argument("--dest", required=True, metavar="DIR", help="directory to restore into")
+    cmd.add_argument("--overwrite", action="store_true", help="replace files that already exist")
+    cmd.add_argument("--repo", help="repository URL")
+
+    cmd = command("storage-snapshot", cmd_storage_snapshot,
+                  "snapshot an S3 bucket or prefix into the (S3) repository", show_storage_snapshot)
+    cmd.add_argument("--source", required=True, metavar="S3_URL", help="s3://bucket[/prefix] to snapshot")
+    cmd.add_argument("--repo", help="repository URL (s3://...)")
+    cmd.add_argument("--tier", default="manual", help="snapshot tier (default: manual)")
+
+    cmd = command("storage-restore", cmd_storage_restore,
+                  "copy every object of a storage snapshot into a bucket or prefix", show_storage_restore)
+    cmd.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot id, or latest")
+    cmd.add_argument("--dest", required=True, metavar="S3_URL", help="s3://bucket[/prefix] to restore into")
+    cmd.add_argument("--bucket", help="bucket the snapshot was taken of (for latest, with several)")
+    cmd.add_argument("--overwrite", action="store_true", help="restore into a non-empty bucket or prefix")
+    cmd.add_argument("--repo", help="repository URL (s3://...)")
 
     cmd = command("list", cmd_list, "list complete backups", show_list, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")

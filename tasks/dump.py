@@ -39,6 +39,61 @@ def zstd_command(level: int, threads: int) -> list[str]:
     return ["zstd", f"-{level}", f"-T{threads}", "-q", "-c"]
 
 
+def encode_commands(encrypt_to: str | None, gpg_homedir: str | None, zstd_level: int,
+                    zstd_threads: int) -> list[list[str]]:
+    """zstd, then gpg when encrypting: the encoding of everything pgdr stores."""
+    encode = [zstd_command(zstd_level, zstd_threads)]
+    if encrypt_to:
+        encode.append(crypto.encrypt_command(encrypt_to, gpg_homedir))
+    return encode
+
+
+Feed = Callable[["_Feeder"], None]
+"""Writes the raw bytes to encode and store (its argument has a `write` method)."""
+
+
+def stream_encoded(
+    feed: Feed,
+    repo: Repository,
+    key: str,
+    *,
+    encode: list[list[str]],
+    what: str,
+    on_broken: Callable[[], None] | None = None,
+    storage_class: str | None = None,
+    size_hint: int | None = None,
+    secrets: list[str] | None = None,
+    progress: Progress | None = None,
+) -> tuple[PutResult, int]:
+    """Run feed in a thread, writing into the encoder, and store the encoder's output at
+    repo/key. Nothing is stored unless the feed and every encoder command succeeded.
+    Returns what was stored and the number of raw bytes fed."""
+    with Pipeline(encode, stdin=subprocess.PIPE, secrets=secrets or []) as encoder:
+        feeder = _Feeder(feed, encoder, what, on_broken)
+        feeder.start()
+
+        def stored_bytes() -> Iterator[bytes]:
+            written = 0
+            last_report = time.monotonic()
+            while chunk := encoder.stdout.read1(READ_CHUNK):  # type: ignore[union-attr]
+                written += len(chunk)
+                if progress and time.monotonic() - last_report >= 1.0:
+                    progress(feeder.bytes, written)
+                    last_report = time.monotonic()
+                yield chunk
+            # End of stream: only a stream whose every producer succeeded may be stored.
+            feeder.join()
+            encoder.wait()
+            if feeder.error:
+                raise feeder.error
+            if progress:
+                progress(feeder.bytes, written)
+
+        stored = repo.put_stream(key, stored_bytes(), storage_class=storage_class,
+                                 size_hint=size_hint)
+    return stored, feeder.bytes
+
+
 def stream_dump(
     db_url: str,
     repo: Repository,
@@ -58,60 +113,55 @@ def stream_dump(
     dump_argv = [pg_bin("pg_dump"), "--format=custom", "--compress=0", "--no-password"]
     if snapshot:
         dump_argv.append(f"--snapshot={snapshot}")
-    encode = [zstd_command(zstd_level, zstd_threads)]
-    if encrypt_to:
-        encode.append(crypto.encrypt_command(encrypt_to, gpg_homedir))
     with libpq_env(db_url) as env, \
-            Pipeline([dump_argv], env=env, secrets=secrets or []) as dump, \
-            Pipeline(encode, stdin=subprocess.PIPE, secrets=secrets or []) as encoder:
-        counter = _Relay(dump, encoder)
-        counter.start()
+            Pipeline([dump_argv], env=env, secrets=secrets or []) as dump:
 
-        def stored_bytes() -> Iterator[bytes]:
-            written = 0
-            last_report = time.monotonic()
-            while chunk := encoder.stdout.read1(READ_CHUNK):  # type: ignore[union-attr]
-                written += len(chunk)
-                if progress and time.monotonic() - last_report >= 1.0:
-                    progress(counter.bytes, written)
-                    last_report = time.monotonic()
-                yield chunk
-            # End of stream: only a stream whose every producer succeeded may be stored.
-            counter.join()
+        def relay(sink: _Feeder) -> None:
+            reader = dump.stdout
+            while chunk := reader.read1(READ_CHUNK):  # type: ignore[union-attr]
+                sink.write(chunk)
             dump.wait()
-            encoder.wait()
-            if counter.error:
-                raise counter.error
-            if progress:
-                progress(counter.bytes, written)
 
-        stored = repo.put_stream(key, stored_bytes(), storage_class=storage_class,
-                                 size_hint=size_hint)
-    return DumpResult(stored, counter.bytes)
+        stored, dumped = stream_encoded(
+            relay, repo, key,
+            encode=encode_commands(encrypt_to, gpg_homedir, zstd_level, zstd_threads),
+            what="dump", on_broken=dump.kill, storage_class=storage_class, size_hint=size_hint,
+            secrets=secrets, progress=progress,
+        )
+    return DumpResult(stored, dumped)
 
 
-class _Relay(threading.Thread):
-    """Copies pg_dump's output into the encoder, counting the dump's bytes."""
+class _Feeder(threading.Thread):
+    """Runs the feed into the encoder's stdin, counting its bytes; keeps its error for
+    the end of the stream, where it stops the upload from completing."""
 
-    def __init__(self, source: Pipeline, sink: Pipeline) -> None:
+    def __init__(self, feed: Feed, sink: Pipeline, what: str,
+                 on_broken: Callable[[], None] | None) -> None:
         super().__init__(daemon=True)
-        self.source = source
+        self.feed = feed
         self.sink = sink
+        self.what = what
+        self.on_broken = on_broken
         self.bytes = 0
-        self.error: PgdrError | None = None
+        self.error: BaseException | None = None
+
+    def write(self, data: bytes) -> int:
+        self.sink.stdin.write(data)  # type: ignore[union-attr]
+        self.bytes += len(data)
+        return len(data)
 
     def run(self) -> None:
-        reader, writer = self.source.stdout, self.sink.stdin
         try:
-            while chunk := reader.read1(READ_CHUNK):  # type: ignore[union-attr]
-                writer.write(chunk)  # type: ignore[union-attr]
-                self.bytes += len(chunk)
+            self.feed(self)
         except (BrokenPipeError, ValueError):
-            self.source.kill()
-            self.error = PgdrError("the compressor stopped reading the dump")
+            if self.on_broken:
+                self.on_broken()
+            self.error = PgdrError(f"the compressor stopped reading the {self.what}")
+        except BaseException as exc:  # re-raised by the reader at the end of the stream
+            self.error = exc
         finally:
             with contextlib.suppress(BrokenPipeError):
-                writer.close()  # type: ignore[union-attr]
+                self.sink.stdin.close()  # type: ignore[union-attr]
 
 
 def fetch_dump(

@@ -76,6 +76,8 @@ class Settings:
     notify_url: str | None = field(default=None, repr=False)
     notify_on_success: bool = False
     cloudwatch_namespace: str | None = None
+    # Extra file name patterns (fnmatch) that files backups refuse to store unencrypted.
+    files_secret_patterns: tuple[str, ...] = ()
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
@@ -158,4 +160,6 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         notify_url=merged.get("PGDR_NOTIFY_URL") or None,
         notify_on_success=merged.get("PGDR_NOTIFY_ON_SUCCESS", "").lower() in ("1", "true", "yes"),
         cloudwatch_namespace=merged.get("PGDR_CLOUDWATCH_NAMESPACE") or None,
+        files_secret_patterns=tuple(p.strip() for p in merged.get("PGDR_FILES_SECRET_PATTERNS", "")
+                                    .split(",") if p.strip()),
     )

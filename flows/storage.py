@@ -1,0 +1,116 @@
+"""Storage snapshots: the S3 bucket of user uploads, exports and reports.
+
+storage_snapshot: list source -> server-side copy of what changed since the previous
+                  snapshot -> manifest (last) -> audit record.
+storage_restore:  find snapshot -> copy every object back into a bucket or prefix ->
+                  audit record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.steps import Stopwatch, open_repo, record_audit, record_failure, transient_only
+from tasks import catalog
+from tasks import storage as snapshots
+from tasks.audit import audit_record
+from tasks.settings import Settings, check_tier, load_settings
+
+
+@task(name="copy changed objects", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+      timeout_seconds=24 * 3600)
+def copy_changed_objects(source_url: str, repo_url: str, settings: Settings, snapshot_id: str,
+                         tier: str) -> snapshots.StorageManifest:
+    manifest = snapshots.take_snapshot(open_repo(repo_url, settings), snapshots.parse_s3_url(source_url),
+                                       snapshot_id, tier, storage_class=settings.storage_classes.get(tier))
+    get_run_logger().info("%d objects, %d copied (%d bytes), %d unchanged since %s",
+                          manifest.object_count, manifest.copied_count, manifest.copied_bytes,
+                          manifest.object_count - manifest.copied_count, manifest.previous_snapshot)
+    return manifest
+
+
+@task(name="write storage manifest", retries=3, retry_delay_seconds=[2, 10, 30],
+      retry_condition_fn=transient_only)
+def write_storage_manifest(repo_url: str, settings: Settings, manifest: snapshots.StorageManifest) -> str:
+    """The completion marker, written last."""
+    open_repo(repo_url, settings).put_bytes(manifest.manifest_key, manifest.to_json())
+    return manifest.manifest_key
+
+
+@flow(name="storage-snapshot", log_prints=True)
+def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual") -> dict[str, Any]:
+    """Snapshot s3://bucket[/prefix] into the (S3) repository; returns its summary."""
+    settings = load_settings()
+    location = snapshots.parse_s3_url(source)
+    check_tier(tier)
+    repo_url = repo or settings.repo_url
+    snapshots.s3_repository(open_repo(repo_url, settings))
+    snapshot_id = catalog.new_backup_id(catalog.utcnow(), tier)
+    clock = Stopwatch()
+    try:
+        manifest = copy_changed_objects(location.url, repo_url, settings, snapshot_id, tier)
+        write_storage_manifest(repo_url, settings, manifest)
+    except Exception as exc:
+        record_failure(repo_url, settings, audit_record(
+            "storage-snapshot", type=tier, source=location.url, destination=repo_url, status="failed",
+            duration_seconds=clock.seconds, backup_id=snapshot_id, error=str(exc)))
+        raise
+    record_audit(repo_url, settings, audit_record(
+        "storage-snapshot", type=tier, source=location.url, destination=f"{repo_url}/{manifest.prefix}",
+        status="success", size_bytes=manifest.copied_bytes, duration_seconds=clock.seconds,
+        backup_id=snapshot_id, objects=manifest.object_count, copied=manifest.copied_count))
+    return {
+        **manifest.summary(),
+        "previous_snapshot": manifest.previous_snapshot,
+        "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
+        "duration_seconds": round(clock.seconds, 3),
+    }
+
+
+@task(name="find storage snapshot", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def find_storage_snapshot(repo_url: str, settings: Settings, selector: str,
+                          bucket: str | None) -> snapshots.StorageManifest:
+    return snapshots.find_snapshot(open_repo(repo_url, settings), selector, bucket)
+
+
+@task(name="copy objects back", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+      timeout_seconds=24 * 3600)
+def copy_objects_back(repo_url: str, settings: Settings, manifest: snapshots.StorageManifest, dest_url: str,
+                      overwrite: bool) -> int:
+    return snapshots.restore_snapshot(open_repo(repo_url, settings), manifest,
+                                      snapshots.parse_s3_url(dest_url), overwrite=overwrite)
+
+
+@flow(name="storage-restore", log_prints=True)
+def storage_restore(snapshot: str, dest: str, bucket: str | None = None, repo: str | None = None,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Copy every object of a snapshot (an id, or latest) into s3://bucket[/prefix]."""
+    settings = load_settings()
+    location = snapshots.parse_s3_url(dest)
+    repo_url = repo or settings.repo_url
+    clock = Stopwatch()
+    manifest = None
+    try:
+        manifest = find_storage_snapshot(repo_url, settings, snapshot, bucket)
+        copied = copy_objects_back(repo_url, settings, manifest, location.url, overwrite)
+    except Exception as exc:
+        record_failure(repo_url, settings, audit_record(
+            "storage-restore", type=manifest.tier if manifest else "unknown",
+            source=f"{repo_url}/{manifest.prefix}" if manifest else repo_url, destination=location.url,
+            status="failed", duration_seconds=clock.seconds,
+            backup_id=manifest.snapshot_id if manifest else snapshot, error=str(exc)))
+        raise
+    record_audit(repo_url, settings, audit_record(
+        "storage-restore", type=manifest.tier, source=f"{repo_url}/{manifest.prefix}",
+        destination=location.url, status="success", size_bytes=copied, duration_seconds=clock.seconds,
+        backup_id=manifest.snapshot_id, objects=manifest.object_count))
+    return {
+        "snapshot_id": manifest.snapshot_id,
+        "bucket": manifest.bucket,
+        "dest": location.url,
+        "object_count": manifest.object_count,
+        "bytes": copied,
+        "duration_seconds": round(clock.seconds, 3),
+    }
