@@ -173,9 +173,8 @@ def table_shape(conn: psycopg.Connection, schema: str, table: str) -> TableShape
 # --- reading the backup's rows (temporary database) ------------------------------------------
 
 
-def _source_query(shape: TableShape, columns: list[str], row_filter: str | None) -> sql.Composed:
-    query = sql.SQL("SELECT {} FROM ONLY {}").format(
-        sql.SQL(", ").join(map(sql.Identifier, columns)), shape.ident)
+def _source_query(shape: TableShape, select: sql.Composable, row_filter: str | None) -> sql.Composed:
+    query = sql.SQL("SELECT {} FROM ONLY {}").format(select, shape.ident)
     if row_filter is not None:
         # Checked by check_row_filter: one expression that cannot leave its parentheses.
         query = sql.SQL("{} WHERE ({})").format(query, sql.SQL(row_filter))  # type: ignore[arg-type]
@@ -184,10 +183,9 @@ def _source_query(shape: TableShape, columns: list[str], row_filter: str | None)
 
 def count_source_rows(conn: psycopg.Connection, shape: TableShape, row_filter: str | None) -> int:
     """Rows of the backup's table that pass the filter. prepare=True sends the query by
-    the extended protocol, which refuses more than one statement; the transaction is
+    the extended protocol, which refuses more than one statement; the connection is
     read-only, so the filter cannot write even through a function."""
-    query = sql.SQL("SELECT count(*) FROM ({}) AS rows").format(_source_query(shape, [shape.columns[0]],
-                                                                              row_filter))
+    query = _source_query(shape, sql.SQL("count(*)"), row_filter)
     try:
         return int(conn.execute(query, prepare=True).fetchone()[0])  # type: ignore[index]
     except psycopg.Error as exc:
@@ -199,9 +197,8 @@ def stream_rows(source: psycopg.Connection, target: psycopg.Connection, shape: T
                 columns: list[str], destination: sql.Composable, row_filter: str | None) -> int:
     """COPY the backup's rows out of the temporary database and into `destination` on
     the target, chunk by chunk. Returns the rows copied."""
-    out_query = sql.SQL("COPY ({}) TO STDOUT").format(_source_query(shape, columns, row_filter))
-    in_query = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        destination, sql.SQL(", ").join(map(sql.Identifier, columns)))
+    out_query = sql.SQL("COPY ({}) TO STDOUT").format(_source_query(shape, _columns(columns), row_filter))
+    in_query = sql.SQL("COPY {} ({}) FROM STDIN").format(destination, _columns(columns))
     with source.cursor() as out_cur, target.cursor() as in_cur:
         with out_cur.copy(out_query) as reader, in_cur.copy(in_query) as writer:
             for chunk in reader:
