@@ -222,6 +222,27 @@ def show_storage_restore(result: dict[str, Any]) -> None:
     print(f"Restored snapshot {result['snapshot_id']} of {result['bucket']} into {result['dest']}: "
           f"{result['object_count']} objects, {_size(result['bytes'])}")
 
+def cmd_recover_table(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.recover_table import recover_table
+
+    return recover_table(backup_id=args.backup, target=_url(args.target), tables=args.table, mode=args.mode,
+                         where=args.where, dry_run=args.dry_run, repo=args.repo, db=args.db, jobs=args.jobs,
+                         no_owner=args.no_owner)
+
+
+def show_recover_table(result: dict[str, Any]) -> None:
+    verb = "Would recover" if result["dry_run"] else "Recovered"
+    print(f"{verb} {len(result['tables'])} table(s) from {result['backup_id']} into {result['target']} "
+          f"({result['mode']}{', where ' + result['where'] if result['where'] else ''})")
+    _print_table(["TABLE", "IN BACKUP", "PRESENT", "INSERTED", "UPDATED", "DELETED", "SIDE TABLE"],
+                 [[t["table"], t["rows_in_backup"], *("-" if t[k] is None else t[k] for k in
+                   ("rows_present", "rows_inserted", "rows_updated", "rows_deleted")), t["side_table"] or "-"]
+                  for t in result["tables"]])
+    for table in result["tables"]:
+        for moved in table["sequences"]:
+            print(f"  sequence {moved['sequence']} moved from {moved['from']} to {moved['to']}")
+
+
 # --- the parser -------------------------------------------------------------------------
 
 
@@ -342,6 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--bucket", help="bucket the snapshot was taken of (for latest, with several)")
     cmd.add_argument("--overwrite", action="store_true", help="restore into a non-empty bucket or prefix")
     cmd.add_argument("--repo", help="repository URL (s3://...)")
+    cmd = command("recover-table", cmd_recover_table,
+                  "bring tables back from a backup without restoring the whole database", show_recover_table)
+    cmd.add_argument("backup", metavar="BACKUP", help="backup id, or latest")
+    cmd.add_argument("--target", required=True, help="database URL to recover into (the temporary "
+                     "database goes on its server)")
+    cmd.add_argument("--table", action="append", required=True, metavar="T",
+                     help='table as written in SQL, e.g. public.orders or "Sales Data"."Order Items" '
+                     "(repeat for several)")
+    cmd.add_argument("--mode", default="missing-rows", choices=("missing-rows", "replace", "side-table"),
+                     help="missing-rows (default): insert rows whose key is absent; replace: the table "
+                     "becomes the backup's; side-table: load into <table>_recovered_<ts>")
+    cmd.add_argument("--where", metavar="SQL", help="condition on the backup's rows (one SQL expression)")
+    cmd.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="database whose backup to use (for latest)")
+    cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")
+    cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
 
     cmd = command("list", cmd_list, "list complete backups", show_list, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
