@@ -504,6 +504,17 @@ class S3Repository(Repository):
             raise PgdrError(f"S3 put_object failed: {_short(exc)}") from None
         return True
 
+    def copy_from(self, source: S3Repository, key: str, *, storage_class: str | None = None) -> None:
+        """Server-side copy of source's key to the same key here (multipart above 5 GB):
+        the bytes never pass through this machine."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.copy({"Bucket": source.bucket, "Key": source._key(key)}, self.bucket, self._key(key),
+                             ExtraArgs=self._write_args(storage_class), SourceClient=source.client)
+        except (ClientError, BotoCoreError) as exc:
+            raise PgdrError(f"S3 copy of {key} to {self.url} failed: {_short(exc)}") from None
+
     def lock_status(self, key: str) -> str | None:
         # A plain delete in a versioned bucket only adds a delete marker and "succeeds"
         # while the locked version stays: ask before deleting instead.
