@@ -13,6 +13,7 @@ import pytest
 
 import flows.backup
 from tasks import catalog, locks, postgres, retention
+from tasks.errors import PgdrError
 from tasks.repository import Repository, open_repository
 from tests.support.cli import cli_json, run_cli
 from tests.support.db import table_fingerprints
@@ -151,8 +152,9 @@ def test_init_repo_settings_read_back_and_a_second_run_is_fine(capsys, s3):
     retention = lock["Rule"]["DefaultRetention"]
     assert (retention["Mode"], retention["Days"]) == ("GOVERNANCE", 7)
 
-    # Backups can go in, and a second run (now with objects in the bucket) changes nothing.
-    fake_backup(open_repository(url), "fleet", "daily", catalog.utcnow())
+    # moto enforces the policy: this plain-HTTP endpoint is refused, as a non-TLS client would be.
+    with pytest.raises(PgdrError, match="403"):
+        fake_backup(open_repository(url), "fleet", "daily", catalog.utcnow())
     second = cli_json(capsys, *args)
     assert second["created_bucket"] is False
     assert {k: v for k, v in second.items() if k != "created_bucket"} == {
