@@ -129,7 +129,7 @@ def show_prune(result: dict[str, Any]) -> None:
 
 
 def cmd_init_repo(args: argparse.Namespace) -> dict[str, Any]:
-    from tasks.aws import init_s3_repository
+    from tasks.bucket import init_s3_repository
 
     settings = _settings()
     return init_s3_repository(args.repo or settings.repo_url, sse=args.sse or settings.s3_sse,
