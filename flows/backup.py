@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from prefect import flow, get_run_logger, task
 
+from flows.prune import prune_after_backup, replicate_backup
 from flows.steps import (
     Progress,
     Stopwatch,
@@ -26,6 +27,7 @@ from tasks import catalog, crypto, postgres
 from tasks.audit import audit_record
 from tasks.dump import stream_dump
 from tasks.errors import ConfigError
+from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
 TOOL_VERSION = "pgdr 0.1.0"
@@ -126,8 +128,12 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
     clock = Stopwatch()
     try:
-        manifest = dump_database(db_url, repo_url, settings, backup_id, tier, fingerprint)
-        write_manifest(repo_url, settings, manifest)
+        # Prune of this database waits meanwhile, and so does another backup of it.
+        with database_lock(open_repo(repo_url, settings), database, "backup"):
+            manifest = dump_database(db_url, repo_url, settings, backup_id, tier, fingerprint)
+            write_manifest(repo_url, settings, manifest)
+        if settings.replica_repo_url:
+            replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "backup", type=tier, source=database, destination=repo_url, status="failed",
@@ -138,10 +144,13 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
         backup_id=backup_id))
     publish_backup_artifact(manifest, clock.seconds)
+    pruned = prune_after_backup(repo_url, database, tier)
     return {
         **manifest.summary(),
         "sha256": manifest.sha256,
         "row_counts": manifest.row_counts,
         "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
         "duration_seconds": round(clock.seconds, 3),
+        "replica": settings.replica_repo_url,
+        "pruned": pruned["counts"] if pruned else None,
     }

@@ -241,6 +241,46 @@ def show_recover_table(result: dict[str, Any]) -> None:
     for table in result["tables"]:
         for moved in table["sequences"]:
             print(f"  sequence {moved['sequence']} moved from {moved['from']} to {moved['to']}")
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.prune import prune
+
+    return prune(repo=args.repo, db=args.db, tier=args.tier, dry_run=args.dry_run)
+
+
+def show_prune(result: dict[str, Any]) -> None:
+    rows = result["backups"]
+    if rows:
+        _print_table(["BACKUP", "DATABASE", "TIER", "FINISHED (UTC)", "ACTION", "REASON"],
+                     [[r["backup_id"], r["database"] or "-", r["tier"] or "-", r["finished_at"] or "-",
+                       r["action"], r["reason"]] for r in rows])
+    counts = ", ".join(f"{n} {action}" for action, n in sorted(result["counts"].items())) or "nothing"
+    print(f"{'Dry run: ' if result['dry_run'] else ''}{counts} in {result['repository']}")
+
+
+def cmd_init_repo(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.bucket import init_s3_repository
+
+    settings = _settings()
+    return init_s3_repository(args.repo or settings.repo_url, sse=args.sse or settings.s3_sse,
+                              kms_key_id=args.kms_key_id or settings.s3_kms_key_id,
+                              lock_mode=args.object_lock_mode, lock_days=args.object_lock_days,
+                              region=settings.aws_region)
+
+
+def show_init_repo(result: dict[str, Any]) -> None:
+    lock = result["object_lock"]
+    lifecycle = result["lifecycle"] or {}
+    print(f"{'Created and set up' if result['created_bucket'] else 'Set up'} {result['repository']}:")
+    print(f"  versioning               {result['versioning']}")
+    kms = result["encryption"]["kms_key_id"]
+    print(f"  default encryption       {result['encryption']['sse']}{f' (key {kms})' if kms else ''}")
+    print(f"  public access            {'blocked' if result['public_access_block'] else 'NOT blocked'}")
+    print(f"  non-TLS requests         {'denied' if result['deny_insecure_transport'] else 'NOT denied'}")
+    steps = ", ".join(f"{t['Days']} d {t['StorageClass']}" for t in lifecycle.get("transitions") or [])
+    print(f"  lifecycle                {steps or 'none'}; deleted versions kept "
+          f"{lifecycle.get('noncurrent_days')} d; no expiration (pgdr prune deletes)")
+    locked = f"{lock['mode']} {lock['days']} d" if lock["mode"] else "off"
+    print(f"  object lock              {locked}")
 
 
 # --- the parser -------------------------------------------------------------------------
@@ -380,6 +420,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--db", metavar="NAME", help="database whose backup to use (for latest)")
     cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")
     cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
+    cmd = command("prune", cmd_prune, "delete backups past their tier's retention", show_prune)
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="only this database")
+    cmd.add_argument("--tier", help="only this tier (the floors still count every tier)")
+    cmd.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+
+    cmd = command("init-repo", cmd_init_repo, "create and harden the S3 bucket of a repository",
+                  show_init_repo, runs_flow=False)
+    cmd.add_argument("--repo", help="repository URL (s3://bucket/prefix)")
+    cmd.add_argument("--sse", choices=["AES256", "aws:kms"], help="default encryption (AES256)")
+    cmd.add_argument("--kms-key-id", metavar="ID", help="KMS key for aws:kms")
+    cmd.add_argument("--object-lock-mode", choices=["GOVERNANCE", "COMPLIANCE"],
+                     help="default Object Lock retention mode (creates the bucket with Object Lock)")
+    cmd.add_argument("--object-lock-days", type=int, metavar="N", help="default Object Lock retention days")
 
     cmd = command("list", cmd_list, "list complete backups", show_list, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")

@@ -132,6 +132,14 @@ class Repository(ABC):
     def put_bytes(self, key: str, data: bytes, *, storage_class: str | None = None) -> PutResult:
         return self.put_stream(key, [data], storage_class=storage_class, size_hint=len(data))
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create the object only if no object has the key (atomically): False if one has."""
+        raise ConfigError(f"{self.url} does not support conditional writes")
+
+    def lock_status(self, key: str) -> str | None:
+        """Why the object cannot be deleted now (S3 Object Lock), or None."""
+        return None
+
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.get_stream(key))
 
@@ -280,6 +288,24 @@ class FileRepository(Repository):
 
     def abort_upload(self, upload: IncompleteUpload) -> None:
         (self.root / upload.key).unlink(missing_ok=True)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        # Written whole under a private name, then hard-linked into place: link() fails
+        # when the name exists, so creation is exclusive and nobody reads a partial file.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with open(partial, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.link(partial, path)
+        except FileExistsError:
+            return False
+        finally:
+            partial.unlink(missing_ok=True)
+        return True
 
 
 # --- S3 -------------------------------------------------------------------------------------
@@ -463,6 +489,45 @@ class S3Repository(Repository):
     def abort_upload(self, upload: IncompleteUpload) -> None:
         self._s3("abort_multipart_upload", Bucket=self.bucket, Key=self._key(upload.key),
                  UploadId=upload.upload_id)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
+                                   **self._write_args(None))
+        except ClientError as exc:
+            # 412: the object exists; 409: a concurrent conditional write won the race.
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise PgdrError(f"S3 put_object failed: {_short(exc)}") from None
+        return True
+
+    def copy_from(self, source: S3Repository, key: str, *, storage_class: str | None = None) -> None:
+        """Server-side copy of source's key to the same key here (multipart above 5 GB):
+        the bytes never pass through this machine."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.copy({"Bucket": source.bucket, "Key": source._key(key)}, self.bucket, self._key(key),
+                             ExtraArgs=self._write_args(storage_class), SourceClient=source.client)
+        except (ClientError, BotoCoreError) as exc:
+            raise PgdrError(f"S3 copy of {key} to {self.url} failed: {_short(exc)}") from None
+
+    def lock_status(self, key: str) -> str | None:
+        # A plain delete in a versioned bucket only adds a delete marker and "succeeds"
+        # while the locked version stays: ask before deleting instead.
+        try:
+            head = self._s3("head_object", Bucket=self.bucket, Key=self._key(key))
+        except NotFoundError:
+            return None
+        if head.get("ObjectLockLegalHoldStatus") == "ON":
+            return "legal hold"
+        until = head.get("ObjectLockRetainUntilDate")
+        if until and until > datetime.now(UTC):
+            return f"{head.get('ObjectLockMode', 'locked')} until {until.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+        return None
 
 
 def _short(exc: Exception) -> str:

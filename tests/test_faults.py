@@ -188,17 +188,18 @@ def test_a_backup_cancelled_or_killed_midway_leaves_nothing_and_the_next_succeed
     (bin_dir / "pg_dump").write_text(STALLER.format(python=sys.executable, real=real_dir / "pg_dump",
                                                     limit=20 * 2**20))
     (bin_dir / "pg_dump").chmod(0o755)
-    marker = f"stall-{sig.name}-{time.monotonic_ns()}"
     proc = subprocess.Popen(
         [str(REPO_ROOT / ".venv" / "bin" / "pgdr"), "backup", "--db", big_db, "--repo", s3_repo],
-        env=pgdr_env(tmp_path, PGDR_PG_BIN=str(bin_dir), PGDR_TEST_MARKER=marker),
+        # One zstd thread: its output follows its input closely, so parts reach S3 early.
+        env=pgdr_env(tmp_path, PGDR_PG_BIN=str(bin_dir), PGDR_ZSTD_THREADS="1"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     repo = open_repository(s3_repo)
     deadline = time.monotonic() + 300
     while not repo.incomplete_uploads("") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     if not repo.incomplete_uploads(""):
-        proc.kill()
+        for pid in [proc.pid, *pgdr_processes_below(proc.pid)]:
+            os.kill(pid, signal.SIGKILL)
         pytest.fail(f"the backup never started uploading: {proc.communicate()[1].decode()[-2000:]}")
     descendants = pgdr_processes_below(proc.pid)
     proc.send_signal(sig)

@@ -1,0 +1,88 @@
+"""Prune: the runbook's retention as a flow.
+
+For each database (or the one named): decide with tasks.retention.choose, delete what it
+says (manifest first), remove incomplete backups and stale uploads older than the grace
+period, and report every backup kept or deleted with its reason (audit record + table
+artifact). Runs on its own and after every backup, for that backup's tier.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.steps import Stopwatch, open_repo, publish_table, record_audit, transient_only
+from tasks import catalog, replica, retention
+from tasks.audit import audit_record
+from tasks.locks import database_lock
+from tasks.settings import Settings, check_tier, load_settings
+
+
+@task(name="prune database", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_only)
+def prune_database(repo_url: str, settings: Settings, database: str, tier: str | None,
+                   dry_run: bool) -> list[dict[str, Any]]:
+    repo = open_repo(repo_url, settings)
+    policy = retention.Policy(settings.retention_days, settings.keep_verified)
+
+    def run() -> list[dict[str, Any]]:
+        plan = retention.plan_prune(repo, database, catalog.utcnow(), policy, tier)
+        return retention.apply_plan(repo, plan, dry_run)
+
+    if dry_run:  # only reads: no need to wait for a running backup
+        return run()
+    with database_lock(repo, database, "prune"):
+        return run()
+
+
+@flow(name="prune", log_prints=True)
+def prune(repo: str | None = None, db: str | None = None, tier: str | None = None,
+          dry_run: bool = False) -> dict[str, Any]:
+    """Apply retention to the repository (one database, one tier, or all); returns every
+    backup with what was done to it and why."""
+    settings = load_settings()
+    if tier:
+        check_tier(tier)
+    repo_url = repo or settings.repo_url
+    repository = open_repo(repo_url, settings)
+    clock = Stopwatch()
+    databases = [db] if db else catalog.list_databases(repository)
+    rows: list[dict[str, Any]] = []
+    for database in databases:
+        rows += prune_database(repo_url, settings, database, tier, dry_run)
+    counts = {action: sum(1 for r in rows if r["action"] == action) for action in {r["action"] for r in rows}}
+    failed = [r for r in rows if r["action"] == "failed"]
+    logger = get_run_logger()
+    for row in rows:
+        if row["action"] in ("locked", "failed"):
+            logger.warning("%s %s: %s", row["action"], row["backup_id"], row["reason"])
+    record_audit(repo_url, settings, audit_record(
+        "prune", type=tier or "all", source=", ".join(databases) or "-", destination=repo_url,
+        status="dry-run" if dry_run else "failed" if failed else "success",
+        duration_seconds=clock.seconds, counts=counts,
+        deleted=[r["backup_id"] for r in rows if r["action"] in ("deleted", "aborted")],
+        locked=[r["backup_id"] for r in rows if r["action"] == "locked"]))
+    if rows:
+        publish_table("prune", rows, f"Prune of {repo_url}{' (dry run)' if dry_run else ''}: " +
+                      ", ".join(f"{n} {action}" for action, n in sorted(counts.items())))
+    return {"ok": not failed, "repository": repo_url, "dry_run": dry_run, "counts": counts, "backups": rows}
+
+
+@task(name="copy to replica", retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient_only)
+def replicate_backup(repo_url: str, replica_url: str, settings: Settings,
+                     manifest: catalog.Manifest) -> dict[str, Any]:
+    """The DR-region copy of a finished backup, checked against its manifest."""
+    result = replica.copy_backup(open_repo(repo_url, settings), open_repo(replica_url, settings), manifest,
+                                 settings.storage_classes.get(manifest.tier))
+    get_run_logger().info("copied %s to %s (%s)", manifest.backup_id, replica_url, result["method"])
+    return result
+
+
+def prune_after_backup(repo_url: str, database: str, tier: str) -> dict[str, Any] | None:
+    """Retention for the tier just backed up. The backup has succeeded whatever happens
+    here: a pruning problem is logged (and audited by prune), not raised."""
+    try:
+        return prune(repo=repo_url, db=database, tier=tier)
+    except Exception as exc:
+        get_run_logger().warning("pruning %s after the backup failed: %s", database, exc)
+        return None

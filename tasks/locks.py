@@ -1,0 +1,112 @@
+"""One operation per database at a time: a lock object in the repository.
+
+Why a repository lock and not a Prefect global concurrency limit: backups and prunes
+start from the Prefect UI, from schedules, from GitHub Actions and from a shell, and a
+shell run may use its own temporary Prefect server; the repository is the one thing they
+all share, and the lock lives beside the data it protects. `locks/<database>.json` is
+created with a conditional write (S3 `If-None-Match: *`, a hard link on disk), names its
+holder, and is renewed by a heartbeat while held; a lock whose holder stopped renewing it
+(a killed process) expires and is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+from tasks.catalog import database_component, iso, parse_iso, utcnow
+from tasks.errors import PgdrError
+from tasks.repository import Repository
+
+LOCK_TTL = timedelta(minutes=5)
+HEARTBEAT_SECONDS = 60.0
+POLL_SECONDS = 2.0
+
+
+class LockBusy(PgdrError):
+    """Another operation holds the database's lock."""
+
+
+def lock_key(database: str) -> str:
+    return f"locks/{database_component(database)}.json"
+
+
+def _holder(operation: str, token: str) -> dict[str, Any]:
+    now = utcnow()
+    return {"operation": operation, "host": socket.gethostname(), "pid": os.getpid(), "token": token,
+            "acquired_at": iso(now), "expires_at": iso(now + LOCK_TTL)}
+
+
+def _read(repo: Repository, key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(repo.get_bytes(key))
+    except (PgdrError, ValueError):
+        return None  # gone meanwhile, or half-visible: try again
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    return (f"{holder.get('operation')} on {holder.get('host')} (pid {holder.get('pid')}) "
+            f"since {holder.get('acquired_at')}")
+
+
+def acquire(repo: Repository, database: str, operation: str, wait_seconds: float) -> dict[str, Any]:
+    """Take the lock, waiting up to wait_seconds for its holder; LockBusy after that."""
+    key = lock_key(database)
+    holder = _holder(operation, secrets.token_hex(8))
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        if repo.put_if_absent(key, json.dumps(holder).encode()):
+            return holder
+        current = _read(repo, key)
+        if current and parse_iso(current["expires_at"]) < utcnow():
+            # The holder stopped renewing: it is gone. Two takers racing here both delete,
+            # and only one conditional create wins.
+            repo.delete(key)
+            continue
+        if time.monotonic() >= deadline:
+            who = _describe(current) if current else "another operation"
+            raise LockBusy(f"{database} is locked by {who}; try again when it has finished")
+        time.sleep(POLL_SECONDS)
+
+
+def release(repo: Repository, database: str, holder: dict[str, Any]) -> None:
+    key = lock_key(database)
+    current = _read(repo, key)
+    if current and current.get("token") == holder["token"]:
+        repo.delete(key)
+
+
+def _renew(repo: Repository, database: str, holder: dict[str, Any], stop: threading.Event) -> None:
+    key = lock_key(database)
+    while not stop.wait(HEARTBEAT_SECONDS):
+        current = _read(repo, key)
+        if not current or current.get("token") != holder["token"]:
+            return  # taken over (we were presumed dead): nothing left to renew
+        holder["expires_at"] = iso(utcnow() + LOCK_TTL)
+        with contextlib.suppress(PgdrError):  # the next beat tries again
+            repo.put_bytes(key, json.dumps(holder).encode())
+
+
+@contextlib.contextmanager
+def database_lock(repo: Repository, database: str, operation: str,
+                  wait_seconds: float = 600.0) -> Iterator[dict[str, Any]]:
+    """Hold the database's lock for the block, renewing it while the block runs."""
+    holder = acquire(repo, database, operation, wait_seconds)
+    stop = threading.Event()
+    beat = threading.Thread(target=_renew, args=(repo, database, holder, stop), daemon=True,
+                            name=f"pgdr-lock-{database}")
+    beat.start()
+    try:
+        yield holder
+    finally:
+        stop.set()
+        beat.join()
+        release(repo, database, holder)
