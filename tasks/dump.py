@@ -36,7 +36,10 @@ class DumpResult:
 
 
 def zstd_command(level: int, threads: int) -> list[str]:
-    return ["zstd", f"-{level}", f"-T{threads}", "-q", "-c"]
+    # With worker threads zstd holds back several MB per job; --single-thread streams each
+    # block as soon as it is compressed (less memory, output that follows the input).
+    workers = [f"-T{threads}"] if threads > 1 else ["--single-thread"]
+    return ["zstd", f"-{level}", *workers, "-q", "-c"]
 
 
 def encode_commands(encrypt_to: str | None, gpg_homedir: str | None, zstd_level: int,

@@ -157,3 +157,19 @@ def test_dotenv_is_read_under_the_environment(tmp_path: Path):
 def test_bad_numbers_in_configuration_are_one_clear_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="PGDR_KEEP_VERIFIED"):
         load_settings({"PGDR_KEEP_VERIFIED": "three"}, dotenv=tmp_path / "none")
+
+
+_NAME = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                min_size=1, max_size=30)
+
+
+@given(_NAME, _NAME)
+def test_table_names_round_trip_through_sql_quoting(schema, table):
+    """Whatever the names, psycopg.sql's quoting parses back to the same names."""
+    import psycopg.sql
+
+    from tasks.postgres import table_identifier
+
+    quoted = table_identifier(schema, table).as_string()
+    assert parse_table_name(quoted) == (schema, table)
+    assert psycopg.sql.Identifier(schema).as_string().startswith('"')
