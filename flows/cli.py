@@ -112,6 +112,30 @@ def show_backup(result: dict[str, Any]) -> None:
     print(f"  sha256    {result['sha256']}")
 
 
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.repository import open_repository
+    from tasks.status import repository_status
+
+    settings = _settings()
+    return repository_status(open_repository(args.repo or settings.repo_url, region=settings.aws_region),
+                             args.db)
+
+
+def show_status(result: dict[str, Any]) -> None:
+    databases = result["databases"]
+    if not databases:
+        print(f"No backups in {result['repository']}.")
+        return
+    verified = {True: "ok", False: "FAILED", None: "never"}
+    _print_table(
+        ["DATABASE", "LAST BACKUP", "AGE (H)", "SIZE", "LAST VERIFIED (UTC)", "VERIFICATION"],
+        [[d["database"], d["last_backup"] or "-", d["age_hours"] if d["age_hours"] is not None else "-",
+          _size(d["size_bytes"]) if d["size_bytes"] is not None else "-", d["verified_at"] or "-",
+          verified[d["verified"]] + (f" ({d['verified_backup']})" if d["verified_backup"] else "")]
+         for d in databases],
+    )
+
+
 # --- the parser -------------------------------------------------------------------------
 
 
@@ -165,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--db", metavar="NAME", help="only this database")
     cmd.add_argument("--max-age-hours", type=float, default=26.0, help="oldest acceptable backup (26)")
     cmd.add_argument("--server", help="server URL for the test restore (default: DATABASE_URL)")
+
+    cmd = command("status", cmd_status, "last backup, its age and size, and last verification per database",
+                  show_status, runs_flow=False)
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="only this database")
 
     cmd = command("list", cmd_list, "list complete backups", show_list, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
