@@ -79,8 +79,8 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
             destination="temporary database",
             status="success" if entry["ok"] else "failed", duration_seconds=clock.seconds,
             reason=entry.get("reason")))
-        age = {"HoursSinceLastBackup": entry["age_hours"]} if entry["age_hours"] is not None else {}
-        publish_metrics(settings, database, VerifyFailureCount=int(not entry["ok"]), **age)
+        staleness = {"HoursSinceLastBackup": entry["age_hours"]} if entry["age_hours"] is not None else {}
+        publish_metrics(settings, database, VerifyFailureCount=int(not entry["ok"]), **staleness)
     publish_markdown(
         "verify-backups",
         "## Backup verification\n\n" + markdown_table(
