@@ -277,8 +277,10 @@ def _quiet_console(verbose: bool) -> Iterator[None]:
     (its records still reach the Prefect server): the person sees a progress bar and one
     result or error line, never a traceback. --verbose shows the log, still without
     tracebacks."""
-    import prefect  # noqa: F401 - configures logging
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()  # Prefect 3.8 adds its console handler lazily, at the first run
 
     class NoTraceback(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
