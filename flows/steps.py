@@ -6,7 +6,6 @@ timeouts, tags, artifacts and progress live here.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -182,7 +181,7 @@ def _failed_step(flow_run_id: Any) -> str | None:
         return None
     ended = [run for run in runs if run.end_time]
     last = max(ended, key=lambda run: run.end_time) if ended else runs[0]
-    return re.sub(r"-\d+$", "", last.name)  # "dump database-0" -> "dump database"
+    return last.name.removesuffix(f"-{last.dynamic_key[:3]}")  # run names: "<task name>-<key[:3]>"
 
 
 def _failure_reason(state: Any) -> str | None:
