@@ -13,10 +13,12 @@ from prefect import flow, get_run_logger, task
 
 from flows.prune import prune_after_backup, replicate_backup
 from flows.steps import (
+    FLOW_HOOKS,
     Progress,
     Stopwatch,
     human_bytes,
     open_repo,
+    publish_metrics,
     publish_table,
     record_audit,
     record_failure,
@@ -111,7 +113,7 @@ def _artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "db"
 
 
-@flow(name="backup", log_prints=True)
+@flow(name="backup", log_prints=True, **FLOW_HOOKS)
 def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
            encrypt_to: str | None = None) -> dict[str, Any]:
     """Back up one database into the repository; returns the backup's summary."""
@@ -138,12 +140,15 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         record_failure(repo_url, settings, audit_record(
             "backup", type=tier, source=database, destination=repo_url, status="failed",
             duration_seconds=clock.seconds, backup_id=backup_id, error=str(exc)))
+        publish_metrics(settings, database, BackupFailureCount=1)
         raise
     record_audit(repo_url, settings, audit_record(
         "backup", type=tier, source=database, destination=f"{repo_url}/{manifest.prefix}",
         status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
         backup_id=backup_id))
     publish_backup_artifact(manifest, clock.seconds)
+    publish_metrics(settings, database, BackupFailureCount=0, HoursSinceLastBackup=0,
+                    BackupSizeBytes=manifest.size_bytes, BackupDurationSeconds=clock.seconds)
     pruned = prune_after_backup(repo_url, database, tier)
     return {
         **manifest.summary(),

@@ -281,6 +281,28 @@ def show_init_repo(result: dict[str, Any]) -> None:
           f"{lifecycle.get('noncurrent_days')} d; no expiration (pgdr prune deletes)")
     locked = f"{lock['mode']} {lock['days']} d" if lock["mode"] else "off"
     print(f"  object lock              {locked}")
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.repository import open_repository
+    from tasks.status import repository_status
+
+    settings = _settings()
+    return repository_status(open_repository(args.repo or settings.repo_url, region=settings.aws_region),
+                             args.db)
+
+
+def show_status(result: dict[str, Any]) -> None:
+    databases = result["databases"]
+    if not databases:
+        print(f"No backups in {result['repository']}.")
+        return
+    verified = {True: "ok", False: "FAILED", None: "never"}
+    _print_table(
+        ["DATABASE", "LAST BACKUP", "AGE (H)", "SIZE", "LAST VERIFIED (UTC)", "VERIFICATION"],
+        [[d["database"], d["last_backup"] or "-", d["age_hours"] if d["age_hours"] is not None else "-",
+          _size(d["size_bytes"]) if d["size_bytes"] is not None else "-", d["verified_at"] or "-",
+          verified[d["verified"]] + (f" ({d['verified_backup']})" if d["verified_backup"] else "")]
+         for d in databases],
+    )
 
 
 # --- the parser -------------------------------------------------------------------------
@@ -434,6 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--object-lock-mode", choices=["GOVERNANCE", "COMPLIANCE"],
                      help="default Object Lock retention mode (creates the bucket with Object Lock)")
     cmd.add_argument("--object-lock-days", type=int, metavar="N", help="default Object Lock retention days")
+    cmd = command("status", cmd_status, "last backup, its age and size, and last verification per database",
+                  show_status, runs_flow=False)
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="only this database")
 
     cmd = command("list", cmd_list, "list complete backups", show_list, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
@@ -537,8 +563,10 @@ def _quiet_console(verbose: bool) -> Iterator[None]:
     (its records still reach the Prefect server): the person sees a progress bar and one
     result or error line, never a traceback. --verbose shows the log, still without
     tracebacks."""
-    import prefect  # noqa: F401 - configures logging
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()  # Prefect 3.8 adds its console handler lazily, at the first run
 
     class NoTraceback(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:

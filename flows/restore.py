@@ -15,11 +15,13 @@ from prefect import flow, get_run_logger, task
 
 from flows.backup import backup
 from flows.steps import (
+    FLOW_HOOKS,
     Progress,
     Stopwatch,
     human_bytes,
     open_repo,
     publish_markdown,
+    publish_metrics,
     record_audit,
     record_failure,
     transient_only,
@@ -160,7 +162,7 @@ def _audited(operation: str, kind: str, repo_url: str, settings: Settings, sourc
         duration_seconds=clock.seconds, **details))
 
 
-@flow(name="restore", log_prints=True)
+@flow(name="restore", log_prints=True, **FLOW_HOOKS)
 def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
             pre_restore_backup: bool = True) -> dict[str, Any]:
@@ -195,6 +197,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
         raise
     _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "success",
              manifest.size_bytes, previous_database=kept_as)
+    publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
     return {
         "backup_id": manifest.backup_id,
         "database": manifest.database,
@@ -206,7 +209,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     }
 
 
-@flow(name="restore-to-temp", log_prints=True)
+@flow(name="restore-to-temp", log_prints=True, **FLOW_HOOKS)
 def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str | None = None,
                     server: str | None = None, keep: bool = False, jobs: int | None = None,
                     no_owner: bool = False) -> dict[str, Any]:
@@ -230,6 +233,7 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
         restoring.drop_quietly(server_url, temp_db)
     _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "success",
              manifest.size_bytes, kept=keep)
+    publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
     return {
         "backup_id": manifest.backup_id,
         "database": manifest.database,
@@ -242,7 +246,7 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
     }
 
 
-@flow(name="rollback", log_prints=True)
+@flow(name="rollback", log_prints=True, **FLOW_HOOKS)
 def rollback(target: str | None = None, repo: str | None = None) -> dict[str, Any]:
     """Undo the last restore of `target`: its pre-restore database takes the name back."""
     settings = load_settings()

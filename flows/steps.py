@@ -10,18 +10,30 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.logging.loggers import flow_run_logger
+from prefect.settings import get_current_settings
 
-from tasks import audit, catalog
+from tasks import audit, catalog, notify
 from tasks.errors import PgdrError
+from tasks.metrics import put_metrics
+from tasks.process import redact
 from tasks.repository import Repository, open_repository
-from tasks.settings import Settings
+from tasks.settings import Settings, load_settings
 
 ProgressListener = Callable[[str, int, int | None], None]
 _listeners: list[ProgressListener] = []
@@ -142,3 +154,86 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return time.monotonic() - self.started
+
+
+# --- notifications and metrics ------------------------------------------------------------
+
+
+def _database_of(parameters: dict[str, Any], settings: Settings) -> str | None:
+    """The database a run was about, from its parameters (a URL or a name) or the settings."""
+    from tasks.postgres import database_name
+
+    for key in ("db", "target", "database"):
+        value = parameters.get(key)
+        if isinstance(value, str) and value:
+            return database_name(value) if "://" in value or "=" in value else value
+    return database_name(settings.db_url) if settings.db_url else None
+
+
+def _failed_step(flow_run_id: Any) -> str | None:
+    """The name of the run's last failed task (None when the flow's own code failed)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(
+                type=TaskRunFilterStateType(any_=[StateType.FAILED, StateType.CRASHED]))))
+    if not runs:
+        return None
+    ended = [run for run in runs if run.end_time]
+    last = max(ended, key=lambda run: run.end_time) if ended else runs[0]
+    return last.name.removesuffix(f"-{last.dynamic_key[:3]}")  # run names: "<task name>-<key[:3]>"
+
+
+def _failure_reason(state: Any) -> str | None:
+    try:
+        outcome = state.result(raise_on_failure=False)
+    except Exception:
+        outcome = None
+    return notify.one_line(outcome if isinstance(outcome, BaseException) else state.message)
+
+
+def _run_url(flow_run_id: Any) -> str | None:
+    ui_url = get_current_settings().ui_url
+    return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui_url else None
+
+
+def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook: tell the configured channel that a run failed (or, when
+    PGDR_NOTIFY_ON_SUCCESS is set, succeeded). Never raises: the run's outcome stands."""
+    try:
+        settings = load_settings()
+    except PgdrError:
+        return  # the run itself reported the configuration error
+    ok = state.is_completed()
+    if not notify.configured(settings) or (ok and not settings.notify_on_success):
+        return
+    logger = flow_run_logger(flow_run, flow)
+    try:
+        notice = notify.Notice(
+            flow=flow.name, ok=ok, database=_database_of(dict(flow_run.parameters or {}), settings),
+            step=None if ok else _failed_step(flow_run.id) or f"{flow.name} (flow)",
+            reason=None if ok else _failure_reason(state),
+            run_name=flow_run.name, run_url=_run_url(flow_run.id))
+        notify.send(notice, settings)
+    except Exception as exc:
+        logger.warning("could not send the notification: %s", redact(str(exc), settings.secrets()))
+
+
+# Every flow takes these: `@flow(name=..., **FLOW_HOOKS)`.
+FLOW_HOOKS: dict[str, list[Callable[..., None]]] = {
+    "on_failure": [notify_hook],
+    "on_crashed": [notify_hook],
+    "on_completion": [notify_hook],
+}
+
+
+def publish_metrics(settings: Settings, database: str, **values: float) -> None:
+    """CloudWatch metrics when configured; a metric that cannot be sent is a warning,
+    never the reason a backup fails."""
+    if not settings.cloudwatch_namespace:
+        return
+    try:
+        put_metrics(settings.cloudwatch_namespace, database, values, region=settings.aws_region)
+    except Exception as exc:
+        get_run_logger().warning("could not publish metrics to CloudWatch: %s",
+                                 redact(str(exc), settings.secrets()))

@@ -12,7 +12,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.restore import VerificationFailed, restore_and_validate
-from flows.steps import Stopwatch, markdown_table, open_repo, publish_markdown, record_audit
+from flows.steps import (
+    FLOW_HOOKS,
+    Stopwatch,
+    markdown_table,
+    open_repo,
+    publish_markdown,
+    publish_metrics,
+    record_audit,
+)
 from tasks import catalog
 from tasks import restore as restoring
 from tasks.audit import audit_record
@@ -24,7 +32,7 @@ def backup_age_hours(manifest: catalog.Manifest, now: Any) -> float:
     return (now - manifest.finished).total_seconds() / 3600
 
 
-@flow(name="verify", log_prints=True)
+@flow(name="verify", log_prints=True, **FLOW_HOOKS)
 def verify(repo: str | None = None, db: str | None = None, max_age_hours: float = 26.0,
            server: str | None = None) -> dict[str, Any]:
     """Check the latest backup of every database; fail, with the reasons, if any check fails."""
@@ -71,6 +79,8 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
             destination="temporary database",
             status="success" if entry["ok"] else "failed", duration_seconds=clock.seconds,
             reason=entry.get("reason")))
+        staleness = {"HoursSinceLastBackup": entry["age_hours"]} if entry["age_hours"] is not None else {}
+        publish_metrics(settings, database, VerifyFailureCount=int(not entry["ok"]), **staleness)
     publish_markdown(
         "verify-backups",
         "## Backup verification\n\n" + markdown_table(

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tasks.errors import ConfigError
+from tasks.metrics import DEFAULT_NAMESPACE
 
 DEFAULT_REPO = "file:///var/backups/pgdr"
 
@@ -159,7 +160,8 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         notify_block=merged.get("PGDR_NOTIFY_BLOCK") or None,
         notify_url=merged.get("PGDR_NOTIFY_URL") or None,
         notify_on_success=merged.get("PGDR_NOTIFY_ON_SUCCESS", "").lower() in ("1", "true", "yes"),
-        cloudwatch_namespace=merged.get("PGDR_CLOUDWATCH_NAMESPACE") or None,
+        cloudwatch_namespace=merged.get("PGDR_CLOUDWATCH_NAMESPACE")
+        or (DEFAULT_NAMESPACE if merged.get("PGDR_CLOUDWATCH", "").lower() in ("1", "true", "yes") else None),
         files_secret_patterns=tuple(p.strip() for p in merged.get("PGDR_FILES_SECRET_PATTERNS", "")
                                     .split(",") if p.strip()),
     )

@@ -1,0 +1,36 @@
+"""Register prefect.yaml's deployments from Python (what `prefect deploy` does, for
+scripts and tests): each flow from this checkout, on the process work pool."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from uuid import UUID
+
+from deployments.specs import PREFECT_YAML, DeploymentSpec, load_specs, select, split_available
+
+logger = logging.getLogger("pgdr.deployments")
+
+
+def available_specs(names: list[str] | None = None, path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
+    """The chosen deployments whose flow is in this checkout; the others are logged and skipped."""
+    present, missing = split_available(select(load_specs(path), names))
+    for spec in missing:
+        logger.warning("skipping %s: %s is not in this checkout", spec.label, spec.path.name)
+    return present
+
+
+def register(names: list[str] | None = None, *, work_pool: str | None = None, timezone: str | None = None,
+             path: Path = PREFECT_YAML) -> dict[str, UUID]:
+    """Create or update the deployments; returns their ids by `flow/deployment`."""
+    from prefect import Flow
+
+    ids = {}
+    for spec in available_specs(names, path):
+        flow = Flow.from_source(source=str(spec.root), entrypoint=spec.entrypoint)
+        ids[spec.label] = flow.deploy(
+            name=spec.name, work_pool_name=work_pool or spec.work_pool, work_queue_name=spec.work_queue,
+            schedules=spec.cron_schedules(timezone), parameters=spec.parameters,
+            description=spec.description, tags=list(spec.tags), build=False, push=False,
+            print_next_steps=False, ignore_warnings=True)
+    return ids

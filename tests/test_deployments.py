@@ -1,0 +1,198 @@
+"""prefect.yaml's deployments and schedules, and a deployment run by a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+from prefect.cli.deploy._models import PrefectYamlModel, RawScheduleConfig
+from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+from prefect.client.orchestration import get_client
+from prefect.server.schemas.schedules import CronSchedule as ServerCronSchedule
+from prefect.settings import get_current_settings
+
+from deployments.register import available_specs, register
+from deployments.serve import runner_deployments
+from deployments.specs import PREFECT_YAML, ROOT, WORK_POOL, DeploymentSpec, load_specs, split_available
+from tasks import catalog
+from tasks.repository import open_repository
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+EXPECTED = {
+    "backup/daily": ("flows/backup.py:backup", "0 2 * * *"),
+    "backup/weekly": ("flows/backup.py:backup", "0 3 * * 0"),
+    "backup/monthly": ("flows/backup.py:backup", "0 4 1 * *"),
+    "verify/daily": ("flows/verify.py:verify", "0 6 * * *"),
+    "prune/daily": ("flows/prune.py:prune", "0 5 * * *"),
+    "drill/monthly": ("flows/drill.py:drill", "0 10 1-7 * 6"),
+    "backup/manual": ("flows/backup.py:backup", None),
+    "backup/pre-deploy": ("flows/backup.py:backup", None),
+    "restore/manual": ("flows/restore.py:restore", None),
+    "restore-to-temp/manual": ("flows/restore.py:restore_to_temp", None),
+    "recover-table/manual": ("flows/recover_table.py:recover_table", None),
+    "failover/manual": ("flows/failover.py:failover", None),
+    "pitr/manual": ("flows/pitr.py:pitr", None),
+}
+
+
+def specs_in(timezone: str, tmp_path: Path) -> dict[str, DeploymentSpec]:
+    """prefect.yaml with its time zone anchor set as an operator would set it."""
+    text = PREFECT_YAML.read_text()
+    assert "timezone: &timezone UTC" in text
+    copy = tmp_path / "prefect.yaml"
+    copy.write_text(text.replace("timezone: &timezone UTC", f"timezone: &timezone {timezone}"))
+    specs = load_specs(copy)
+    return {spec.label: spec for spec in specs}
+
+
+def next_runs(spec: DeploymentSpec, count: int, start: datetime) -> list[datetime]:
+    """The schedule's next runs as the Prefect server computes them."""
+    (schedule,) = spec.cron_schedules()
+    server_schedule = ServerCronSchedule(**schedule.model_dump())
+    return asyncio.run(server_schedule.get_dates(n=count, start=start))
+
+
+def test_prefect_yaml_passes_prefects_own_schema_and_lists_every_deployment():
+    raw = yaml.safe_load(PREFECT_YAML.read_text())
+    model = PrefectYamlModel.model_validate(raw)
+    assert len(model.deployments) == len(EXPECTED)
+    for deployment in model.deployments:
+        assert deployment.work_pool.name == WORK_POOL
+        for schedule in deployment.schedules or []:
+            # A dict that is not a valid RawScheduleConfig would silently become another type.
+            assert isinstance(schedule, RawScheduleConfig), schedule
+    specs = {spec.label: spec for spec in load_specs()}
+    assert {label: (spec.entrypoint, spec.schedules[0]["cron"] if spec.schedules else None)
+            for label, spec in specs.items()} == EXPECTED
+    assert specs["backup/daily"].parameters == {"tier": "daily"}
+    assert specs["backup/pre-deploy"].parameters == {"tier": "pre-deploy"}
+
+
+def test_python_reads_the_same_schedules_as_prefect_deploy():
+    """One source of truth: `prefect deploy` and deployments.serve build equal schedules."""
+    for spec in load_specs():
+        built = [_schedule_config_to_deployment_schedule(item)["schedule"] for item in spec.schedules]
+        assert spec.cron_schedules() == built, spec.label
+
+
+@pytest.mark.parametrize("timezone", ["UTC", "Asia/Seoul"])
+def test_next_runs_fall_on_the_runbook_times_in_the_configured_time_zone(timezone, tmp_path):
+    specs = specs_in(timezone, tmp_path)
+    zone = ZoneInfo(timezone)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def local(runs: list[datetime]) -> list[datetime]:
+        return [run.astimezone(zone) for run in runs]
+
+    daily = local(next_runs(specs["backup/daily"], 10, start))
+    assert all((r.hour, r.minute) == (2, 0) for r in daily)
+    assert len({r.date() for r in daily}) == 10
+    weekly = local(next_runs(specs["backup/weekly"], 8, start))
+    assert all(r.weekday() == 6 and r.hour == 3 for r in weekly)
+    monthly = local(next_runs(specs["backup/monthly"], 12, start))
+    assert all(r.day == 1 and r.hour == 4 for r in monthly)
+    assert all(r.hour == 6 for r in local(next_runs(specs["verify/daily"], 3, start)))
+    assert all(r.hour == 5 for r in local(next_runs(specs["prune/daily"], 3, start)))
+
+    drills = local(next_runs(specs["drill/monthly"], 12, start))
+    # Exactly the first Saturday of each of the next twelve months, at 10:00 local time.
+    first_saturdays = []
+    for month in range(12):
+        year, month_no = 2026 + month // 12, month % 12 + 1
+        day = next(d for d in range(1, 8) if datetime(year, month_no, d).weekday() == 5)
+        first_saturdays.append(datetime(year, month_no, day, 10, 0, tzinfo=zone))
+    assert drills == first_saturdays
+    assert str(drills[0].tzinfo) == timezone
+
+
+def test_deployments_whose_flow_is_missing_are_skipped_and_named():
+    present, missing = split_available(load_specs())
+    assert {spec.label for spec in present} >= {"backup/daily", "restore/manual", "verify/daily"}
+    assert all(spec.path.is_file() for spec in present)
+    assert all(not spec.path.is_file() for spec in missing)
+    if missing:
+        print("not in this checkout (skipped):", ", ".join(spec.label for spec in missing))
+
+
+def test_serve_builds_every_available_deployment_with_its_schedules():
+    served = {f"{d.flow_name}/{d.name}": d for d in runner_deployments(timezone="Asia/Seoul")}
+    assert set(served) == {spec.label for spec in available_specs()}
+    daily = served["backup/daily"]
+    assert daily.parameters == {"tier": "daily"}
+    assert [s.schedule.cron for s in daily.schedules] == ["0 2 * * *"]
+    assert daily.schedules[0].schedule.timezone == "Asia/Seoul"
+    assert served["backup/manual"].schedules in (None, [])
+
+
+def test_register_creates_the_deployments_on_the_server():
+    asyncio.run(_ensure_pool())
+    ids = register(["backup/weekly", "verify/daily"], timezone="Asia/Seoul")
+    assert set(ids) == {"backup/weekly", "verify/daily"}
+
+    async def read() -> tuple:
+        async with get_client() as client:
+            return (await client.read_deployment_by_name("backup/weekly"),
+                    await client.read_deployment_by_name("verify/daily"))
+
+    weekly, verify = asyncio.run(read())
+    assert weekly.id == ids["backup/weekly"] and weekly.work_pool_name == WORK_POOL
+    assert weekly.parameters == {"tier": "weekly"}
+    (schedule,) = weekly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * 0", "Asia/Seoul")
+    assert verify.entrypoint.endswith("flows/verify.py:verify")
+
+
+async def _ensure_pool() -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process"), overwrite=True)
+
+
+def _prefect(*argv: str, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PREFECT, *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_prefect_deploy_then_a_worker_runs_a_real_backup_with_parameters(fleet_db, tmp_path):
+    """prefect deploy (the CLI, from prefect.yaml) -> prefect deployment run --watch with
+    parameters -> a process worker runs the flow -> the backup is in the repository."""
+    env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url or "",
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    assert env["PREFECT_API_URL"].startswith("http://127.0.0.1")
+    asyncio.run(_ensure_pool())
+    present, missing = split_available(load_specs())
+    if missing:
+        print("not deployed, flow not in this checkout:", ", ".join(spec.label for spec in missing))
+    names = [arg for spec in present for arg in ("--name", spec.label)]
+    deployed = _prefect("deploy", "--no-prompt", *names, env=env)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+    repo_url = f"file://{tmp_path}/repo"
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process", "--install-policy", "never"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        run = _prefect("deployment", "run", "backup/manual", "--param", f"db={fleet_db}",
+                       "--param", f"repo={repo_url}", "--param", "tier=pre-deploy",
+                       "--watch", "--watch-timeout", "240", env=env)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+    assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "worker.log").read_text()[-3000:]
+    assert "Completed" in run.stdout
+    (backup,) = catalog.list_backups(open_repository(repo_url))
+    assert (backup.database, backup.tier) == ("fleet", "pre-deploy")
+    assert sum(backup.row_counts.values()) > 0
