@@ -76,6 +76,8 @@ class Settings:
     notify_url: str | None = field(default=None, repr=False)
     notify_on_success: bool = False
     cloudwatch_namespace: str | None = None
+    # The database name the WAL commands archive under (else the database of db_url).
+    wal_db: str | None = None
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
@@ -158,4 +160,5 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         notify_url=merged.get("PGDR_NOTIFY_URL") or None,
         notify_on_success=merged.get("PGDR_NOTIFY_ON_SUCCESS", "").lower() in ("1", "true", "yes"),
         cloudwatch_namespace=merged.get("PGDR_CLOUDWATCH_NAMESPACE") or None,
+        wal_db=merged.get("PGDR_WAL_DB") or None,
     )
