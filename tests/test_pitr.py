@@ -3,9 +3,12 @@ base backups, recovery to a moment, corrupt archives, retention, RDS (moto)."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,8 +21,9 @@ import psycopg
 import pytest
 
 from tasks import wal
-from tasks.basebackup import BaseManifest, choose_base_backup, list_base_backups
+from tasks.basebackup import BaseManifest, choose_base_backup, extract_safely, list_base_backups
 from tasks.cluster import LocalCluster, grant_to_server
+from tasks.errors import IntegrityError
 from tasks.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
@@ -60,6 +64,15 @@ def archiving() -> Iterator[Archiving]:
         yield Archiving(cluster, repo_url, repo_root)
 
 
+@pytest.fixture
+def server_dir() -> Iterator[Path]:
+    """A directory for a recovered server. Not under tmp_path: other pytest sessions on
+    this machine reset /tmp/pytest-of-root to 0700, locking the postgres user out."""
+    path = Path(tempfile.mkdtemp(prefix="pgdr-pitr-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def execute(url: str, *statements: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for statement in statements:
@@ -94,7 +107,7 @@ def pitr(capsys, archiving: Archiving, datadir: Path, *extra: str) -> tuple[int,
                    "--timeout", "300", *extra)
 
 
-def test_recovery_to_a_time_between_t2_and_t3_yields_exactly_the_rows_up_to_t2(capsys, archiving, tmp_path):
+def test_recovery_to_a_time_between_t2_and_t3_yields_exactly_the_rows_up_to_t2(capsys, archiving, server_dir):
     execute(archiving.url, "CREATE TABLE entries (id int PRIMARY KEY, phase text)")
     base = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
     assert base["database"] == DB and base["timeline"] == 1
@@ -108,7 +121,7 @@ def test_recovery_to_a_time_between_t2_and_t3_yields_exactly_the_rows_up_to_t2(c
     execute(archiving.url, "INSERT INTO entries SELECT i, 't3' FROM generate_series(7, 9) i")
     switch_and_wait_archived(archiving.url)
 
-    datadir = tmp_path / "recovered"
+    datadir = server_dir / "recovered"
     code, out, err = pitr(capsys, archiving, datadir, "--target-time", between.isoformat(), "--json")
     assert code == 0, err
     result = json.loads(out)
@@ -128,7 +141,7 @@ def test_recovery_to_a_time_between_t2_and_t3_yields_exactly_the_rows_up_to_t2(c
         recovered.stop()
 
 
-def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp_path):
+def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp_path, server_dir):
     execute(archiving.url, "CREATE TABLE payments (id int PRIMARY KEY, phase text)")
     cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
     execute(archiving.url, "INSERT INTO payments SELECT i, 'before' FROM generate_series(1, 3) i")
@@ -149,7 +162,7 @@ def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp
     assert "is corrupt in the archive" in error_line(err)
     assert not (tmp_path / "x").exists()
 
-    datadir = tmp_path / "recovered"
+    datadir = server_dir / "recovered"
     code, _, err = pitr(capsys, archiving, datadir, "--target-time", target.isoformat(), "--stop")
     line = error_line(err)
     assert code == 1
@@ -157,11 +170,12 @@ def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp
     assert not LocalCluster(datadir, 1).is_running()
 
 
-def test_recovery_past_the_end_of_the_archive_fails_instead_of_promoting_early(capsys, archiving, tmp_path):
+def test_recovery_past_the_end_of_the_archive_fails_instead_of_promoting_early(capsys, archiving,
+                                                                              server_dir):
     cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
     switch_and_wait_archived(archiving.url)
     future = datetime.now(UTC) + timedelta(days=1)
-    code, _, err = pitr(capsys, archiving, tmp_path / "recovered", "--target-time", future.isoformat())
+    code, _, err = pitr(capsys, archiving, server_dir / "recovered", "--target-time", future.isoformat())
     assert code == 1
     assert "recovery ended before configured recovery target was reached" in error_line(err)
 
@@ -333,6 +347,26 @@ def test_wal_prune_deletes_only_segments_before_the_oldest_base_backup(capsys, a
     assert set(left) == set(names) - set(dry["prunable"])
     oldest_start = min(b.start_wal_file for b in list_base_backups(open_repository(archiving.repo_url), DB))
     assert all(n[8:24] >= oldest_start[8:24] for n in left if not n.endswith(".history"))
+
+
+def test_base_backup_tar_entries_outside_the_data_directory_are_refused(tmp_path):
+    def tar_with(name: str, kind: bytes = tarfile.REGTYPE) -> tarfile.TarFile:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            member = tarfile.TarInfo(name)
+            member.type = kind
+            member.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+            tar.addfile(member, io.BytesIO(b""))
+        buffer.seek(0)
+        return tarfile.open(fileobj=buffer, mode="r:")
+
+    for name, kind in [("../escape", tarfile.REGTYPE), ("/abs", tarfile.REGTYPE),
+                       ("global/link", tarfile.SYMTYPE), ("dev", tarfile.CHRTYPE)]:
+        with pytest.raises(IntegrityError):
+            extract_safely(tar_with(name, kind), tmp_path / "data")
+    extract_safely(tar_with("global/pg_control"), tmp_path / "data")
+    assert (tmp_path / "data" / "global" / "pg_control").stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "escape").exists()
 
 
 # --- RDS -------------------------------------------------------------------------------------
