@@ -346,9 +346,15 @@ def test_wal_file_names_and_base_backup_choice():
 
 
 def test_wal_prune_deletes_only_segments_before_the_oldest_base_backup(capsys, archiving):
+    execute(archiving.url, "CREATE TABLE IF NOT EXISTS old_news (id int)")
+    for _ in range(2):
+        execute(archiving.url, "INSERT INTO old_news VALUES (1)")
+        switch_and_wait_archived(archiving.url)
+    cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
+    switch_and_wait_archived(archiving.url)  # the backup's own .backup file and end segment
     names = [f.name for f in wal.archived_files(open_repository(archiving.repo_url), DB)]
     dry = cli_json(capsys, "wal-prune", "--repo", archiving.repo_url, "--db", DB, "--dry-run")
-    assert dry["base_backups"] >= 1 and dry["deleted"] == 0
+    assert dry["base_backups"] >= 1 and dry["deleted"] == 0 and len(dry["prunable"]) >= 2
     assert [f.name for f in wal.archived_files(open_repository(archiving.repo_url), DB)] == names
     cli_json(capsys, "wal-prune", "--repo", archiving.repo_url, "--db", DB)
     left = [f.name for f in wal.archived_files(open_repository(archiving.repo_url), DB)]
