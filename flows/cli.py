@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from tasks.errors import PgdrError
@@ -303,6 +304,156 @@ def show_status(result: dict[str, Any]) -> None:
           verified[d["verified"]] + (f" ({d['verified_backup']})" if d["verified_backup"] else "")]
          for d in databases],
     )
+# --- point-in-time recovery: WAL archive, base backups, pitr ------------------------------
+
+
+class _CommandExit(PgdrError):
+    """An error with a specific exit status (restore_command semantics); quiet ones print
+    nothing."""
+
+    def __init__(self, message: str, exit_status: int, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+        self.quiet = quiet
+
+
+def _wal_target(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(settings, repository, database name) for the WAL commands: --db NAME, else
+    PGDR_WAL_DB, else the database of DATABASE_URL."""
+    from tasks.postgres import database_name
+    from tasks.repository import open_repository
+
+    settings = _settings()
+    database = args.db or settings.wal_db or (database_name(settings.db_url) if settings.db_url else None)
+    if not database:
+        from tasks.errors import ConfigError
+
+        raise ConfigError("name the database the WAL belongs to: --db NAME, PGDR_WAL_DB or DATABASE_URL")
+    repo = open_repository(args.repo or settings.repo_url, sse=settings.s3_sse,
+                           kms_key_id=settings.s3_kms_key_id, region=settings.aws_region)
+    return settings, repo, database
+
+
+def cmd_wal_push(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks import wal
+
+    settings, repo, database = _wal_target(args)
+    result = wal.push(repo, database, Path(args.path), encrypt_to=args.encrypt_to or settings.encrypt_to,
+                      gpg_homedir=settings.gpg_homedir, zstd_level=settings.zstd_level)
+    return {"name": result.name, "key": result.key, "stored": result.stored, "size_bytes": result.size,
+            "wal_bytes": result.wal_size, "database": database, "repository": repo.url}
+
+
+def cmd_wal_fetch(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks import wal
+    from tasks.errors import NotFoundError
+
+    try:
+        settings, repo, database = _wal_target(args)
+        size = wal.fetch(repo, database, args.name, Path(args.path), gpg_homedir=settings.gpg_homedir,
+                         passphrase=settings.gpg_passphrase)
+    except NotFoundError as exc:
+        # The end of the archive, as recovery expects to find it.
+        raise _CommandExit(str(exc), wal.FETCH_NOT_FOUND, quiet=True) from None
+    except Exception as exc:
+        # Anything else must stop recovery rather than look like the end of the archive.
+        reason = str(exc) if isinstance(exc, PgdrError) else f"{type(exc).__name__}: {exc}"
+        raise _CommandExit(f"{reason.splitlines()[0]} (wal-fetch aborts recovery)",
+                           wal.FETCH_ABORT_RECOVERY) from None
+    return {"name": args.name, "path": args.path, "wal_bytes": size, "database": database}
+
+
+def cmd_archive_status(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks import wal
+
+    _, repo, database = _wal_target(args)
+    return wal.archive_status(repo, database)
+
+
+def cmd_wal_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks import wal
+    from tasks.basebackup import list_base_backups
+
+    _, repo, database = _wal_target(args)
+    kept = list_base_backups(repo, database)
+    names = wal.prunable_segments((f.name for f in wal.archived_files(repo, database)),
+                                  (b.start_wal_file for b in kept))
+    if not args.dry_run:
+        wal.delete_archived(repo, database, names)
+    return {"database": database, "base_backups": len(kept), "prunable": names,
+            "deleted": 0 if args.dry_run else len(names), "dry_run": args.dry_run}
+
+
+def cmd_basebackup(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.basebackup import basebackup
+
+    return basebackup(db=_db(args), repo=args.repo, name=args.name, encrypt_to=args.encrypt_to,
+                      fast_checkpoint=not args.spread_checkpoint)
+
+
+def cmd_pitr(args: argparse.Namespace) -> dict[str, Any]:
+    from datetime import datetime
+
+    from tasks.errors import ConfigError
+
+    try:
+        target_time = datetime.fromisoformat(args.target_time) if args.target_time else None
+    except ValueError:
+        raise ConfigError(f"--target-time {args.target_time!r} is not an ISO 8601 time") from None
+    if args.rds_source:
+        from flows.pitr import rds_point_in_time_recovery
+
+        if not args.rds_target:
+            raise ConfigError("--rds-source needs --rds-target (the new instance's name)")
+        return rds_point_in_time_recovery(args.rds_source, args.rds_target, target_time=target_time,
+                                          instance_class=args.rds_instance_class)
+    if not args.datadir:
+        raise ConfigError("--datadir DIR is required (a new directory for the recovered server)")
+    from flows.pitr import point_in_time_recovery
+
+    return point_in_time_recovery(
+        datadir=str(Path(args.datadir).resolve()), repo=args.repo, db=args.db, target_time=target_time,
+        target_lsn=args.target_lsn, target_name=args.target_name, target_timeline=args.timeline,
+        backup_id=args.backup, port=args.port, keep_running=not args.stop,
+        timeout_seconds=args.timeout)
+
+
+def show_nothing(result: dict[str, Any]) -> None:
+    """archive_command and restore_command succeed silently."""
+
+
+def show_archive_status(result: dict[str, Any]) -> None:
+    if not result["last_segment"]:
+        print(f"No WAL archived for {result['database']} in {result['repository']}.")
+        return
+    print(f"Last archived segment of {result['database']}: {result['last_segment']} at "
+          f"{result['last_archived_at']} ({result['age_seconds']:.0f} s ago); "
+          f"{result['segments']} segments in {result['repository']}")
+
+
+def show_wal_prune(result: dict[str, Any]) -> None:
+    verb = "would delete" if result["dry_run"] else "deleted"
+    print(f"{result['database']}: {verb} {len(result['prunable'])} archived WAL file(s) older than the "
+          f"oldest of {result['base_backups']} base backup(s)")
+
+
+def show_basebackup(result: dict[str, Any]) -> None:
+    print(f"Base backup {result['backup_id']} of {result['database']}: {_size(result['size_bytes'])}, "
+          f"WAL {result['start_lsn']} to {result['end_lsn']} on timeline {result['timeline']}")
+    print(f"  stored at {result['location']}")
+
+
+def show_pitr(result: dict[str, Any]) -> None:
+    if "target_instance" in result:
+        print(f"RDS instance {result['target_instance']} restored from {result['source_instance']} "
+              f"to {result['restore_time']}: {result['status']}, endpoint {result['endpoint']}")
+        return
+    print(f"Recovered {result['database']} from {result['backup_id']} to {result['target']}: "
+          f"{result['stopped']}")
+    print(f"  last transaction replayed at {result['last_replayed_transaction_at']}, "
+          f"WAL {result['end_lsn']}, timeline {result['timeline']}")
+    state = f"running on port {result['port']}" if result["running"] else "stopped"
+    print(f"  data directory {result['datadir']} ({state})")
 
 
 # --- the parser -------------------------------------------------------------------------
@@ -460,6 +611,58 @@ def build_parser() -> argparse.ArgumentParser:
                   show_status, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="only this database")
+    cmd = command("wal-push", cmd_wal_push, "archive one WAL file (PostgreSQL's archive_command)",
+                  show_nothing, runs_flow=False)
+    cmd.add_argument("path", metavar="PATH", help="the WAL file (%%p)")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="database name the WAL is archived under")
+    cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient to encrypt to")
+
+    cmd = command("wal-fetch", cmd_wal_fetch,
+                  "restore one archived WAL file (PostgreSQL's restore_command)",
+                  show_nothing, runs_flow=False)
+    cmd.add_argument("name", metavar="NAME", help="the WAL file name (%%f)")
+    cmd.add_argument("path", metavar="PATH", help="where to write it (%%p)")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="database name the WAL is archived under")
+
+    cmd = command("archive-status", cmd_archive_status, "the last archived WAL segment and its age",
+                  show_archive_status, runs_flow=False)
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="database name the WAL is archived under")
+
+    cmd = command("wal-prune", cmd_wal_prune, "delete archived WAL older than the oldest base backup",
+                  show_wal_prune, runs_flow=False)
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="database name the WAL is archived under")
+    cmd.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+
+    cmd = command("basebackup", cmd_basebackup, "take a physical base backup for point-in-time recovery",
+                  show_basebackup)
+    cmd.add_argument("--db", help="database URL of the server (default: DATABASE_URL)")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--name", help="database name to file it under (default: PGDR_WAL_DB or the URL's)")
+    cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient to encrypt to")
+    cmd.add_argument("--spread-checkpoint", action="store_true",
+                     help="wait for a spread checkpoint instead of forcing a fast one")
+
+    cmd = command("pitr", cmd_pitr, "recover to a point in time into a new data directory (or RDS instance)",
+                  show_pitr)
+    cmd.add_argument("--datadir", help="new data directory for the recovered server")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--db", metavar="NAME", help="database name the backups and WAL are filed under")
+    targets = cmd.add_mutually_exclusive_group()
+    targets.add_argument("--target-time", metavar="TIME", help="ISO 8601 time with zone (2026-01-28T02:00Z)")
+    targets.add_argument("--target-lsn", metavar="LSN", help="WAL position, e.g. 0/3000060")
+    targets.add_argument("--target-name", metavar="NAME", help="restore point (pg_create_restore_point)")
+    cmd.add_argument("--timeline", help="recovery_target_timeline (default: latest)")
+    cmd.add_argument("--backup", metavar="ID", help="base backup id (default: newest before the target)")
+    cmd.add_argument("--port", type=int, help="port for the recovered server (default: a free one)")
+    cmd.add_argument("--stop", action="store_true", help="stop the server once recovered")
+    cmd.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for recovery (3600)")
+    cmd.add_argument("--rds-source", metavar="ID", help="RDS: restore this instance instead")
+    cmd.add_argument("--rds-target", metavar="ID", help="RDS: name of the new instance")
+    cmd.add_argument("--rds-instance-class", metavar="CLASS", help="RDS: instance class of the new instance")
 
     cmd = command("list", cmd_list, "list complete backups", show_list, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
@@ -611,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # longer than Prefect's default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
-        if not args.json:
+        if args.runs_flow and not args.json:
             _terminal_progress()
         if args.runs_flow:
             if not args.verbose:
@@ -625,8 +828,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         details = getattr(exc, "details", None)
         if args.json and details is not None:
             sys.stdout.write(json.dumps(details, sort_keys=True, default=str) + "\n")
-        print(f"pgdr: error: {redact(str(exc), _secrets())}", file=sys.stderr)
-        return 1
+        if not getattr(exc, "quiet", False):
+            print(f"pgdr: error: {redact(str(exc), _secrets())}", file=sys.stderr)
+        return getattr(exc, "exit_status", 1)
     except _Terminated:
         print("pgdr: terminated", file=sys.stderr)
         return 143

@@ -142,6 +142,10 @@ class Pipeline:
         if failure:
             raise failure
 
+    def stderr_lines(self, index: int) -> list[str]:
+        """The last stderr lines of command `index` (complete once wait() returned)."""
+        return [redact(line, self.secrets) for line in self._collectors[index].lines]
+
     def failure(self) -> CommandError | None:
         failed = [
             (name, proc.returncode, collector)
@@ -181,6 +185,20 @@ def run(
     pass_fds: Sequence[int] = (),
 ) -> str:
     """Run one command to completion and return its stdout; CommandError on failure."""
+    return run_bytes(argv, env=env, input=input, timeout=timeout, secrets=secrets,
+                     pass_fds=pass_fds).decode("utf-8", "replace")
+
+
+def run_bytes(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    timeout: float | None = None,
+    secrets: Iterable[str] = (),
+    pass_fds: Sequence[int] = (),
+) -> bytes:
+    """run() for binary output (a compressor, gpg): stdout as bytes."""
     try:
         proc = subprocess.run(
             list(argv),
@@ -202,4 +220,4 @@ def run(
             if line.strip()
         ]
         raise CommandError(os.path.basename(argv[0]), proc.returncode, lines[-_STDERR_TAIL_LINES:])
-    return proc.stdout.decode("utf-8", "replace")
+    return proc.stdout

@@ -79,6 +79,8 @@ class Settings:
     cloudwatch_namespace: str | None = None
     # Extra file name patterns (fnmatch) that files backups refuse to store unencrypted.
     files_secret_patterns: tuple[str, ...] = ()
+    # The database name the WAL commands archive under (else the database of db_url).
+    wal_db: str | None = None
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
@@ -164,4 +166,5 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         or (DEFAULT_NAMESPACE if merged.get("PGDR_CLOUDWATCH", "").lower() in ("1", "true", "yes") else None),
         files_secret_patterns=tuple(p.strip() for p in merged.get("PGDR_FILES_SECRET_PATTERNS", "")
                                     .split(",") if p.strip()),
+        wal_db=merged.get("PGDR_WAL_DB") or None,
     )

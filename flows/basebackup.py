@@ -1,0 +1,126 @@
+"""Base backup: the starting point of point-in-time recovery.
+
+pg_basebackup | zstd | gpg -> repository -> manifest (last) -> audit record. Together
+with the WAL archive (`pgdr wal-push` as archive_command) it allows recovery to any
+moment after the backup finished.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.backup import TOOL_VERSION
+from flows.steps import (
+    Progress,
+    Stopwatch,
+    human_bytes,
+    open_repo,
+    record_audit,
+    record_failure,
+    transient_only,
+)
+from tasks import catalog, crypto, postgres
+from tasks.audit import audit_record
+from tasks.basebackup import BaseManifest, base_prefix, start_wal_file, stream_basebackup, summary
+from tasks.errors import ConfigError
+from tasks.settings import Settings, load_settings
+
+
+@task(name="base backup", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+      timeout_seconds=24 * 3600, tags=["pg_basebackup"])
+def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: str, backup_id: str,
+                     encrypt_fingerprint: str | None, fast_checkpoint: bool) -> BaseManifest:
+    logger = get_run_logger()
+    repo = open_repo(repo_url, settings)
+    with postgres.connect(db_url) as conn:
+        version = postgres.server_version(conn)
+        # In bytes since PostgreSQL 11.
+        segment_size = int(conn.execute(
+            "SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'").fetchone()[0])  # type: ignore[index]
+        system_id = str(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])  # type: ignore[index]
+        archive_mode = conn.execute("SHOW archive_mode").fetchone()[0]  # type: ignore[index]
+        size_hint = int(conn.execute("SELECT sum(pg_database_size(oid)) FROM pg_database").fetchone()[0])  # type: ignore[index]
+    if archive_mode == "off":
+        # Without the archive the backup restores only to its own end point: say so.
+        logger.warning("archive_mode is off on %s: this backup cannot be rolled forward",
+                       postgres.display_dsn(db_url))
+    started = catalog.utcnow()
+    data_key = "base.tar.zst" + (".gpg" if encrypt_fingerprint else "")
+    prefix = base_prefix(database, backup_id)
+    progress = Progress(f"base backup of {postgres.display_dsn(db_url)}", size_hint)
+    result = stream_basebackup(
+        db_url, repo, f"{prefix}/{data_key}", label=f"pgdr {backup_id}",
+        encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
+        fast_checkpoint=fast_checkpoint, zstd_level=settings.zstd_level,
+        zstd_threads=settings.zstd_threads, secrets=settings.secrets(), progress=progress.update,
+    )
+    progress.finish()
+    logger.info("base backup %s: WAL %s to %s on timeline %d, %s stored", backup_id, result.start_lsn,
+                result.end_lsn, result.timeline, human_bytes(result.stored.size))
+    return BaseManifest(
+        backup_id=backup_id,
+        database=database,
+        started_at=catalog.iso(started),
+        finished_at=catalog.iso(catalog.utcnow()),
+        start_lsn=result.start_lsn,
+        end_lsn=result.end_lsn,
+        timeline=result.timeline,
+        start_wal_file=start_wal_file(result, segment_size),
+        wal_segment_size=segment_size,
+        server_version=version,
+        system_identifier=system_id,
+        tool_version=TOOL_VERSION,
+        compression=f"zstd-{settings.zstd_level}",
+        encryption={"type": "gpg", "recipient_fingerprint": encrypt_fingerprint}
+        if encrypt_fingerprint else None,
+        size_bytes=result.stored.size,
+        sha256=result.stored.sha256,
+        data_key=data_key,
+        source=postgres.display_dsn(db_url),
+    )
+
+
+@task(name="write base manifest", retries=3, retry_delay_seconds=[2, 10, 30],
+      retry_condition_fn=transient_only)
+def write_base_manifest(repo_url: str, settings: Settings, manifest: BaseManifest) -> str:
+    """The completion marker, written last."""
+    open_repo(repo_url, settings).put_bytes(manifest.manifest_key, manifest.to_json())
+    return manifest.manifest_key
+
+
+@flow(name="basebackup", log_prints=True)
+def basebackup(db: str | None = None, repo: str | None = None, name: str | None = None,
+               encrypt_to: str | None = None, fast_checkpoint: bool = True) -> dict[str, Any]:
+    """Take a physical base backup of the server behind `db` for point-in-time recovery.
+
+    `name` is the repository area it goes to (default: PGDR_WAL_DB, else the database of
+    the URL): the same name `pgdr wal-push --db` archives the server's WAL under.
+    """
+    settings = load_settings()
+    db_url = db or settings.db_url
+    if not db_url:
+        raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
+    repo_url = repo or settings.repo_url
+    open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
+    recipient = encrypt_to or settings.encrypt_to
+    fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
+    database = name or settings.wal_db or postgres.database_name(db_url)
+    backup_id = catalog.new_backup_id(catalog.utcnow(), "hot")
+    clock = Stopwatch()
+    try:
+        manifest = take_base_backup(db_url, repo_url, settings, database, backup_id, fingerprint,
+                                    fast_checkpoint)
+        write_base_manifest(repo_url, settings, manifest)
+    except Exception as exc:
+        record_failure(repo_url, settings, audit_record(
+            "basebackup", type="hot", source=database, destination=repo_url, status="failed",
+            duration_seconds=clock.seconds, backup_id=backup_id, error=str(exc)))
+        raise
+    record_audit(repo_url, settings, audit_record(
+        "basebackup", type="hot", source=database, destination=f"{repo_url}/{manifest.prefix}",
+        status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
+        backup_id=backup_id))
+    return {**summary(manifest), "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
+            "duration_seconds": round(clock.seconds, 3)}

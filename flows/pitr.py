@@ -1,0 +1,127 @@
+"""Point-in-time recovery: the runbook's hot tier, recovery to any moment.
+
+Self-managed: choose the newest base backup that finished before the target, unpack it
+into a new data directory, recover with `pgdr wal-fetch` up to the target, promote, and
+report the point reached. The source server is never touched. RDS: the service's own
+`restore_db_instance_to_point_in_time` into a new instance.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.steps import Stopwatch, open_repo, record_audit, record_failure, transient_only
+from tasks import pitr
+from tasks.audit import audit_record
+from tasks.basebackup import (
+    BaseManifest,
+    choose_base_backup,
+    find_base_backup,
+    list_base_backups,
+    restore_base_backup,
+)
+from tasks.cluster import LocalCluster, free_port, grant_to_server
+from tasks.errors import ConfigError
+from tasks.settings import Settings, load_settings
+
+
+@task(name="restore base backup", retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=transient_only)
+def unpack_base_backup(repo_url: str, settings: Settings, manifest: BaseManifest, datadir: str) -> str:
+    restore_base_backup(open_repo(repo_url, settings), manifest, Path(datadir),
+                        gpg_homedir=settings.gpg_homedir, passphrase=settings.gpg_passphrase,
+                        secrets=settings.secrets())
+    return datadir
+
+
+@task(name="recover to target")
+def recover_to_target(datadir: str, port: int, target: pitr.Target, recovery: dict[str, str],
+                      timeout: float) -> dict[str, Any]:
+    path = Path(datadir)
+    pitr.configure_recovery(path, recovery)
+    grant_to_server(path)
+    return pitr.recover(LocalCluster(path, port), target, timeout)
+
+
+@flow(name="pitr", log_prints=True)
+def point_in_time_recovery(
+    datadir: str,
+    repo: str | None = None,
+    db: str | None = None,
+    target_time: datetime | None = None,
+    target_lsn: str | None = None,
+    target_name: str | None = None,
+    target_timeline: str | None = None,
+    backup_id: str | None = None,
+    port: int | None = None,
+    keep_running: bool = True,
+    timeout_seconds: float = 3600,
+    pgdr_path: str | None = None,
+) -> dict[str, Any]:
+    """Recover the database area `db` of the repository into a new data directory,
+    up to target_time / target_lsn / target_name (or the end of the WAL archive), and
+    start it on `port` (kept running unless keep_running is false)."""
+    logger = get_run_logger()
+    settings = load_settings()
+    repo_url = repo or settings.repo_url
+    repository = open_repo(repo_url, settings)
+    database = db or settings.wal_db
+    if not database:
+        raise ConfigError("name the database area with --db NAME (or PGDR_WAL_DB)")
+    target = pitr.Target(target_time, target_lsn, target_name)
+    if backup_id:
+        manifest = find_base_backup(repository, database, backup_id)
+    else:
+        manifest = choose_base_backup(list_base_backups(repository, database), target_time=target_time,
+                                      target_lsn=target_lsn)
+    port = port or free_port()
+    pgdr = pgdr_path or str(Path(sys.executable).with_name("pgdr"))
+    recovery = pitr.recovery_settings(pitr.restore_command(pgdr, repo_url, database), target,
+                                      target_timeline)
+    logger.info("recovering %s to %s from base backup %s into %s", database, target.describe(),
+                manifest.backup_id, datadir)
+    clock = Stopwatch()
+    try:
+        unpack_base_backup(repo_url, settings, manifest, datadir)
+        reached = recover_to_target(datadir, port, target, recovery, timeout_seconds)
+    except Exception as exc:
+        record_failure(repo_url, settings, audit_record(
+            "pitr", type="hot", source=database, destination=datadir, status="failed",
+            duration_seconds=clock.seconds, backup_id=manifest.backup_id, target=target.describe(),
+            error=str(exc)))
+        raise
+    finally:
+        if not keep_running:
+            LocalCluster(Path(datadir), port).stop()
+    record_audit(repo_url, settings, audit_record(
+        "pitr", type="hot", source=database, destination=datadir, status="success",
+        duration_seconds=clock.seconds, backup_id=manifest.backup_id, target=target.describe()))
+    return {
+        "database": database,
+        "backup_id": manifest.backup_id,
+        "target": target.describe(),
+        "datadir": datadir,
+        "port": port,
+        "running": keep_running,
+        **reached,
+        "duration_seconds": round(clock.seconds, 3),
+    }
+
+
+@flow(name="pitr-rds", log_prints=True)
+def rds_point_in_time_recovery(source_instance: str, target_instance: str,
+                               target_time: datetime | None = None,
+                               instance_class: str | None = None) -> dict[str, Any]:
+    """Restore an RDS instance to a moment (default: the latest restorable time) as a new
+    instance; the source keeps running untouched."""
+    import boto3
+
+    settings = load_settings()
+    client = boto3.session.Session().client("rds", region_name=settings.aws_region)
+    return pitr.rds_restore_to_point_in_time(client, source_instance, target_instance,
+                                             restore_time=target_time, instance_class=instance_class)

@@ -1,0 +1,181 @@
+"""Point-in-time recovery: configure a restored data directory, watch it recover.
+
+Self-managed PostgreSQL: a base backup is unpacked into a new data directory, told to
+fetch WAL with `pgdr wal-fetch` and to stop at the target and promote; then pgdr waits
+until it did, or reports why it did not (a corrupt segment makes wal-fetch abort
+recovery, see tasks.wal). RDS has PITR built in: `restore_db_instance_to_point_in_time`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tasks.catalog import iso
+from tasks.cluster import ClusterError, LocalCluster, _conf_value
+from tasks.errors import ConfigError, PgdrError
+
+
+class RecoveryFailed(PgdrError):
+    """Recovery stopped before the target; the message quotes the server's reason."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where recovery stops: a time, an LSN, a restore point name, or (all None) the end
+    of the archive."""
+
+    time: datetime | None = None
+    lsn: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.time, self.lsn, self.name)) > 1:
+            raise ConfigError("give one recovery target: a time, an LSN or a restore point name")
+        if self.lsn is not None and not re.fullmatch(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", self.lsn):
+            raise ConfigError(f"{self.lsn!r} is not an LSN (like 0/3000060)")
+        if self.time is not None and self.time.tzinfo is None:
+            raise ConfigError("the recovery target time needs a time zone (e.g. 2026-01-28T02:00:00Z)")
+
+    def describe(self) -> str:
+        if self.time is not None:
+            return f"time {self.time.astimezone(UTC).isoformat()}"
+        if self.lsn is not None:
+            return f"LSN {self.lsn}"
+        if self.name is not None:
+            return f"restore point {self.name!r}"
+        return "the end of the WAL archive"
+
+
+def restore_command(pgdr: str, repo_url: str, database: str) -> str:
+    """The restore_command line (run by the server through /bin/sh)."""
+    return " ".join([shlex.quote(pgdr), "wal-fetch", "%f", "%p", "--repo", shlex.quote(repo_url),
+                     "--db", shlex.quote(database)])
+
+
+def recovery_settings(command: str, target: Target, timeline: str | None = None) -> dict[str, str]:
+    """postgresql.auto.conf settings for a PITR restore of a base backup."""
+    settings = {
+        "restore_command": command,
+        # The restored server must never archive into the source's WAL area: its new
+        # timeline would become the "latest" one a later recovery follows.
+        "archive_mode": "off",
+        "recovery_target_action": "promote",
+    }
+    if target.time is not None:
+        settings["recovery_target_time"] = target.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+    elif target.lsn is not None:
+        settings["recovery_target_lsn"] = target.lsn
+    elif target.name is not None:
+        settings["recovery_target_name"] = target.name
+    if timeline:
+        settings["recovery_target_timeline"] = timeline
+    return settings
+
+
+def configure_recovery(datadir: Path, settings: dict[str, str]) -> None:
+    """Append the settings to postgresql.auto.conf (it overrides postgresql.conf) and ask
+    for targeted archive recovery with recovery.signal."""
+    with (datadir / "postgresql.auto.conf").open("a") as conf:
+        conf.write("\n# pgdr point-in-time recovery\n")
+        for name, value in settings.items():
+            conf.write(f"{name} = {_conf_value(value)}\n")
+    (datadir / "standby.signal").unlink(missing_ok=True)
+    (datadir / "recovery.signal").touch()
+
+
+_STOPPED = re.compile(r"recovery stopping (?:before|after) .*")
+
+
+def recovery_failure(log: str) -> str:
+    """The server's own words for why recovery stopped: its FATAL/PANIC lines and the
+    restore command's error line."""
+    lines = [line.strip() for line in log.splitlines()]
+    reasons = [re.sub(r"^.*?(FATAL|PANIC):\s*", r"\1: ", line) for line in lines
+               if "FATAL:" in line or "PANIC:" in line]
+    reasons += [line for line in lines if line.startswith("pgdr: error:")]
+    return "; ".join(dict.fromkeys(reasons[-4:])) or "the server stopped (see its log)"
+
+
+def recover(cluster: LocalCluster, target: Target, timeout: float) -> dict[str, Any]:
+    """Start the server on its restored data directory and wait until it reached the
+    target and promoted; RecoveryFailed (server stopped) if it did not."""
+    try:
+        cluster.start(timeout=int(timeout))
+    except ClusterError:
+        raise RecoveryFailed(f"recovery to {target.describe()} failed: "
+                             f"{recovery_failure(cluster.log_tail(60))}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(cluster.url(), connect_timeout=5, autocommit=True) as conn:
+                if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
+                    return _reached(conn, cluster)
+        except psycopg.OperationalError:
+            pass  # starting up, or stopping: is_running() tells which
+        if not cluster.is_running():
+            raise RecoveryFailed(f"recovery to {target.describe()} failed: "
+                                 f"{recovery_failure(cluster.log_tail(60))}")
+        if time.monotonic() > deadline:
+            cluster.stop("immediate")
+            raise RecoveryFailed(f"recovery to {target.describe()} did not finish within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _reached(conn: psycopg.Connection, cluster: LocalCluster) -> dict[str, Any]:
+    replayed, lsn, wal_file = conn.execute(
+        "SELECT pg_last_xact_replay_timestamp(), pg_current_wal_lsn()::text,"
+        " pg_walfile_name(pg_current_wal_lsn())").fetchone()  # type: ignore[misc]
+    stopped = _STOPPED.findall(cluster.log_tail(200))
+    return {
+        "last_replayed_transaction_at": iso(replayed) if replayed else None,
+        "end_lsn": lsn,
+        "timeline": int(wal_file[:8], 16),
+        "stopped": stopped[-1] if stopped else "at the end of the WAL archive",
+    }
+
+
+# --- RDS ------------------------------------------------------------------------------------
+
+
+def rds_restore_to_point_in_time(client: Any, source: str, target: str, *,
+                                 restore_time: datetime | None = None,
+                                 instance_class: str | None = None,
+                                 wait: bool = True) -> dict[str, Any]:
+    """RDS keeps its own WAL (up to its backup retention): restore `source` as the new
+    instance `target` at restore_time, or at the latest restorable time when None."""
+    from botocore.exceptions import ClientError, WaiterError
+
+    args: dict[str, Any] = {"SourceDBInstanceIdentifier": source, "TargetDBInstanceIdentifier": target}
+    if restore_time is None:
+        args["UseLatestRestorableTime"] = True
+    else:
+        args["RestoreTime"] = restore_time
+    if instance_class:
+        args["DBInstanceClass"] = instance_class
+    try:
+        instance = client.restore_db_instance_to_point_in_time(**args)["DBInstance"]
+        if wait:
+            client.get_waiter("db_instance_available").wait(DBInstanceIdentifier=target)
+            instance = client.describe_db_instances(DBInstanceIdentifier=target)["DBInstances"][0]
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise PgdrError(f"RDS point-in-time restore of {source} failed: {error.get('Code', '')} "
+                        f"{error.get('Message', '')}".strip()) from None
+    except WaiterError as exc:
+        raise PgdrError(f"RDS instance {target} did not become available: {exc}") from None
+    endpoint = instance.get("Endpoint") or {}
+    return {
+        "source_instance": source,
+        "target_instance": target,
+        "status": instance.get("DBInstanceStatus"),
+        "endpoint": f"{endpoint.get('Address')}:{endpoint.get('Port')}" if endpoint else None,
+        "restore_time": iso(restore_time) if restore_time else "latest",
+    }
