@@ -49,14 +49,17 @@ def validate_row_counts(url: str, expected: dict[str, int]) -> dict[str, Any]:
     params.pop("password", None)
     from sqlalchemy.engine import URL
 
+    # The database name goes to the driver too: GX validates connection strings as URLs and
+    # refuses names that are legal in PostgreSQL (spaces, quotes, semicolons).
     engine_url = URL.create(
         "postgresql+psycopg", username=params.get("user"), host=params.get("host", "localhost"),
-        port=int(params["port"]) if params.get("port") else None, database=params.get("dbname"),
+        port=int(params["port"]) if params.get("port") else None, database="postgres",
     ).render_as_string(hide_password=False)
+    connect_args = {"dbname": params.get("dbname")}
+    if password:
+        connect_args["password"] = password
     datasource = context.data_sources.add_postgres(
-        "restored", connection_string=engine_url,
-        kwargs={"connect_args": {"password": password}} if password else {},
-    )
+        "restored", connection_string=engine_url, kwargs={"connect_args": connect_args})
     primary_keys = _primary_keys(url)
     existing = {key for key, _s, _t in _tables(url)}
     tables = []

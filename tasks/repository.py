@@ -391,7 +391,8 @@ class S3Repository(Repository):
         with contextlib.suppress(Exception):
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
 
-    def _s3(self, operation: str, **kwargs: Any) -> Any:
+    def _s3(self, operation: str, *, tolerate: tuple[str, ...] = (), **kwargs: Any) -> Any:
+        """Call the S3 operation; errors become one-line PgdrErrors (None for `tolerate`d codes)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -399,6 +400,8 @@ class S3Repository(Repository):
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = error.get("Code", "")
+            if code in tolerate:
+                return None
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise NotFoundError(f"{self._rel(kwargs.get('Key', ''))} is not in the repository") from None
             if code == "NoSuchBucket":
@@ -491,18 +494,11 @@ class S3Repository(Repository):
                  UploadId=upload.upload_id)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
-                                   **self._write_args(None))
-        except ClientError as exc:
-            # 412: the object exists; 409: a concurrent conditional write won the race.
-            code = exc.response.get("Error", {}).get("Code")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise PgdrError(f"S3 put_object failed: {_short(exc)}") from None
-        return True
+        # 412: the object exists; 409: a concurrent conditional write won the race.
+        response = self._s3("put_object", tolerate=("PreconditionFailed", "ConditionalRequestConflict"),
+                            Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
+                            **self._write_args(None))
+        return response is not None
 
     def copy_from(self, source: S3Repository, key: str, *, storage_class: str | None = None) -> None:
         """Server-side copy of source's key to the same key here (multipart above 5 GB):
