@@ -119,9 +119,9 @@ def rds_point_in_time_recovery(source_instance: str, target_instance: str,
                                instance_class: str | None = None) -> dict[str, Any]:
     """Restore an RDS instance to a moment (default: the latest restorable time) as a new
     instance; the source keeps running untouched."""
-    import boto3
+    from tasks import aws
 
     settings = load_settings()
-    client = boto3.session.Session().client("rds", region_name=settings.aws_region)
-    return pitr.rds_restore_to_point_in_time(client, source_instance, target_instance,
+    return pitr.rds_restore_to_point_in_time(aws.client("rds", settings.aws_region), source_instance,
+                                             target_instance,
                                              restore_time=target_time, instance_class=instance_class)

@@ -148,34 +148,22 @@ def _reached(conn: psycopg.Connection, cluster: LocalCluster) -> dict[str, Any]:
 def rds_restore_to_point_in_time(client: Any, source: str, target: str, *,
                                  restore_time: datetime | None = None,
                                  instance_class: str | None = None,
-                                 wait: bool = True) -> dict[str, Any]:
+                                 wait_seconds: float = 3600) -> dict[str, Any]:
     """RDS keeps its own WAL (up to its backup retention): restore `source` as the new
-    instance `target` at restore_time, or at the latest restorable time when None."""
-    from botocore.exceptions import ClientError, WaiterError
+    instance `target` at restore_time, or at the latest restorable time when None, and wait
+    until it is available."""
+    from tasks import aws
 
-    args: dict[str, Any] = {"SourceDBInstanceIdentifier": source, "TargetDBInstanceIdentifier": target}
-    if restore_time is None:
-        args["UseLatestRestorableTime"] = True
-    else:
-        args["RestoreTime"] = restore_time
-    if instance_class:
-        args["DBInstanceClass"] = instance_class
     try:
-        instance = client.restore_db_instance_to_point_in_time(**args)["DBInstance"]
-        if wait:
-            client.get_waiter("db_instance_available").wait(DBInstanceIdentifier=target)
-            instance = client.describe_db_instances(DBInstanceIdentifier=target)["DBInstances"][0]
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        raise PgdrError(f"RDS point-in-time restore of {source} failed: {error.get('Code', '')} "
-                        f"{error.get('Message', '')}".strip()) from None
-    except WaiterError as exc:
-        raise PgdrError(f"RDS instance {target} did not become available: {exc}") from None
-    endpoint = instance.get("Endpoint") or {}
+        aws.restore_rds_instance(client, source, target, restore_time=restore_time,
+                                 instance_class=instance_class)
+        endpoint = aws.wait_until_available(client, target, wait_seconds, poll_seconds=5)
+    except PgdrError as exc:
+        raise PgdrError(f"RDS point-in-time restore of {source} failed: {exc}") from None
     return {
         "source_instance": source,
         "target_instance": target,
-        "status": instance.get("DBInstanceStatus"),
-        "endpoint": f"{endpoint.get('Address')}:{endpoint.get('Port')}" if endpoint else None,
+        "status": "available",
+        "endpoint": f"{endpoint['Address']}:{endpoint['Port']}",
         "restore_time": iso(restore_time) if restore_time else "latest",
     }

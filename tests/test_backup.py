@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from tasks import catalog
 from tasks.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import counts_in
+from tests.support.fake_pg_dump import broken_pg_bin
 from tests.support.secrets import PG_SECRET_PASSWORD
 from tests.support.stored import archive_tables, decode_backup, restore_archive
 
@@ -123,36 +123,9 @@ def test_missing_database_fails_with_one_line_and_leaves_nothing(capsys, pg, s3_
     assert_nothing_left(s3_repo)
 
 
-KILLER = """#!{python}
-# pg_dump that is SIGKILLed after it has streamed {limit} bytes.
-import os, signal, subprocess, sys
-real = subprocess.Popen(["{real}", *sys.argv[1:]], stdout=subprocess.PIPE)
-sent = 0
-while chunk := real.stdout.read1(65536):
-    sys.stdout.buffer.write(chunk)
-    sent += len(chunk)
-    if sent >= {limit}:
-        sys.stdout.flush()
-        real.kill()
-        os.kill(os.getpid(), signal.SIGKILL)
-sys.exit(real.wait())
-"""
-
-
 @pytest.fixture
 def pg_dump_killed_midstream(tmp_path, monkeypatch):
-    from tasks.postgres import pg_bin
-
-    real_dir = Path(pg_bin("pg_dump")).parent
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for program in real_dir.iterdir():
-        (bin_dir / program.name).symlink_to(program)
-    (bin_dir / "pg_dump").unlink()
-    wrapper = bin_dir / "pg_dump"
-    wrapper.write_text(KILLER.format(python=sys.executable, real=real_dir / "pg_dump", limit=20 * 2**20))
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("PGDR_PG_BIN", str(bin_dir))
+    monkeypatch.setenv("PGDR_PG_BIN", str(broken_pg_bin(tmp_path / "bin", limit=20 * 2**20, stall=False)))
 
 
 @pytest.mark.parametrize("repo_kind", ["file", "s3"])

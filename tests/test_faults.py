@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tasks import repository as repository_module
 from tasks.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import table_fingerprints
+from tests.support.fake_pg_dump import broken_pg_bin
 from tests.test_backup import assert_nothing_left, big_db  # noqa: F401 - shared fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -120,21 +120,6 @@ def test_one_bad_complete_multipart_upload_is_retried(capsys, big_db, s3_repo, s
     assert_backup_restores(capsys, s3_repo, backup, pg, new_db)
 
 
-STALLER = """#!{python}
-# pg_dump that streams {limit} bytes and then hangs, as a dump stuck on a lock would.
-import subprocess, sys, time
-real = subprocess.Popen(["{real}", *sys.argv[1:]], stdout=subprocess.PIPE)
-sent = 0
-while chunk := real.stdout.read1(65536):
-    sys.stdout.buffer.write(chunk)
-    sent += len(chunk)
-    if sent >= {limit}:
-        sys.stdout.flush()
-        time.sleep(3600)
-sys.exit(real.wait())
-"""
-
-
 def pgdr_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """Environment for a `pgdr` subprocess, reporting to this session's Prefect server."""
     from prefect.settings import PREFECT_API_URL
@@ -177,17 +162,7 @@ def commands_running(needle: str) -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["cancelled", "killed"])
 def test_a_backup_cancelled_or_killed_midway_leaves_nothing_and_the_next_succeeds(
         sig, capsys, big_db, s3_repo, tmp_path, s3):  # noqa: F811
-    from tasks.postgres import pg_bin
-
-    real_dir = Path(pg_bin("pg_dump")).parent
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for program in real_dir.iterdir():
-        (bin_dir / program.name).symlink_to(program)
-    (bin_dir / "pg_dump").unlink()
-    (bin_dir / "pg_dump").write_text(STALLER.format(python=sys.executable, real=real_dir / "pg_dump",
-                                                    limit=20 * 2**20))
-    (bin_dir / "pg_dump").chmod(0o755)
+    bin_dir = broken_pg_bin(tmp_path / "bin", limit=20 * 2**20, stall=True)
     proc = subprocess.Popen(
         [str(REPO_ROOT / ".venv" / "bin" / "pgdr"), "backup", "--db", big_db, "--repo", s3_repo],
         # One zstd thread: its output follows its input closely, so parts reach S3 early.
