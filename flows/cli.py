@@ -409,9 +409,9 @@ def cmd_pitr(args: argparse.Namespace) -> dict[str, Any]:
                                           instance_class=args.rds_instance_class)
     if not args.datadir:
         raise ConfigError("--datadir DIR is required (a new directory for the recovered server)")
-    from flows.pitr import point_in_time_recovery
+    from flows.pitr import pitr
 
-    return point_in_time_recovery(
+    return pitr(
         datadir=str(Path(args.datadir).resolve()), repo=args.repo, db=args.db, target_time=target_time,
         target_lsn=args.target_lsn, target_name=args.target_name, target_timeline=args.timeline,
         backup_id=args.backup, port=args.port, keep_running=not args.stop,

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.steps import Stopwatch, open_repo, record_audit, record_failure, transient_only
-from tasks import pitr
+from tasks import pitr as pitr_steps
 from tasks.audit import audit_record
 from tasks.basebackup import (
     BaseManifest,
@@ -40,16 +40,16 @@ def unpack_base_backup(repo_url: str, settings: Settings, manifest: BaseManifest
 
 
 @task(name="recover to target")
-def recover_to_target(datadir: str, port: int, target: pitr.Target, recovery: dict[str, str],
+def recover_to_target(datadir: str, port: int, target: pitr_steps.Target, recovery: dict[str, str],
                       timeout: float) -> dict[str, Any]:
     path = Path(datadir)
-    pitr.configure_recovery(path, recovery)
+    pitr_steps.configure_recovery(path, recovery)
     grant_to_server(path)
-    return pitr.recover(LocalCluster(path, port), target, timeout)
+    return pitr_steps.recover(LocalCluster(path, port), target, timeout)
 
 
 @flow(name="pitr", log_prints=True)
-def point_in_time_recovery(
+def pitr(
     datadir: str,
     repo: str | None = None,
     db: str | None = None,
@@ -73,7 +73,7 @@ def point_in_time_recovery(
     database = db or settings.wal_db
     if not database:
         raise ConfigError("name the database area with --db NAME (or PGDR_WAL_DB)")
-    target = pitr.Target(target_time, target_lsn, target_name)
+    target = pitr_steps.Target(target_time, target_lsn, target_name)
     if backup_id:
         manifest = find_base_backup(repository, database, backup_id)
     else:
@@ -81,7 +81,7 @@ def point_in_time_recovery(
                                       target_lsn=target_lsn)
     port = port or free_port()
     pgdr = pgdr_path or str(Path(sys.executable).with_name("pgdr"))
-    recovery = pitr.recovery_settings(pitr.restore_command(pgdr, repo_url, database), target,
+    recovery = pitr_steps.recovery_settings(pitr_steps.restore_command(pgdr, repo_url, database), target,
                                       target_timeline)
     logger.info("recovering %s to %s from base backup %s into %s", database, target.describe(),
                 manifest.backup_id, datadir)
@@ -122,6 +122,6 @@ def rds_point_in_time_recovery(source_instance: str, target_instance: str,
     from tasks import aws
 
     settings = load_settings()
-    return pitr.rds_restore_to_point_in_time(aws.client("rds", settings.aws_region), source_instance,
+    return pitr_steps.rds_restore_to_point_in_time(aws.client("rds", settings.aws_region), source_instance,
                                              target_instance,
                                              restore_time=target_time, instance_class=instance_class)
