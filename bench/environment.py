@@ -64,6 +64,8 @@ class BenchEnvironment:
         else:
             # Its own home: a temporary server must not share the running one's SQLite file.
             env["PREFECT_HOME"] = str(self.work / "prefect-ephemeral")
+            # Its default (20 s) is too short on a busy machine: measure, do not fail.
+            env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
         if gpg:
             env["PGDR_GNUPGHOME"] = self.gpg.homedir
         return env
