@@ -9,12 +9,15 @@ an S3 multipart upload is completed or aborted).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +32,9 @@ MIN_PART_SIZE = 8 * MiB
 MAX_PART_SIZE = 5 * GiB
 MAX_PARTS = 10_000
 READ_CHUNK = 1 * MiB
+# Parts uploaded at once by one S3 upload, and the most memory they may hold together.
+UPLOAD_THREADS = 4
+UPLOAD_BUFFER = 64 * MiB
 _PARTIAL_MARK = ".partial-"
 _KEY_PART = re.compile(r"^[A-Za-z0-9._~%+=@,-]+$")
 
@@ -345,35 +351,33 @@ class S3Repository(Repository):
         digest = hashlib.sha256()
         base = base_part_size(size_hint)
         buffer = bytearray()
-        parts: list[dict[str, Any]] = []
-        upload_id: str | None = None
+        uploader: _PartUploader | None = None
         size = 0
         try:
             for chunk in _chunks_of(chunks, digest):
                 buffer += chunk
                 size += len(chunk)
-                while len(buffer) >= part_size(len(parts) + 1, base):
-                    if upload_id is None:
+                while len(buffer) >= part_size((uploader.parts if uploader else 0) + 1, base):
+                    if uploader is None:
                         upload_id = self._s3(
                             "create_multipart_upload", Bucket=self.bucket, Key=full_key,
                             **self._write_args(storage_class),
                         )["UploadId"]
-                    take = part_size(len(parts) + 1, base)
-                    body = bytes(buffer[:take])
-                    del buffer[:take]
-                    parts.append(self._upload_part(full_key, upload_id, len(parts) + 1, body))
-            if upload_id is None:
+                        uploader = _PartUploader(self, full_key, upload_id, base)
+                    uploader.submit(buffer, part_size(uploader.parts + 1, base))
+            if uploader is None:
                 self._s3("put_object", Bucket=self.bucket, Key=full_key, Body=bytes(buffer),
                          **self._write_args(storage_class))
             else:
                 if buffer:
-                    parts.append(self._upload_part(full_key, upload_id, len(parts) + 1, bytes(buffer)))
+                    uploader.submit(buffer, len(buffer))
                 self._s3("complete_multipart_upload", Bucket=self.bucket, Key=full_key,
-                         UploadId=upload_id, MultipartUpload={"Parts": parts})
-                upload_id = None
+                         UploadId=uploader.upload_id, MultipartUpload={"Parts": uploader.finish()})
+                uploader = None
         except BaseException:
-            if upload_id is not None:
-                self._abort(full_key, upload_id)
+            if uploader is not None:
+                uploader.cancel()
+                self._abort(full_key, uploader.upload_id)
             raise
         stored = self.head(key)
         if stored is None or stored.size != size:
@@ -526,6 +530,53 @@ class S3Repository(Repository):
         return None
 
 
+class _PartUploader:
+    """Uploads the parts of one multipart upload on a few threads while the next part is
+    being read, so the dump does not wait for the network. Parts in flight are bounded
+    (UPLOAD_THREADS, fewer for large parts) so memory stays bounded at any size."""
+
+    def __init__(self, repo: S3Repository, full_key: str, upload_id: str, base_part: int) -> None:
+        self.repo = repo
+        self.full_key = full_key
+        self.upload_id = upload_id
+        self.parts = 0
+        threads = max(1, min(UPLOAD_THREADS, UPLOAD_BUFFER // base_part))
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="s3-part")
+        self._slots = threading.BoundedSemaphore(threads)
+        self._pending: list[Future[dict[str, Any]]] = []
+        self._failure: BaseException | None = None
+
+    def submit(self, buffer: bytearray, take: int) -> None:
+        """Move the first `take` bytes of buffer into the next part; blocks while every
+        thread is busy, and raises the first failure of an earlier part."""
+        self._slots.acquire()
+        if self._failure is not None:
+            self._slots.release()
+            raise self._failure
+        body = bytes(buffer[:take])
+        del buffer[:take]
+        self.parts += 1
+        future = self._pool.submit(self.repo._upload_part, self.full_key, self.upload_id, self.parts, body)
+        future.add_done_callback(self._done)
+        self._pending.append(future)
+
+    def _done(self, future: Future[dict[str, Any]]) -> None:
+        if not future.cancelled() and future.exception() is not None and self._failure is None:
+            self._failure = future.exception()
+        self._slots.release()
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Every part's number and ETag, in order, once all are uploaded."""
+        try:
+            return [future.result() for future in self._pending]
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def cancel(self) -> None:
+        """Drop queued parts and wait for running ones, so that the abort comes last."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _short(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -535,10 +586,22 @@ def _short(exc: Exception) -> str:
 S3_CLIENT_HOOKS: list[Callable[[Any], None]] = []
 
 
+@functools.cache
+def _model_loader() -> Any:
+    """One botocore data loader for the process. A new session would parse S3's service
+    model again (about 1 s of CPU per client on a busy 2-core host, and a backup opens the
+    repository several times); sharing only the loader keeps credentials, configuration
+    and event hooks per client."""
+    import botocore.loaders
+
+    return botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH"))
+
+
 def s3_client(region: str | None = None) -> Any:
     """A boto3 S3 client from the standard chain, with adaptive retries (503 SlowDown,
     resets) unless AWS_MAX_ATTEMPTS / AWS_RETRY_MODE say otherwise."""
     import boto3
+    import botocore.session
     from botocore.config import Config
 
     retries: dict[str, Any] = {}
@@ -548,7 +611,9 @@ def s3_client(region: str | None = None) -> Any:
         retries["max_attempts"] = 8
     config = Config(retries=retries, connect_timeout=10, read_timeout=120,
                     user_agent_extra="pgdr")
-    client = boto3.session.Session().client("s3", region_name=region, config=config)
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _model_loader())
+    client = boto3.session.Session(botocore_session=core).client("s3", region_name=region, config=config)
     for hook in S3_CLIENT_HOOKS:
         hook(client)
     return client

@@ -1,0 +1,153 @@
+"""The measured commands: the lower bound, the old scripts, and pgdr, as a user runs them.
+
+Each returns a Measurement plus, for backups, the bytes stored. Commands run as real
+processes (pgdr from the venv's `pgdr` script) so that their cost is what a user pays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from bench.environment import BUCKET, EMPTY_DB, SOURCE_DB, BenchEnvironment
+from bench.measure import MB, BenchError, Measurement, measure
+from tasks.postgres import pg_bin
+
+S3COPY = Path(__file__).with_name("s3copy.py")
+OLD_KEY = "old/fleet.sql.gz"
+OLD_RESTORE_DB = "bench_old_restore"
+BARE_RESTORE_DB = "bench_bare_restore"
+
+# The runbook's backup.sh: a plain-SQL dump through gzip into a file, then `aws s3 cp`.
+_OLD_BACKUP = """set -euo pipefail
+"$PG_DUMP" --dbname="$1" | gzip > "$2"
+"$PYTHON" "$S3COPY" put "$2" "$BUCKET" "$3"
+"""
+# The runbook's restore.sh: `aws s3 cp` down, create the database, gunzip | psql.
+_OLD_RESTORE = """set -euo pipefail
+"$PYTHON" "$S3COPY" get "$BUCKET" "$1" "$2"
+"$PSQL" -X -q --dbname="$3" -c "CREATE DATABASE $4"
+gunzip -c "$2" | "$PSQL" -X -q -v ON_ERROR_STOP=1 --dbname="$5" > /dev/null
+"""
+_BARE_RESTORE = """set -euo pipefail
+"$PSQL" -X -q --dbname="$1" -c "CREATE DATABASE $2"
+"$PG_RESTORE" --exit-on-error --jobs="$3" --dbname="$4" "$5"
+"""
+
+
+@dataclass(frozen=True)
+class Result:
+    measurement: Measurement
+    stored_bytes: int | None = None
+    # pgdr's own duration_seconds (inside the flow): the rest of the wall time is start-up.
+    reported_seconds: float | None = None
+
+
+class Cases:
+    """One benchmark round's commands against one BenchEnvironment."""
+
+    def __init__(self, bench: BenchEnvironment, jobs: int) -> None:
+        self.bench = bench
+        self.jobs = jobs
+        self.pgdr = str(Path(sys.executable).with_name("pgdr"))
+        self.local_dump = bench.work / "fleet.dump"
+        self.old_file = bench.work / "fleet.sql.gz"
+        self.download = bench.work / "fleet-downloaded.sql.gz"
+
+    def _shell_env(self, **extra: str) -> dict[str, str]:
+        return {**self.bench.env(), "PG_DUMP": pg_bin("pg_dump"), "PSQL": pg_bin("psql"),
+                "PG_RESTORE": pg_bin("pg_restore"), "PYTHON": sys.executable, "S3COPY": str(S3COPY),
+                "BUCKET": BUCKET, **extra}
+
+    def _run(self, label: str, argv: list[str], env: dict[str, str], stdout: Path | None = None
+             ) -> Measurement:
+        return measure(argv, env=env, cwd=self.bench.work, logs=self.bench.logs, label=label,
+                       stdout=stdout)
+
+    def prepare(self) -> int:
+        """The plain `pg_dump -Fc -Z0` file that bare pg_restore reads (not measured)."""
+        self._run("prepare-dump", [pg_bin("pg_dump"), "-Fc", "-Z0", f"--dbname={self.bench.url(SOURCE_DB)}",
+                                   "-f", str(self.local_dump)], self.bench.env())
+        return self.local_dump.stat().st_size
+
+    def raw_dump(self) -> Result:
+        argv = [pg_bin("pg_dump"), "-Fc", "-Z0", f"--dbname={self.bench.url(SOURCE_DB)}"]
+        return Result(self._run("raw_dump", argv, self.bench.env(), stdout=Path(os.devnull)),
+                      self.local_dump.stat().st_size)
+
+    def old_backup(self) -> Result:
+        argv = ["bash", "-c", _OLD_BACKUP, "old-backup", self.bench.url(SOURCE_DB), str(self.old_file),
+                OLD_KEY]
+        measurement = self._run("old_backup", argv, self._shell_env())
+        return Result(measurement, self.old_file.stat().st_size)
+
+    def pgdr_backup(self, *, encrypted: bool) -> tuple[Result, dict[str, Any]]:
+        argv = [self.pgdr, "backup", "--db", self.bench.url(SOURCE_DB), "--repo", self.bench.repo_url,
+                "--json"]
+        if encrypted:
+            argv += ["--encrypt-to", self.bench.gpg.fingerprint]
+        label = "pgdr_backup_encrypted" if encrypted else "pgdr_backup"
+        measurement = self._run(label, argv, self.bench.env(gpg=encrypted))
+        summary = json.loads(measurement.stdout)
+        return Result(measurement, int(summary["size_bytes"]), summary["duration_seconds"]), summary
+
+    def empty_backup(self, *, prefect_server: bool) -> Result:
+        argv = [self.pgdr, "backup", "--db", self.bench.url(EMPTY_DB), "--repo", self.bench.repo_url,
+                "--json"]
+        label = "empty_backup" if prefect_server else "empty_backup_no_server"
+        measurement = self._run(label, argv, self.bench.env(prefect_server=prefect_server))
+        return Result(measurement, reported_seconds=json.loads(measurement.stdout)["duration_seconds"])
+
+    def old_restore(self) -> Result:
+        argv = ["bash", "-c", _OLD_RESTORE, "old-restore", OLD_KEY, str(self.download),
+                self.bench.url("postgres"), OLD_RESTORE_DB, self.bench.url(OLD_RESTORE_DB)]
+        return Result(self._run("old_restore", argv, self._shell_env()))
+
+    def bare_restore(self) -> Result:
+        argv = ["bash", "-c", _BARE_RESTORE, "bare-restore", self.bench.url("postgres"), BARE_RESTORE_DB,
+                str(self.jobs), self.bench.url(BARE_RESTORE_DB), str(self.local_dump)]
+        return Result(self._run("bare_restore", argv, self._shell_env()))
+
+    def pgdr_restore_temp(self, backup_id: str) -> Result:
+        argv = [self.pgdr, "restore-temp", backup_id, "--repo", self.bench.repo_url, "--db", SOURCE_DB,
+                "--server", self.bench.url("postgres"), "--jobs", str(self.jobs), "--json"]
+        measurement = self._run("pgdr_restore_temp", argv, self.bench.env())
+        summary = json.loads(measurement.stdout)
+        if not summary.get("verified"):
+            raise BenchError("pgdr restore-temp did not verify the restored database")
+        return Result(measurement, reported_seconds=summary["duration_seconds"])
+
+    def clean_up(self) -> None:
+        """Between rounds: drop restored databases, empty the bucket, remove downloads."""
+        import boto3
+
+        with psycopg.connect(self.bench.url("postgres"), autocommit=True) as conn:
+            for name in (OLD_RESTORE_DB, BARE_RESTORE_DB):
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        env = self.bench.base_env
+        s3 = boto3.session.Session().client(
+            "s3", endpoint_url=self.bench.s3_endpoint, region_name=env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            for item in page.get("Contents", []):
+                s3.delete_object(Bucket=BUCKET, Key=item["Key"])
+        for path in (self.old_file, self.download):
+            path.unlink(missing_ok=True)
+
+
+def database_mb(bench: BenchEnvironment) -> float:
+    with psycopg.connect(bench.url(SOURCE_DB)) as conn:
+        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]  # type: ignore[index]
+    return size / MB
+
+
+def server_version(bench: BenchEnvironment) -> str:
+    with psycopg.connect(bench.url("postgres")) as conn:
+        return str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
