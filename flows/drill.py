@@ -22,7 +22,7 @@ from flows.failover import failover as failover_flow
 from flows.failover import run_health_checks
 from flows.restore import VerificationFailed, restore_and_validate
 from flows.steps import open_repo, publish_markdown, record_failure, transient_only
-from tasks import catalog, postgres
+from tasks import catalog, postgres, wal
 from tasks import drill as drilling
 from tasks import restore as restoring
 from tasks.audit import audit_record
@@ -122,6 +122,10 @@ def drill(repo: str | None = None, db: str | None = None, server: str | None = N
             phase.detail = ", ".join(scratch)
             if not items["scratch_dropped"]:
                 problems.append(f"could not drop the scratch databases {phase.detail}")
+    if last_archived_at is None and manifest is not None:
+        # With WAL archiving set up, the newest restorable point is the last archived segment.
+        archived = wal.archive_status(open_repo(repo_url, settings), manifest.database)["last_archived_at"]
+        last_archived_at = catalog.parse_iso(archived) if archived else None
     report = drilling.drill_report(
         scenario=scenario, targets=targets, started=timeline.started, finished=catalog.utcnow(),
         recovered=recovered, snapshot_at=manifest.snapshot if manifest else None,

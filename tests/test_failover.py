@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -323,3 +324,19 @@ def test_drill_flags_a_missed_target_and_runs_the_failover_dry_run(capsys, pg, s
     assert served(zone).value == PRIMARY
     assert not [d for d in databases(pg) if "_drill" in d]
     assert open_repository(s3_repo).head(report["report_key"])
+
+
+def test_drill_takes_its_rpo_from_the_wal_archive_when_there_is_one(pg, source_db, file_repo, tmp_path):
+    from tasks import wal
+
+    backup = drill_backup(source_db, file_repo)
+    time.sleep(1.1)  # times are kept to the second: archive in a later one than the snapshot
+    segment = tmp_path / "000000010000000000000003"
+    segment.write_bytes(b"\0" * 8192)
+    wal.push(open_repository(file_repo), backup.database, segment)
+    archived = catalog.parse_iso(wal.archive_status(open_repository(file_repo),
+                                                    backup.database)["last_archived_at"])
+    assert archived > catalog.parse_iso(backup.snapshot_at)
+    report = drill(repo=file_repo, server=pg.admin_url)
+    started = catalog.parse_iso(report["started_at"])
+    assert report["rpo_seconds"] == pytest.approx((started - archived).total_seconds(), abs=0.002)
