@@ -801,6 +801,9 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    from tasks.process import kill_running_pipelines
+
+    kill_running_pipelines()  # pg_dump & co. run in sessions of their own: stop them first
     raise _Terminated()
 
 

@@ -52,6 +52,19 @@ def _read(repo: Repository, key: str) -> dict[str, Any] | None:
         return None  # gone meanwhile, or half-visible: try again
 
 
+def _died_here(holder: dict[str, Any]) -> bool:
+    """True when the holder ran on this host and its process is gone."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, under another user
+    return False
+
+
 def _describe(holder: dict[str, Any]) -> str:
     return (f"{holder.get('operation')} on {holder.get('host')} (pid {holder.get('pid')}) "
             f"since {holder.get('acquired_at')}")
@@ -66,9 +79,10 @@ def acquire(repo: Repository, database: str, operation: str, wait_seconds: float
         if repo.put_if_absent(key, json.dumps(holder).encode()):
             return holder
         current = _read(repo, key)
-        if current and parse_iso(current["expires_at"]) < utcnow():
-            # The holder stopped renewing: it is gone. Two takers racing here both delete,
-            # and only one conditional create wins.
+        if current and (parse_iso(current["expires_at"]) < utcnow() or _died_here(current)):
+            # The holder stopped renewing, or was a process of this host that no longer
+            # exists (killed): it is gone. Two takers racing here both delete, and only
+            # one conditional create wins.
             repo.delete(key)
             continue
         if time.monotonic() >= deadline:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
@@ -66,6 +67,17 @@ class CommandError(PgdrError):
         super().__init__(f"{name} {how}" + (f": {last}" if last else ""))
 
 
+# Every pipeline still running, so that a termination signal can stop their children
+# whatever the state of the stack it interrupts.
+_RUNNING: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+
+def kill_running_pipelines() -> None:
+    """SIGKILL the children of every pipeline of this process (on SIGTERM)."""
+    for pipeline in list(_RUNNING):
+        pipeline.kill()
+
+
 class Pipeline:
     """`cmd1 | cmd2 | ...` with the last stdout read by the caller (or sent to a file).
 
@@ -86,6 +98,7 @@ class Pipeline:
         if not commands:
             raise ValueError("a pipeline needs at least one command")
         self.names = [os.path.basename(cmd[0]) for cmd in commands]
+        _RUNNING.add(self)
         self.secrets = list(secrets)
         self.processes: list[subprocess.Popen[bytes]] = []
         self._collectors: list[_StderrCollector] = []

@@ -125,7 +125,7 @@ def test_missing_database_fails_with_one_line_and_leaves_nothing(capsys, pg, s3_
 
 @pytest.fixture
 def pg_dump_killed_midstream(tmp_path, monkeypatch):
-    monkeypatch.setenv("PGDR_PG_BIN", str(broken_pg_bin(tmp_path / "bin", limit=20 * 2**20, stall=False)))
+    monkeypatch.setenv("PGDR_PG_BIN", str(broken_pg_bin(tmp_path / "bin", limit=20 * 2**20, then="kill")))
 
 
 @pytest.mark.parametrize("repo_kind", ["file", "s3"])

@@ -162,7 +162,7 @@ def commands_running(needle: str) -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["cancelled", "killed"])
 def test_a_backup_cancelled_or_killed_midway_leaves_nothing_and_the_next_succeeds(
         sig, capsys, big_db, s3_repo, tmp_path, s3):  # noqa: F811
-    bin_dir = broken_pg_bin(tmp_path / "bin", limit=20 * 2**20, stall=True)
+    bin_dir = broken_pg_bin(tmp_path / "bin", limit=20 * 2**20, then="hang")
     proc = subprocess.Popen(
         [str(REPO_ROOT / ".venv" / "bin" / "pgdr"), "backup", "--db", big_db, "--repo", s3_repo],
         # One zstd thread: its output follows its input closely, so parts reach S3 early.
@@ -178,7 +178,7 @@ def test_a_backup_cancelled_or_killed_midway_leaves_nothing_and_the_next_succeed
         pytest.fail(f"the backup never started uploading: {proc.communicate()[1].decode()[-2000:]}")
     descendants = pgdr_processes_below(proc.pid)
     proc.send_signal(sig)
-    _out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=240)
     assert proc.returncode != 0
     if sig == signal.SIGTERM:
         assert proc.returncode == 143 and b"pgdr: terminated" in err and b"Traceback" not in err
@@ -186,8 +186,16 @@ def test_a_backup_cancelled_or_killed_midway_leaves_nothing_and_the_next_succeed
     while any(Path(f"/proc/{pid}").exists() and commands_running("pg_dump") for pid in descendants) \
             and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [pid for pid in descendants if Path(f"/proc/{pid}").exists()
-                and "zombie" not in Path(f"/proc/{pid}/status").read_text()], "children outlived pgdr"
+    survivors = [pid for pid in descendants if Path(f"/proc/{pid}").exists()
+                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    if sig == signal.SIGKILL:
+        # A SIGKILLed pgdr cannot stop its children; a real pg_dump dies of SIGPIPE at its
+        # next write, this hung stand-in has to be stopped here.
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        survivors = []
+    assert not survivors, "children outlived pgdr: " + "; ".join(
+        Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in survivors)
     assert catalog.list_backups(repo) == []
     if sig == signal.SIGTERM:
         assert repo.incomplete_uploads("") == []  # aborted on the way out
@@ -336,3 +344,22 @@ def test_no_aws_secret_or_passphrase_reaches_argv_logs_artifacts_or_output(
                             ("local logs", caplog.text), ("repository json", stored),
                             ("artifacts", artifacts), ("flow runs", runs), ("server logs", logs)]:
             assert secret not in text, f"a secret reached {place}"
+
+
+def test_two_backups_of_one_database_started_together_both_land_one_after_the_other(big_db, file_repo,  # noqa: F811
+                                                                                    tmp_path):
+    pgdr = str(REPO_ROOT / ".venv" / "bin" / "pgdr")
+    slow = broken_pg_bin(tmp_path / "bin", limit=2**20, then="pause")  # each dump takes > 3 s
+    procs = [subprocess.Popen([pgdr, "backup", "--db", big_db, "--repo", file_repo, "--json"],
+                              env=pgdr_env(tmp_path, PGDR_PG_BIN=str(slow)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              cwd=tmp_path) for _ in range(2)]
+    results = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err.decode()[-500:] for _out, err in results]
+    repo = open_repository(file_repo)
+    first, second = sorted(catalog.list_backups(repo), key=lambda m: (m.started_at, m.finished_at))
+    assert first.backup_id != second.backup_id
+    # The repository lock serialised them: the second dump began once the first was stored.
+    assert catalog.parse_iso(second.started_at) >= catalog.parse_iso(first.finished_at)
+    for manifest in (first, second):
+        repo.verify(f"{manifest.prefix}/{manifest.data_key}", manifest.size_bytes, manifest.sha256)
