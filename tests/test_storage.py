@@ -20,15 +20,11 @@ from tests.support.cli import cli_json, error_line, run_cli
 def s3_calls(s3, monkeypatch) -> Counter:
     """Counts the S3 operations of every client pgdr opens during the test."""
     calls: Counter = Counter()
-    real = tasks.repository.s3_client
 
-    def counted(region=None, *, hook=None):
-        def register(client):
-            client.meta.events.register("before-call.s3.*",
-                                        lambda model, **_: calls.update([model.name]))
-        return real(region, hook=register)
+    def register(client):
+        client.meta.events.register("before-call.s3.*", lambda model, **_: calls.update([model.name]))
 
-    monkeypatch.setattr(tasks.repository, "s3_client", counted)
+    monkeypatch.setattr(tasks.repository, "S3_CLIENT_HOOKS", [register])
     return calls
 
 
