@@ -155,6 +155,20 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
     return result
 
 
+def _restored(manifest: catalog.Manifest, result: dict[str, Any], target_url: str, clock: Stopwatch,
+              **extra: Any) -> dict[str, Any]:
+    """What a restore reports (the CLI's --json contract): backup, target, verification."""
+    return {
+        "backup_id": manifest.backup_id,
+        "database": manifest.database,
+        "target": postgres.display_dsn(target_url),
+        "verified": result["success"],
+        "row_counts": {t["table"]: t["observed"] for t in result["tables"]},
+        **extra,
+        "duration_seconds": round(clock.seconds, 3),
+    }
+
+
 def _audited(operation: str, kind: str, repo_url: str, settings: Settings, source: str, destination: str,
              clock: Stopwatch, status: str, size: int = 0, **details: Any) -> None:
     write = record_audit if status == "success" else record_failure
@@ -199,15 +213,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "success",
              manifest.size_bytes, previous_database=kept_as)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
-    return {
-        "backup_id": manifest.backup_id,
-        "database": manifest.database,
-        "target": postgres.display_dsn(target_url),
-        "verified": result["success"],
-        "row_counts": {t["table"]: t["observed"] for t in result["tables"]},
-        "previous_database": kept_as,
-        "duration_seconds": round(clock.seconds, 3),
-    }
+    return _restored(manifest, result, target_url, clock, previous_database=kept_as)
 
 
 @flow(name="restore-to-temp", log_prints=True, **FLOW_HOOKS)
@@ -235,16 +241,8 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
     _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "success",
              manifest.size_bytes, kept=keep)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
-    return {
-        "backup_id": manifest.backup_id,
-        "database": manifest.database,
-        "target": postgres.display_dsn(postgres.with_database(server_url, temp_db)),
-        "temp_database": temp_db,
-        "kept": keep,
-        "verified": result["success"],
-        "row_counts": {t["table"]: t["observed"] for t in result["tables"]},
-        "duration_seconds": round(clock.seconds, 3),
-    }
+    return _restored(manifest, result, postgres.with_database(server_url, temp_db), clock,
+                     temp_database=temp_db, kept=keep)
 
 
 @flow(name="rollback", log_prints=True, **FLOW_HOOKS)
