@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Prefect's telemetry fails offline and contends for its SQLite database.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps test demo bench lint clean
+.PHONY: setup system-deps test demo bench lint lock clean
 
 setup: system-deps $(STAMP)
 
@@ -30,6 +30,10 @@ bench: setup
 
 lint: setup
 	.venv/bin/ruff check .
+
+# Pin the run-time packages the worker image installs (Dockerfile) after a dependency change.
+lock: setup
+	$(PYTHON) scripts/lock_requirements.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache build *.egg-info .demo

@@ -23,14 +23,21 @@ def available_specs(names: list[str] | None = None, path: Path = PREFECT_YAML) -
 def register(names: list[str] | None = None, *, work_pool: str | None = None, timezone: str | None = None,
              path: Path = PREFECT_YAML) -> dict[str, UUID]:
     """Create or update the deployments; returns their ids by `flow/deployment`."""
+    return deploy(available_specs(names, path), work_pool=work_pool, timezone=timezone)
+
+
+def deploy(specs: list[DeploymentSpec], *, work_pool: str | None = None,
+           timezone: str | None = None) -> dict[str, UUID]:
+    """Create or update these deployments, each flow from its spec's checkout."""
     from prefect import Flow
 
     ids = {}
-    for spec in available_specs(names, path):
+    for spec in specs:
         flow = Flow.from_source(source=str(spec.root), entrypoint=spec.entrypoint)
         ids[spec.label] = flow.deploy(
             name=spec.name, work_pool_name=work_pool or spec.work_pool, work_queue_name=spec.work_queue,
             schedules=spec.cron_schedules(timezone), parameters=spec.parameters,
+            job_variables=spec.job_variables,
             description=spec.description, tags=list(spec.tags), build=False, push=False,
             print_next_steps=False, ignore_warnings=True)
     return ids

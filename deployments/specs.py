@@ -32,6 +32,7 @@ class DeploymentSpec:
     schedules: tuple[dict[str, Any], ...] = ()
     work_pool: str = WORK_POOL
     work_queue: str | None = None
+    job_variables: dict[str, Any] = field(default_factory=dict)
     root: Path = ROOT
 
     @property
@@ -89,6 +90,7 @@ def load_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
             schedules=tuple(entry.get("schedules") or ()),
             work_pool=pool.get("name") or WORK_POOL,
             work_queue=pool.get("work_queue_name"),
+            job_variables=dict(pool.get("job_variables") or {}),
             root=path.resolve().parent,
         ))
     return specs

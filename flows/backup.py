@@ -22,6 +22,7 @@ from flows.steps import (
     publish_table,
     record_audit,
     record_failure,
+    server_slot,
     transient_only,
     write_manifest,
 )
@@ -130,8 +131,9 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
     clock = Stopwatch()
     try:
-        # Prune of this database waits meanwhile, and so does another backup of it.
-        with database_lock(open_repo(repo_url, settings), database, "backup"):
+        # The server's fleet limit, then the database's lock: prune of this database
+        # waits meanwhile, and so does another backup of it.
+        with server_slot(db_url), database_lock(open_repo(repo_url, settings), database, "backup"):
             manifest = dump_database(db_url, repo_url, settings, backup_id, tier, fingerprint)
             write_manifest(repo_url, settings, manifest)
         if settings.replica_repo_url:

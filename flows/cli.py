@@ -223,6 +223,26 @@ def show_storage_restore(result: dict[str, Any]) -> None:
     print(f"Restored snapshot {result['snapshot_id']} of {result['bucket']} into {result['dest']}: "
           f"{result['object_count']} objects, {_size(result['bytes'])}")
 
+def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.fleet import fleet
+
+    return fleet(action=args.action, databases=[_url(u) for u in args.db or []],
+                 servers=[_url(u) for u in args.server or []], include=args.include, exclude=args.exclude,
+                 tier=args.tier, repo=args.repo, host_limit=args.host_limit, max_parallel=args.max_parallel,
+                 deployment=args.deployment, local=args.local, verify_server=_url(args.verify_server))
+
+
+def show_fleet(result: dict[str, Any]) -> None:
+    rows = result["databases"]
+    _print_table(["DATABASE", "SERVER", "STATUS", "SIZE", "SECONDS", "REASON"],
+                 [[r["database"], r["server"], r["status"],
+                   "-" if r["size_bytes"] is None else _size(r["size_bytes"]), r["duration_seconds"],
+                   r["reason"] or ""] for r in rows])
+    limits = ", ".join(f"{host}: {n}" for host, n in sorted(result["server_limits"].items()))
+    print(f"Fleet {result['action']}: {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} ok "
+          f"in {result['duration_seconds']:.0f} s (at most {limits} at once)")
+
+
 def cmd_recover_table(args: argparse.Namespace) -> dict[str, Any]:
     from flows.recover_table import recover_table
 
@@ -576,6 +596,32 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--bucket", help="bucket the snapshot was taken of (for latest, with several)")
     cmd.add_argument("--overwrite", action="store_true", help="restore into a non-empty bucket or prefix")
     cmd.add_argument("--repo", help="repository URL (s3://...)")
+
+    cmd = command("fleet", cmd_fleet, "back up (or verify) many databases, each as its own flow run, "
+                  "at most --host-limit at once per server", show_fleet)
+    cmd.add_argument("action", nargs="?", default="backup", choices=("backup", "verify"))
+    cmd.add_argument("--db", action="append", metavar="URL",
+                     help="a database of the fleet (repeat; default: PGDR_FLEET_DATABASES)")
+    cmd.add_argument("--server", action="append", metavar="URL",
+                     help="back up every database on this server (repeat; default: PGDR_FLEET_SERVERS); "
+                     "templates are never taken")
+    cmd.add_argument("--include", action="append", metavar="PATTERN",
+                     help="only discovered databases matching this shell pattern (repeat)")
+    cmd.add_argument("--exclude", action="append", metavar="PATTERN",
+                     help="skip discovered databases matching this shell pattern (repeat)")
+    cmd.add_argument("--tier", default="daily", help="backup tier (default: daily)")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--host-limit", type=int, metavar="N",
+                     help="runs at once per server (sets its limit; default: keep it, or PGDR_HOST_LIMIT "
+                     "for a new one)")
+    cmd.add_argument("--max-parallel", type=int, default=8, metavar="N",
+                     help="runs at once in all (default 8)")
+    cmd.add_argument("--deployment", metavar="FLOW/NAME",
+                     help="deployment to run each database on (default backup/fleet or verify/fleet)")
+    cmd.add_argument("--local", action="store_true",
+                     help="run each database's flow in this process instead of on a work pool")
+    cmd.add_argument("--verify-server", metavar="URL", help="server for verify's temporary databases")
+
     cmd = command("recover-table", cmd_recover_table,
                   "bring tables back from a backup without restoring the whole database", show_recover_table)
     cmd.add_argument("backup", metavar="BACKUP", help="backup id, or latest")

@@ -31,16 +31,12 @@ from tasks import restore as restoring
 from tasks.audit import audit_record
 from tasks.crypto import resolve_passphrase
 from tasks.dump import fetch_dump
-from tasks.errors import ConfigError, PgdrError
+from tasks.errors import ConfigError, FailedWithReport, PgdrError
 from tasks.settings import Settings, load_settings
 
 
-class VerificationFailed(PgdrError):
+class VerificationFailed(FailedWithReport):
     """The restored database does not hold what the backup's manifest says."""
-
-    def __init__(self, message: str, details: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.details = details
 
 
 @task(name="find backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)

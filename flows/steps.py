@@ -7,7 +7,8 @@ timeouts, tags, artifacts and progress live here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import get_client, get_run_logger, task
@@ -25,10 +26,12 @@ from prefect.client.schemas.filters import (
     TaskRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 from prefect.logging.loggers import flow_run_logger
 from prefect.settings import get_current_settings
 
-from tasks import audit, catalog, notify
+from tasks import audit, catalog, fleet, notify
 from tasks.errors import PgdrError
 from tasks.metrics import put_metrics
 from tasks.process import redact
@@ -48,19 +51,21 @@ class Progress:
     """One long operation's progress: a Prefect progress artifact, and the terminal's
     progress bar when a person is watching."""
 
-    def __init__(self, label: str, total: int | None) -> None:
+    def __init__(self, label: str, total: int | None, *, terminal: bool = True) -> None:
         self.label = label
         self.total = total
+        # The terminal's bar counts bytes: a count of other things stays in the artifact.
+        self.listeners = _listeners if terminal else []
         self.artifact_id = _quietly(create_progress_artifact, progress=0.0, description=label)
 
     def update(self, done: int) -> None:
-        for listener in _listeners:
+        for listener in self.listeners:
             listener(self.label, done, self.total)
         if self.artifact_id and self.total:
             _quietly(update_progress_artifact, self.artifact_id, min(99.0, 100.0 * done / self.total))
 
     def finish(self) -> None:
-        for listener in _listeners:
+        for listener in self.listeners:
             listener(self.label, -1, self.total)
         if self.artifact_id:
             _quietly(update_progress_artifact, self.artifact_id, 100.0)
@@ -156,6 +161,27 @@ class Stopwatch:
         return time.monotonic() - self.started
 
 
+# --- one server, many runs ----------------------------------------------------------------
+
+
+@contextmanager
+def server_slot(db_url: str) -> Iterator[None]:
+    """Hold a slot of the server's global concurrency limit (`pgdr-host:<host>:<port>`)
+    while working on it, when that limit exists: the fleet flow creates it, an operator may
+    too (`prefect gcl create`). Without it, runs are not limited. The slot is a lease: if
+    this process dies, the server frees it when the lease expires."""
+    name = fleet.host_limit_name(db_url)
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        yield
+        return
+    get_run_logger().info("waiting for a slot of %s", name)
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
 # --- notifications and metrics ------------------------------------------------------------
 
 
@@ -184,12 +210,15 @@ def _failed_step(flow_run_id: Any) -> str | None:
     return last.name.removesuffix(f"-{last.dynamic_key[:3]}")  # run names: "<task name>-<key[:3]>"
 
 
-def _failure_reason(state: Any) -> str | None:
+def failure_reason(outcome: Any) -> str | None:
+    """Why a run failed, in one line: from its exception, or from its final state."""
+    if isinstance(outcome, BaseException):
+        return notify.one_line(outcome)
     try:
-        outcome = state.result(raise_on_failure=False)
-    except Exception:
-        outcome = None
-    return notify.one_line(outcome if isinstance(outcome, BaseException) else state.message)
+        error = outcome.result(raise_on_failure=False)
+    except Exception:  # the result is not readable here: the state's message says enough
+        error = None
+    return notify.one_line(error if isinstance(error, BaseException) else outcome.message)
 
 
 def _run_url(flow_run_id: Any) -> str | None:
@@ -212,7 +241,7 @@ def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
         notice = notify.Notice(
             flow=flow.name, ok=ok, database=_database_of(dict(flow_run.parameters or {}), settings),
             step=None if ok else _failed_step(flow_run.id) or f"{flow.name} (flow)",
-            reason=None if ok else _failure_reason(state),
+            reason=None if ok else failure_reason(state),
             run_name=flow_run.name, run_url=_run_url(flow_run.id))
         notify.send(notice, settings)
     except Exception as exc:

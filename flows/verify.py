@@ -20,6 +20,7 @@ from flows.steps import (
     publish_markdown,
     publish_metrics,
     record_audit,
+    server_slot,
 )
 from tasks import catalog
 from tasks import restore as restoring
@@ -65,8 +66,9 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
                                 f"(more than {max_age_hours:g} h)")
             temp_db = restoring.derived_name(database, "verify", catalog.utcnow())
             try:
-                result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, None, True,
-                                              by="verify")
+                with server_slot(server_url):
+                    result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, None,
+                                                  True, by="verify")
             finally:
                 restoring.drop_quietly(server_url, temp_db)
             entry["tables"] = result["statistics"]["evaluated"]

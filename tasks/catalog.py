@@ -11,7 +11,7 @@ import json
 import re
 import secrets
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -170,6 +170,21 @@ def list_backups(repo: Repository, database: str | None = None) -> list[Manifest
                 if info.key.endswith("/" + MANIFEST):
                     manifests.append(Manifest.from_json(repo.get_bytes(info.key)))
     return sorted(manifests, key=lambda m: (m.finished_at, m.backup_id))
+
+
+def backups_since(repo: Repository, database: str, tier: str, since: datetime) -> list[Manifest]:
+    """Complete backups of one database and tier started at `since` or later, oldest first;
+    lists only the days since then and reads only those manifests."""
+    found = []
+    day = since.date()
+    while day <= utcnow().date():
+        prefix = f"{database_component(database)}/{check_tier(tier)}/{day:%Y}/{day:%m}/{day:%d}/"
+        for info in repo.list(prefix):
+            backup_id = info.key.removeprefix(prefix).split("/")[0]
+            if info.key.endswith("/" + MANIFEST) and parse_backup_id(backup_id).started >= since:
+                found.append(Manifest.from_json(repo.get_bytes(info.key)))
+        day += timedelta(days=1)
+    return sorted(found, key=lambda m: (m.finished_at, m.backup_id))
 
 
 def find_backup(repo: Repository, backup_id: str, database: str | None = None) -> Manifest:

@@ -18,3 +18,12 @@ class NotFoundError(PgdrError):
 
 class IntegrityError(PgdrError):
     """Stored bytes do not match what was recorded: never restore them."""
+
+
+class FailedWithReport(PgdrError):
+    """A run that checked or did several things, some of which failed: the message says
+    which, and `details` is the whole report (what `--json` prints)."""
+
+    def __init__(self, message: str, details: dict) -> None:
+        super().__init__(message)
+        self.details = details

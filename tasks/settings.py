@@ -9,6 +9,7 @@ read their settings in milliseconds.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,11 @@ class Settings:
     files_secret_patterns: tuple[str, ...] = ()
     # The database name the WAL commands archive under (else the database of db_url).
     wal_db: str | None = None
+    # The fleet: database URLs (without passwords) and servers whose databases are discovered.
+    fleet_databases: tuple[str, ...] = ()
+    fleet_servers: tuple[str, ...] = ()
+    # How many pgdr runs may work on one PostgreSQL server at once (fleet runs).
+    host_limit: int = 2
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
@@ -164,7 +170,14 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         notify_on_success=merged.get("PGDR_NOTIFY_ON_SUCCESS", "").lower() in ("1", "true", "yes"),
         cloudwatch_namespace=merged.get("PGDR_CLOUDWATCH_NAMESPACE")
         or (DEFAULT_NAMESPACE if merged.get("PGDR_CLOUDWATCH", "").lower() in ("1", "true", "yes") else None),
-        files_secret_patterns=tuple(p.strip() for p in merged.get("PGDR_FILES_SECRET_PATTERNS", "")
-                                    .split(",") if p.strip()),
+        files_secret_patterns=_list(merged, "PGDR_FILES_SECRET_PATTERNS"),
         wal_db=merged.get("PGDR_WAL_DB") or None,
+        fleet_databases=_list(merged, "PGDR_FLEET_DATABASES"),
+        fleet_servers=_list(merged, "PGDR_FLEET_SERVERS"),
+        host_limit=_int(merged, "PGDR_HOST_LIMIT", 2),
     )
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma- or whitespace-separated list."""
+    return tuple(item for item in re.split(r"[,\s]+", env.get(name, "")) if item)

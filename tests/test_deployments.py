@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import re
 import subprocess
-import sys
+import tomllib
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prefect.cli.deploy._models import PrefectYamlModel, RawScheduleConfig
 from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.server.schemas.schedules import CronSchedule as ServerCronSchedule
-from prefect.settings import get_current_settings
 
-from deployments.register import available_specs, register
+from deployments.register import available_specs, deploy, register
 from deployments.serve import runner_deployments
 from deployments.specs import PREFECT_YAML, ROOT, WORK_POOL, DeploymentSpec, load_specs, split_available
 from tasks import catalog
 from tasks.repository import open_repository
+from tests.support.worker import PREFECT, process_worker, worker_env
 
-PREFECT = str(Path(sys.executable).parent / "prefect")
 EXPECTED = {
     "backup/daily": ("flows/backup.py:backup", "0 2 * * *"),
     "backup/weekly": ("flows/backup.py:backup", "0 3 * * 0"),
@@ -39,6 +43,9 @@ EXPECTED = {
     "recover-table/manual": ("flows/recover_table.py:recover_table", None),
     "failover/manual": ("flows/failover.py:failover", None),
     "pitr/manual": ("flows/pitr.py:pitr", None),
+    "fleet/manual": ("flows/fleet.py:fleet", None),
+    "backup/fleet": ("flows/backup.py:backup", None),
+    "verify/fleet": ("flows/verify.py:verify", None),
 }
 
 
@@ -150,8 +157,6 @@ def test_register_creates_the_deployments_on_the_server():
 
 
 async def _ensure_pool() -> None:
-    from prefect.client.schemas.actions import WorkPoolCreate
-
     async with get_client() as client:
         await client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process"), overwrite=True)
 
@@ -164,9 +169,7 @@ def _prefect(*argv: str, env: dict[str, str], timeout: int = 300) -> subprocess.
 def test_prefect_deploy_then_a_worker_runs_a_real_backup_with_parameters(fleet_db, tmp_path):
     """prefect deploy (the CLI, from prefect.yaml) -> prefect deployment run --watch with
     parameters -> a process worker runs the flow -> the backup is in the repository."""
-    env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url or "",
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    assert env["PREFECT_API_URL"].startswith("http://127.0.0.1")
+    env = worker_env()
     asyncio.run(_ensure_pool())
     present, missing = split_available(load_specs())
     if missing:
@@ -176,23 +179,82 @@ def test_prefect_deploy_then_a_worker_runs_a_real_backup_with_parameters(fleet_d
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
     repo_url = f"file://{tmp_path}/repo"
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", WORK_POOL, "--type", "process", "--install-policy", "never"],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with process_worker(WORK_POOL, tmp_path, env) as log:
         run = _prefect("deployment", "run", "backup/manual", "--param", f"db={fleet_db}",
                        "--param", f"repo={repo_url}", "--param", "tier=pre-deploy",
                        "--watch", "--watch-timeout", "240", env=env)
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        log.close()
-    assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "worker.log").read_text()[-3000:]
+    assert run.returncode == 0, run.stdout + run.stderr + log.read_text()[-3000:]
     assert "Completed" in run.stdout
     (backup,) = catalog.list_backups(open_repository(repo_url))
     assert (backup.database, backup.tier) == ("fleet", "pre-deploy")
     assert sum(backup.row_counts.values()) > 0
+
+
+def specs_on_engine(engine: str, tmp_path: Path) -> dict[str, DeploymentSpec]:
+    """prefect.yaml with its ENGINE line pointed at another engine, as docs/fleet.md says."""
+    text = PREFECT_YAML.read_text()
+    line = "<<: *process_pool  # ENGINE"
+    assert line in text
+    copy = tmp_path / "prefect.yaml"
+    copy.write_text(text.replace(line, f"<<: *{engine}_pool  # ENGINE"))
+    return {spec.label: spec for spec in load_specs(copy)}
+
+
+def test_one_line_moves_every_deployment_to_the_docker_or_ecs_engine(tmp_path):
+    image = re.search(r"docker build -t (pgdr:[\w.-]+) \.", (ROOT / "Dockerfile").read_text()).group(1)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert image == f"pgdr:{version}"
+    for engine, pool in (("docker", "pgdr-docker"), ("ecs", "pgdr-ecs")):
+        specs = specs_on_engine(engine, tmp_path)
+        assert set(specs) == set(EXPECTED)
+        assert {spec.work_pool for spec in specs.values()} == {pool}
+        assert {spec.job_variables["image"].rsplit("/", 1)[-1] for spec in specs.values()} == {image}
+    docker = specs_on_engine("docker", tmp_path)["backup/fleet"].job_variables
+    # The Docker worker's job variables (prefect-docker's DockerWorkerJobConfiguration).
+    assert set(docker) <= {"image", "image_pull_policy", "auto_remove", "env", "networks", "network_mode",
+                           "labels", "name", "command", "volumes", "stream_output", "mem_limit", "privileged"}
+
+
+def test_the_ecs_engine_is_accepted_by_a_real_ecs_work_pool(tmp_path):
+    """prefect-aws's ECS worker template: the server validates the job variables."""
+    from prefect_aws.workers.ecs_worker import ECSWorker
+
+    template = ECSWorker.get_default_base_job_template()
+    spec = specs_on_engine("ecs", tmp_path)["backup/fleet"]
+    assert set(spec.job_variables) <= set(template["variables"]["properties"])
+
+    async def create_pool() -> None:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="pgdr-ecs", type="ecs",
+                                                         base_job_template=template), overwrite=True)
+
+    asyncio.run(create_pool())
+    ids = deploy([replace(spec, root=ROOT)])
+
+    async def read() -> Any:
+        async with get_client() as client:
+            return await client.read_deployment(ids["backup/fleet"])
+
+    deployment = asyncio.run(read())
+    assert deployment.work_pool_name == "pgdr-ecs"
+    assert deployment.job_variables["launch_type"] == "FARGATE"
+
+
+def test_the_worker_image_installs_exactly_the_locked_packages_and_they_satisfy_pyproject():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir --no-deps -r requirements.lock" in dockerfile
+    assert re.search(r"^FROM python:3\.11\.\d+-slim-bookworm$", dockerfile, re.M)  # a pinned base
+    for package in ("GNUPG", "ZSTD", "PG_CLIENT"):
+        assert re.search(rf"^ARG {package}_VERSION=\S+$", dockerfile, re.M), package
+    locked = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            locked[canonicalize_name(name)] = version
+    for text in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in locked, f"{name} is not in requirements.lock: run make lock"
+        assert requirement.specifier.contains(locked[name], prereleases=True), (name, locked[name])
+    assert "psycopg-binary" in locked  # the extra is locked too
+    assert not {"pytest", "moto", "ruff", "hypothesis"} & set(locked)  # nothing from dev

@@ -1,8 +1,10 @@
-"""A PostgreSQL bin directory whose pg_dump misbehaves part-way, for fault tests."""
+"""PostgreSQL bin directories whose pg_dump misbehaves part-way (fault tests) or records
+when it ran (concurrency tests)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tasks.postgres import pg_bin
@@ -35,13 +37,49 @@ def broken_pg_bin(directory: Path, *, limit: int, then: str) -> Path:
     bytes and then is SIGKILLed (`then="kill"`), hangs (`"hang"`, as a dump stuck on a
     lock) or pauses 3 s and goes on (`"pause"`, a slow dump). Point PGDR_PG_BIN at the
     returned directory."""
+    return _with_pg_dump(directory, lambda real: _WRAPPER.format(python=sys.executable, real=real,
+                                                                 limit=limit, then=then))
+
+
+_TIMED = """#!{python}
+# The real pg_dump, held {hold} s longer; appends "<start> <end>" (epoch seconds) to {log}.
+import subprocess, sys, time
+start = time.time()
+code = subprocess.call([{real!r}, *sys.argv[1:]])
+time.sleep({hold})
+with open({log!r}, "a") as log:
+    log.write(f"{{start}} {{time.time()}}\\n")
+sys.exit(code)
+"""
+
+
+def timed_pg_bin(directory: Path, log: Path, *, hold: float) -> Path:
+    """A bin directory whose pg_dump takes `hold` seconds more than the real one and logs
+    when each dump ran, so that a test can see how many ran at once."""
+    return _with_pg_dump(directory, lambda real: _TIMED.format(python=sys.executable, real=real, log=str(log),
+                                                               hold=hold))
+
+
+def overlap(log: Path) -> int:
+    """The most dumps logged by timed_pg_bin that ran at the same moment."""
+    events = []
+    for start, end in (map(float, line.split()) for line in log.read_text().splitlines() if line.strip()):
+        events += [(start, 1), (end, -1)]
+    running = most = 0
+    for _, change in sorted(events, key=lambda e: (e[0], e[1])):  # an end before a start at a tie
+        running += change
+        most = max(most, running)
+    return most
+
+
+def _with_pg_dump(directory: Path, script: Callable[[str], str]) -> Path:
+    """A copy (by symlinks) of the PostgreSQL bin directory with its own pg_dump."""
     real_dir = Path(pg_bin("pg_dump")).parent
     directory.mkdir(parents=True, exist_ok=True)
     for program in real_dir.iterdir():
         if program.name != "pg_dump":
             (directory / program.name).symlink_to(program)
     wrapper = directory / "pg_dump"
-    wrapper.write_text(_WRAPPER.format(python=sys.executable, real=str(real_dir / "pg_dump"), limit=limit,
-                                       then=then))
+    wrapper.write_text(script(str(real_dir / "pg_dump")))
     wrapper.chmod(0o755)
     return directory
