@@ -265,15 +265,17 @@ def show_recover_table(result: dict[str, Any]) -> None:
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from flows.prune import prune
 
-    return prune(repo=args.repo, db=args.db, tier=args.tier, dry_run=args.dry_run)
+    return prune(repo=args.repo, db=args.db, tier=args.tier, dry_run=args.dry_run, area=args.area,
+                 name=args.name, bucket=args.bucket)
 
 
 def show_prune(result: dict[str, Any]) -> None:
     rows = result["backups"]
     if rows:
-        _print_table(["BACKUP", "DATABASE", "TIER", "FINISHED (UTC)", "ACTION", "REASON"],
-                     [[r["backup_id"], r["database"] or "-", r["tier"] or "-", r["finished_at"] or "-",
-                       r["action"], r["reason"]] for r in rows])
+        # OF: the database, the files backups' name, or the snapshotted bucket and prefix.
+        _print_table(["BACKUP", "AREA", "OF", "TIER", "FINISHED (UTC)", "ACTION", "REASON"],
+                     [[r["backup_id"], r["area"], r["database"] or "-", r["tier"] or "-",
+                       r["finished_at"] or "-", r["action"], r["reason"]] for r in rows])
     counts = ", ".join(f"{n} {action}" for action, n in sorted(result["counts"].items())) or "nothing"
     print(f"{'Dry run: ' if result['dry_run'] else ''}{counts} in {result['repository']}")
 
@@ -639,9 +641,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--db", metavar="NAME", help="database whose backup to use (for latest)")
     cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")
     cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
-    cmd = command("prune", cmd_prune, "delete backups past their tier's retention", show_prune)
+    cmd = command("prune", cmd_prune, "delete backups, files backups and storage snapshots past their "
+                  "tier's retention", show_prune)
     cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--area", choices=("database", "files", "storage"),
+                     help="only database backups, files backups or storage snapshots (default: all)")
     cmd.add_argument("--db", metavar="NAME", help="only this database")
+    cmd.add_argument("--name", help="only the files backups of this name")
+    cmd.add_argument("--bucket", help="only the storage snapshots of this bucket")
     cmd.add_argument("--tier", help="only this tier (the floors still count every tier)")
     cmd.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
 

@@ -1,7 +1,7 @@
 """Files backups: configuration, encrypted environment files, Terraform state, manifests.
 
 files:          collect paths -> refuse secrets unless encrypted -> tar | zstd | gpg ->
-                repository -> manifest (last) -> audit record.
+                repository -> manifest (last) -> audit record -> retention of the tier.
 restore_files:  find backup -> verify + decode -> validate every member -> write into a
                 directory, each file's sha256 checked -> audit record.
 """
@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.backup import TOOL_VERSION
+from flows.prune import prune_after_backup
 from flows.steps import (
     Progress,
     Stopwatch,
@@ -23,10 +24,11 @@ from flows.steps import (
     record_failure,
     transient_only,
 )
-from tasks import catalog, crypto
+from tasks import catalog, crypto, retention
 from tasks import files as filing
 from tasks.audit import audit_record
 from tasks.errors import ConfigError
+from tasks.locks import database_lock
 from tasks.restore import work_directory
 from tasks.settings import Settings, check_tier, load_settings
 
@@ -91,8 +93,10 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
     clock = Stopwatch()
     try:
-        manifest = archive_files(list(paths), name, repo_url, settings, backup_id, tier, fingerprint)
-        write_files_manifest(repo_url, settings, manifest)
+        # A prune of this name waits meanwhile, and so does another backup of it.
+        with database_lock(open_repo(repo_url, settings), name, "files-backup", area=retention.FILES):
+            manifest = archive_files(list(paths), name, repo_url, settings, backup_id, tier, fingerprint)
+            write_files_manifest(repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "files-backup", type=tier, source=name, destination=repo_url, status="failed",
@@ -102,6 +106,7 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
         "files-backup", type=tier, source=name, destination=f"{repo_url}/{manifest.prefix}",
         status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
         backup_id=backup_id))
+    pruned = prune_after_backup(repo_url, name, tier, area=retention.FILES)
     return {
         **manifest.summary(),
         "sha256": manifest.sha256,
@@ -110,6 +115,7 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
         "skipped": manifest.skipped,
         "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
         "duration_seconds": round(clock.seconds, 3),
+        "pruned": pruned["counts"] if pruned else None,
     }
 
 

@@ -1,9 +1,11 @@
 """Prune: the runbook's retention as a flow.
 
-For each database (or the one named): decide with tasks.retention.choose, delete what it
-says (manifest first), remove incomplete backups and stale uploads older than the grace
-period, and report every backup kept or deleted with its reason (audit record + table
-artifact). Runs on its own and after every backup, for that backup's tier.
+For each database, files-backup name and snapshotted bucket (or the ones named): decide
+with tasks.retention.choose, delete what it says (manifest first; a storage snapshot's
+objects only once no remaining snapshot refers to them), remove incomplete backups and
+stale uploads older than the grace period, and report every backup kept or deleted with
+its reason (audit record + table artifact). Runs on its own and after every backup, files
+backup and storage snapshot, for its tier.
 """
 
 from __future__ import annotations
@@ -19,37 +21,43 @@ from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
 
-@task(name="prune database", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_only)
-def prune_database(repo_url: str, settings: Settings, database: str, tier: str | None,
-                   dry_run: bool) -> list[dict[str, Any]]:
+@task(name="prune", task_run_name="prune {area} {name}", retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=transient_only)
+def prune_set(repo_url: str, settings: Settings, area: str, name: str, tier: str | None,
+              dry_run: bool) -> list[dict[str, Any]]:
+    """Retention for one database, files-backup name or snapshotted bucket."""
     repo = open_repo(repo_url, settings)
     policy = retention.Policy(settings.retention_days, settings.keep_verified)
 
     def run() -> list[dict[str, Any]]:
-        plan = retention.plan_prune(repo, database, catalog.utcnow(), policy, tier)
-        return retention.apply_plan(repo, plan, dry_run)
+        return retention.prune_set(repo, area, name, catalog.utcnow(), policy, tier, dry_run)
 
     if dry_run:  # only reads: no need to wait for a running backup
         return run()
-    with database_lock(repo, database, "prune"):
+    with database_lock(repo, name, "prune", area=area):
         return run()
 
 
 @flow(name="prune", log_prints=True)
 def prune(repo: str | None = None, db: str | None = None, tier: str | None = None,
-          dry_run: bool = False) -> dict[str, Any]:
-    """Apply retention to the repository (one database, one tier, or all); returns every
-    backup with what was done to it and why."""
+          dry_run: bool = False, area: str | None = None, name: str | None = None,
+          bucket: str | None = None) -> dict[str, Any]:
+    """Apply retention to the repository: database backups, files backups and storage
+    snapshots (or one area; one database, files-backup name or bucket; one tier); returns
+    every backup with what was done to it and why."""
     settings = load_settings()
     if tier:
         check_tier(tier)
+    named = {retention.DATABASE: db, retention.FILES: name, retention.STORAGE: bucket}
+    areas = retention.select_areas(area, named)
     repo_url = repo or settings.repo_url
     repository = open_repo(repo_url, settings)
     clock = Stopwatch()
-    databases = [db] if db else catalog.list_databases(repository)
+    sets = [(each, one) for each in areas
+            for one in ([named[each]] if named[each] else retention.list_sets(repository, each))]
     rows: list[dict[str, Any]] = []
-    for database in databases:
-        rows += prune_database(repo_url, settings, database, tier, dry_run)
+    for each, one in sets:
+        rows += prune_set(repo_url, settings, each, one, tier, dry_run)
     counts = {action: sum(1 for r in rows if r["action"] == action) for action in {r["action"] for r in rows}}
     failed = [r for r in rows if r["action"] == "failed"]
     logger = get_run_logger()
@@ -57,7 +65,8 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
         if row["action"] in ("locked", "failed"):
             logger.warning("%s %s: %s", row["action"], row["backup_id"], row["reason"])
     record_audit(repo_url, settings, audit_record(
-        "prune", type=tier or "all", source=", ".join(databases) or "-", destination=repo_url,
+        "prune", type=tier or "all", destination=repo_url,
+        source=", ".join(one if each == retention.DATABASE else f"{each}/{one}" for each, one in sets) or "-",
         status="dry-run" if dry_run else "failed" if failed else "success",
         duration_seconds=clock.seconds, counts=counts,
         deleted=[r["backup_id"] for r in rows if r["action"] in ("deleted", "aborted")],
@@ -78,11 +87,14 @@ def replicate_backup(repo_url: str, replica_url: str, settings: Settings,
     return result
 
 
-def prune_after_backup(repo_url: str, database: str, tier: str) -> dict[str, Any] | None:
-    """Retention for the tier just backed up. The backup has succeeded whatever happens
-    here: a pruning problem is logged (and audited by prune), not raised."""
+def prune_after_backup(repo_url: str, name: str, tier: str,
+                       area: str = retention.DATABASE) -> dict[str, Any] | None:
+    """Retention for the tier just backed up (of the database, files-backup name or bucket
+    name). The backup has succeeded whatever happens here: a pruning problem is logged
+    (and audited by prune), not raised."""
+    parameter = {retention.DATABASE: "db", retention.FILES: "name", retention.STORAGE: "bucket"}[area]
     try:
-        return prune(repo=repo_url, db=database, tier=tier)
+        return prune(repo=repo_url, tier=tier, area=area, **{parameter: name})
     except Exception as exc:
-        get_run_logger().warning("pruning %s after the backup failed: %s", database, exc)
+        get_run_logger().warning("pruning %s after the backup failed: %s", name, exc)
         return None

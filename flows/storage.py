@@ -1,7 +1,7 @@
 """Storage snapshots: the S3 bucket of user uploads, exports and reports.
 
 storage_snapshot: list source -> server-side copy of what changed since the previous
-                  snapshot -> manifest (last) -> audit record.
+                  snapshot -> manifest (last) -> audit record -> retention of the tier.
 storage_restore:  find snapshot -> copy every object back into a bucket or prefix ->
                   audit record.
 """
@@ -12,10 +12,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows.prune import prune_after_backup
 from flows.steps import Stopwatch, open_repo, record_audit, record_failure, transient_only
-from tasks import catalog
+from tasks import catalog, retention
 from tasks import storage as snapshots
 from tasks.audit import audit_record
+from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
 
@@ -50,8 +52,12 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
     snapshot_id = catalog.new_backup_id(catalog.utcnow(), tier)
     clock = Stopwatch()
     try:
-        manifest = copy_changed_objects(location.url, repo_url, settings, snapshot_id, tier)
-        write_storage_manifest(repo_url, settings, manifest)
+        # The snapshot refers to the previous one's copies: no prune of the bucket may delete
+        # them meanwhile (it waits), nor may another snapshot of the bucket run.
+        with database_lock(open_repo(repo_url, settings), location.bucket, "storage-snapshot",
+                           area=retention.STORAGE):
+            manifest = copy_changed_objects(location.url, repo_url, settings, snapshot_id, tier)
+            write_storage_manifest(repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "storage-snapshot", type=tier, source=location.url, destination=repo_url, status="failed",
@@ -61,11 +67,13 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
         "storage-snapshot", type=tier, source=location.url, destination=f"{repo_url}/{manifest.prefix}",
         status="success", size_bytes=manifest.copied_bytes, duration_seconds=clock.seconds,
         backup_id=snapshot_id, objects=manifest.object_count, copied=manifest.copied_count))
+    pruned = prune_after_backup(repo_url, location.bucket, tier, area=retention.STORAGE)
     return {
         **manifest.summary(),
         "previous_snapshot": manifest.previous_snapshot,
         "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
         "duration_seconds": round(clock.seconds, 3),
+        "pruned": pruned["counts"] if pruned else None,
     }
 
 

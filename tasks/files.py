@@ -152,11 +152,16 @@ def backup_prefix(name: str, backup_id: str) -> str:
 # --- the catalog of files backups ------------------------------------------------------------
 
 
+def list_names(repo: Repository) -> list[str]:
+    """The names files backups were taken under."""
+    return repo.list_dirs(f"{AREA}/")
+
+
 def list_file_backups(repo: Repository, name: str | None = None) -> list[FilesManifest]:
     """Every complete files backup (it has a manifest), oldest first. Each item has
     `backup_id`, `tier`, `finished`, `prefix` and `size_bytes`, like catalog.Manifest, so
     that the tier retention of database backups can choose among them too."""
-    names = [check_name(name)] if name else repo.list_dirs(f"{AREA}/")
+    names = [check_name(name)] if name else list_names(repo)
     manifests = []
     for each in names:
         for info in repo.list(f"{AREA}/{each}/"):

@@ -1,9 +1,11 @@
-"""One operation per database at a time: a lock object in the repository.
+"""One operation per database (or files-backup name, or snapshotted bucket) at a time: a
+lock object in the repository.
 
 Why a repository lock and not a Prefect global concurrency limit: backups and prunes
 start from the Prefect UI, from schedules, from GitHub Actions and from a shell, and a
 shell run may use its own temporary Prefect server; the repository is the one thing they
-all share, and the lock lives beside the data it protects. `locks/<database>.json` is
+all share, and the lock lives beside the data it protects. `locks/<database>.json`
+(`locks/files/<name>.json`, `locks/storage/<bucket>.json` for the other areas) is
 created with a conditional write (S3 `If-None-Match: *`, a hard link on disk), names its
 holder, and is renewed by a heartbeat while held; a lock whose holder stopped renewing it
 (a killed process) expires and is taken over.
@@ -31,12 +33,22 @@ HEARTBEAT_SECONDS = 60.0
 POLL_SECONDS = 2.0
 
 
+DATABASE = "database"
+
+
 class LockBusy(PgdrError):
-    """Another operation holds the database's lock."""
+    """Another operation holds the lock."""
 
 
-def lock_key(database: str) -> str:
-    return f"locks/{database_component(database)}.json"
+def lock_key(name: str, area: str = DATABASE) -> str:
+    """A database's lock, or one of another area's set (a database name never holds a '/'
+    once encoded, so the areas cannot collide)."""
+    component = database_component(name)
+    return f"locks/{component}.json" if area == DATABASE else f"locks/{area}/{component}.json"
+
+
+def _label(name: str, area: str) -> str:
+    return name if area == DATABASE else f"{area} {name}"
 
 
 def _holder(operation: str, token: str) -> dict[str, Any]:
@@ -70,9 +82,10 @@ def _describe(holder: dict[str, Any]) -> str:
             f"since {holder.get('acquired_at')}")
 
 
-def acquire(repo: Repository, database: str, operation: str, wait_seconds: float) -> dict[str, Any]:
+def acquire(repo: Repository, database: str, operation: str, wait_seconds: float,
+            area: str = DATABASE) -> dict[str, Any]:
     """Take the lock, waiting up to wait_seconds for its holder; LockBusy after that."""
-    key = lock_key(database)
+    key = lock_key(database, area)
     holder = _holder(operation, secrets.token_hex(8))
     deadline = time.monotonic() + wait_seconds
     while True:
@@ -87,19 +100,18 @@ def acquire(repo: Repository, database: str, operation: str, wait_seconds: float
             continue
         if time.monotonic() >= deadline:
             who = _describe(current) if current else "another operation"
-            raise LockBusy(f"{database} is locked by {who}; try again when it has finished")
+            raise LockBusy(f"{_label(database, area)} is locked by {who}; try again when it has finished")
         time.sleep(POLL_SECONDS)
 
 
-def release(repo: Repository, database: str, holder: dict[str, Any]) -> None:
-    key = lock_key(database)
+def release(repo: Repository, database: str, holder: dict[str, Any], area: str = DATABASE) -> None:
+    key = lock_key(database, area)
     current = _read(repo, key)
     if current and current.get("token") == holder["token"]:
         repo.delete(key)
 
 
-def _renew(repo: Repository, database: str, holder: dict[str, Any], stop: threading.Event) -> None:
-    key = lock_key(database)
+def _renew(repo: Repository, key: str, holder: dict[str, Any], stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_SECONDS):
         current = _read(repo, key)
         if not current or current.get("token") != holder["token"]:
@@ -110,17 +122,18 @@ def _renew(repo: Repository, database: str, holder: dict[str, Any], stop: thread
 
 
 @contextlib.contextmanager
-def database_lock(repo: Repository, database: str, operation: str,
-                  wait_seconds: float = 600.0) -> Iterator[dict[str, Any]]:
-    """Hold the database's lock for the block, renewing it while the block runs."""
-    holder = acquire(repo, database, operation, wait_seconds)
+def database_lock(repo: Repository, database: str, operation: str, wait_seconds: float = 600.0,
+                  area: str = DATABASE) -> Iterator[dict[str, Any]]:
+    """Hold the database's lock (or, with area, that of a files backup name or a snapshotted
+    bucket) for the block, renewing it while the block runs."""
+    holder = acquire(repo, database, operation, wait_seconds, area)
     stop = threading.Event()
-    beat = threading.Thread(target=_renew, args=(repo, database, holder, stop), daemon=True,
-                            name=f"pgdr-lock-{database}")
+    beat = threading.Thread(target=_renew, args=(repo, lock_key(database, area), holder, stop), daemon=True,
+                            name=f"pgdr-lock-{_label(database, area)}")
     beat.start()
     try:
         yield holder
     finally:
         stop.set()
         beat.join()
-        release(repo, database, holder)
+        release(repo, database, holder, area)

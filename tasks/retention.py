@@ -2,21 +2,31 @@
 
 The choice is a pure function of the backups, the time and the policy (no storage, no
 clock, no time zone): `choose` is what `pgdr prune` applies and what the tests exercise.
+It decides for every area alike: database backups (grouped by database), files backups
+(by name) and storage snapshots (by source bucket and prefix).
 
 A backup is kept, whatever its age, when it is
-- the newest backup of its tier (per database), or the newest one of the tier that is
+- the newest backup of its tier (per group), or the newest one of the tier that is
   not known to be corrupt (a failed verification makes the newest worthless);
-- one of the `keep_verified` newest verified backups of its database;
+- one of the `keep_verified` newest verified backups of its group;
 - younger than its tier's retention.
 Everything else is deleted. Only a verification that passed counts as verified.
+
+Storage snapshots share objects (a snapshot refers to the unchanged copies an earlier one
+made): deleting one removes its manifest first, then only the objects that no remaining
+snapshot refers to (`sweep`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
+from tasks import files as filing
 from tasks.catalog import (
     MANIFEST,
     NON_TIER_AREAS,
@@ -24,12 +34,14 @@ from tasks.catalog import (
     Manifest,
     database_component,
     iso,
+    list_databases,
     parse_backup_id,
     read_verification,
 )
-from tasks.errors import PgdrError
+from tasks.errors import ConfigError, PgdrError
 from tasks.repository import IncompleteUpload, Repository
 from tasks.settings import TIER_RETENTION_DAYS
+from tasks.storage import StorageManifest, bucket_area, list_buckets, referenced_keys
 
 DEFAULT_GRACE = timedelta(hours=24)
 
@@ -39,7 +51,8 @@ class BackupFacts:
     """What retention needs to know of one complete backup."""
 
     backup_id: str
-    database: str
+    # The set it belongs to: a database, a files-backup name, a snapshotted bucket+prefix.
+    group: str
     tier: str
     finished: datetime
     # True: verification passed; False: it failed (corrupt); None: never verified.
@@ -85,7 +98,7 @@ def choose(backups: Iterable[BackupFacts], now: datetime, policy: Policy) -> lis
     good_tiers: set[tuple[str, str]] = set()
     verified_count: dict[str, int] = {}
     for backup in ordered:
-        tier_key = (backup.database, backup.tier)
+        tier_key = (backup.group, backup.tier)
         reasons = []
         if tier_key not in seen_tiers:
             seen_tiers.add(tier_key)
@@ -95,19 +108,19 @@ def choose(backups: Iterable[BackupFacts], now: datetime, policy: Policy) -> lis
             if not reasons:
                 reasons.append(f"newest {backup.tier} backup not known to be corrupt")
         if backup.verified is True:
-            rank = verified_count.get(backup.database, 0) + 1
-            verified_count[backup.database] = rank
+            rank = verified_count.get(backup.group, 0) + 1
+            verified_count[backup.group] = rank
             if rank <= policy.keep_verified:
                 reasons.append(f"verified #{rank} of the {policy.keep_verified} newest kept")
         if reasons:
-            floors[(backup.database, backup.backup_id)] = "; ".join(reasons)
+            floors[(backup.group, backup.backup_id)] = "; ".join(reasons)
 
     decisions = []
     for backup in ordered:
         days = policy.days(backup.tier)
         age = now - backup.finished
         age_text = f"{age.total_seconds() / 86400:.1f} d old"
-        floor = floors.get((backup.database, backup.backup_id))
+        floor = floors.get((backup.group, backup.backup_id))
         if floor:
             decisions.append(Decision(backup, False, floor))
         elif age < timedelta(days=days):
@@ -128,56 +141,90 @@ def is_stale(moment: datetime, now: datetime, grace: timedelta = DEFAULT_GRACE) 
 
 # --- applying the choice to a repository ------------------------------------------------------
 
+DATABASE, FILES, STORAGE = "database", "files", "storage"
+AREAS = (DATABASE, FILES, STORAGE)
+
+
+def select_areas(area: str | None, selectors: Mapping[str, str | None]) -> list[str]:
+    """The areas a prune covers: the one asked for, else those a set was named in
+    (selectors: area -> database, files name or bucket), else all."""
+    named = [each for each in AREAS if selectors.get(each)]
+    if area is None:
+        return named or list(AREAS)
+    if area not in AREAS:
+        raise ConfigError(f"unknown area {area!r}: choose one of {', '.join(AREAS)}")
+    if named and named != [area]:
+        raise ConfigError(f"a {' and a '.join(named)} set was named, which is not the area {area}")
+    return [area]
+
 
 @dataclass
 class StoredBackup:
     """The objects under one backup's prefix, complete (with manifest) or not."""
 
-    database: str
+    group: str
+    tier: str
     prefix: str
     keys: list[str]
     newest: datetime
-    manifest: Manifest | None = None
+    manifest: Any = None  # catalog.Manifest or files.FilesManifest
     verified: bool | None = None
 
 
 @dataclass
 class PrunePlan:
+    area: str
     decisions: list[tuple[Decision, StoredBackup]]
     incomplete: list[StoredBackup]
     stale_uploads: list[IncompleteUpload]
-    unreadable: list[str]
+    unreadable: list[StoredBackup]
 
 
-def scan_database(repo: Repository, database: str) -> tuple[list[StoredBackup], list[str]]:
-    """Every backup prefix of the database (all pages of every tier), and the prefixes whose
-    manifest cannot be read (left alone: never delete what is not understood)."""
-    db_prefix = database_component(database) + "/"
-    groups: dict[str, StoredBackup] = {}
-    for tier in repo.list_dirs(db_prefix):
+def scan_backups(repo: Repository, root: str, group: str,
+                 read_manifest: Callable[[bytes], Any]) -> tuple[list[StoredBackup], list[StoredBackup]]:
+    """Every backup prefix under root (`<root>/<tier>/<YYYY>/<MM>/<DD>/<backup_id>/<file>`, all
+    pages of every tier), complete ones with their manifest; and apart, those whose manifest
+    cannot be read (left alone: never delete what is not understood)."""
+    depth = root.count("/") + 1
+    found: dict[str, StoredBackup] = {}
+    for tier in repo.list_dirs(root + "/"):
         if tier in NON_TIER_AREAS:
             continue
-        for info in repo.list(f"{db_prefix}{tier}/"):
+        for info in repo.list(f"{root}/{tier}/"):
             parts = info.key.split("/")
-            # <db>/<tier>/<YYYY>/<MM>/<DD>/<backup_id>/<file>, and only ids pgdr writes.
-            if len(parts) != 7 or not _is_backup_id(parts[5]):
+            # Only ids pgdr writes, at the depth it writes them.
+            if len(parts) != depth + 6 or not _is_backup_id(parts[depth + 4]):
                 continue
-            prefix = "/".join(parts[:6])
-            group = groups.setdefault(prefix, StoredBackup(database, prefix, [], info.modified))
-            group.keys.append(info.key)
-            group.newest = max(group.newest, info.modified)
-    unreadable = []
-    for group in groups.values():
-        if f"{group.prefix}/{MANIFEST}" not in group.keys:
-            continue
-        try:
-            group.manifest = Manifest.from_json(repo.get_bytes(f"{group.prefix}/{MANIFEST}"))
-            if f"{group.prefix}/{VERIFIED}" in group.keys:
-                result = read_verification(repo, group.manifest) or {}
-                group.verified = result.get("verified") is True
-        except (PgdrError, ValueError):
-            unreadable.append(group.prefix)
-    return list(groups.values()), unreadable
+            prefix = "/".join(parts[:depth + 5])
+            stored = found.setdefault(prefix, StoredBackup(group, tier, prefix, [], info.modified))
+            stored.keys.append(info.key)
+            stored.newest = max(stored.newest, info.modified)
+    readable, unreadable = [], []
+    for stored in found.values():
+        if f"{stored.prefix}/{MANIFEST}" in stored.keys:
+            try:
+                stored.manifest = read_manifest(repo.get_bytes(f"{stored.prefix}/{MANIFEST}"))
+            except (PgdrError, ValueError):
+                unreadable.append(stored)
+                continue
+        readable.append(stored)
+    return readable, unreadable
+
+
+def scan_database(repo: Repository, database: str) -> tuple[list[StoredBackup], list[StoredBackup]]:
+    """scan_backups of a database, with each backup's verification result."""
+    stored, unreadable = scan_backups(repo, database_component(database), database, Manifest.from_json)
+    readable = []
+    for backup in stored:
+        if backup.manifest and f"{backup.prefix}/{VERIFIED}" in backup.keys:
+            try:
+                result = read_verification(repo, backup.manifest) or {}
+            except (PgdrError, ValueError):
+                unreadable.append(backup)
+                continue
+            backup.verified = result.get("verified") is True
+        readable.append(backup)
+    return readable, unreadable
 
 
 def _is_backup_id(value: str) -> bool:
@@ -188,22 +235,33 @@ def _is_backup_id(value: str) -> bool:
     return True
 
 
+def _plan(repo: Repository, area: str, root: str, scanned: tuple[list[StoredBackup], list[StoredBackup]],
+          now: datetime, policy: Policy, tier: str | None, grace: timedelta) -> PrunePlan:
+    stored, unreadable = scanned
+    complete = {s.manifest.backup_id: s for s in stored if s.manifest}
+    facts = [BackupFacts(m.backup_id, s.group, m.tier, m.finished, s.verified)
+             for s in complete.values() for m in [s.manifest]]
+    decisions = [(d, complete[d.backup.backup_id]) for d in choose(facts, now, policy)
+                 if tier is None or d.backup.tier == tier]
+    incomplete = [s for s in stored if s.manifest is None and is_stale(s.newest, now, grace)]
+    uploads = [u for u in repo.incomplete_uploads(root + "/") if is_stale(u.started, now, grace)]
+    return PrunePlan(area, decisions, incomplete, uploads, unreadable)
+
+
 def plan_prune(repo: Repository, database: str, now: datetime, policy: Policy,
                tier: str | None = None, grace: timedelta = DEFAULT_GRACE) -> PrunePlan:
     """What pruning the database would do. The floors look at all its tiers; with `tier`,
     only that tier's backups are decided on."""
-    stored, unreadable = scan_database(repo, database)
-    complete = {(s.manifest.database, s.manifest.backup_id): s for s in stored
-                if s.manifest and s.prefix not in unreadable}
-    facts = [BackupFacts(m.backup_id, m.database, m.tier, m.finished, s.verified)
-             for s in complete.values() for m in [s.manifest] if m]
-    decisions = [(d, complete[(d.backup.database, d.backup.backup_id)]) for d in choose(facts, now, policy)
-                 if tier is None or d.backup.tier == tier]
-    incomplete = [s for s in stored if s.manifest is None and s.prefix not in unreadable
-                  and is_stale(s.newest, now, grace)]
-    uploads = [u for u in repo.incomplete_uploads(database_component(database) + "/")
-               if is_stale(u.started, now, grace)]
-    return PrunePlan(decisions, incomplete, uploads, unreadable)
+    return _plan(repo, DATABASE, database_component(database), scan_database(repo, database),
+                 now, policy, tier, grace)
+
+
+def plan_files_prune(repo: Repository, name: str, now: datetime, policy: Policy,
+                     tier: str | None = None, grace: timedelta = DEFAULT_GRACE) -> PrunePlan:
+    """What pruning the files backups named name would do (as plan_prune for a database)."""
+    root = f"{filing.AREA}/{filing.check_name(name)}"
+    return _plan(repo, FILES, root, scan_backups(repo, root, name, filing.FilesManifest.from_json),
+                 now, policy, tier, grace)
 
 
 def delete_backup(repo: Repository, stored: StoredBackup) -> str | None:
@@ -223,6 +281,37 @@ def delete_backup(repo: Repository, stored: StoredBackup) -> str | None:
     return None
 
 
+def _row(area: str, backup_id: str, group: str | None, tier: str | None, action: str, reason: str,
+         finished: datetime | None = None, verified: bool | None = None) -> dict[str, object]:
+    """One line of the prune report (the `--json` contract)."""
+    return {"backup_id": backup_id, "area": area, "database": group, "tier": tier,
+            "finished_at": iso(finished) if finished else None, "verified": verified,
+            "action": action, "reason": reason}
+
+
+def _outcome(dry_run: bool, problem: str | None) -> str:
+    if dry_run:
+        return "would delete"
+    return "deleted" if problem is None else "locked" if problem.startswith("locked") else "failed"
+
+
+def _abort_stale(repo: Repository, area: str, uploads: list[IncompleteUpload],
+                 dry_run: bool) -> list[dict[str, object]]:
+    rows = []
+    for upload in uploads:
+        problem = None
+        if not dry_run:
+            try:
+                repo.abort_upload(upload)
+            except PgdrError as exc:
+                problem = str(exc)
+        rows.append(_row(area, upload.key, None, None,
+                         "would abort" if dry_run else "aborted" if problem is None else "failed",
+                         f"upload started {iso(upload.started)} never completed"
+                         + (f"; {problem}" if problem else "")))
+    return rows
+
+
 def apply_plan(repo: Repository, plan: PrunePlan, dry_run: bool) -> list[dict[str, object]]:
     """Carry out the plan (or only describe it): one row per backup and per incomplete
     backup or upload, with what happened and why."""
@@ -232,33 +321,247 @@ def apply_plan(repo: Repository, plan: PrunePlan, dry_run: bool) -> list[dict[st
         action, reason = "keep", decision.reason
         if decision.delete:
             problem = None if dry_run else delete_backup(repo, stored)
-            action = "would delete" if dry_run else ("deleted" if problem is None else
-                                                     "locked" if problem.startswith("locked") else "failed")
+            action = _outcome(dry_run, problem)
             reason = f"{reason}; {problem}" if problem else reason
-        rows.append({"backup_id": backup.backup_id, "database": backup.database, "tier": backup.tier,
-                     "finished_at": iso(backup.finished), "verified": backup.verified,
-                     "action": action, "reason": reason})
+        rows.append(_row(plan.area, backup.backup_id, backup.group, backup.tier, action, reason,
+                         backup.finished, backup.verified))
     for stored in plan.incomplete:
         problem = None if dry_run else delete_backup(repo, stored)
-        rows.append({"backup_id": stored.prefix.rsplit("/", 1)[-1], "database": stored.database,
-                     "tier": stored.prefix.split("/")[1], "finished_at": None, "verified": None,
-                     "action": "would delete" if dry_run else "deleted" if problem is None else "failed",
-                     "reason": f"incomplete (no manifest) since {iso(stored.newest)}"
-                               + (f"; {problem}" if problem else "")})
-    for upload in plan.stale_uploads:
-        problem = None
-        if not dry_run:
-            try:
-                repo.abort_upload(upload)
-            except PgdrError as exc:
-                problem = str(exc)
-        rows.append({"backup_id": upload.key, "database": None, "tier": None, "finished_at": None,
-                     "verified": None,
-                     "action": "would abort" if dry_run else "aborted" if problem is None else "failed",
-                     "reason": f"upload started {iso(upload.started)} never completed"
-                               + (f"; {problem}" if problem else "")})
-    for prefix in plan.unreadable:
-        rows.append({"backup_id": prefix.rsplit("/", 1)[-1], "database": None, "tier": prefix.split("/")[1],
-                     "finished_at": None, "verified": None, "action": "keep",
-                     "reason": "manifest unreadable: left for an operator to inspect"})
+        rows.append(_row(plan.area, stored.prefix.rsplit("/", 1)[-1], stored.group, stored.tier,
+                         "would delete" if dry_run else "deleted" if problem is None else "failed",
+                         f"incomplete (no manifest) since {iso(stored.newest)}"
+                         + (f"; {problem}" if problem else "")))
+    rows += _abort_stale(repo, plan.area, plan.stale_uploads, dry_run)
+    for stored in plan.unreadable:
+        rows.append(_row(plan.area, stored.prefix.rsplit("/", 1)[-1], None, stored.tier, "keep",
+                         "manifest unreadable: left for an operator to inspect"))
     return rows
+
+
+# --- storage snapshots: objects shared between snapshots --------------------------------------
+
+
+@dataclass
+class SnapshotDir:
+    """The objects under `storage/<bucket>/<snapshot_id>/`, with its manifest when complete."""
+
+    snapshot_id: str
+    keys: list[str]
+    newest: datetime
+    manifest: StorageManifest | None = None
+
+
+@dataclass
+class Sweep:
+    """What deleting some snapshots removes: their manifests (first), then the objects under
+    them or under manifest-less leftovers that no remaining snapshot refers to."""
+
+    manifests: dict[str, str]  # snapshot id -> its manifest key
+    objects: dict[str, list[str]]  # snapshot id -> its objects to delete
+    shared: dict[str, int]  # snapshot id -> how many of its objects a remaining snapshot refers to
+
+
+def sweep(dirs: Mapping[str, SnapshotDir], doomed: AbstractSet[str], leftovers: AbstractSet[str]) -> Sweep:
+    """Pure: what goes when the doomed snapshots are deleted and the leftovers (directories
+    without a manifest: snapshots pruned earlier, or interrupted) are swept. Every snapshot
+    with a manifest that is not doomed remains, and so does every object it refers to."""
+    remaining = [d.manifest for sid, d in dirs.items() if d.manifest and sid not in doomed]
+    referenced = referenced_keys(remaining)
+    manifests = {sid: dirs[sid].manifest.manifest_key for sid in sorted(doomed)
+                 if dirs[sid].manifest is not None}
+    objects: dict[str, list[str]] = {}
+    shared: dict[str, int] = {}
+    for sid in sorted(doomed | leftovers):
+        own = [key for key in dirs[sid].keys if key != manifests.get(sid)]
+        objects[sid] = [key for key in own if key not in referenced]
+        shared[sid] = len(own) - len(objects[sid])
+    return Sweep(manifests, objects, shared)
+
+
+@dataclass
+class StoragePlan:
+    bucket: str
+    dirs: dict[str, SnapshotDir]
+    decisions: list[Decision]
+    leftovers: set[str]
+    stale_uploads: list[IncompleteUpload]
+    # Snapshot ids whose manifest cannot be read: it may refer to any object of the bucket,
+    # so nothing of the bucket is deleted until an operator has looked.
+    unreadable: list[str]
+
+
+def snapshot_group(manifest: StorageManifest) -> str:
+    """What a snapshot's retention is grouped by: its source bucket and prefix."""
+    return f"{manifest.bucket}/{manifest.source_prefix}".rstrip("/")
+
+
+def scan_snapshots(repo: Repository, bucket: str) -> tuple[dict[str, SnapshotDir], list[str]]:
+    """Every snapshot directory of the bucket (one listing, all pages), and the ids of those
+    whose manifest cannot be read."""
+    root = f"{bucket_area(bucket)}/"
+    dirs: dict[str, SnapshotDir] = {}
+    for info in repo.list(root):
+        snapshot_id = info.key[len(root):].split("/", 1)[0]
+        if not _is_backup_id(snapshot_id):
+            continue
+        found = dirs.setdefault(snapshot_id, SnapshotDir(snapshot_id, [], info.modified))
+        found.keys.append(info.key)
+        found.newest = max(found.newest, info.modified)
+    unreadable = []
+    for snapshot_id, found in dirs.items():
+        key = f"{root}{snapshot_id}/{MANIFEST}"
+        if key not in found.keys:
+            continue
+        try:
+            manifest = StorageManifest.from_json(repo.get_bytes(key))
+        except (PgdrError, ValueError):
+            unreadable.append(snapshot_id)
+            continue
+        if (manifest.snapshot_id, manifest.bucket) != (snapshot_id, bucket):
+            unreadable.append(snapshot_id)
+            continue
+        found.manifest = manifest
+    return dirs, sorted(unreadable)
+
+
+def plan_storage_prune(repo: Repository, bucket: str, now: datetime, policy: Policy,
+                       tier: str | None = None, grace: timedelta = DEFAULT_GRACE) -> StoragePlan:
+    """What pruning the snapshots of the bucket would do (every source prefix of it)."""
+    dirs, unreadable = scan_snapshots(repo, bucket)
+    facts = [BackupFacts(sid, snapshot_group(d.manifest), d.manifest.tier, d.manifest.finished)
+             for sid, d in dirs.items() if d.manifest]
+    decisions = [d for d in choose(facts, now, policy) if tier is None or d.backup.tier == tier]
+    leftovers = {sid for sid, d in dirs.items()
+                 if d.manifest is None and sid not in unreadable and is_stale(d.newest, now, grace)}
+    uploads = [u for u in repo.incomplete_uploads(f"{bucket_area(bucket)}/")
+               if is_stale(u.started, now, grace)]
+    return StoragePlan(bucket, dirs, decisions, leftovers, uploads, unreadable)
+
+
+def _each(function: Callable[[str], str | None], keys: list[str], workers: int) -> dict[str, str | None]:
+    """function(key) for every key on a few threads (snapshots hold many objects)."""
+    if not keys:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(keys)))) as pool:
+        return dict(zip(keys, pool.map(function, keys), strict=True))
+
+
+def _delete_each(repo: Repository, keys: list[str], workers: int) -> dict[str, str]:
+    """Delete every key; returns why each one that could not be deleted was not."""
+    def delete(key: str) -> str | None:
+        try:
+            repo.delete(key)
+        except PgdrError as exc:
+            return str(exc)
+        return None
+    return {key: why for key, why in _each(delete, keys, workers).items() if why}
+
+
+def _keep_locked(repo: Repository, plan: StoragePlan, doomed: set[str], leftovers: set[str],
+                 workers: int) -> tuple[Sweep, dict[str, str], dict[str, str]]:
+    """The sweep without the snapshots that have an object under Object Lock among those it
+    would delete (they stay whole: their manifest too, so what they refer to stays
+    protected); also why each was kept, and every locked key."""
+    known: dict[str, str | None] = {}
+    kept: dict[str, str] = {}
+    while True:  # keeping a snapshot only protects more objects: this ends
+        planned = sweep(plan.dirs, doomed, leftovers)
+        wanted = {sid: [key for key in [planned.manifests.get(sid), *keys] if key]
+                  for sid, keys in planned.objects.items()}
+        known.update(_each(repo.lock_status, [k for keys in wanted.values() for k in keys if k not in known],
+                           workers))
+        locked = {sid: key for sid in doomed for key in wanted[sid] if known[key]}
+        if not locked:
+            return planned, kept, {key: why for key, why in known.items() if why}
+        for sid, key in locked.items():
+            kept[sid] = f"locked ({known[key]}) on {key.rsplit('/', 1)[-1]}"
+        doomed = doomed - set(locked)
+
+
+def _objects_note(planned: Sweep, sid: str, locked: Mapping[str, str], failed: Mapping[str, str],
+                  dry_run: bool) -> tuple[str, str | None]:
+    """What happened to one snapshot directory's objects, and the problem if any."""
+    keys = planned.objects.get(sid, [])
+    held = sum(1 for key in keys if key in locked)
+    errors = [failed[key] for key in keys if key in failed]
+    notes = [f"{len(keys) - held - len(errors)} objects {'to delete' if dry_run else 'deleted'}"]
+    if planned.shared.get(sid):
+        notes.append(f"{planned.shared[sid]} kept: a remaining snapshot refers to them")
+    if held:
+        notes.append(f"{held} under Object Lock")
+    problem = f"{len(errors)} objects not deleted ({errors[0]}): the next prune retries" if errors else None
+    return ", ".join(notes), problem
+
+
+def apply_storage_plan(repo: Repository, plan: StoragePlan, dry_run: bool,
+                       workers: int = 8) -> list[dict[str, object]]:
+    """Carry out the plan (or only describe it). The order keeps every remaining snapshot
+    whole at each step, so a crash anywhere leaves only unreferenced leftovers, which the
+    next prune sweeps:
+    1. a snapshot with an object under Object Lock among those it would delete stays whole;
+    2. the manifests of the doomed snapshots go (from then on, they no longer exist);
+    3. the objects that no remaining snapshot refers to go; the others stay."""
+    doomed = {d.backup.backup_id for d in plan.decisions if d.delete}
+    leftovers = set(plan.leftovers)
+    if plan.unreadable:
+        doomed, leftovers = set(), set()
+    planned = sweep(plan.dirs, doomed, leftovers)
+    problems: dict[str, str] = {}
+    locked: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    if not dry_run:
+        planned, problems, locked = _keep_locked(repo, plan, doomed, leftovers, workers)
+        doomed = set(planned.manifests)
+        not_deleted = _delete_each(repo, list(planned.manifests.values()), workers)
+        for sid, key in planned.manifests.items():
+            if key in not_deleted:
+                problems[sid] = f"could not delete: {not_deleted[key]}"
+                doomed.discard(sid)  # it still exists: what it refers to stays
+        planned = sweep(plan.dirs, doomed, leftovers)
+        failed = _delete_each(repo, [key for keys in planned.objects.values() for key in keys
+                                     if key not in locked], workers)
+
+    rows: list[dict[str, object]] = []
+    for decision in plan.decisions:
+        backup = decision.backup
+        action, reason = "keep", decision.reason
+        if decision.delete and plan.unreadable:
+            reason += f"; kept while the manifest of {plan.unreadable[0]} is unreadable"
+        elif decision.delete:
+            problem = problems.get(backup.backup_id)
+            if problem is None:
+                note, problem = _objects_note(planned, backup.backup_id, locked, failed, dry_run)
+                reason += f"; manifest {'to delete' if dry_run else 'deleted'}, {note}"
+            action = _outcome(dry_run, problem)
+            reason = f"{reason}; {problem}" if problem else reason
+        rows.append(_row(STORAGE, backup.backup_id, backup.group, backup.tier, action, reason,
+                         backup.finished))
+    for sid in sorted(leftovers):
+        if not planned.objects[sid]:
+            continue  # only objects a remaining snapshot refers to: nothing to do
+        note, problem = _objects_note(planned, sid, locked, failed, dry_run)
+        rows.append(_row(STORAGE, sid, plan.bucket, parse_backup_id(sid).tier,
+                         "would delete" if dry_run else "failed" if problem else "deleted",
+                         f"no manifest (pruned or interrupted) since {iso(plan.dirs[sid].newest)}; {note}"
+                         + (f"; {problem}" if problem else "")))
+    rows += _abort_stale(repo, STORAGE, plan.stale_uploads, dry_run)
+    for sid in plan.unreadable:
+        rows.append(_row(STORAGE, sid, plan.bucket, parse_backup_id(sid).tier, "keep",
+                         "manifest unreadable: left for an operator to inspect (nothing of the bucket "
+                         "is deleted meanwhile: it may refer to any object)"))
+    return rows
+
+
+def prune_set(repo: Repository, area: str, name: str, now: datetime, policy: Policy,
+              tier: str | None = None, dry_run: bool = False) -> list[dict[str, object]]:
+    """Retention for one set: a database, the files backups of one name, or the storage
+    snapshots of one bucket. The caller holds the set's lock (tasks.locks) unless dry_run."""
+    if area == STORAGE:
+        return apply_storage_plan(repo, plan_storage_prune(repo, name, now, policy, tier), dry_run)
+    plan = (plan_prune if area == DATABASE else plan_files_prune)(repo, name, now, policy, tier)
+    return apply_plan(repo, plan, dry_run)
+
+
+def list_sets(repo: Repository, area: str) -> list[str]:
+    """The databases, files-backup names or snapshotted buckets in the repository."""
+    return {DATABASE: list_databases, FILES: filing.list_names, STORAGE: list_buckets}[area](repo)

@@ -120,11 +120,16 @@ class StorageManifest:
         }
 
 
-def snapshot_area(bucket: str, snapshot_id: str) -> str:
+def bucket_area(bucket: str) -> str:
+    """`storage/<bucket>`: where every snapshot of the bucket lives."""
     if not _BUCKET.match(bucket):
         raise ConfigError(f"invalid bucket name {bucket!r}")
+    return f"{AREA}/{bucket}"
+
+
+def snapshot_area(bucket: str, snapshot_id: str) -> str:
     catalog.parse_backup_id(snapshot_id)
-    return f"{AREA}/{bucket}/{snapshot_id}"
+    return f"{bucket_area(bucket)}/{snapshot_id}"
 
 
 def s3_repository(repo: Repository) -> S3Repository:
@@ -151,12 +156,17 @@ def _full(repo: S3Repository, rel: str) -> str:
 # --- the catalog of snapshots ----------------------------------------------------------------
 
 
+def list_buckets(repo: Repository) -> list[str]:
+    """The buckets the repository holds snapshots of (other names there are none of pgdr's)."""
+    return [name for name in repo.list_dirs(f"{AREA}/") if _BUCKET.match(name)]
+
+
 def list_snapshots(repo: Repository, bucket: str | None = None) -> list[StorageManifest]:
     """Every complete snapshot (it has a manifest), oldest first; like catalog.Manifest,
     each has `backup_id`, `tier`, `finished`, `prefix` and `size_bytes`."""
     found = []
-    for each in [bucket] if bucket else repo.list_dirs(f"{AREA}/"):
-        for snapshot_id in repo.list_dirs(f"{AREA}/{each}/"):
+    for each in [bucket] if bucket else list_buckets(repo):
+        for snapshot_id in repo.list_dirs(f"{bucket_area(each)}/"):
             key = f"{snapshot_area(each, snapshot_id)}/{catalog.MANIFEST}"
             if repo.head(key):
                 found.append(StorageManifest.from_json(repo.get_bytes(key)))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import catalog
+from tasks import catalog, locks
 from tasks import files as filing
 from tasks.errors import ConfigError
 from tasks.repository import open_repository
@@ -120,6 +120,58 @@ def test_tree_round_trips_exactly(repo_kind, encrypted, request, capsys, gpg, tm
     cli_json(capsys, "restore-files", result["backup_id"], "--name", "app-config", "--dest", str(dest),
              "--repo", repo_url, "--overwrite")
     assert tree_of(dest / "config") == tree_of(config)
+
+
+def test_expired_files_backups_are_pruned_and_the_kept_one_restores(capsys, file_repo, tmp_path, monkeypatch):
+    config, _ = make_tree(tmp_path / "src")
+    trees = {}
+    for version in range(3):
+        (config / "app.yaml").write_text(f"version {version}\n")
+        taken = cli_json(capsys, "files", "--path", str(config), "--name", "app-config", "--repo", file_repo,
+                         "--tier", "daily")
+        assert taken["pruned"] == {"keep": version + 1}  # the retention after each backup: all young
+        trees[taken["backup_id"]] = tree_of(config)
+    other = cli_json(capsys, "files", "--path", str(config), "--name", "infra", "--repo", file_repo,
+                     "--tier", "daily")
+    repo = open_repository(file_repo)
+    newest = filing.list_file_backups(repo, "app-config")[-1].backup_id
+    stored_before = sorted(o.key for o in repo.list("files/"))
+
+    # Time travel by policy: with a daily retention of 0 days, only the floors keep a backup
+    # (the newest daily one of each name).
+    monkeypatch.setenv("PGDR_RETENTION_DAILY_DAYS", "0")
+    expected = {newest: "keep", other["backup_id"]: "keep",
+                **{backup_id: "would delete" for backup_id in trees if backup_id != newest}}
+    dry = cli_json(capsys, "prune", "--repo", file_repo, "--dry-run")
+    assert {r["backup_id"]: r["action"] for r in dry["backups"]} == expected
+    assert {(r["area"], r["database"]) for r in dry["backups"]} == {("files", "app-config"),
+                                                                    ("files", "infra")}
+    assert sorted(o.key for o in repo.list("files/")) == stored_before
+    # One area, or one name, is pruned alone.
+    assert cli_json(capsys, "prune", "--repo", file_repo, "--area", "database", "--dry-run")["backups"] == []
+    only = cli_json(capsys, "prune", "--repo", file_repo, "--name", "infra", "--dry-run")["backups"]
+    assert [r["backup_id"] for r in only] == [other["backup_id"]]
+
+    result = cli_json(capsys, "prune", "--repo", file_repo)
+    assert result["ok"] and result["counts"] == {"keep": 2, "deleted": 2}
+    assert {r["backup_id"]: r["action"] for r in result["backups"]} == {
+        k: v.replace("would delete", "deleted") for k, v in expected.items()}
+    assert {m.backup_id for m in filing.list_file_backups(repo)} == {newest, other["backup_id"]}
+    # Nothing of a deleted backup stays behind, and the lock is released.
+    assert {o.key.split("/")[-2] for o in repo.list("files/")} == {newest, other["backup_id"]}
+    assert not repo.head(locks.lock_key("app-config", "files"))
+
+    dest = tmp_path / "restored"
+    restored = cli_json(capsys, "restore-files", "latest", "--name", "app-config", "--dest", str(dest),
+                        "--repo", file_repo)
+    assert restored["backup_id"] == newest
+    assert tree_of(dest / "config") == trees[newest]
+
+    # The retention that follows a files backup applies the same policy to its name.
+    again = cli_json(capsys, "files", "--path", str(config), "--name", "infra", "--repo", file_repo,
+                     "--tier", "daily")
+    assert again["pruned"] == {"keep": 1, "deleted": 1}
+    assert {m.backup_id for m in filing.list_file_backups(repo)} == {newest, again["backup_id"]}
 
 
 @pytest.mark.parametrize("extra_patterns", ["", "*.secret"])

@@ -12,15 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.retention import BackupFacts, Policy, choose
+from tasks import catalog, storage
+from tasks.errors import ConfigError
+from tasks.retention import BackupFacts, Policy, SnapshotDir, choose, select_areas, snapshot_group, sweep
 from tasks.settings import TIER_RETENTION_DAYS, TIERS
 
 POLICY = Policy()
 
 
 def facts(n: int, tier: str, finished: datetime, verified: bool | None = None,
-          database: str = "fleet") -> BackupFacts:
-    return BackupFacts(f"{finished.astimezone(UTC):%Y%m%dT%H%M%SZ}-{tier}-{n:04x}", database, tier,
+          group: str = "fleet") -> BackupFacts:
+    return BackupFacts(f"{finished.astimezone(UTC):%Y%m%dT%H%M%SZ}-{tier}-{n:04x}", group, tier,
                        finished, verified)
 
 
@@ -133,14 +135,14 @@ def test_retention_and_floor_are_configurable():
     assert len(kept_ids(backups, now, policy)) == 14
 
 
-def test_every_decision_has_a_reason_and_databases_are_separate():
+def test_every_decision_has_a_reason_and_groups_are_separate():
     now = datetime(2026, 6, 1, tzinfo=UTC)
     old = now - timedelta(days=400)
-    backups = [facts(1, "monthly", old, database="a"), facts(1, "monthly", old, database="b"),
-               facts(2, "monthly", old - timedelta(days=31), database="a")]
+    backups = [facts(1, "monthly", old, group="a"), facts(1, "monthly", old, group="b"),
+               facts(2, "monthly", old - timedelta(days=31), group="a")]
     decisions = choose(backups, now, POLICY)
     assert all(d.reason for d in decisions)
-    assert sorted((d.backup.database, d.delete) for d in decisions) == [("a", False), ("a", True),
+    assert sorted((d.backup.group, d.delete) for d in decisions) == [("a", False), ("a", True),
                                                                        ("b", False)]
 
 
@@ -152,7 +154,7 @@ backup_lists = st.lists(
         lambda n, tier, minutes, verified, db: facts(n, tier, NOW - timedelta(minutes=minutes), verified, db),
         st.integers(0, 0xFFFF), st.sampled_from(TIERS), st.integers(0, 800 * 24 * 60),
         st.sampled_from([True, False, None]), st.sampled_from(["fleet", "billing"])),
-    max_size=60, unique_by=lambda b: (b.database, b.backup_id))
+    max_size=60, unique_by=lambda b: (b.group, b.backup_id))
 policies = st.builds(
     lambda days, keep: Policy(retention_days=dict(zip(TIERS, days, strict=True)), keep_verified=keep),
     st.lists(st.integers(0, 400), min_size=len(TIERS), max_size=len(TIERS)), st.integers(0, 5))
@@ -166,27 +168,27 @@ def newest(backups: list[BackupFacts]) -> BackupFacts:
 @given(backup_lists, policies)
 def test_property_floors_and_retention_are_never_violated(backups, policy):
     decisions = choose(backups, NOW, policy)
-    assert sorted((d.backup.database, d.backup.backup_id) for d in decisions) == sorted(
-        (b.database, b.backup_id) for b in backups)
-    deleted = {(d.backup.database, d.backup.backup_id) for d in decisions if d.delete}
+    assert sorted((d.backup.group, d.backup.backup_id) for d in decisions) == sorted(
+        (b.group, b.backup_id) for b in backups)
+    deleted = {(d.backup.group, d.backup.backup_id) for d in decisions if d.delete}
 
     groups: dict[tuple[str, str], list[BackupFacts]] = {}
     for b in backups:
-        groups.setdefault((b.database, b.tier), []).append(b)
-    for (database, _tier), members in groups.items():
-        assert (database, newest(members).backup_id) not in deleted
+        groups.setdefault((b.group, b.tier), []).append(b)
+    for (group, _tier), members in groups.items():
+        assert (group, newest(members).backup_id) not in deleted
         good = [b for b in members if b.verified is not False]
         if good:
-            assert (database, newest(good).backup_id) not in deleted
+            assert (group, newest(good).backup_id) not in deleted
 
-    for database in {b.database for b in backups}:
-        verified = sorted((b for b in backups if b.database == database and b.verified is True),
+    for group in {b.group for b in backups}:
+        verified = sorted((b for b in backups if b.group == group and b.verified is True),
                           key=lambda b: (b.finished, b.backup_id), reverse=True)
-        assert not {(database, b.backup_id) for b in verified[:policy.keep_verified]} & deleted
+        assert not {(group, b.backup_id) for b in verified[:policy.keep_verified]} & deleted
 
     for b in backups:
         if NOW - b.finished < timedelta(days=policy.days(b.tier)):
-            assert (b.database, b.backup_id) not in deleted
+            assert (b.group, b.backup_id) not in deleted
 
 
 @settings(max_examples=100, deadline=None)
@@ -194,3 +196,89 @@ def test_property_floors_and_retention_are_never_violated(backups, policy):
 def test_property_pruning_twice_deletes_nothing_more(backups, policy):
     survivors = [d.backup for d in choose(backups, NOW, policy) if not d.delete]
     assert not [d for d in choose(survivors, NOW, policy) if d.delete]
+
+
+# --- storage snapshots: what deleting one may remove ------------------------------------------
+
+
+def snapshot(n: int, finished: datetime, current: dict[str, str], previous: storage.StorageManifest | None,
+             bucket: str = "uploads") -> tuple[storage.StorageManifest, SnapshotDir]:
+    """A snapshot of `current` (key -> content version) as take_snapshot records it: what is
+    unchanged since previous refers to previous's copy, the rest is copied under this one."""
+    snapshot_id = f"{finished:%Y%m%dT%H%M%SZ}-daily-{n:04x}"
+    objects = {}
+    for key, version in current.items():
+        earlier = previous.objects.get(key) if previous else None
+        objects[key] = earlier if earlier and earlier["etag"] == version else {
+            "stored": storage.stored_key(bucket, snapshot_id, key, "pgdr"), "etag": version, "size": 1}
+    manifest = storage.StorageManifest(
+        snapshot_id=snapshot_id, bucket=bucket, source_prefix="", tier="daily",
+        started_at=catalog.iso(finished), finished_at=catalog.iso(finished), object_count=len(objects),
+        total_bytes=len(objects), copied_count=0, copied_bytes=0,
+        previous_snapshot=previous.snapshot_id if previous else None, objects=objects)
+    own = [e["stored"] for e in objects.values() if e["stored"].startswith(manifest.prefix + "/")]
+    return manifest, SnapshotDir(snapshot_id, [*own, manifest.manifest_key], finished, manifest)
+
+
+def test_an_expired_snapshot_keeps_the_objects_a_newer_one_refers_to():
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    first, first_dir = snapshot(1, now - timedelta(days=40), {"a": "1", "b": "1", "c": "1"}, None)
+    second, second_dir = snapshot(2, now - timedelta(days=2), {"a": "1", "b": "1", "c": "2", "d": "1"}, first)
+    # A snapshot pruned earlier whose manifest is gone: the first one still refers to x.
+    pruned = "20260101T000000Z-daily-0000"
+    x, y = f"storage/uploads/{pruned}/objects/x", f"storage/uploads/{pruned}/objects/y"
+    first.objects["x"] = second.objects["x"] = {"stored": x, "etag": "1", "size": 1}
+    dirs = {first.snapshot_id: first_dir, second.snapshot_id: second_dir,
+            pruned: SnapshotDir(pruned, [x, y], now)}
+
+    facts = [BackupFacts(m.snapshot_id, snapshot_group(m), m.tier, m.finished) for m in (first, second)]
+    doomed = {d.backup.backup_id for d in choose(facts, now, POLICY) if d.delete}
+    assert doomed == {first.snapshot_id}
+    planned = sweep(dirs, doomed, {pruned})
+
+    assert planned.manifests == {first.snapshot_id: first.manifest_key}
+    # Only the copy of c that the second snapshot replaced goes; a and b stay for it.
+    assert planned.objects[first.snapshot_id] == [first.objects["c"]["stored"]]
+    assert planned.shared[first.snapshot_id] == 2
+    assert planned.objects[pruned] == [y]
+    assert planned.shared[pruned] == 1
+    gone = {k for keys in planned.objects.values() for k in keys} | set(planned.manifests.values())
+    assert not storage.referenced_keys([second]) & gone
+
+    # Once nothing remains, everything goes.
+    everything = sweep(dirs, {first.snapshot_id, second.snapshot_id}, {pruned})
+    gone = {k for keys in everything.objects.values() for k in keys} | set(everything.manifests.values())
+    assert gone == {k for d in dirs.values() for k in d.keys}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from("abcdefgh"), st.sampled_from("123"), max_size=8),
+                min_size=1, max_size=8),
+       st.data())
+def test_property_no_remaining_snapshot_ever_loses_an_object(versions, data):
+    dirs: dict[str, SnapshotDir] = {}
+    previous = None
+    for n, current in enumerate(versions):
+        previous, found = snapshot(n, NOW - timedelta(days=len(versions) - n), current, previous)
+        dirs[found.snapshot_id] = found
+    ids = sorted(dirs)
+    doomed = set(data.draw(st.lists(st.sampled_from(ids), unique=True)))
+    planned = sweep(dirs, doomed, set())
+    gone = {k for keys in planned.objects.values() for k in keys} | set(planned.manifests.values())
+    remaining = [dirs[i].manifest for i in ids if i not in doomed]
+    assert not storage.referenced_keys(remaining) & gone
+    assert not {m.manifest_key for m in remaining} & gone
+    # Nothing leaks: every key of a doomed snapshot goes, or a remaining one refers to it.
+    for i in doomed:
+        assert set(dirs[i].keys) <= gone | storage.referenced_keys(remaining)
+
+
+def test_a_prune_covers_every_area_unless_one_is_named():
+    assert select_areas(None, {}) == ["database", "files", "storage"]
+    assert select_areas(None, {"files": "app-config"}) == ["files"]
+    assert select_areas(None, {"database": "fleet", "storage": "uploads"}) == ["database", "storage"]
+    assert select_areas("storage", {"storage": "uploads"}) == ["storage"]
+    with pytest.raises(ConfigError, match="a database set was named, which is not the area files"):
+        select_areas("files", {"database": "fleet"})
+    with pytest.raises(ConfigError, match="unknown area 'wal'"):
+        select_areas("wal", {})

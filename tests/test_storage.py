@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import boto3
 import pytest
+from botocore.awsrequest import AWSResponse
 
+import flows.storage
 import tasks.repository
-from tasks import storage
+from tasks import catalog, locks, retention, storage
 from tasks.repository import MiB, open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
@@ -133,3 +137,162 @@ def test_snapshot_needs_an_s3_repository_and_refuses_to_copy_itself(capsys, s3, 
     repo_bucket = s3_repo.removeprefix("s3://").split("/")[0]
     code, _, err = run_cli(capsys, "storage-snapshot", "--source", f"s3://{repo_bucket}", "--repo", s3_repo)
     assert code == 1 and "a snapshot would copy itself" in error_line(err)
+
+
+def two_snapshots(capsys, s3_repo: str) -> tuple[str, dict[str, bytes], dict, dict]:
+    """A bucket snapshotted twice (daily); between them 5 objects change, 3 go and 2 come."""
+    source = new_bucket()
+    original = {f"uploads/{i:03d}.jpg": os.urandom(100 + i) for i in range(60)}
+    put_all(source, original)
+    first = cli_json(capsys, "storage-snapshot", "--source", f"s3://{source}", "--repo", s3_repo,
+                     "--tier", "daily")
+    current = dict(original)
+    for key in sorted(original)[:5]:
+        current[key] = os.urandom(80)
+    client = boto3.client("s3")
+    for key in sorted(original)[-3:]:
+        del current[key]
+        client.delete_object(Bucket=source, Key=key)
+    current.update({"uploads/new-1.jpg": b"new one", "uploads/new-2.jpg": b"new two"})
+    put_all(source, {k: v for k, v in current.items() if original.get(k) != v})
+    second = cli_json(capsys, "storage-snapshot", "--source", f"s3://{source}", "--repo", s3_repo,
+                      "--tier", "daily")
+    assert (second["copied_count"], second["previous_snapshot"]) == (7, first["snapshot_id"])
+    assert second["pruned"] == {"keep": 2}  # the retention after each snapshot: both young
+    return source, current, first, second
+
+
+def test_an_expired_snapshot_goes_and_what_the_kept_one_refers_to_stays(capsys, s3_repo, monkeypatch):
+    source, current, first, second = two_snapshots(capsys, s3_repo)
+    repo = open_repository(s3_repo)
+    older = storage.find_snapshot(repo, first["snapshot_id"])
+    newer = storage.find_snapshot(repo, second["snapshot_id"])
+    copies = {o.key for o in repo.list(f"{older.prefix}/{storage.OBJECTS}/")}
+    still_referenced = copies & storage.referenced_keys([newer])
+    assert (len(copies), len(still_referenced)) == (60, 52)  # 5 replaced and 3 deleted since
+    stored_before = sorted(o.key for o in repo.list("storage/"))
+
+    # Time travel by policy: a daily retention of 0 days keeps only the newest daily snapshot.
+    monkeypatch.setenv("PGDR_RETENTION_DAILY_DAYS", "0")
+    dry = cli_json(capsys, "prune", "--repo", s3_repo, "--dry-run")
+    rows = {r["backup_id"]: r for r in dry["backups"]}
+    assert {k: r["action"] for k, r in rows.items()} == {older.snapshot_id: "would delete",
+                                                         newer.snapshot_id: "keep"}
+    assert rows[older.snapshot_id]["area"] == "storage" and rows[older.snapshot_id]["database"] == source
+    assert "8 objects to delete, 52 kept: a remaining snapshot refers to them" in rows[
+        older.snapshot_id]["reason"]
+    assert sorted(o.key for o in repo.list("storage/")) == stored_before
+
+    result = cli_json(capsys, "prune", "--repo", s3_repo)
+    assert result["ok"] and result["counts"] == {"keep": 1, "deleted": 1}
+    assert not repo.head(older.manifest_key)
+    assert {o.key for o in repo.list(f"{older.prefix}/")} == still_referenced
+    assert [s.snapshot_id for s in storage.list_snapshots(repo)] == [newer.snapshot_id]
+    assert not repo.head(locks.lock_key(source, "storage"))
+
+    restored = new_bucket()
+    cli_json(capsys, "storage-restore", "latest", "--dest", f"s3://{restored}", "--repo", s3_repo)
+    assert contents(restored) == current
+    # A second prune finds nothing more to do: the kept objects are still referred to.
+    again = cli_json(capsys, "prune", "--repo", s3_repo, "--bucket", source)
+    assert again["counts"] == {"keep": 1}
+    assert {o.key for o in repo.list(f"{older.prefix}/")} == still_referenced
+
+
+class _Denied:
+    """The body of an S3 AccessDenied error response."""
+
+    def stream(self, **_kwargs):
+        yield (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+               b"<Message>Access Denied</Message></Error>")
+
+
+def deny_object_deletes(client) -> None:
+    """Every deletion of a snapshot's stored object fails (manifests still go)."""
+    def before_send(request, **_kwargs):
+        if f"/{storage.OBJECTS}/" in request.url:
+            return AWSResponse(request.url, 403, {}, _Denied())
+        return None
+
+    client.meta.events.register("before-send.s3.DeleteObject", before_send)
+
+
+def prune_bucket(repo_url: str, bucket: str, now) -> dict[str, dict]:
+    """Retention of the bucket's snapshots at the time now; the rows by snapshot id."""
+    repo = open_repository(repo_url)
+    plan = retention.plan_storage_prune(repo, bucket, now, retention.Policy())
+    return {r["backup_id"]: r for r in retention.apply_storage_plan(repo, plan, dry_run=False)}
+
+
+def test_a_prune_cut_short_after_the_manifests_leaves_the_kept_snapshot_whole(capsys, s3_repo, monkeypatch):
+    source, current, first, second = two_snapshots(capsys, s3_repo)
+    repo = open_repository(s3_repo)
+    older = storage.find_snapshot(repo, first["snapshot_id"])
+    newer = storage.find_snapshot(repo, second["snapshot_id"])
+    later = catalog.utcnow() + timedelta(days=31)  # past the daily retention
+
+    # As if the prune died right after deleting the manifests: no object deletion succeeds.
+    monkeypatch.setattr(tasks.repository, "S3_CLIENT_HOOKS", [deny_object_deletes])
+    row = prune_bucket(s3_repo, source, later)[older.snapshot_id]
+    assert row["action"] == "failed" and "8 objects not deleted" in row["reason"]
+    assert not repo.head(older.manifest_key)
+    assert len(list(repo.list(f"{older.prefix}/"))) == 60
+    restored = new_bucket()
+    cli_json(capsys, "storage-restore", newer.snapshot_id, "--dest", f"s3://{restored}", "--repo", s3_repo)
+    assert contents(restored) == current
+
+    # The next prune sweeps the leftovers that no snapshot refers to, and only those.
+    monkeypatch.setattr(tasks.repository, "S3_CLIENT_HOOKS", [])
+    row = prune_bucket(s3_repo, source, later)[older.snapshot_id]
+    assert row["action"] == "deleted" and row["finished_at"] is None
+    assert "no manifest" in row["reason"] and "8 objects deleted, 52 kept" in row["reason"]
+    assert {o.key for o in repo.list(f"{older.prefix}/")} == storage.referenced_keys([newer]) & {
+        e["stored"] for e in older.objects.values()}
+    again = new_bucket()
+    cli_json(capsys, "storage-restore", "latest", "--dest", f"s3://{again}", "--repo", s3_repo)
+    assert contents(again) == current
+
+
+def test_snapshot_and_prune_of_one_bucket_never_interleave(capsys, s3_repo, monkeypatch):
+    source = new_bucket()
+    put_all(source, {"a.txt": b"a", "b.txt": b"b"})
+    first = cli_json(capsys, "storage-snapshot", "--source", f"s3://{source}", "--repo", s3_repo,
+                     "--tier", "daily")
+    monkeypatch.setenv("PGDR_RETENTION_DAILY_DAYS", "0")
+    copying, go_on = threading.Event(), threading.Event()
+    real_take_snapshot = storage.take_snapshot
+
+    def held_take_snapshot(*args, **kwargs):
+        copying.set()
+        assert go_on.wait(120)
+        return real_take_snapshot(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "take_snapshot", held_take_snapshot)
+    # Only the prune started below runs (not the one that follows every snapshot).
+    monkeypatch.setattr(flows.storage, "prune_after_backup", lambda *args, **kwargs: None)
+    results: dict[str, dict] = {}
+    snapshot_thread = threading.Thread(target=lambda: results.update(snapshot=flows.storage.storage_snapshot(
+        source=f"s3://{source}", repo=s3_repo, tier="daily")))
+    snapshot_thread.start()
+    assert copying.wait(120)
+    repo = open_repository(s3_repo)
+    with pytest.raises(locks.LockBusy, match=f"storage {source} is locked by storage-snapshot on"):
+        locks.acquire(repo, source, "test", wait_seconds=0, area="storage")
+
+    from flows.prune import prune
+
+    prune_thread = threading.Thread(target=lambda: results.update(prune=prune(repo=s3_repo, bucket=source)))
+    prune_thread.start()
+    prune_thread.join(5)
+    assert prune_thread.is_alive()  # waiting for the snapshot's lock
+    assert [s.snapshot_id for s in storage.list_snapshots(repo)] == [first["snapshot_id"]]
+    go_on.set()
+    snapshot_thread.join(120)
+    prune_thread.join(120)
+
+    new_id = results["snapshot"]["snapshot_id"]
+    decided = {r["backup_id"]: r["action"] for r in results["prune"]["backups"]}
+    assert decided == {new_id: "keep", first["snapshot_id"]: "deleted"}
+    restored = new_bucket()
+    cli_json(capsys, "storage-restore", "latest", "--dest", f"s3://{restored}", "--repo", s3_repo)
+    assert contents(restored) == {"a.txt": b"a", "b.txt": b"b"}
