@@ -6,6 +6,7 @@ audit record -> artifact.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -41,7 +42,8 @@ TOOL_VERSION = "pgdr 0.1.0"
 def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str, tier: str,
                   encrypt_fingerprint: str | None) -> catalog.Manifest:
     """Count rows in an exported snapshot and dump exactly that snapshot: the counts in the
-    manifest are exactly the rows in the dump, whatever is written meanwhile."""
+    manifest are exactly the rows in the dump, whatever is written meanwhile. The counting
+    runs while pg_dump streams (both read the same snapshot), not before it."""
     logger = get_run_logger()
     repo = open_repo(repo_url, settings)
     database = postgres.database_name(db_url)
@@ -49,30 +51,35 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
     with postgres.connect(db_url) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
-        with conn.transaction():
+        with conn.transaction(), ThreadPoolExecutor(1, thread_name_prefix="row-count") as counter:
             snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
             snapshot_at = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
-            row_counts = postgres.count_rows(conn)
             version = postgres.server_version(conn)
             wal_lsn = postgres.current_wal_lsn(conn)
             size_hint = postgres.database_size(conn)
-            logger.info("snapshot %s of %s: %d tables, %d rows", snapshot, database,
-                        len(row_counts), sum(row_counts.values()))
             prefix = catalog.backup_prefix(database, backup_id)
             progress = Progress(f"backup of {database}", size_hint)
-            result = stream_dump(
-                db_url, repo, f"{prefix}/{catalog.DUMP}",
-                snapshot=snapshot,
-                encrypt_to=encrypt_fingerprint,
-                gpg_homedir=settings.gpg_homedir,
-                storage_class=settings.storage_classes.get(tier),
-                size_hint=size_hint,
-                zstd_level=settings.zstd_level,
-                zstd_threads=settings.zstd_threads,
-                secrets=settings.secrets(),
-                progress=lambda read, _written: progress.update(read),
-            )
+            counting = counter.submit(postgres.count_rows, conn)
+            try:
+                result = stream_dump(
+                    db_url, repo, f"{prefix}/{catalog.DUMP}",
+                    snapshot=snapshot,
+                    encrypt_to=encrypt_fingerprint,
+                    gpg_homedir=settings.gpg_homedir,
+                    storage_class=settings.storage_classes.get(tier),
+                    size_hint=size_hint,
+                    zstd_level=settings.zstd_level,
+                    zstd_threads=settings.zstd_threads,
+                    secrets=settings.secrets(),
+                    progress=lambda read, _written: progress.update(read),
+                )
+            except BaseException:
+                conn.cancel_safe()  # the counts are of no use now: stop them
+                raise
+            row_counts = counting.result()
             progress.finish()
+            logger.info("snapshot %s of %s: %d tables, %d rows", snapshot, database,
+                        len(row_counts), sum(row_counts.values()))
     return catalog.Manifest(
         backup_id=backup_id,
         database=database,

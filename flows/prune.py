@@ -52,9 +52,15 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
     areas = retention.select_areas(area, named)
     repo_url = repo or settings.repo_url
     repository = open_repo(repo_url, settings)
-    clock = Stopwatch()
     sets = [(each, one) for each in areas
             for one in ([named[each]] if named[each] else retention.list_sets(repository, each))]
+    return apply_retention(repo_url, settings, sets, tier, dry_run)
+
+
+def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str]], tier: str | None,
+                    dry_run: bool) -> dict[str, Any]:
+    """Prune each (area, name) set; audit record and table artifact of what was done."""
+    clock = Stopwatch()
     rows: list[dict[str, Any]] = []
     for each, one in sets:
         rows += prune_set(repo_url, settings, each, one, tier, dry_run)
@@ -90,11 +96,11 @@ def replicate_backup(repo_url: str, replica_url: str, settings: Settings,
 def prune_after_backup(repo_url: str, name: str, tier: str,
                        area: str = retention.DATABASE) -> dict[str, Any] | None:
     """Retention for the tier just backed up (of the database, files-backup name or bucket
-    name). The backup has succeeded whatever happens here: a pruning problem is logged
-    (and audited by prune), not raised."""
-    parameter = {retention.DATABASE: "db", retention.FILES: "name", retention.STORAGE: "bucket"}[area]
+    name), as steps of the backup's own run (a flow run of its own costs a second or two).
+    The backup has succeeded whatever happens here: a pruning problem is logged (and
+    audited), not raised."""
     try:
-        return prune(repo=repo_url, tier=tier, area=area, **{parameter: name})
+        return apply_retention(repo_url, load_settings(), [(area, name)], tier, dry_run=False)
     except Exception as exc:
         get_run_logger().warning("pruning %s after the backup failed: %s", name, exc)
         return None

@@ -131,7 +131,7 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
                          dbname: str, jobs: int | None, no_owner: bool, by: str) -> dict[str, Any]:
     """Stage, restore into the new database `dbname`, validate; the database is dropped
     and the local copy removed on any failure (the local copy always)."""
-    quality.preload()
+    quality.preload_if_cores_spare(jobs or settings.restore_jobs)
     directory = restoring.work_directory(settings.work_dir)
     try:
         archive = stage_backup(repo_url, settings, manifest, directory)

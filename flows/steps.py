@@ -6,6 +6,8 @@ timeouts, tags, artifacts and progress live here.
 
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,7 +51,8 @@ def add_progress_listener(listener: ProgressListener) -> None:
 
 class Progress:
     """One long operation's progress: a Prefect progress artifact, and the terminal's
-    progress bar when a person is watching."""
+    progress bar when a person is watching. The artifact is updated from a thread of its
+    own, once a second at most: a call to the Prefect API never holds up the data."""
 
     def __init__(self, label: str, total: int | None, *, terminal: bool = True) -> None:
         self.label = label
@@ -57,14 +60,37 @@ class Progress:
         # The terminal's bar counts bytes: a count of other things stays in the artifact.
         self.listeners = _listeners if terminal else []
         self.artifact_id = _quietly(create_progress_artifact, progress=0.0, description=label)
+        self.done = 0
+        self.finished = threading.Event()
+        self.poster: threading.Thread | None = None
 
     def update(self, done: int) -> None:
+        self.done = done
         for listener in self.listeners:
             listener(self.label, done, self.total)
-        if self.artifact_id and self.total:
-            _quietly(update_progress_artifact, self.artifact_id, min(99.0, 100.0 * done / self.total))
+        if self.artifact_id and self.total and self.poster is None:
+            # With this context: it says which Prefect API to talk to.
+            self.poster = threading.Thread(target=contextvars.copy_context().run, args=(self._post,),
+                                           name="progress", daemon=True)
+            self.poster.start()
+
+    def _post(self) -> None:
+        posted, idle = -1, 0
+        while not self.finished.wait(1.0):
+            if self.done == posted:
+                idle += 1
+                if idle >= 30:  # an operation that failed without finish(): stop, update restarts
+                    self.poster = None
+                    return
+                continue
+            posted, idle = self.done, 0
+            percent = min(99.0, 100.0 * posted / (self.total or 1))
+            _quietly(update_progress_artifact, self.artifact_id, percent)
 
     def finish(self) -> None:
+        self.finished.set()
+        if self.poster:
+            self.poster.join()
         for listener in self.listeners:
             listener(self.label, -1, self.total)
         if self.artifact_id:

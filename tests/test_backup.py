@@ -248,3 +248,23 @@ def test_runbook_environment_names_configure_a_backup(capsys, pg, fleet_db, tmp_
     assert result["database"] == "fleet"
     assert result["location"].startswith((tmp_path / "backups").as_uri())
     assert os.path.exists(tmp_path / "backups")
+
+
+def test_a_backup_shows_its_progress_and_its_tables_as_prefect_artifacts(fleet_db, file_repo):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.backup import backup
+
+    state = backup(db=fleet_db, repo=file_repo, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (progress,) = [artifact for artifact in artifacts if artifact.type == "progress"]
+    assert progress.data == 100.0 and progress.description == "backup of fleet"
+    (tables,) = [artifact for artifact in artifacts if artifact.key == "backup-fleet"]
+    table = json.loads(tables.data)
+    assert {row["table"]: row["rows"] for row in table} == {**summary["row_counts"],
+                                                             "TOTAL": sum(summary["row_counts"].values())}
