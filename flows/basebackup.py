@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.backup import TOOL_VERSION
 from flows.steps import (
+    FLOW_HOOKS,
     Progress,
     Stopwatch,
     human_bytes,
@@ -20,6 +21,7 @@ from flows.steps import (
     record_audit,
     record_failure,
     transient_only,
+    write_manifest,
 )
 from tasks import catalog, crypto, postgres
 from tasks.audit import audit_record
@@ -82,15 +84,7 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
     )
 
 
-@task(name="write base manifest", retries=3, retry_delay_seconds=[2, 10, 30],
-      retry_condition_fn=transient_only)
-def write_base_manifest(repo_url: str, settings: Settings, manifest: BaseManifest) -> str:
-    """The completion marker, written last."""
-    open_repo(repo_url, settings).put_bytes(manifest.manifest_key, manifest.to_json())
-    return manifest.manifest_key
-
-
-@flow(name="basebackup", log_prints=True)
+@flow(name="basebackup", log_prints=True, **FLOW_HOOKS)
 def basebackup(db: str | None = None, repo: str | None = None, name: str | None = None,
                encrypt_to: str | None = None, fast_checkpoint: bool = True) -> dict[str, Any]:
     """Take a physical base backup of the server behind `db` for point-in-time recovery.
@@ -112,7 +106,7 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
     try:
         manifest = take_base_backup(db_url, repo_url, settings, database, backup_id, fingerprint,
                                     fast_checkpoint)
-        write_base_manifest(repo_url, settings, manifest)
+        write_manifest(repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "basebackup", type="hot", source=database, destination=repo_url, status="failed",

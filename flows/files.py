@@ -17,12 +17,14 @@ from prefect import flow, get_run_logger, task
 from flows.backup import TOOL_VERSION
 from flows.prune import prune_after_backup
 from flows.steps import (
+    FLOW_HOOKS,
     Progress,
     Stopwatch,
     open_repo,
     record_audit,
     record_failure,
     transient_only,
+    write_manifest,
 )
 from tasks import catalog, crypto, retention
 from tasks import files as filing
@@ -71,15 +73,7 @@ def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings
     )
 
 
-@task(name="write files manifest", retries=3, retry_delay_seconds=[2, 10, 30],
-      retry_condition_fn=transient_only)
-def write_files_manifest(repo_url: str, settings: Settings, manifest: filing.FilesManifest) -> str:
-    """The completion marker, written last."""
-    open_repo(repo_url, settings).put_bytes(manifest.manifest_key, manifest.to_json())
-    return manifest.manifest_key
-
-
-@flow(name="files", log_prints=True)
+@flow(name="files", log_prints=True, **FLOW_HOOKS)
 def files(paths: list[str], name: str, repo: str | None = None, tier: str = "manual",
           encrypt_to: str | None = None) -> dict[str, Any]:
     """Back up named paths (directories or files) as one archive; returns its summary."""
@@ -96,7 +90,7 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
         # A prune of this name waits meanwhile, and so does another backup of it.
         with database_lock(open_repo(repo_url, settings), name, "files-backup", area=retention.FILES):
             manifest = archive_files(list(paths), name, repo_url, settings, backup_id, tier, fingerprint)
-            write_files_manifest(repo_url, settings, manifest)
+            write_manifest(repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "files-backup", type=tier, source=name, destination=repo_url, status="failed",
@@ -139,7 +133,7 @@ def restore_files_into(repo_url: str, settings: Settings, manifest: filing.Files
         shutil.rmtree(work, ignore_errors=True)
 
 
-@flow(name="restore-files", log_prints=True)
+@flow(name="restore-files", log_prints=True, **FLOW_HOOKS)
 def restore_files(backup_id: str, name: str, dest: str, repo: str | None = None,
                   overwrite: bool = False) -> dict[str, Any]:
     """Restore a files backup (an id, or latest) into the directory dest."""

@@ -131,10 +131,12 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
                          dbname: str, jobs: int | None, no_owner: bool, by: str) -> dict[str, Any]:
     """Stage, restore into the new database `dbname`, validate; the database is dropped
     and the local copy removed on any failure (the local copy always)."""
-    quality.preload_if_cores_spare(jobs or settings.restore_jobs)
+    loading = quality.preload()
     directory = restoring.work_directory(settings.work_dir)
     try:
         archive = stage_backup(repo_url, settings, manifest, directory)
+        if not quality.cores_spare(jobs or settings.restore_jobs):
+            loading.join()  # overlap the download only: pg_restore gets the cores to itself
         restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner)
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from prefect import get_client, get_run_logger, task
 from prefect.artifacts import (
@@ -33,12 +33,22 @@ from prefect.exceptions import ObjectNotFound
 from prefect.logging.loggers import flow_run_logger
 from prefect.settings import get_current_settings
 
-from tasks import audit, catalog, fleet, notify
+from tasks import audit, fleet, notify
 from tasks.errors import PgdrError
 from tasks.metrics import put_metrics
 from tasks.process import redact
 from tasks.repository import Repository, open_repository
 from tasks.settings import Settings, load_settings
+
+
+class StoredManifest(Protocol):
+    """What every kind of manifest offers: where it goes, and its bytes."""
+
+    @property
+    def manifest_key(self) -> str: ...
+
+    def to_json(self) -> bytes: ...
+
 
 ProgressListener = Callable[[str, int, int | None], None]
 _listeners: list[ProgressListener] = []
@@ -123,10 +133,10 @@ def open_repo(url: str, settings: Settings) -> Repository:
 
 
 @task(name="write manifest", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient_only)
-def write_manifest(repo_url: str, settings: Settings, manifest: catalog.Manifest) -> str:
-    """The completion marker, written last."""
-    repo = open_repo(repo_url, settings)
-    repo.put_bytes(manifest.manifest_key, manifest.to_json())
+def write_manifest(repo_url: str, settings: Settings, manifest: StoredManifest) -> str:
+    """The completion marker of a backup, files backup, base backup or storage snapshot:
+    written last, so that nothing without one is ever taken for complete."""
+    open_repo(repo_url, settings).put_bytes(manifest.manifest_key, manifest.to_json())
     return manifest.manifest_key
 
 

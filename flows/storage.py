@@ -13,7 +13,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.prune import prune_after_backup
-from flows.steps import Stopwatch, open_repo, record_audit, record_failure, transient_only
+from flows.steps import (
+    FLOW_HOOKS,
+    Stopwatch,
+    open_repo,
+    record_audit,
+    record_failure,
+    transient_only,
+    write_manifest,
+)
 from tasks import catalog, retention
 from tasks import storage as snapshots
 from tasks.audit import audit_record
@@ -33,15 +41,7 @@ def copy_changed_objects(source_url: str, repo_url: str, settings: Settings, sna
     return manifest
 
 
-@task(name="write storage manifest", retries=3, retry_delay_seconds=[2, 10, 30],
-      retry_condition_fn=transient_only)
-def write_storage_manifest(repo_url: str, settings: Settings, manifest: snapshots.StorageManifest) -> str:
-    """The completion marker, written last."""
-    open_repo(repo_url, settings).put_bytes(manifest.manifest_key, manifest.to_json())
-    return manifest.manifest_key
-
-
-@flow(name="storage-snapshot", log_prints=True)
+@flow(name="storage-snapshot", log_prints=True, **FLOW_HOOKS)
 def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual") -> dict[str, Any]:
     """Snapshot s3://bucket[/prefix] into the (S3) repository; returns its summary."""
     settings = load_settings()
@@ -57,7 +57,7 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
         with database_lock(open_repo(repo_url, settings), location.bucket, "storage-snapshot",
                            area=retention.STORAGE):
             manifest = copy_changed_objects(location.url, repo_url, settings, snapshot_id, tier)
-            write_storage_manifest(repo_url, settings, manifest)
+            write_manifest(repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "storage-snapshot", type=tier, source=location.url, destination=repo_url, status="failed",
@@ -91,7 +91,7 @@ def copy_objects_back(repo_url: str, settings: Settings, manifest: snapshots.Sto
                                       snapshots.parse_s3_url(dest_url), overwrite=overwrite)
 
 
-@flow(name="storage-restore", log_prints=True)
+@flow(name="storage-restore", log_prints=True, **FLOW_HOOKS)
 def storage_restore(snapshot: str, dest: str, bucket: str | None = None, repo: str | None = None,
                     overwrite: bool = False) -> dict[str, Any]:
     """Copy every object of a snapshot (an id, or latest) into s3://bucket[/prefix]."""

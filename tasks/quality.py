@@ -18,20 +18,25 @@ from psycopg import sql
 from tasks import postgres
 
 
-def preload_if_cores_spare(restore_jobs: int) -> None:
+def preload() -> threading.Thread:
     """Start importing great-expectations (3-8 s of CPU) in the background, so that it
-    overlaps the download and pg_restore instead of following them, when a core is left
-    beside pg_restore's jobs: without one, the import slows pg_restore down by more than it
-    saves (measured on 2 cores with 2 jobs). A failed import is reported by
-    validate_row_counts."""
-    if (os.cpu_count() or 1) <= restore_jobs + 1:
-        return
+    overlaps the download instead of following the restore. A failed import is reported
+    by validate_row_counts."""
 
     def load() -> None:
         with contextlib.suppress(Exception):
             import great_expectations.expectations  # noqa: F401
 
-    threading.Thread(target=load, name="gx-preload", daemon=True).start()
+    loading = threading.Thread(target=load, name="gx-preload", daemon=True)
+    loading.start()
+    return loading
+
+
+def cores_spare(restore_jobs: int) -> bool:
+    """Whether a core is left beside pg_restore's jobs (and their server backends): without
+    one, importing great-expectations during pg_restore slows it down by more than the
+    overlap saves (measured on 2 cores with 2 jobs)."""
+    return (os.cpu_count() or 1) > restore_jobs + 1
 
 
 def validate_row_counts(url: str, expected: dict[str, int]) -> dict[str, Any]:
