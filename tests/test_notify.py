@@ -101,7 +101,8 @@ def test_success_is_announced_only_when_asked_and_audit_events_reach_the_server(
     assert receiver.messages == []
 
     monkeypatch.setenv("PGDR_NOTIFY_ON_SUCCESS", "1")
-    started = datetime.now(UTC) - timedelta(seconds=1)
+    # Events carry the time they were emitted, on this clock: the first backup's are older.
+    started = datetime.now(UTC)
     result = cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo, "--tier", "daily")
     (message,) = receiver.messages
     assert message["status"] == "success" and message["subject"] == "pgdr backup succeeded for fleet"
