@@ -78,6 +78,16 @@ def set_server_limits(hosts: list[str], limit: int | None, default: int) -> dict
     return in_force
 
 
+def check_deployment(name: str) -> None:
+    """Refuse a deployment that does not exist before any run is started."""
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise ConfigError(f"deployment {name} not found: register it (prefect deploy --all, see "
+                          "prefect.yaml) or run the fleet here with --local") from None
+
+
 def _child_parameters(action: str, member: fleets.Member, repo: str | None, tier: str,
                       verify_server: str | None) -> dict[str, Any]:
     if action == "backup":
@@ -158,16 +168,18 @@ def fleet(action: str = "backup", databases: list[str] | None = None, servers: l
     check_tier(tier)
     if max_parallel < 1 or (host_limit is not None and host_limit < 1):
         raise ConfigError("max_parallel and host_limit must be at least 1")
-    clock = Stopwatch()
-    members = list_fleet(list(databases or settings.fleet_databases), list(servers or settings.fleet_servers),
-                         list(include or []), list(exclude or []))
     if action == "verify" and not (verify_server or settings.db_url):
         raise ConfigError("a fleet verify restores into temporary databases: pass --verify-server URL "
                           "or set DATABASE_URL")
+    target = None if local else deployment or DEPLOYMENTS[action]
+    if target:
+        check_deployment(target)
+    clock = Stopwatch()
+    members = list_fleet(list(databases or settings.fleet_databases), list(servers or settings.fleet_servers),
+                         list(include or []), list(exclude or []))
     # Backups work on each database's server; verifications on the server they restore to.
     limited = members if action == "backup" else [fleets.Member.of(verify_server or settings.db_url or "")]
     limits = set_server_limits(sorted({m.host for m in limited}), host_limit, settings.host_limit)
-    target = None if local else deployment or DEPLOYMENTS[action]
     repo_url = repo or settings.repo_url
 
     def run_one(member: fleets.Member) -> dict[str, Any]:

@@ -170,3 +170,12 @@ def test_fleet_verify_restore_tests_every_database_on_the_scratch_server(pg, new
     for url in urls:
         (stored,) = catalog.list_backups(repo, url.rsplit("/", 1)[1])
         assert catalog.read_verification(repo, stored)["verified"] is True
+
+
+def test_a_missing_deployment_is_refused_before_any_run(new_db, file_repo, capsys):
+    url = small_database(new_db, 10)
+    code, _, err = run_cli(capsys, "fleet", "--db", url, "--repo", file_repo,
+                           "--deployment", "backup/nowhere")
+    assert code == 1
+    assert "deployment backup/nowhere not found" in error_line(err)
+    assert catalog.list_backups(open_repository(file_repo)) == []
