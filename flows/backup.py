@@ -58,26 +58,25 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
             wal_lsn = postgres.current_wal_lsn(conn)
             size_hint = postgres.database_size(conn)
             prefix = catalog.backup_prefix(database, backup_id)
-            progress = Progress(f"backup of {database}", size_hint)
             counting = counter.submit(postgres.count_rows, conn)
             try:
-                result = stream_dump(
-                    db_url, repo, f"{prefix}/{catalog.DUMP}",
-                    snapshot=snapshot,
-                    encrypt_to=encrypt_fingerprint,
-                    gpg_homedir=settings.gpg_homedir,
-                    storage_class=settings.storage_classes.get(tier),
-                    size_hint=size_hint,
-                    zstd_level=settings.zstd_level,
-                    zstd_threads=settings.zstd_threads,
-                    secrets=settings.secrets(),
-                    progress=lambda read, _written: progress.update(read),
-                )
+                with Progress(f"backup of {database}", size_hint) as progress:
+                    result = stream_dump(
+                        db_url, repo, f"{prefix}/{catalog.DUMP}",
+                        snapshot=snapshot,
+                        encrypt_to=encrypt_fingerprint,
+                        gpg_homedir=settings.gpg_homedir,
+                        storage_class=settings.storage_classes.get(tier),
+                        size_hint=size_hint,
+                        zstd_level=settings.zstd_level,
+                        zstd_threads=settings.zstd_threads,
+                        secrets=settings.secrets(),
+                        progress=lambda read, _written: progress.update(read),
+                    )
             except BaseException:
                 conn.cancel_safe()  # the counts are of no use now: stop them
                 raise
             row_counts = counting.result()
-            progress.finish()
             logger.info("snapshot %s of %s: %d tables, %d rows", snapshot, database,
                         len(row_counts), sum(row_counts.values()))
     return catalog.Manifest(

@@ -51,14 +51,13 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
     started = catalog.utcnow()
     data_key = "base.tar.zst" + (".gpg" if encrypt_fingerprint else "")
     prefix = base_prefix(database, backup_id)
-    progress = Progress(f"base backup of {postgres.display_dsn(db_url)}", size_hint)
-    result = stream_basebackup(
-        db_url, repo, f"{prefix}/{data_key}", label=f"pgdr {backup_id}",
-        encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
-        fast_checkpoint=fast_checkpoint, zstd_level=settings.zstd_level,
-        zstd_threads=settings.zstd_threads, secrets=settings.secrets(), progress=progress.update,
-    )
-    progress.finish()
+    with Progress(f"base backup of {postgres.display_dsn(db_url)}", size_hint) as progress:
+        result = stream_basebackup(
+            db_url, repo, f"{prefix}/{data_key}", label=f"pgdr {backup_id}",
+            encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
+            fast_checkpoint=fast_checkpoint, zstd_level=settings.zstd_level,
+            zstd_threads=settings.zstd_threads, secrets=settings.secrets(), progress=progress.update,
+        )
     logger.info("base backup %s: WAL %s to %s on timeline %d, %s stored", backup_id, result.start_lsn,
                 result.end_lsn, result.timeline, human_bytes(result.stored.size))
     return BaseManifest(

@@ -52,15 +52,14 @@ def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings
                                  len(found.skipped), ", ".join(found.skipped[:5]))
     data_key = filing.ARCHIVE + (".gpg" if encrypt_fingerprint else "")
     prefix = filing.backup_prefix(name, backup_id)
-    progress = Progress(f"files backup {name}", sum(entry.size for entry, _ in found.entries))
-    stored, tar_bytes = filing.store_archive(
-        found.entries, open_repo(repo_url, settings), f"{prefix}/{data_key}",
-        encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
-        storage_class=settings.storage_classes.get(tier), zstd_level=settings.zstd_level,
-        zstd_threads=settings.zstd_threads, secrets=settings.secrets(),
-        progress=lambda read, _written: progress.update(read),
-    )
-    progress.finish()
+    with Progress(f"files backup {name}", sum(entry.size for entry, _ in found.entries)) as progress:
+        stored, tar_bytes = filing.store_archive(
+            found.entries, open_repo(repo_url, settings), f"{prefix}/{data_key}",
+            encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
+            storage_class=settings.storage_classes.get(tier), zstd_level=settings.zstd_level,
+            zstd_threads=settings.zstd_threads, secrets=settings.secrets(),
+            progress=lambda read, _written: progress.update(read),
+        )
     return filing.FilesManifest(
         backup_id=backup_id, name=name, tier=tier,
         started_at=catalog.iso(started), finished_at=catalog.iso(catalog.utcnow()),

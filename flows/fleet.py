@@ -193,16 +193,15 @@ def fleet(action: str = "backup", databases: list[str] | None = None, servers: l
 def dispatch(label: str, members: list[fleets.Member], run_one: Callable[[fleets.Member], dict[str, Any]],
              max_parallel: int) -> list[dict[str, Any]]:
     """At most max_parallel runs at once, servers taking turns; rows in the fleet's order."""
-    progress = Progress(f"{label}: {len(members)} databases", len(members), terminal=False)
     rows: dict[fleets.Member, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_parallel, thread_name_prefix="fleet") as pool:
+    with Progress(f"{label}: {len(members)} databases", len(members), terminal=False) as progress, \
+            ThreadPoolExecutor(max_parallel, thread_name_prefix="fleet") as pool:
         # Each thread carries this run's context, so the runs it starts are its children.
         futures = {pool.submit(contextvars.copy_context().run, run_one, member): member
                    for member in fleets.interleave(members)}
         for future in as_completed(futures):
             rows[futures[future]] = future.result()
             progress.update(len(rows))
-    progress.finish()
     return [rows[member] for member in members]
 
 

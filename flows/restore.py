@@ -53,16 +53,15 @@ def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, 
     """Verify the stored bytes' checksum while decoding them into one local file; nothing
     reaches PostgreSQL unless the checksum matched."""
     restoring.check_free_space(directory, manifest.dump_bytes)
-    progress = Progress(f"fetch {manifest.backup_id}", manifest.size_bytes)
     archive = directory / f"{manifest.backup_id}.dump"
-    fetch_dump(
-        open_repo(repo_url, settings), f"{manifest.prefix}/{manifest.data_key}", archive,
-        size=manifest.size_bytes, sha256=manifest.sha256, encrypted=manifest.encryption is not None,
-        gpg_homedir=settings.gpg_homedir,
-        passphrase=resolve_passphrase(settings.gpg_passphrase, settings.gpg_passphrase_block),
-        secrets=settings.secrets(), progress=lambda received, _decoded: progress.update(received),
-    )
-    progress.finish()
+    with Progress(f"fetch {manifest.backup_id}", manifest.size_bytes) as progress:
+        fetch_dump(
+            open_repo(repo_url, settings), f"{manifest.prefix}/{manifest.data_key}", archive,
+            size=manifest.size_bytes, sha256=manifest.sha256, encrypted=manifest.encryption is not None,
+            gpg_homedir=settings.gpg_homedir,
+            passphrase=resolve_passphrase(settings.gpg_passphrase, settings.gpg_passphrase_block),
+            secrets=settings.secrets(), progress=lambda received, _decoded: progress.update(received),
+        )
     return archive
 
 

@@ -60,9 +60,10 @@ def add_progress_listener(listener: ProgressListener) -> None:
 
 
 class Progress:
-    """One long operation's progress: a Prefect progress artifact, and the terminal's
-    progress bar when a person is watching. The artifact is updated from a thread of its
-    own, once a second at most: a call to the Prefect API never holds up the data."""
+    """One long operation's progress, as a context manager: a Prefect progress artifact,
+    and the terminal's progress bar when a person is watching. The artifact is updated from
+    a thread of its own, once a second at most: a call to the Prefect API never holds up
+    the data. It reaches 100% only when the operation ends without an error."""
 
     def __init__(self, label: str, total: int | None, *, terminal: bool = True) -> None:
         self.label = label
@@ -85,25 +86,23 @@ class Progress:
             self.poster.start()
 
     def _post(self) -> None:
-        posted, idle = -1, 0
+        posted = -1
         while not self.finished.wait(1.0):
-            if self.done == posted:
-                idle += 1
-                if idle >= 30:  # an operation that failed without finish(): stop, update restarts
-                    self.poster = None
-                    return
-                continue
-            posted, idle = self.done, 0
-            percent = min(99.0, 100.0 * posted / (self.total or 1))
-            _quietly(update_progress_artifact, self.artifact_id, percent)
+            if self.done != posted:
+                posted = self.done
+                percent = min(99.0, 100.0 * posted / (self.total or 1))
+                _quietly(update_progress_artifact, self.artifact_id, percent)
 
-    def finish(self) -> None:
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.finished.set()
         if self.poster:
             self.poster.join()
         for listener in self.listeners:
             listener(self.label, -1, self.total)
-        if self.artifact_id:
+        if self.artifact_id and exc_type is None:
             _quietly(update_progress_artifact, self.artifact_id, 100.0)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tasks.errors import ConfigError, PgdrError
+from tasks.aws import aws_errors
+from tasks.errors import ConfigError
 from tasks.repository import S3Repository, open_repository
 
 LIFECYCLE_RULE_ID = "pgdr-tiering"
@@ -27,28 +28,21 @@ LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 
 
 def _call(client: Any, operation: str, **kwargs: Any) -> Any:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
+    with aws_errors(f"S3 {operation}"):
         return getattr(client, operation)(**kwargs)
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        raise PgdrError(f"S3 {operation} failed: {error.get('Code', '')} {error.get('Message', '')}"
-                        .strip()) from None
-    except BotoCoreError as exc:
-        raise PgdrError(f"S3 {operation} failed: {exc}") from None
 
 
 def _missing(client: Any, operation: str, codes: tuple[str, ...], **kwargs: Any) -> Any:
     """The configuration, or None when S3 says there is none."""
     from botocore.exceptions import ClientError
 
-    try:
-        return getattr(client, operation)(**kwargs)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in codes:
-            return None
-        raise PgdrError(f"S3 {operation} failed: {exc.response.get('Error', {}).get('Code')}") from None
+    with aws_errors(f"S3 {operation}"):
+        try:
+            return getattr(client, operation)(**kwargs)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in codes:
+                return None
+            raise
 
 
 def _ensure_bucket(client: Any, bucket: str, object_lock: bool) -> bool:

@@ -178,6 +178,37 @@ def _chunks_of(chunks: Iterable[bytes], digest: Any) -> Iterator[bytes]:
 # --- local directory ----------------------------------------------------------------------
 
 
+def _partial_beside(path: Path) -> Path:
+    """A private name beside path (never listed as a key) to write into first."""
+    return path.with_name(f".{path.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+
+
+def _write_synced(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write the chunks to path and fsync it: its bytes are on disk before it gets a name."""
+    with open(path, "wb") as out:
+        for chunk in chunks:
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def write_atomically(destination: Path, chunks: Iterable[bytes]) -> None:
+    """Write beside destination, fsync, rename into place, fsync the directory: a crash
+    leaves the old state or the whole new file, never part of it."""
+    partial = _partial_beside(destination)
+    try:
+        _write_synced(partial, chunks)
+        os.replace(partial, destination)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(destination.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class FileRepository(Repository):
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -196,26 +227,9 @@ class FileRepository(Repository):
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PgdrError(f"cannot write to repository {self.url}: {exc.strerror}") from None
-        partial = path.with_name(f".{path.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
         digest = hashlib.sha256()
-        size = 0
-        try:
-            with open(partial, "wb") as out:
-                for chunk in _chunks_of(chunks, digest):
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        return PutResult(key, size, digest.hexdigest())
+        write_atomically(path, _chunks_of(chunks, digest))
+        return PutResult(key, path.stat().st_size, digest.hexdigest())
 
     def get_stream(self, key: str) -> Iterator[bytes]:
         path = self._path(key)
@@ -300,12 +314,9 @@ class FileRepository(Repository):
         # when the name exists, so creation is exclusive and nobody reads a partial file.
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+        partial = _partial_beside(path)
         try:
-            with open(partial, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
+            _write_synced(partial, [data])
             os.link(partial, path)
         except FileExistsError:
             return False

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from tasks import crypto
 from tasks.catalog import database_component, iso, utcnow
 from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
 from tasks.process import run_bytes
-from tasks.repository import Repository
+from tasks.repository import Repository, write_atomically
 
 SIDECAR = ".sha256"
 # restore_command exit statuses. PostgreSQL reads any status from 1 to 125 as "not in the
@@ -195,28 +194,11 @@ def fetch(
     data = run_bytes(["zstd", "-d", "-q", "-c"], input=stored)
     if hashlib.sha256(data).hexdigest() != record["wal_sha256"]:
         raise IntegrityError(f"{name} decodes to different bytes than were archived")
-    write_atomically(destination, data)
-    return len(data)
-
-
-def write_atomically(destination: Path, data: bytes) -> None:
-    """Write a temp file beside destination, fsync it, rename it into place, fsync the
-    directory: a crash leaves the old state or the whole new file, never part of it."""
-    partial = destination.with_name(f".{destination.name}.pgdr-{os.getpid()}")
     try:
-        with open(partial, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, destination)
+        write_atomically(destination, [data])
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise PgdrError(f"cannot write {destination}: {exc.strerror}") from None
-    dir_fd = os.open(destination.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    return len(data)
 
 
 # --- what is archived -----------------------------------------------------------------------
