@@ -41,15 +41,18 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = _settings()
     repo = open_repository(args.repo or settings.repo_url, region=settings.aws_region)
-    backups = [m.summary() for m in catalog.list_backups(repo, args.db)]
-    return {"repository": repo.url, "backups": backups}
+    found = catalog.scan_backups(repo, args.db)
+    backups = [{**m.summary(), "safety_copy": catalog.is_safety_copy(m),
+                "storage_class": found.storage_classes.get(m.backup_id)} for m in found.backups]
+    return {"repository": repo.url, "backups": backups, "damaged": [d.summary() for d in found.damaged]}
 
 
 def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
     from flows.restore import restore
 
     return restore(backup_id=args.backup, target=_url(args.target), repo=args.repo, db=args.db,
-                   jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup)
+                   jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup,
+                   encrypt_to=args.encrypt_to)
 
 
 def cmd_restore_temp(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,16 +97,20 @@ def show_verify(result: dict[str, Any]) -> None:
 
 
 def show_list(result: dict[str, Any]) -> None:
-    backups = result["backups"]
-    if not backups:
+    backups, damaged = result["backups"], result["damaged"]
+    if not backups and not damaged:
         print(f"No backups in {result['repository']}.")
         return
     _print_table(
-        ["BACKUP", "DATABASE", "TIER", "FINISHED (UTC)", "SIZE", "ENCRYPTED"],
+        ["BACKUP", "DATABASE", "TIER", "FINISHED (UTC)", "SIZE", "ENCRYPTED", "STORAGE", "NOTE"],
         [[b["backup_id"], b["database"], b["tier"], b["finished_at"], _size(b["size_bytes"]),
-          "yes" if b["encrypted"] else "no"] for b in backups],
+          "yes" if b["encrypted"] else "no", b["storage_class"] or "-",
+          "safety copy (restore by id)" if b["safety_copy"] else ""] for b in backups],
     )
-    print(f"{len(backups)} backup(s) in {result['repository']}")
+    for entry in damaged:
+        print(f"DAMAGED {entry['backup_id']} of {entry['database']}: {entry['reason']}")
+    print(f"{len(backups)} backup(s) in {result['repository']}"
+          + (f", {len(damaged)} DAMAGED (never restored, never latest)" if damaged else ""))
 
 
 def show_backup(result: dict[str, Any]) -> None:
@@ -318,14 +325,19 @@ def show_status(result: dict[str, Any]) -> None:
     if not databases:
         print(f"No backups in {result['repository']}.")
         return
-    verified = {True: "ok", False: "FAILED", None: "never"}
     _print_table(
-        ["DATABASE", "LAST BACKUP", "AGE (H)", "SIZE", "LAST VERIFIED (UTC)", "VERIFICATION"],
+        ["DATABASE", "LAST BACKUP", "AGE (H)", "SIZE", "STORAGE", "ITS VERIFICATION", "NEWEST VERIFIED"],
         [[d["database"], d["last_backup"] or "-", d["age_hours"] if d["age_hours"] is not None else "-",
-          _size(d["size_bytes"]) if d["size_bytes"] is not None else "-", d["verified_at"] or "-",
-          verified[d["verified"]] + (f" ({d['verified_backup']})" if d["verified_backup"] else "")]
+          _size(d["size_bytes"]) if d["size_bytes"] is not None else "-", d["storage_class"] or "-",
+          {"verified": "ok", "failed": "FAILED"}.get(d["last_backup_state"], d["last_backup_state"] or "-"),
+          f"{d['verified_backup']} at {d['verified_at']}" if d["verified_backup"] else "none"]
          for d in databases],
     )
+    for d in databases:
+        if d["last_backup_reason"]:
+            print(f"{d['database']}: verification of {d['last_backup']} FAILED: {d['last_backup_reason']}")
+        for entry in d["damaged"]:
+            print(f"{d['database']}: DAMAGED {entry['backup_id']}: {entry['reason']}")
 # --- point-in-time recovery: WAL archive, base backups, pitr ------------------------------
 
 
@@ -511,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
     cmd.add_argument("--no-pre-restore-backup", action="store_true",
                      help="skip the backup of the current database before replacing it")
+    cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient of the pre-restore backup "
+                     "(default: PGDR_ENCRYPT_TO, else the restored backup's recipient)")
 
     cmd = command("restore-temp", cmd_restore_temp, "restore into a temporary database and validate it",
                   show_restore)

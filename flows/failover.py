@@ -40,7 +40,7 @@ def choose_backup(repository: Repository, database: str | None) -> tuple[catalog
     """The newest backup whose restore was verified; without one, the newest whose stored
     bytes still match their checksum. Returns (manifest, "verified" | "checksum")."""
     newest = catalog.resolve_backup(repository, "latest", database)
-    backups = catalog.list_backups(repository, newest.database)[::-1]
+    backups = catalog.regular_backups(catalog.list_backups(repository, newest.database))[::-1]
     for manifest in backups:
         if (catalog.read_verification(repository, manifest) or {}).get("verified") is True:
             return manifest, "verified"

@@ -31,7 +31,8 @@ from tasks import restore as restoring
 from tasks.audit import audit_record
 from tasks.crypto import resolve_passphrase
 from tasks.dump import fetch_dump
-from tasks.errors import ConfigError, FailedWithReport, PgdrError
+from tasks.errors import ConfigError, FailedWithReport, IntegrityError, NotFoundError, PgdrError
+from tasks.process import CommandError
 from tasks.settings import Settings, load_settings
 
 
@@ -106,13 +107,27 @@ def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -
 def record_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
                         result: dict[str, Any], by: str) -> None:
     """Append the result to verified.json beside the manifest (never rewriting the manifest)."""
-    repo = open_repo(repo_url, settings)
-    history = catalog.read_verification(repo, manifest) or {"backup_id": manifest.backup_id, "results": []}
-    history["results"].append({"by": by, "success": result["success"], "at": result["verified_at"],
-                               "statistics": result["statistics"], "tables": result["tables"]})
-    history["verified"] = result["success"]
-    history["last_verified_at"] = result["verified_at"]
-    catalog.write_verification(repo, manifest, history)
+    entry = {"by": by, "success": result["success"], "at": result["verified_at"],
+             "statistics": result["statistics"], "tables": result["tables"]}
+    if not result["success"]:
+        entry["reason"] = f"row counts differ: {quality.failure_summary(result)}"
+    catalog.append_verification(open_repo(repo_url, settings), manifest, entry)
+
+
+@task(name="record failed verification", retries=3, retry_delay_seconds=[2, 10, 30])
+def record_failed_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
+                               reason: str, by: str) -> None:
+    """A backup whose bytes or restore failed is recorded as failed, with the reason, exactly
+    like one that passed: status, prune and failover then stop counting it as good."""
+    catalog.append_verification(open_repo(repo_url, settings), manifest, {
+        "by": by, "success": False, "at": catalog.iso(catalog.utcnow()), "reason": reason})
+
+
+def is_backup_defect(exc: BaseException) -> bool:
+    """A failure that says the backup itself is bad (checksum, missing dump, pg_restore), not
+    the place it was restored to or the credentials of the run."""
+    return isinstance(exc, IntegrityError | NotFoundError) or (
+        isinstance(exc, CommandError) and exc.name == "pg_restore")
 
 
 @task(name="swap into place")
@@ -137,6 +152,10 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
         if not quality.cores_spare(jobs or settings.restore_jobs):
             loading.join()  # overlap the download only: pg_restore gets the cores to itself
         restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner)
+    except PgdrError as exc:
+        if is_backup_defect(exc):
+            record_failed_verification(repo_url, settings, manifest, str(exc), by)
+        raise
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     try:
@@ -150,6 +169,14 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
         restoring.drop_quietly(server_url, dbname)
         raise
     return result
+
+
+def safety_copy_recipient(encrypt_to: str | None, settings: Settings,
+                           manifest: catalog.Manifest) -> str | None:
+    """Who the pre-restore backup is encrypted to: the run's flag, the environment, or the
+    recipient of the backup being restored (production data never lands in the repository
+    less protected than the backup that replaces it)."""
+    return encrypt_to or settings.encrypt_to or (manifest.encryption or {}).get("recipient_fingerprint")
 
 
 def _restored(manifest: catalog.Manifest, result: dict[str, Any], target_url: str, clock: Stopwatch,
@@ -177,10 +204,11 @@ def _audited(operation: str, kind: str, repo_url: str, settings: Settings, sourc
 @flow(name="restore", log_prints=True, **FLOW_HOOKS)
 def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
-            pre_restore_backup: bool = True) -> dict[str, Any]:
+            pre_restore_backup: bool = True, encrypt_to: str | None = None) -> dict[str, Any]:
     """Restore a backup into `target` (a database URL). A new database is restored
     directly; an existing one is replaced only after the restored copy validated, and is
-    kept as `<db>_pre_restore_<ts>` (see rollback)."""
+    kept as `<db>_pre_restore_<ts>` (see rollback). The pre-restore backup is encrypted to
+    `encrypt_to`, else PGDR_ENCRYPT_TO, else the restored backup's own recipient."""
     settings = load_settings()
     target_url = target or settings.db_url
     if not target_url:
@@ -198,7 +226,8 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
                                           by="restore")
         else:
             if pre_restore_backup:
-                backup(db=target_url, repo=repo_url, tier="pre-restore")
+                backup(db=target_url, repo=repo_url, tier="pre-restore",
+                       encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
             incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
             result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
                                           by="restore")

@@ -36,7 +36,8 @@ def backup_age_hours(manifest: catalog.Manifest, now: Any) -> float:
 @flow(name="verify", log_prints=True, **FLOW_HOOKS)
 def verify(repo: str | None = None, db: str | None = None, max_age_hours: float = 26.0,
            server: str | None = None) -> dict[str, Any]:
-    """Check the latest backup of every database; fail, with the reasons, if any check fails."""
+    """Check the latest backup of every database (and that every manifest can be read);
+    fail, with the reasons, if any check fails."""
     settings = load_settings()
     server_url = server or settings.db_url
     if not server_url:
@@ -54,10 +55,12 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
         entry: dict[str, Any] = {"database": database, "ok": False, "backup_id": None, "age_hours": None}
         report.append(entry)
         try:
-            backups = catalog.list_backups(repository, database)
-            if not backups:
-                raise PgdrError(f"no backup of {database}")
-            manifest = backups[-1]
+            found = catalog.scan_backups(repository, database)
+            entry["damaged"] = [d.key for d in found.damaged]
+            manifest = catalog.newest_regular_backup(found.backups)
+            if manifest is None:
+                raise PgdrError(f"no backup of {database}"
+                                + (f" (damaged: {found.damaged[0].reason})" if found.damaged else ""))
             entry["backup_id"] = manifest.backup_id
             age = backup_age_hours(manifest, now)
             entry["age_hours"] = round(age, 2)
@@ -72,6 +75,8 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
             finally:
                 restoring.drop_quietly(server_url, temp_db)
             entry["tables"] = result["statistics"]["evaluated"]
+            if found.damaged:  # the latest is good, but part of the history cannot be read
+                raise PgdrError("; ".join(d.reason for d in found.damaged))
             entry["ok"] = True
         except PgdrError as exc:
             entry["reason"] = str(exc)

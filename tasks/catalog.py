@@ -27,6 +27,10 @@ RESERVED_AREAS = frozenset({"audit", "drills", "locks", "files", "storage"})
 # Per-database areas that are not backup tiers.
 NON_TIER_AREAS = frozenset({"wal", "base"})
 
+# Tiers of safety copies pgdr takes itself (of the database a restore replaces): restored
+# by id or by `pgdr rollback`, never as `latest`.
+SAFETY_TIERS = frozenset({"pre-restore"})
+
 _BACKUP_ID = re.compile(r"^(\d{8}T\d{6}Z)-([a-z][a-z-]*[a-z])-([0-9a-f]{4,32})$")
 
 
@@ -153,23 +157,90 @@ class Manifest:
         }
 
 
+def backup_order(manifest: Manifest) -> tuple[str, str]:
+    """The sort key of backups, oldest first: the one place that says what "newer" means."""
+    return (manifest.finished_at, manifest.backup_id)
+
+
+def is_safety_copy(manifest: Manifest) -> bool:
+    return manifest.tier in SAFETY_TIERS
+
+
+def regular_backups(backups: list[Manifest]) -> list[Manifest]:
+    """The backups of the regular tiers (no safety copies), oldest first."""
+    return sorted((m for m in backups if not is_safety_copy(m)), key=backup_order)
+
+
+def newest_regular_backup(backups: list[Manifest]) -> Manifest | None:
+    """What `latest` means for every command and flow: the newest complete backup of the
+    regular tiers. A safety copy (`pre-restore`) holds the state a restore replaced, often
+    the very damage being repaired: it is never `latest`."""
+    regular = regular_backups(backups)
+    return regular[-1] if regular else None
+
+
+@dataclass(frozen=True)
+class DamagedBackup:
+    """A backup whose manifest cannot be read: listed (its key named), never restored."""
+
+    database: str
+    backup_id: str
+    tier: str
+    key: str
+    reason: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"backup_id": self.backup_id, "database": self.database, "tier": self.tier,
+                "damaged": True, "key": self.key, "reason": self.reason}
+
+
+def read_manifest(repo: Repository, key: str) -> Manifest:
+    """The manifest stored at key; ConfigError naming the key when it cannot be read."""
+    try:
+        return Manifest.from_json(repo.get_bytes(key))
+    except ConfigError as exc:
+        raise ConfigError(f"damaged manifest {key}: {exc}") from None
+
+
 def list_databases(repo: Repository) -> list[str]:
     return [database_from_component(name) for name in repo.list_dirs("")
             if name not in RESERVED_AREAS]
 
 
-def list_backups(repo: Repository, database: str | None = None) -> list[Manifest]:
-    """Every complete backup (it has a manifest), oldest first."""
-    manifests = []
+@dataclass
+class Catalog:
+    """What a listing of the repository found: complete backups (oldest first), damaged
+    ones, and the storage class of each backup's data (None where the store has none)."""
+
+    backups: list[Manifest]
+    damaged: list[DamagedBackup]
+    storage_classes: dict[str, str | None]
+
+
+def scan_backups(repo: Repository, database: str | None = None) -> Catalog:
+    """Every complete backup (it has a manifest) and, apart, those whose manifest cannot be
+    read: one damaged manifest never hides the rest."""
+    manifests, damaged, classes = [], [], {}
     for db in [database] if database else list_databases(repo):
         db_prefix = database_component(db) + "/"
         for tier in repo.list_dirs(db_prefix):
             if tier in NON_TIER_AREAS:
                 continue
             for info in repo.list(f"{db_prefix}{tier}/"):
-                if info.key.endswith("/" + MANIFEST):
-                    manifests.append(Manifest.from_json(repo.get_bytes(info.key)))
-    return sorted(manifests, key=lambda m: (m.finished_at, m.backup_id))
+                if info.key.endswith("/" + DUMP):
+                    classes[info.key.split("/")[-2]] = info.storage_class
+                if not info.key.endswith("/" + MANIFEST):
+                    continue
+                try:
+                    manifests.append(read_manifest(repo, info.key))
+                except ConfigError as exc:
+                    damaged.append(DamagedBackup(db, info.key.split("/")[-2], tier, info.key, str(exc)))
+    return Catalog(sorted(manifests, key=backup_order), sorted(damaged, key=lambda d: d.key), classes)
+
+
+def list_backups(repo: Repository, database: str | None = None) -> list[Manifest]:
+    """Every complete backup with a readable manifest, oldest first."""
+    return scan_backups(repo, database).backups
 
 
 def backups_since(repo: Repository, database: str, tier: str, since: datetime) -> list[Manifest]:
@@ -182,9 +253,9 @@ def backups_since(repo: Repository, database: str, tier: str, since: datetime) -
         for info in repo.list(prefix):
             backup_id = info.key.removeprefix(prefix).split("/")[0]
             if info.key.endswith("/" + MANIFEST) and parse_backup_id(backup_id).started >= since:
-                found.append(Manifest.from_json(repo.get_bytes(info.key)))
+                found.append(read_manifest(repo, info.key))
         day += timedelta(days=1)
-    return sorted(found, key=lambda m: (m.finished_at, m.backup_id))
+    return sorted(found, key=backup_order)
 
 
 def find_backup(repo: Repository, backup_id: str, database: str | None = None) -> Manifest:
@@ -193,14 +264,15 @@ def find_backup(repo: Repository, backup_id: str, database: str | None = None) -
     for db in databases:
         key = f"{backup_prefix(db, backup_id)}/{MANIFEST}"
         if repo.head(key):
-            return Manifest.from_json(repo.get_bytes(key))
+            return read_manifest(repo, key)
     raise NotFoundError(f"backup {backup_id} not found in {repo.url}")
 
 
 def resolve_backup(repo: Repository, selector: str, database: str | None = None,
                    target_database: str | None = None) -> Manifest:
-    """A backup id, or `latest`: the newest complete backup of `database`; without it, of
-    the only database in the repository; with several, of the target's database name."""
+    """A backup id, or `latest`: the newest complete backup of the regular tiers
+    (newest_regular_backup) of `database`; without it, of the only database in the
+    repository; with several, of the target's database name."""
     if selector != "latest":
         return find_backup(repo, selector, database)
     if database is None:
@@ -216,15 +288,44 @@ def resolve_backup(repo: Repository, selector: str, database: str | None = None,
                 f"several databases in {repo.url} ({', '.join(databases)}): name one with --db"
             )
     backups = list_backups(repo, database)
-    if not backups:
-        raise NotFoundError(f"no backups of {database} in {repo.url}")
-    return backups[-1]
+    latest = newest_regular_backup(backups)
+    if latest is None:
+        only = " other than safety copies (restore one by its id)" if backups else ""
+        raise NotFoundError(f"no backups of {database}{only} in {repo.url}")
+    return latest
 
 
 def read_verification(repo: Repository, manifest: Manifest) -> dict[str, Any] | None:
     if not repo.head(manifest.verified_key):
         return None
     return json.loads(repo.get_bytes(manifest.verified_key))
+
+
+def append_verification(repo: Repository, manifest: Manifest, result: dict[str, Any]) -> None:
+    """Add one verification result, passed or failed (`success`, `at`, and `reason` when it
+    failed), to the backup's history; the newest result is the backup's state."""
+    try:
+        history = read_verification(repo, manifest)
+    except ValueError:
+        history = None  # an unreadable history is replaced by what is known now
+    history = history or {"backup_id": manifest.backup_id, "results": []}
+    history["results"].append(result)
+    history["verified"] = result["success"]
+    history["last_verified_at"] = result["at"]
+    history["reason"] = None if result["success"] else result.get("reason")
+    write_verification(repo, manifest, history)
+
+
+VERIFIED_STATE, FAILED_STATE, NEVER_STATE = "verified", "failed", "never verified"
+
+
+def verification_state(history: dict[str, Any] | None) -> tuple[str, str | None, str | None]:
+    """(state, when, reason) of a backup from its verification history: its newest result."""
+    if not history or "verified" not in history:
+        return NEVER_STATE, None, None
+    if history["verified"] is True:
+        return VERIFIED_STATE, history.get("last_verified_at"), None
+    return FAILED_STATE, history.get("last_verified_at"), history.get("reason") or "verification failed"
 
 
 def write_verification(repo: Repository, manifest: Manifest, result: dict[str, Any]) -> None:

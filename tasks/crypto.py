@@ -16,8 +16,8 @@ from tasks.errors import ConfigError
 from tasks.process import run
 
 
-def _base(homedir: str | None) -> list[str]:
-    argv = ["gpg", "--batch", "--no-tty", "--quiet"]
+def _base(homedir: str | None, quiet: bool = True) -> list[str]:
+    argv = ["gpg", "--batch", "--no-tty"] + (["--quiet"] if quiet else [])
     if homedir:
         argv += ["--homedir", homedir]
     return argv
@@ -55,7 +55,9 @@ def decrypt_command(homedir: str | None = None, passphrase: str | None = None
                     ) -> Iterator[tuple[list[str], tuple[int, ...]]]:
     """(argv, fds to pass) for decrypting stdin to stdout. The passphrase is written to a
     pipe whose read end gpg inherits."""
-    argv = [*_base(homedir), "--decrypt"]
+    # Not quiet: --quiet drops the line that says why ("Bad passphrase"), keeping only
+    # the consequence ("No secret key").
+    argv = [*_base(homedir, quiet=False), "--decrypt"]
     if passphrase is None:
         yield argv, ()
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -19,7 +20,12 @@ from typing import IO, Any
 
 from tasks.errors import PgdrError
 
-_STDERR_TAIL_LINES = 20
+# Stderr lines kept per command (the last ones), and at most how many a failure quotes.
+_STDERR_TAIL_LINES = 200
+_QUOTED_LINES = 10
+# Lines that say what went wrong, preferred when a command printed more than can be quoted.
+_ERROR_WORDS = re.compile(r"error|fatal|fail|denied|does not exist|bad|invalid|cannot|could not|no such|"
+                          r"unexpected|refused|not found|no secret key", re.IGNORECASE)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -52,8 +58,21 @@ class _StderrCollector(threading.Thread):
         self.stream.close()
 
 
+def quoted_lines(lines: Sequence[str], limit: int = _QUOTED_LINES) -> list[str]:
+    """What a failure message quotes of a command's stderr: every distinct line, in order;
+    when there are more than `limit`, the ones that say what went wrong (the cause printed
+    first is kept, not only the consequence printed last)."""
+    distinct = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    if len(distinct) > limit:
+        distinct = [line for line in distinct if _ERROR_WORDS.search(line)] or distinct[-limit:]
+    if len(distinct) > limit:
+        distinct = [*distinct[:limit - 2], f"... {len(distinct) - limit + 1} more", distinct[-1]]
+    return distinct
+
+
 class CommandError(PgdrError):
-    """A child process failed; the message names it and quotes its last stderr line."""
+    """A child process failed; the message names it and quotes what it printed on stderr
+    (quoted_lines: distinct lines, secrets already redacted by the caller), on one line."""
 
     def __init__(self, name: str, returncode: int, stderr_lines: Sequence[str]) -> None:
         self.name = name
@@ -63,8 +82,8 @@ class CommandError(PgdrError):
             how = f"was killed by signal {signal.Signals(-returncode).name}"
         else:
             how = f"exited with status {returncode}"
-        last = self.stderr_lines[-1] if self.stderr_lines else ""
-        super().__init__(f"{name} {how}" + (f": {last}" if last else ""))
+        quoted = " | ".join(quoted_lines(self.stderr_lines))
+        super().__init__(f"{name} {how}" + (f": {quoted}" if quoted else ""))
 
 
 # Every pipeline still running, so that a termination signal can stop their children

@@ -1,5 +1,6 @@
-"""`pgdr status`: per database, the last backup, its age and size, and the last
-verification and its result. Reads the repository only; no Prefect."""
+"""`pgdr status`: per database, the last backup, its age and size, its own verification
+state, the newest verified backup, and damaged manifests. Reads the repository only; no
+Prefect."""
 
 from __future__ import annotations
 
@@ -9,26 +10,38 @@ from typing import Any
 from tasks import catalog
 from tasks.repository import Repository
 
-# How many recent backups to look through for the last verification.
+# How many recent backups to look through for the newest verified one.
 _VERIFICATION_LOOKBACK = 10
 
 
+def _state(repo: Repository, manifest: catalog.Manifest) -> tuple[str, str | None, str | None]:
+    try:
+        return catalog.verification_state(catalog.read_verification(repo, manifest))
+    except ValueError:
+        return catalog.FAILED_STATE, None, f"unreadable {catalog.VERIFIED} of {manifest.backup_id}"
+
+
 def database_status(repo: Repository, database: str, now: datetime) -> dict[str, Any]:
-    backups = catalog.list_backups(repo, database)
+    found = catalog.scan_backups(repo, database)
+    backups = found.backups
     entry: dict[str, Any] = {"database": database, "backups": len(backups), "last_backup": None,
                              "tier": None, "finished_at": None, "age_hours": None, "size_bytes": None,
-                             "verified": None, "verified_at": None, "verified_backup": None}
-    if not backups:
+                             "storage_class": None, "last_backup_state": None, "last_backup_reason": None,
+                             "verified": None, "verified_at": None, "verified_backup": None,
+                             "damaged": [d.summary() for d in found.damaged]}
+    latest = catalog.newest_regular_backup(backups)
+    if latest is None:
         return entry
-    latest = backups[-1]
+    state, when, reason = _state(repo, latest)
     entry.update(last_backup=latest.backup_id, tier=latest.tier, finished_at=latest.finished_at,
                  age_hours=round((now - latest.finished).total_seconds() / 3600, 2),
-                 size_bytes=latest.size_bytes)
-    for manifest in reversed(backups[-_VERIFICATION_LOOKBACK:]):
-        history = catalog.read_verification(repo, manifest)
-        if history is not None:
-            entry.update(verified=bool(history.get("verified")), verified_at=history.get("last_verified_at"),
-                         verified_backup=manifest.backup_id)
+                 size_bytes=latest.size_bytes, storage_class=found.storage_classes.get(latest.backup_id),
+                 last_backup_state=state, last_backup_reason=reason,
+                 verified={catalog.VERIFIED_STATE: True, catalog.FAILED_STATE: False}.get(state))
+    for manifest in reversed(catalog.regular_backups(backups)[-_VERIFICATION_LOOKBACK:]):
+        state, when, _reason = _state(repo, manifest)
+        if state == catalog.VERIFIED_STATE:
+            entry.update(verified_at=when, verified_backup=manifest.backup_id)
             break
     return entry
 

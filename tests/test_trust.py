@@ -1,0 +1,200 @@
+"""Which backup `latest` is, which backups are good, and what a failure says: on real
+PostgreSQL, a local repository, real gpg."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from tasks import catalog
+from tasks.process import CommandError, quoted_lines, run
+from tasks.repository import open_repository
+from tests.support.cli import cli_json, error_line, run_cli
+from tests.support.db import table_fingerprints
+from tests.test_prune import fake_backup
+
+
+def make_live_database(new_db, rows: int = 300) -> str:
+    url = new_db("live")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+        conn.execute(f"INSERT INTO orders SELECT i, 'original' FROM generate_series(1, {rows}) i")
+    return url
+
+
+def damage_everything(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM orders WHERE id % 2 = 0")
+        conn.execute("UPDATE orders SET note = 'damaged'")
+
+
+# --- `latest`: the newest complete backup of the regular tiers -------------------------------
+
+
+def test_latest_is_never_a_safety_copy_nor_a_damaged_backup(capsys, file_repo):
+    repo = open_repository(file_repo)
+    now = catalog.utcnow()
+    daily = fake_backup(repo, "fleet", "daily", now - timedelta(hours=3))
+    safety = fake_backup(repo, "fleet", "pre-restore", now - timedelta(hours=1))
+    broken = fake_backup(repo, "fleet", "manual", now - timedelta(minutes=30))
+    repo.put_bytes(broken.manifest_key, b'{"backup_id": "20260101T000000Z-manual-ab')  # cut short
+
+    assert catalog.resolve_backup(repo, "latest").backup_id == daily.backup_id
+    assert catalog.resolve_backup(repo, safety.backup_id).backup_id == safety.backup_id  # by id: yes
+    with pytest.raises(catalog.ConfigError, match=broken.manifest_key):
+        catalog.resolve_backup(repo, broken.backup_id)
+
+    listed = cli_json(capsys, "list", "--repo", file_repo)
+    assert [(b["backup_id"], b["safety_copy"]) for b in listed["backups"]] == [
+        (daily.backup_id, False), (safety.backup_id, True)]
+    (damaged,) = listed["damaged"]
+    assert damaged["key"] == broken.manifest_key and damaged["backup_id"] == broken.backup_id
+    code, out, _ = run_cli(capsys, "list", "--repo", file_repo)
+    assert code == 0 and "safety copy" in out and f"DAMAGED {broken.backup_id}" in out
+
+    (status,) = cli_json(capsys, "status", "--repo", file_repo)["databases"]
+    assert status["last_backup"] == daily.backup_id
+    assert [d["key"] for d in status["damaged"]] == [broken.manifest_key]
+
+    only_safety = fake_backup(repo, "solo", "pre-restore", now)
+    with pytest.raises(catalog.NotFoundError, match="other than safety copies"):
+        catalog.resolve_backup(repo, "latest", "solo")
+    assert catalog.resolve_backup(repo, only_safety.backup_id, "solo").tier == "pre-restore"
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_after_a_restore_over_a_live_database_latest_is_the_restored_backup(how, capsys, pg, new_db,
+                                                                           file_repo, gpg, monkeypatch):
+    monkeypatch.setenv("PGDR_GNUPGHOME", gpg.homedir)
+    live = make_live_database(new_db)
+    good = table_fingerprints(live)
+    backup = cli_json(capsys, "backup", "--db", live, "--repo", file_repo, "--tier", "daily")
+    damage_everything(live)
+    encrypt = ["--encrypt-to", gpg.fingerprint] if how == "flag" else []
+    if how == "environment":
+        monkeypatch.setenv("PGDR_ENCRYPT_TO", gpg.fingerprint)
+
+    restored = cli_json(capsys, "restore", backup["backup_id"], "--target", live, "--repo", file_repo,
+                        *encrypt)
+    try:
+        repo = open_repository(file_repo)
+        (safety,) = [m for m in catalog.list_backups(repo) if m.tier == "pre-restore"]
+        # The safety copy holds production data: encrypted like the run asked.
+        assert safety.encryption == {"type": "gpg", "recipient_fingerprint": gpg.fingerprint}
+
+        again = new_db("again")
+        pg.drop_database(again.rsplit("/", 1)[1])
+        result = cli_json(capsys, "restore", "latest", "--target", again, "--repo", file_repo)
+        assert result["backup_id"] == backup["backup_id"] != safety.backup_id
+        assert table_fingerprints(again) == good
+        temp = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", pg.url())
+        assert temp["backup_id"] == backup["backup_id"]
+        checked = cli_json(capsys, "verify", "--repo", file_repo, "--server", pg.url())
+        assert [d["backup_id"] for d in checked["databases"]] == [backup["backup_id"]]
+    finally:
+        pg.drop_database(restored["previous_database"])
+
+
+def test_a_safety_copy_is_encrypted_like_the_backup_it_replaces_by_default(capsys, pg, new_db, file_repo,
+                                                                           gpg, monkeypatch):
+    monkeypatch.setenv("PGDR_GNUPGHOME", gpg.homedir)
+    monkeypatch.delenv("PGDR_ENCRYPT_TO", raising=False)
+    live = make_live_database(new_db, rows=10)
+    backup = cli_json(capsys, "backup", "--db", live, "--repo", file_repo, "--encrypt-to", gpg.fingerprint)
+    restored = cli_json(capsys, "restore", backup["backup_id"], "--target", live, "--repo", file_repo)
+    pg.drop_database(restored["previous_database"])
+    (safety,) = [m for m in catalog.list_backups(open_repository(file_repo)) if m.tier == "pre-restore"]
+    assert safety.encryption == {"type": "gpg", "recipient_fingerprint": gpg.fingerprint}
+
+
+# --- verification is a fact of each backup ---------------------------------------------------
+
+
+def test_a_failed_verification_is_recorded_and_counts_for_status_and_prune(capsys, pg, new_db, file_repo):
+    from tests.test_restore import corrupt
+
+    live = make_live_database(new_db, rows=50)
+    older = cli_json(capsys, "backup", "--db", live, "--repo", file_repo, "--tier", "daily")
+    newer = cli_json(capsys, "backup", "--db", live, "--repo", file_repo, "--tier", "daily")
+    for each in (older, newer):
+        cli_json(capsys, "restore-temp", each["backup_id"], "--repo", file_repo, "--server", pg.url())
+    repo = open_repository(file_repo)
+    manifest = catalog.find_backup(repo, newer["backup_id"])
+    corrupt(file_repo, manifest, "flip")
+
+    code, out, err = run_cli(capsys, "verify", "--repo", file_repo, "--server", pg.url(), "--json")
+    assert code == 1 and "corrupt" in error_line(err) and json.loads(out)["ok"] is False
+    history = catalog.read_verification(repo, manifest)
+    assert history["verified"] is False and "corrupt" in history["reason"]
+    assert [r["success"] for r in history["results"]] == [True, False]
+
+    (status,) = cli_json(capsys, "status", "--repo", file_repo)["databases"]
+    assert status["last_backup"] == newer["backup_id"]
+    assert (status["last_backup_state"], status["verified"]) == ("failed", False)
+    assert "corrupt" in status["last_backup_reason"]
+    assert status["verified_backup"] == older["backup_id"]  # the newest one that still passes
+    code, text, _ = run_cli(capsys, "status", "--repo", file_repo)
+    assert "FAILED" in text and older["backup_id"] in text
+
+    rows = {r["backup_id"]: r for r in cli_json(capsys, "prune", "--repo", file_repo, "--dry-run")["backups"]}
+    assert rows[newer["backup_id"]]["verified"] is False
+    assert "verified #" not in rows[newer["backup_id"]]["reason"]
+    assert "verified #1" in rows[older["backup_id"]]["reason"]
+
+
+def test_a_damaged_manifest_fails_verify_naming_its_key_and_hides_nothing(capsys, pg, new_db, file_repo):
+    live = make_live_database(new_db, rows=20)
+    good = cli_json(capsys, "backup", "--db", live, "--repo", file_repo)
+    bad = cli_json(capsys, "backup", "--db", live, "--repo", file_repo)
+    repo = open_repository(file_repo)
+    key = catalog.find_backup(repo, bad["backup_id"]).manifest_key
+    repo.put_bytes(key, b"\x00not json")
+
+    listed = cli_json(capsys, "list", "--repo", file_repo)
+    assert [b["backup_id"] for b in listed["backups"]] == [good["backup_id"]]
+    assert [d["key"] for d in listed["damaged"]] == [key]
+    temp = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", pg.url())
+    assert temp["backup_id"] == good["backup_id"]
+    code, out, err = run_cli(capsys, "verify", "--repo", file_repo, "--server", pg.url(), "--json")
+    assert code == 1 and key in error_line(err)
+    (entry,) = json.loads(out)["databases"]
+    assert entry["backup_id"] == good["backup_id"] and entry["damaged"] == [key]
+
+
+# --- a failing child process says why ---------------------------------------------------------
+
+
+def test_a_failure_quotes_every_distinct_error_line_without_secrets():
+    script = ("echo 'gpg: encrypted with rsa3072 key' >&2; echo 'gpg: public key decryption failed: "
+              "Bad passphrase (hunter22)' >&2; echo 'gpg: decryption failed: No secret key' >&2; "
+              "echo 'gpg: decryption failed: No secret key' >&2; exit 2")
+    with pytest.raises(CommandError) as caught:
+        run(["sh", "-c", script], secrets=["hunter22"])
+    message = str(caught.value)
+    assert "Bad passphrase" in message and "No secret key" in message and "hunter22" not in message
+    assert message.count("No secret key") == 1 and "\n" not in message
+
+    noise = [f"progress line {i}" for i in range(40)]
+    quoted = quoted_lines(["pg_restore: error: role \"ghost\" does not exist", *noise,
+                           "pg_restore: error: a worker process died unexpectedly"])
+    assert quoted == ["pg_restore: error: role \"ghost\" does not exist",
+                      "pg_restore: error: a worker process died unexpectedly"]
+    assert len(quoted_lines([f"error {i}" for i in range(50)])) == 10
+
+
+def test_a_wrong_passphrase_is_named_as_such(capsys, new_db, file_repo, gpg, monkeypatch):
+    monkeypatch.setenv("PGDR_GNUPGHOME", gpg.homedir)
+    live = make_live_database(new_db, rows=10)
+    backup = cli_json(capsys, "backup", "--db", live, "--repo", file_repo,
+                      "--encrypt-to", gpg.protected_fingerprint)
+    monkeypatch.setenv("PGDR_GPG_PASSPHRASE", "not-the-passphrase")
+    code, _out, err = run_cli(capsys, "restore", backup["backup_id"], "--target", live, "--repo", file_repo,
+                              "--no-pre-restore-backup")
+    line = error_line(err)
+    assert code == 1 and "Bad passphrase" in line and "not-the-passphrase" not in err
+    # A wrong passphrase says nothing about the backup: it is not recorded as failed.
+    assert catalog.read_verification(open_repository(file_repo),
+                                     catalog.find_backup(open_repository(file_repo), backup["backup_id"])) is None
