@@ -273,7 +273,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from flows.prune import prune
 
     return prune(repo=args.repo, db=args.db, tier=args.tier, dry_run=args.dry_run, area=args.area,
-                 name=args.name, bucket=args.bucket)
+                 name=args.name, bucket=args.bucket, server=_url(args.server))
 
 
 def show_prune(result: dict[str, Any]) -> None:
@@ -317,7 +317,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = _settings()
     return repository_status(open_repository(args.repo or settings.repo_url, region=settings.aws_region),
-                             args.db)
+                             args.db, server_url=args.server or settings.db_url)
 
 
 def show_status(result: dict[str, Any]) -> None:
@@ -338,6 +338,13 @@ def show_status(result: dict[str, Any]) -> None:
             print(f"{d['database']}: verification of {d['last_backup']} FAILED: {d['last_backup_reason']}")
         for entry in d["damaged"]:
             print(f"{d['database']}: DAMAGED {entry['backup_id']}: {entry['reason']}")
+    safety = result.get("safety_databases")
+    if safety and safety["error"]:
+        print(f"safety databases on {safety['server']}: not checked ({safety['error']})")
+    elif safety:
+        for kept in safety["databases"]:
+            print(f"safety database {kept['name']} ({kept['role']} copy of {kept['of']}, {kept['at']}) "
+                  f"on {safety['server']}")
 # --- point-in-time recovery: WAL archive, base backups, pitr ------------------------------
 
 
@@ -665,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--bucket", help="only the storage snapshots of this bucket")
     cmd.add_argument("--tier", help="only this tier (the floors still count every tier)")
     cmd.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    cmd.add_argument("--server", metavar="URL", help="server whose safety databases (<db>_pre_restore_*, "
+                     "<db>_rolled_back_*) to prune too (default: DATABASE_URL)")
 
     cmd = command("init-repo", cmd_init_repo, "create and harden the S3 bucket of a repository",
                   show_init_repo, runs_flow=False)
@@ -678,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
                   show_status, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="only this database")
+    cmd.add_argument("--server", metavar="URL", help="also list the safety databases restores left on this "
+                     "server (default: DATABASE_URL)")
     cmd = command("wal-push", cmd_wal_push, "archive one WAL file (PostgreSQL's archive_command)",
                   show_nothing, runs_flow=False)
     cmd.add_argument("path", metavar="PATH", help="the WAL file (%%p)")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from prefect import flow, get_run_logger, task
 
 from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, transient_only
-from tasks import catalog, replica, retention
+from tasks import catalog, postgres, replica, retention
+from tasks import restore as restoring
 from tasks.audit import audit_record
 from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
@@ -38,13 +40,38 @@ def prune_set(repo_url: str, settings: Settings, area: str, name: str, tier: str
         return run()
 
 
+@task(name="prune safety databases", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def prune_safety_databases(server_url: str, settings: Settings, of: str | None,
+                           dry_run: bool) -> list[dict[str, Any]]:
+    """Drop the databases restores and rollbacks set aside on the server (of one target, or
+    all) once past PGDR_KEEP_SAFETY_DATABASES_DAYS; the newest per target stays."""
+    admin = restoring.admin_database(postgres.database_name(server_url))
+    rows = []
+    with postgres.connect(server_url, dbname=admin, autocommit=True) as conn:
+        found = [d for d in restoring.safety_databases(conn) if of is None or d.of == of]
+        for database, drop, reason in retention.choose_safety_databases(
+                found, catalog.utcnow(), settings.keep_safety_databases_days):
+            action = "keep"
+            if drop and dry_run:
+                action = "would drop"
+            elif drop:
+                try:
+                    restoring.drop_safety_database(conn, database.name)
+                    action = "dropped"
+                except psycopg.Error as exc:
+                    action, reason = "failed", f"{reason}; could not drop: {str(exc).splitlines()[0]}"
+            rows.append(retention.safety_database_row(database, action, reason))
+    return rows
+
+
 @flow(name="prune", log_prints=True, **FLOW_HOOKS)
 def prune(repo: str | None = None, db: str | None = None, tier: str | None = None,
           dry_run: bool = False, area: str | None = None, name: str | None = None,
-          bucket: str | None = None) -> dict[str, Any]:
+          bucket: str | None = None, server: str | None = None) -> dict[str, Any]:
     """Apply retention to the repository: database backups, files backups and storage
     snapshots (or one area; one database, files-backup name or bucket; one tier); returns
-    every backup with what was done to it and why."""
+    every backup with what was done to it and why. With a server (`server` or
+    DATABASE_URL), the safety databases restores left there are pruned too."""
     settings = load_settings()
     if tier:
         check_tier(tier)
@@ -54,16 +81,22 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
     repository = open_repo(repo_url, settings)
     sets = [(each, one) for each in areas
             for one in ([named[each]] if named[each] else retention.list_sets(repository, each))]
-    return apply_retention(repo_url, settings, sets, tier, dry_run)
+    server_url = server or settings.db_url
+    if retention.DATABASE not in areas or tier not in (None, "pre-restore"):
+        server_url = None
+    return apply_retention(repo_url, settings, sets, tier, dry_run, server_url, db)
 
 
 def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str]], tier: str | None,
-                    dry_run: bool) -> dict[str, Any]:
-    """Prune each (area, name) set; audit record and table artifact of what was done."""
+                    dry_run: bool, server_url: str | None = None, of: str | None = None) -> dict[str, Any]:
+    """Prune each (area, name) set, and the safety databases on server_url (of one target,
+    or all); audit record and table artifact of what was done."""
     clock = Stopwatch()
     rows: list[dict[str, Any]] = []
     for each, one in sets:
         rows += prune_set(repo_url, settings, each, one, tier, dry_run)
+    if server_url:
+        rows += prune_safety_databases(server_url, settings, of, dry_run)
     counts = {action: sum(1 for r in rows if r["action"] == action) for action in {r["action"] for r in rows}}
     failed = [r for r in rows if r["action"] == "failed"]
     logger = get_run_logger()
@@ -76,6 +109,7 @@ def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str
         status="dry-run" if dry_run else "failed" if failed else "success",
         duration_seconds=clock.seconds, counts=counts,
         deleted=[r["backup_id"] for r in rows if r["action"] in ("deleted", "aborted")],
+        dropped_databases=[r["backup_id"] for r in rows if r["action"] == "dropped"],
         locked=[r["backup_id"] for r in rows if r["action"] == "locked"]))
     if rows:
         publish_table("prune", rows, f"Prune of {repo_url}{' (dry run)' if dry_run else ''}: " +

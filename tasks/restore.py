@@ -8,9 +8,11 @@ transaction (the old one is kept under another name: that is the rollback).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -82,9 +84,8 @@ def _set_comment(conn: psycopg.Connection, dbname: str, comment: dict[str, Any])
         sql.Identifier(dbname), sql.Literal(json.dumps(comment, sort_keys=True))))
 
 
-def tagged_databases(conn: psycopg.Connection, role: str, of: str) -> list[tuple[str, dict[str, Any]]]:
-    """Databases pgdr kept aside with this role (e.g. pre-restore) for database `of`,
-    newest first."""
+def _tagged(conn: psycopg.Connection) -> list[tuple[str, dict[str, Any]]]:
+    """Every database with a pgdr tag (a JSON comment), and its tag."""
     rows = conn.execute(
         "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database"
         " WHERE shobj_description(oid, 'pg_database') LIKE '{%%'").fetchall()
@@ -94,9 +95,48 @@ def tagged_databases(conn: psycopg.Connection, role: str, of: str) -> list[tuple
             tag = json.loads(comment)
         except ValueError:
             continue
-        if tag.get("pgdr") == role and tag.get("of") == of:
+        if isinstance(tag, dict) and tag.get("pgdr"):
             found.append((name, tag))
+    return found
+
+
+def tagged_databases(conn: psycopg.Connection, role: str, of: str) -> list[tuple[str, dict[str, Any]]]:
+    """Databases pgdr kept aside with this role (e.g. pre-restore) for database `of`,
+    newest first."""
+    found = [(name, tag) for name, tag in _tagged(conn) if tag.get("pgdr") == role and tag.get("of") == of]
     return sorted(found, key=lambda item: item[1].get("at", ""), reverse=True)
+
+
+# The roles of the databases a restore or a rollback sets aside (full copies on the server).
+SAFETY_ROLES = ("pre-restore", "rolled-back")
+_SAFETY_NAME = re.compile(r"_(pre_restore|rolled_back)_\d{8}T\d{6}$")
+
+
+@dataclass(frozen=True)
+class SafetyDatabase:
+    name: str
+    of: str
+    role: str
+    at: str | None
+
+
+def safety_databases(conn: psycopg.Connection) -> list[SafetyDatabase]:
+    """The databases restores and rollbacks set aside on this server, by name. A database
+    that carries a tag but is named otherwise is not one: after a rollback the live
+    database still carries the pre-restore tag of the copy it was."""
+    return sorted((SafetyDatabase(name, tag["of"], tag["pgdr"], tag.get("at"))
+                   for name, tag in _tagged(conn)
+                   if tag.get("pgdr") in SAFETY_ROLES and isinstance(tag.get("of"), str)
+                   and name != tag["of"] and _SAFETY_NAME.search(name)),
+                  key=lambda found: found.name)
+
+
+def drop_safety_database(conn: psycopg.Connection, name: str) -> None:
+    """DROP DATABASE without FORCE: a copy someone is looking at is left alone (the error
+    says so)."""
+    from psycopg import sql
+
+    conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
 
 
 def swap_databases(server_url: str, target: str, incoming: str, keep_as: str, tag: dict[str, Any],

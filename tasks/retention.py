@@ -139,6 +139,32 @@ def is_stale(moment: datetime, now: datetime, grace: timedelta = DEFAULT_GRACE) 
     return now - _aware(moment, "time") >= grace
 
 
+def choose_safety_databases(found: Iterable[Any], now: datetime,
+                            keep_days: int) -> list[tuple[Any, bool, str]]:
+    """(database, drop?, reason) for each safety database (tasks.restore.SafetyDatabase): the
+    newest of each role per target is kept (it is what `pgdr rollback` uses), the others
+    once older than keep_days; one without a time is kept (never drop what is not understood)."""
+    _aware(now, "now")
+    newest_first = sorted(found, key=lambda d: d.at or "", reverse=True)
+    seen: set[tuple[str, str]] = set()
+    decisions = []
+    for database in newest_first:
+        group = (database.of, database.role)
+        if group not in seen:
+            seen.add(group)
+            decisions.append((database, False, f"newest {database.role} copy of {database.of}"))
+            continue
+        try:
+            age = now - datetime.fromisoformat(database.at.replace("Z", "+00:00"))
+        except (AttributeError, ValueError):
+            decisions.append((database, False, "no time recorded: left for an operator"))
+            continue
+        expired = age >= timedelta(days=keep_days)
+        decisions.append((database, expired, f"{age.total_seconds() / 86400:.1f} d old, "
+                          f"{'past' if expired else 'within'} the {keep_days} d kept for safety databases"))
+    return decisions
+
+
 # --- applying the choice to a repository ------------------------------------------------------
 
 DATABASE, FILES, STORAGE = "database", "files", "storage"
@@ -287,6 +313,18 @@ def _row(area: str, backup_id: str, group: str | None, tier: str | None, action:
     return {"backup_id": backup_id, "area": area, "database": group, "tier": tier,
             "finished_at": iso(finished) if finished else None, "verified": verified,
             "action": action, "reason": reason}
+
+
+SAFETY_DATABASE = "safety-database"
+
+
+def safety_database_row(database: Any, action: str, reason: str) -> dict[str, object]:
+    """The prune report's row for a safety database (tasks.restore.SafetyDatabase)."""
+    try:
+        at = datetime.fromisoformat(database.at.replace("Z", "+00:00"))
+    except (AttributeError, ValueError):
+        at = None
+    return _row(SAFETY_DATABASE, database.name, database.of, database.role, action, reason, at)
 
 
 def _outcome(dry_run: bool, problem: str | None) -> str:

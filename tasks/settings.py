@@ -87,6 +87,9 @@ class Settings:
     fleet_servers: tuple[str, ...] = ()
     # How many pgdr runs may work on one PostgreSQL server at once (fleet runs).
     host_limit: int = 2
+    # Days a restore's and a rollback's set-aside databases stay on the server (the newest
+    # per target always stays).
+    keep_safety_databases_days: int = 7
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
@@ -175,6 +178,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         fleet_databases=_list(merged, "PGDR_FLEET_DATABASES"),
         fleet_servers=_list(merged, "PGDR_FLEET_SERVERS"),
         host_limit=_int(merged, "PGDR_HOST_LIMIT", 2),
+        keep_safety_databases_days=_int(merged, "PGDR_KEEP_SAFETY_DATABASES_DAYS", 7),
     )
 
 

@@ -46,9 +46,32 @@ def database_status(repo: Repository, database: str, now: datetime) -> dict[str,
     return entry
 
 
+def server_safety_databases(server_url: str, of: str | None = None) -> dict[str, Any]:
+    """The databases restores and rollbacks set aside on a server (full copies, dropped by
+    prune after PGDR_KEEP_SAFETY_DATABASES_DAYS); an unreachable server is reported, not raised."""
+    from tasks import postgres
+    from tasks import restore as restoring
+    from tasks.errors import PgdrError
+
+    report: dict[str, Any] = {"server": postgres.display_dsn(server_url), "databases": [], "error": None}
+    try:
+        admin = restoring.admin_database(postgres.database_name(server_url))
+        with postgres.connect(server_url, dbname=admin) as conn:
+            found = restoring.safety_databases(conn)
+    except PgdrError as exc:
+        report["error"] = str(exc)
+        return report
+    report["databases"] = [{"name": d.name, "of": d.of, "role": d.role, "at": d.at}
+                           for d in found if of is None or d.of == of]
+    return report
+
+
 def repository_status(repo: Repository, database: str | None = None,
-                      now: datetime | None = None) -> dict[str, Any]:
+                      now: datetime | None = None, server_url: str | None = None) -> dict[str, Any]:
     moment = now or catalog.utcnow()
     databases = [database] if database else catalog.list_databases(repo)
-    return {"repository": repo.url, "checked_at": catalog.iso(moment),
-            "databases": [database_status(repo, name, moment) for name in databases]}
+    status = {"repository": repo.url, "checked_at": catalog.iso(moment),
+              "databases": [database_status(repo, name, moment) for name in databases]}
+    if server_url:
+        status["safety_databases"] = server_safety_databases(server_url, database)
+    return status

@@ -21,12 +21,13 @@ def test_status_shows_last_backup_and_last_verification_without_prefect(capsys, 
     assert fleet["database"] == "fleet" and fleet["backups"] == 2
     assert (fleet["last_backup"], fleet["tier"]) == (latest["backup_id"], "manual")
     assert fleet["size_bytes"] == latest["size_bytes"] and 0 <= fleet["age_hours"] < 0.1
-    # The newest backup was never verified: the last verification is the first one's.
-    assert (fleet["verified"], fleet["verified_backup"]) == (True, first["backup_id"])
-    assert fleet["verified_at"]
+    # The newest backup was never verified (its own state); the newest verified one is the first.
+    assert (fleet["last_backup_state"], fleet["verified"]) == ("never verified", None)
+    assert fleet["verified_backup"] == first["backup_id"] and fleet["verified_at"]
 
     code, out, _ = run_cli(capsys, "status", "--repo", file_repo)
-    assert code == 0 and latest["backup_id"] in out and f"ok ({first['backup_id']})" in out
+    assert code == 0 and latest["backup_id"] in out and "never verified" in out
+    assert f"{first['backup_id']} at {fleet['verified_at']}" in out
 
     # A read-only command: no Prefect import, no server.
     probe = ("import json, sys; from flows.cli import main;"

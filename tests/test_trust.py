@@ -196,5 +196,73 @@ def test_a_wrong_passphrase_is_named_as_such(capsys, new_db, file_repo, gpg, mon
     line = error_line(err)
     assert code == 1 and "Bad passphrase" in line and "not-the-passphrase" not in err
     # A wrong passphrase says nothing about the backup: it is not recorded as failed.
-    assert catalog.read_verification(open_repository(file_repo),
-                                     catalog.find_backup(open_repository(file_repo), backup["backup_id"])) is None
+    repo = open_repository(file_repo)
+    assert catalog.read_verification(repo, catalog.find_backup(repo, backup["backup_id"])) is None
+
+
+# --- safety databases have a lifetime ---------------------------------------------------------
+
+
+def set_aside(pg, of: str, role: str, days_ago: float) -> str:
+    """A database as a restore (pre-restore) or a rollback (rolled-back) leaves it."""
+    at = catalog.utcnow() - timedelta(days=days_ago)
+    name = f"{of}_{role.replace('-', '_')}_{at:%Y%m%dT%H%M%S}"
+    pg.create_database(name)
+    tag_database(pg, name, {"pgdr": role, "of": of, "at": catalog.iso(at)})
+    return name
+
+
+def tag_database(pg, name: str, tag: dict) -> None:
+    from psycopg import sql
+
+    with psycopg.connect(pg.admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            sql.Identifier(name), sql.Literal(json.dumps(tag))))
+
+
+def test_prune_drops_old_safety_databases_but_the_newest_per_target(capsys, pg, new_db, file_repo,
+                                                                     monkeypatch):
+    monkeypatch.setenv("PGDR_KEEP_SAFETY_DATABASES_DAYS", "7")
+    live = new_db("prod")
+    of = live.rsplit("/", 1)[1]
+    # After a rollback the live database carries the tag of the copy it was: never a candidate.
+    tag_database(pg, of, {"pgdr": "pre-restore", "of": of, "at": "2020-01-01T00:00:00Z"})
+    newest = set_aside(pg, of, "pre-restore", 20)
+    old = set_aside(pg, of, "pre-restore", 30)
+    recent = set_aside(pg, of, "rolled-back", 40)
+    in_use = set_aside(pg, of, "rolled-back", 50)
+    young = set_aside(pg, of, "rolled-back", 45)
+    pg.drop_database(young)
+    young = set_aside(pg, of, "pre-restore", 2)  # now the newest pre-restore copy
+    reader = psycopg.connect(pg.url(in_use))
+    try:
+        dry = cli_json(capsys, "prune", "--repo", file_repo, "--db", of, "--server", pg.url(), "--dry-run")
+        planned = {r["backup_id"]: r["action"] for r in dry["backups"] if r["area"] == "safety-database"}
+        assert planned == {young: "keep", newest: "would drop", old: "would drop", recent: "keep",
+                           in_use: "would drop"}
+        assert all(datname in list_databases(pg) for datname in planned)
+
+        code, out, _err = run_cli(capsys, "prune", "--repo", file_repo, "--db", of, "--server", pg.url(),
+                                  "--json")
+        done = {r["backup_id"]: r for r in json.loads(out)["backups"] if r["area"] == "safety-database"}
+        assert code == 1  # one could not be dropped: it is in use
+        assert {name: r["action"] for name, r in done.items()} == {
+            young: "keep", newest: "dropped", old: "dropped", recent: "keep", in_use: "failed"}
+        assert "past the 7 d" in done[old]["reason"] and "newest pre-restore" in done[young]["reason"]
+    finally:
+        reader.close()
+    left = list_databases(pg)
+    assert of in left and {young, recent, in_use} <= left and not {newest, old} & left
+    repo = open_repository(file_repo)
+    audits = [json.loads(repo.get_bytes(o.key)) for o in repo.list("audit/") if "-prune-" in o.key]
+    assert sorted(audits[-1]["details"]["dropped_databases"]) == sorted([newest, old])
+
+    status = cli_json(capsys, "status", "--repo", file_repo, "--db", of, "--server", pg.url())
+    assert {d["name"] for d in status["safety_databases"]["databases"]} == {young, recent, in_use}
+    for name in (young, recent, in_use):
+        pg.drop_database(name)
+
+
+def list_databases(pg) -> set[str]:
+    with psycopg.connect(pg.admin_url) as conn:
+        return {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
