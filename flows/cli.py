@@ -52,14 +52,16 @@ def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
 
     return restore(backup_id=args.backup, target=_url(args.target), repo=args.repo, db=args.db,
                    jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup,
-                   encrypt_to=args.encrypt_to)
+                   encrypt_to=args.encrypt_to, archive_wait_hours=args.archive_wait_hours,
+                   no_wait=args.no_wait)
 
 
 def cmd_restore_temp(args: argparse.Namespace) -> dict[str, Any]:
     from flows.restore import restore_to_temp
 
     return restore_to_temp(backup_id=args.backup, repo=args.repo, db=args.db, server=_url(args.server),
-                           keep=args.keep, jobs=args.jobs, no_owner=args.no_owner)
+                           keep=args.keep, jobs=args.jobs, no_owner=args.no_owner,
+                           archive_wait_hours=args.archive_wait_hours, no_wait=args.no_wait)
 
 
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
@@ -294,7 +296,8 @@ def cmd_init_repo(args: argparse.Namespace) -> dict[str, Any]:
     return init_s3_repository(args.repo or settings.repo_url, sse=args.sse or settings.s3_sse,
                               kms_key_id=args.kms_key_id or settings.s3_kms_key_id,
                               lock_mode=args.object_lock_mode, lock_days=args.object_lock_days,
-                              region=settings.aws_region)
+                              region=settings.aws_region, archive_after_days=args.archive_after_days,
+                              retention_days=settings.retention_days)
 
 
 def show_init_repo(result: dict[str, Any]) -> None:
@@ -311,6 +314,8 @@ def show_init_repo(result: dict[str, Any]) -> None:
           f"{lifecycle.get('noncurrent_days')} d; no expiration (pgdr prune deletes)")
     locked = f"{lock['mode']} {lock['days']} d" if lock["mode"] else "off"
     print(f"  object lock              {locked}")
+    for warning in result["warnings"]:
+        print(f"  warning: {warning}")
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.repository import open_repository
     from tasks.status import repository_status
@@ -532,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip the backup of the current database before replacing it")
     cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient of the pre-restore backup "
                      "(default: PGDR_ENCRYPT_TO, else the restored backup's recipient)")
+    _archive_arguments(cmd)
 
     cmd = command("restore-temp", cmd_restore_temp, "restore into a temporary database and validate it",
                   show_restore)
@@ -540,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore (for latest)")
     cmd.add_argument("--server", help="server URL for the temporary database (default: DATABASE_URL)")
     cmd.add_argument("--keep", action="store_true", help="keep the temporary database")
+    _archive_arguments(cmd)
     cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")
     cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
 
@@ -683,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--object-lock-mode", choices=["GOVERNANCE", "COMPLIANCE"],
                      help="default Object Lock retention mode (creates the bucket with Object Lock)")
     cmd.add_argument("--object-lock-days", type=int, metavar="N", help="default Object Lock retention days")
+    cmd.add_argument("--archive-after-days", type=int, metavar="N",
+                     help="move objects to GLACIER after N days (restoring them then waits hours; "
+                     "default: never, only STANDARD_IA after 30 days)")
     cmd = command("status", cmd_status, "last backup, its age and size, and last verification per database",
                   show_status, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
@@ -746,6 +756,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="only this database")
     return parser
+
+
+def _archive_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--archive-wait-hours", type=float, default=12.0, metavar="H",
+                     help="a dump in GLACIER/DEEP_ARCHIVE: wait up to H hours for S3 to restore it (12)")
+    cmd.add_argument("--no-wait", action="store_true",
+                     help="a dump in GLACIER/DEEP_ARCHIVE: request its restore, exit 3 saying when to retry")
 
 
 def _dns_arguments(cmd: argparse.ArgumentParser, required: bool) -> None:

@@ -49,6 +49,16 @@ def find_backup(repo_url: str, settings: Settings, selector: str, database: str 
     return manifest
 
 
+@task(name="bring back archived dump")
+def bring_back_archived(repo_url: str, settings: Settings, manifest: catalog.Manifest, wait_hours: float,
+                        wait: bool) -> str | None:
+    """A dump that lifecycle moved to GLACIER or DEEP_ARCHIVE is restored by S3 first:
+    waited for (with progress), or NotReadyYet (exit 3) saying when to retry."""
+    return restoring.wait_until_readable(
+        open_repo(repo_url, settings), f"{manifest.prefix}/{manifest.data_key}", wait_hours=wait_hours,
+        wait=wait, report=get_run_logger().warning)
+
+
 @task(name="stage backup", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_only)
 def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, directory: Path) -> Path:
     """Verify the stored bytes' checksum while decoding them into one local file; nothing
@@ -142,9 +152,12 @@ def swap_into_place(server_url: str, target: str, incoming: str, manifest: catal
 
 
 def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Manifest, server_url: str,
-                         dbname: str, jobs: int | None, no_owner: bool, by: str) -> dict[str, Any]:
+                         dbname: str, jobs: int | None, no_owner: bool, by: str,
+                         archive_wait_hours: float = 12.0, wait: bool = True) -> dict[str, Any]:
     """Stage, restore into the new database `dbname`, validate; the database is dropped
-    and the local copy removed on any failure (the local copy always)."""
+    and the local copy removed on any failure (the local copy always). An archived dump
+    is brought back first (bring_back_archived)."""
+    bring_back_archived(repo_url, settings, manifest, archive_wait_hours, wait)
     loading = quality.preload()
     directory = restoring.work_directory(settings.work_dir)
     try:
@@ -204,11 +217,14 @@ def _audited(operation: str, kind: str, repo_url: str, settings: Settings, sourc
 @flow(name="restore", log_prints=True, **FLOW_HOOKS)
 def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
-            pre_restore_backup: bool = True, encrypt_to: str | None = None) -> dict[str, Any]:
+            pre_restore_backup: bool = True, encrypt_to: str | None = None,
+            archive_wait_hours: float = 12.0, no_wait: bool = False) -> dict[str, Any]:
     """Restore a backup into `target` (a database URL). A new database is restored
     directly; an existing one is replaced only after the restored copy validated, and is
     kept as `<db>_pre_restore_<ts>` (see rollback). The pre-restore backup is encrypted to
-    `encrypt_to`, else PGDR_ENCRYPT_TO, else the restored backup's own recipient."""
+    `encrypt_to`, else PGDR_ENCRYPT_TO, else the restored backup's own recipient. A dump in
+    an archive storage class is restored by S3 first, waited for up to archive_wait_hours
+    (or, with no_wait, the run stops with when to retry)."""
     settings = load_settings()
     target_url = target or settings.db_url
     if not target_url:
@@ -223,8 +239,11 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     try:
         if not exists:
             result = restore_and_validate(repo_url, settings, manifest, target_url, target_db, jobs, no_owner,
-                                          by="restore")
+                                          by="restore", archive_wait_hours=archive_wait_hours,
+                                          wait=not no_wait)
         else:
+            # Before the safety copy: a run that stops to wait for S3 leaves nothing behind.
+            bring_back_archived(repo_url, settings, manifest, archive_wait_hours, not no_wait)
             if pre_restore_backup:
                 backup(db=target_url, repo=repo_url, tier="pre-restore",
                        encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
@@ -245,8 +264,10 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
 @flow(name="restore-to-temp", log_prints=True, **FLOW_HOOKS)
 def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str | None = None,
                     server: str | None = None, keep: bool = False, jobs: int | None = None,
-                    no_owner: bool = False) -> dict[str, Any]:
-    """Restore into a throwaway database on `server`, validate it, drop it unless kept."""
+                    no_owner: bool = False, archive_wait_hours: float = 12.0,
+                    no_wait: bool = False) -> dict[str, Any]:
+    """Restore into a throwaway database on `server`, validate it, drop it unless kept
+    (an archived dump: as restore)."""
     settings = load_settings()
     server_url = server or settings.db_url
     if not server_url:
@@ -257,7 +278,8 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
     temp_db = restoring.derived_name(manifest.database, "temp", catalog.utcnow())
     try:
         result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, jobs, no_owner,
-                                      by="restore-to-temp")
+                                      by="restore-to-temp", archive_wait_hours=archive_wait_hours,
+                                      wait=not no_wait)
     except Exception as exc:
         _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "failed",
                  error=str(exc))

@@ -16,11 +16,11 @@ from tasks.repository import S3Repository, open_repository
 
 LIFECYCLE_RULE_ID = "pgdr-tiering"
 POLICY_SID = "PgdrDenyInsecureTransport"
-# The runbook's tiering. There is no Expiration: pgdr's prune decides what is deleted, so
-# WAL still needed by a kept backup is never expired underneath it.
-TRANSITIONS = [{"Days": 30, "StorageClass": "STANDARD_IA"},
-               {"Days": 90, "StorageClass": "GLACIER"},
-               {"Days": 365, "StorageClass": "DEEP_ARCHIVE"}]
+# Tiering. There is no Expiration: pgdr's prune decides what is deleted, so WAL still
+# needed by a kept backup is never expired underneath it. By default nothing moves to a
+# class that must be restored (hours) before it can be read: within retention, any backup
+# may be needed at once. GLACIER only from --archive-after-days.
+INSTANT_TRANSITIONS = [{"Days": 30, "StorageClass": "STANDARD_IA"}]
 # Versions that prune deleted (or that were overwritten) stay this long: a window to undo
 # a mistaken deletion. Current objects never expire.
 NONCURRENT_DAYS = 30
@@ -59,12 +59,37 @@ def _ensure_bucket(client: Any, bucket: str, object_lock: bool) -> bool:
     return True
 
 
-def _lifecycle_rule(prefix: str) -> dict[str, Any]:
+def transitions(archive_after_days: int | None) -> list[dict[str, Any]]:
+    """The lifecycle's transitions: STANDARD_IA after 30 days; GLACIER only when asked for."""
+    if archive_after_days is None:
+        return list(INSTANT_TRANSITIONS)
+    if archive_after_days < 1:
+        raise ConfigError("--archive-after-days must be 1 or more")
+    instant = [t for t in INSTANT_TRANSITIONS if t["Days"] < archive_after_days]
+    return [*instant, {"Days": archive_after_days, "StorageClass": "GLACIER"}]
+
+
+def archive_warnings(archive_after_days: int | None, retention_days: dict[str, int]) -> list[str]:
+    """What an operator must know when backups pgdr keeps will be archived."""
+    if archive_after_days is None:
+        return []
+    longer = sorted(tier for tier, days in retention_days.items() if days > archive_after_days)
+    if not longer:
+        return []
+    return [f"backups older than {archive_after_days} d (kept longer in tiers {', '.join(longer)}) and WAL "
+            f"go to GLACIER: restoring them first waits hours for S3 (pgdr restore --archive-wait-hours)"]
+
+
+def is_plain_http(repo: S3Repository) -> bool:
+    return str(repo.client.meta.endpoint_url).lower().startswith("http://")
+
+
+def _lifecycle_rule(prefix: str, archive_after_days: int | None) -> dict[str, Any]:
     return {
         "ID": LIFECYCLE_RULE_ID,
         "Status": "Enabled",
         "Filter": {"Prefix": f"{prefix}/" if prefix else ""},
-        "Transitions": TRANSITIONS,
+        "Transitions": transitions(archive_after_days),
         "NoncurrentVersionExpiration": {"NoncurrentDays": NONCURRENT_DAYS},
         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 7},
     }
@@ -116,9 +141,10 @@ def read_s3_settings(repo: S3Repository) -> dict[str, Any]:
 
 def init_s3_repository(url: str, *, sse: str = "AES256", kms_key_id: str | None = None,
                        lock_mode: str | None = None, lock_days: int | None = None,
-                       region: str | None = None) -> dict[str, Any]:
+                       region: str | None = None, archive_after_days: int | None = None,
+                       retention_days: dict[str, int] | None = None) -> dict[str, Any]:
     """Create (if missing) and harden the bucket of an s3:// repository; returns what S3
-    reports afterwards."""
+    reports afterwards, with `warnings` for what the operator must know."""
     if sse not in ("AES256", "aws:kms"):
         raise ConfigError(f"--sse must be AES256 or aws:kms, not {sse!r}")
     if kms_key_id and sse != "aws:kms":
@@ -131,6 +157,8 @@ def init_s3_repository(url: str, *, sse: str = "AES256", kms_key_id: str | None 
     repo = open_repository(url, sse=sse, kms_key_id=kms_key_id, region=region)
     if not isinstance(repo, S3Repository):
         raise ConfigError(f"init-repo sets up S3 buckets; {url} is not s3://bucket/prefix")
+    rule = _lifecycle_rule(repo.prefix, archive_after_days)  # a bad --archive-after-days: before any change
+    warnings = archive_warnings(archive_after_days, retention_days or {})
     client, bucket = repo.client, repo.bucket
     created = _ensure_bucket(client, bucket, object_lock=lock_mode is not None)
 
@@ -147,8 +175,16 @@ def init_s3_repository(url: str, *, sse: str = "AES256", kms_key_id: str | None 
     policy = _missing(client, "get_bucket_policy", ("NoSuchBucketPolicy",), Bucket=bucket)
     document = json.loads(policy["Policy"]) if policy else {"Version": "2012-10-17", "Statement": []}
     document["Statement"] = [s for s in document.get("Statement", []) if s.get("Sid") != POLICY_SID]
-    document["Statement"].append(_tls_statement(bucket))
-    _call(client, "put_bucket_policy", Bucket=bucket, Policy=json.dumps(document))
+    if is_plain_http(repo):
+        # The endpoint (MinIO, a local test server) speaks no TLS: denying non-TLS requests
+        # would refuse every request pgdr makes there.
+        warnings.append(f"{client.meta.endpoint_url} is plain HTTP: non-TLS requests are not denied")
+    else:
+        document["Statement"].append(_tls_statement(bucket))
+    if document["Statement"]:
+        _call(client, "put_bucket_policy", Bucket=bucket, Policy=json.dumps(document))
+    elif policy:
+        _call(client, "delete_bucket_policy", Bucket=bucket)
 
     lifecycle = _missing(client, "get_bucket_lifecycle_configuration", ("NoSuchLifecycleConfiguration",),
                          Bucket=bucket)
@@ -156,7 +192,7 @@ def init_s3_repository(url: str, *, sse: str = "AES256", kms_key_id: str | None 
     # Objects under 128 KB (manifests, verified.json, audit records) stay readable: `pgdr
     # list` reads every manifest, which it cannot do from GLACIER.
     _call(client, "put_bucket_lifecycle_configuration", Bucket=bucket,
-          LifecycleConfiguration={"Rules": [*rules, _lifecycle_rule(repo.prefix)]},
+          LifecycleConfiguration={"Rules": [*rules, rule]},
           TransitionDefaultMinimumObjectSize="all_storage_classes_128K")
 
     if lock_mode is not None:
@@ -166,4 +202,4 @@ def init_s3_repository(url: str, *, sse: str = "AES256", kms_key_id: str | None 
         if (current["mode"], current["days"]) != (lock_mode, lock_days):
             _call(client, "put_object_lock_configuration", Bucket=bucket, ObjectLockConfiguration=wanted)
 
-    return {"repository": repo.url, "created_bucket": created, **read_s3_settings(repo)}
+    return {"repository": repo.url, "created_bucket": created, **read_s3_settings(repo), "warnings": warnings}

@@ -27,3 +27,10 @@ class FailedWithReport(PgdrError):
     def __init__(self, message: str, details: dict) -> None:
         super().__init__(message)
         self.details = details
+
+
+class NotReadyYet(PgdrError):
+    """What is needed is on its way (an archived backup being restored by S3): run the same
+    command again later. The command line exits with status 3."""
+
+    exit_status = 3

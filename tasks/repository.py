@@ -83,6 +83,11 @@ class ObjectInfo:
     storage_class: str | None = None
 
 
+# Storage classes whose objects S3 must restore (RestoreObject, hours) before they can be read.
+ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+READABLE, ARCHIVED, RESTORING = "readable", "archived", "restoring"
+
+
 @dataclass(frozen=True)
 class PutResult:
     key: str
@@ -145,6 +150,15 @@ class Repository(ABC):
     def lock_status(self, key: str) -> str | None:
         """Why the object cannot be deleted now (S3 Object Lock), or None."""
         return None
+
+    def archive_state(self, key: str) -> tuple[str | None, str]:
+        """(storage class, READABLE | ARCHIVED | RESTORING): whether the object can be read
+        now, or must first come back from an archive storage class."""
+        return None, READABLE
+
+    def request_restore(self, key: str, days: int) -> None:
+        """Ask the store to bring an archived object back, readable for `days` days."""
+        raise ConfigError(f"{self.url} has no archive storage classes")
 
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.get_stream(key))
@@ -525,6 +539,19 @@ class S3Repository(Repository):
                              ExtraArgs=self._write_args(storage_class), SourceClient=source.client)
         except (ClientError, BotoCoreError) as exc:
             raise PgdrError(f"S3 copy of {key} to {self.url} failed: {_short(exc)}") from None
+
+    def archive_state(self, key: str) -> tuple[str | None, str]:
+        response = self._s3("head_object", Bucket=self.bucket, Key=self._key(key))
+        storage_class = response.get("StorageClass", "STANDARD")
+        restore = response.get("Restore") or ""
+        if storage_class not in ARCHIVE_CLASSES or 'ongoing-request="false"' in restore:
+            return storage_class, READABLE
+        return storage_class, RESTORING if 'ongoing-request="true"' in restore else ARCHIVED
+
+    def request_restore(self, key: str, days: int) -> None:
+        self._s3("restore_object", tolerate=("RestoreAlreadyInProgress",), Bucket=self.bucket,
+                 Key=self._key(key),
+                 RestoreRequest={"Days": days, "GlacierJobParameters": {"Tier": "Standard"}})
 
     def lock_status(self, key: str) -> str | None:
         # A plain delete in a versioned bucket only adds a delete marker and "succeeds"

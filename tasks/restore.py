@@ -12,16 +12,18 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from tasks import postgres
-from tasks.errors import PgdrError
+from tasks.errors import NotReadyYet, PgdrError
 from tasks.process import run
+from tasks.repository import ARCHIVED, READABLE, Repository
 
 MAX_NAME_BYTES = 63  # PostgreSQL silently truncates longer identifiers
 
@@ -60,6 +62,43 @@ def check_free_space(directory: Path, needed: int) -> None:
             f"not enough space in {directory} to stage the backup: need {needed // 2**20} MiB, "
             f"{free // 2**20} MiB free (set PGDR_WORK_DIR to a larger disk)"
         )
+
+
+# How long S3's Standard retrieval typically takes, to say when to try again.
+TYPICAL_RETRIEVAL_HOURS = {"GLACIER": 5, "DEEP_ARCHIVE": 12}
+# Days the restored copy of an archived object stays readable (time for a retry, a drill).
+RESTORED_COPY_DAYS = 7
+
+
+def wait_until_readable(repo: Repository, key: str, *, wait_hours: float, wait: bool,
+                        report: Callable[[str], None], poll_seconds: float = 60.0) -> str | None:
+    """Make an archived object readable: start S3's restore and wait for it (reporting
+    progress) up to wait_hours, or with wait=False raise NotReadyYet saying when to retry.
+    Returns the object's storage class."""
+    storage_class, state = repo.archive_state(key)
+    if state == READABLE:
+        return storage_class
+    if state == ARCHIVED:
+        repo.request_restore(key, RESTORED_COPY_DAYS)
+        report(f"{key} is in {storage_class}: S3 restore requested")
+    typical = TYPICAL_RETRIEVAL_HOURS.get(storage_class or "", 12)
+    retry_at = datetime.now(UTC) + timedelta(hours=typical)
+    if not wait:
+        raise NotReadyYet(f"{key} is in {storage_class} and S3 is restoring it (typically {typical} h): "
+                          f"run the same command again after {retry_at:%Y-%m-%d %H:%M} UTC")
+    started = time.monotonic()
+    while True:
+        storage_class, state = repo.archive_state(key)
+        if state == READABLE:
+            report(f"{key} is readable again ({(time.monotonic() - started) / 60:.0f} min)")
+            return storage_class
+        waited = time.monotonic() - started
+        if waited >= wait_hours * 3600:
+            raise NotReadyYet(f"{key} is still being restored from {storage_class} after {wait_hours:g} h: "
+                              f"run the same command again later (typically {typical} h in all)")
+        report(f"S3 is restoring {key} from {storage_class}: {waited / 60:.0f} min so far "
+               f"(typically {typical} h; waiting up to {wait_hours:g} h)")
+        time.sleep(poll_seconds)
 
 
 def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_owner: bool = False,

@@ -4,6 +4,7 @@ PostgreSQL, a local repository, real gpg."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import psycopg
@@ -266,3 +267,89 @@ def test_prune_drops_old_safety_databases_but_the_newest_per_target(capsys, pg, 
 def list_databases(pg) -> set[str]:
     with psycopg.connect(pg.admin_url) as conn:
         return {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+
+
+# --- archive storage classes ------------------------------------------------------------------
+
+
+def archive(repo_url: str, manifest: catalog.Manifest, storage_class: str) -> str:
+    """Move a backup's dump to an archive class, as init-repo's lifecycle would."""
+    import boto3
+
+    repo = open_repository(repo_url)
+    key = repo._key(f"{manifest.prefix}/{manifest.data_key}")
+    boto3.client("s3").copy_object(Bucket=repo.bucket, Key=key, StorageClass=storage_class,
+                                   CopySource={"Bucket": repo.bucket, "Key": key}, MetadataDirective="COPY")
+    return key
+
+
+def test_an_archived_dump_is_shown_requested_back_and_then_restored(capsys, pg, new_db, s3_repo):
+    import boto3
+
+    live = make_live_database(new_db, rows=30)
+    backup = cli_json(capsys, "backup", "--db", live, "--repo", s3_repo, "--tier", "monthly")
+    manifest = catalog.find_backup(open_repository(s3_repo), backup["backup_id"])
+    key = archive(s3_repo, manifest, "DEEP_ARCHIVE")
+
+    (listed,) = cli_json(capsys, "list", "--repo", s3_repo)["backups"]
+    assert listed["storage_class"] == "DEEP_ARCHIVE"
+    (status,) = cli_json(capsys, "status", "--repo", s3_repo)["databases"]
+    assert status["storage_class"] == "DEEP_ARCHIVE"
+
+    code, out, err = run_cli(capsys, "restore-temp", "latest", "--repo", s3_repo, "--server", pg.url(),
+                             "--no-wait")
+    assert code == 3 and out == "" and "run the same command again after" in error_line(err)
+    bucket = s3_repo.split("/")[2]
+    assert "Restore" in boto3.client("s3").head_object(Bucket=bucket, Key=key)  # S3 is bringing it back
+    # Nothing was recorded against the backup: it is not damaged, only archived.
+    assert catalog.read_verification(open_repository(s3_repo), manifest) is None
+
+    restored = cli_json(capsys, "restore-temp", "latest", "--repo", s3_repo, "--server", pg.url())
+    assert restored["backup_id"] == backup["backup_id"] and restored["verified"] is True
+
+
+def test_waiting_for_an_archived_object_reports_progress(s3, s3_repo):
+    import httpx
+
+    from tasks import restore as restoring
+    from tasks.errors import NotReadyYet
+
+    repo = open_repository(s3_repo)
+    repo.put_bytes("fleet/x/archived", b"old bytes", storage_class="GLACIER")
+    assert repo.archive_state("fleet/x/archived") == ("GLACIER", "archived")
+
+    def transition(path: str, body: dict) -> None:
+        httpx.post(f"{s3}/moto-api/state-manager/{path}", json=body).raise_for_status()
+
+    # moto's restore takes one second from the first look after a second (before that first
+    # look it reports the copy as there: give it that second).
+    transition("set-transition", {"model_name": "s3::keyrestore",
+                                  "transition": {"progression": "time", "seconds": 1}})
+    time.sleep(1.1)
+    try:
+        with pytest.raises(NotReadyYet, match="typically 5 h"):
+            restoring.wait_until_readable(repo, "fleet/x/archived", wait_hours=1, wait=False, report=print)
+        with pytest.raises(NotReadyYet, match="still being restored"):
+            restoring.wait_until_readable(repo, "fleet/x/archived", wait_hours=0, wait=True, report=print)
+        seen: list[str] = []
+        storage_class = restoring.wait_until_readable(repo, "fleet/x/archived", wait_hours=1, wait=True,
+                                                      report=seen.append, poll_seconds=0.01)
+    finally:
+        transition("unset-transition", {"model_name": "s3::keyrestore"})
+    assert storage_class == "GLACIER" and repo.get_bytes("fleet/x/archived") == b"old bytes"
+    assert any("so far" in line for line in seen) and "readable again" in seen[-1]
+
+
+def test_init_repo_denies_non_tls_only_on_tls_endpoints():
+    import boto3
+
+    from tasks.bucket import is_plain_http, transitions
+    from tasks.repository import S3Repository
+
+    tls = S3Repository("b", "p", client=boto3.client("s3", endpoint_url="https://s3.example.test",
+                                                     region_name="us-east-1"))
+    plain = S3Repository("b", "p", client=boto3.client("s3", endpoint_url="http://minio.local:9000",
+                                                       region_name="us-east-1"))
+    assert (is_plain_http(tls), is_plain_http(plain)) == (False, True)
+    assert transitions(None) == [{"Days": 30, "StorageClass": "STANDARD_IA"}]
+    assert transitions(20) == [{"Days": 20, "StorageClass": "GLACIER"}]
