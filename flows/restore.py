@@ -249,7 +249,8 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
                        encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
             incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
             result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
-                                          by="restore")
+                                          by="restore", archive_wait_hours=archive_wait_hours,
+                                          wait=not no_wait)
             kept_as = swap_into_place(target_url, target_db, incoming, manifest)
     except Exception as exc:
         _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
