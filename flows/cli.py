@@ -410,7 +410,7 @@ def cmd_basebackup(args: argparse.Namespace) -> dict[str, Any]:
     from flows.basebackup import basebackup
 
     return basebackup(db=_db(args), repo=args.repo, name=args.name, encrypt_to=args.encrypt_to,
-                      fast_checkpoint=not args.spread_checkpoint)
+                      fast_checkpoint=not args.spread_checkpoint, tier=args.tier)
 
 
 def cmd_pitr(args: argparse.Namespace) -> dict[str, Any]:
@@ -644,8 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("prune", cmd_prune, "delete backups, files backups and storage snapshots past their "
                   "tier's retention", show_prune)
     cmd.add_argument("--repo", help="repository URL")
-    cmd.add_argument("--area", choices=("database", "files", "storage"),
-                     help="only database backups, files backups or storage snapshots (default: all)")
+    cmd.add_argument("--area", choices=("database", "files", "storage", "pitr"),
+                     help="only database backups, files backups, storage snapshots or base backups and "
+                          "WAL (pitr) (default: all)")
     cmd.add_argument("--db", metavar="NAME", help="only this database")
     cmd.add_argument("--name", help="only the files backups of this name")
     cmd.add_argument("--bucket", help="only the storage snapshots of this bucket")
@@ -698,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient to encrypt to")
     cmd.add_argument("--spread-checkpoint", action="store_true",
                      help="wait for a spread checkpoint instead of forcing a fast one")
+    cmd.add_argument("--tier", default="hot", help="retention tier of the base backup (hot)")
 
     cmd = command("pitr", cmd_pitr, "recover to a point in time into a new data directory (or RDS instance)",
                   show_pitr)

@@ -71,8 +71,11 @@ def wal_file_name(timeline: int, lsn: str, segment_size: int = 16 * 1024 * 1024)
     return f"{timeline:08X}{position // per_log:08X}{position % per_log:08X}"
 
 
+WAL_AREA = "wal"
+
+
 def wal_prefix(database: str) -> str:
-    return f"{database_component(database)}/wal/"
+    return f"{database_component(database)}/{WAL_AREA}/"
 
 
 def data_key(database: str, name: str, encrypted: bool) -> str:

@@ -3,6 +3,7 @@ base backups, recovery to a moment, corrupt archives, retention, RDS (moto)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -21,7 +22,14 @@ import psycopg
 import pytest
 
 from tasks import wal
-from tasks.basebackup import BaseManifest, choose_base_backup, extract_safely, list_base_backups
+from tasks.basebackup import (
+    BaseManifest,
+    choose_base_backup,
+    extract_safely,
+    find_base_backup,
+    list_base_backups,
+)
+from tasks.catalog import iso
 from tasks.cluster import LocalCluster, grant_to_server
 from tasks.errors import IntegrityError
 from tasks.repository import open_repository
@@ -30,6 +38,7 @@ from tests.support.cli import cli_json, error_line, run_cli
 PGDR = str(Path(sys.executable).with_name("pgdr"))
 DB = "ledger"
 ARCHIVE_TIMEOUT = 2
+WAL_START = "000000010000001000000000"
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,12 @@ def archiving() -> Iterator[Archiving]:
         "autovacuum": "off",
     }
     with LocalCluster.create(base / "pg", settings=settings) as cluster:
+        # The WAL starts far past segment 1 (pg_resetwal), leaving room below for the
+        # simulated past of the retention test.
+        cluster.stop()
+        reset = cluster._run(["pg_resetwal", "-l", WAL_START, "-D", str(cluster.datadir)])
+        assert reset.returncode == 0, reset.stderr
+        cluster.start()
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DB}")
         yield Archiving(cluster, repo_url, repo_root)
@@ -380,6 +395,71 @@ def test_wal_prune_removes_data_and_marker_of_old_segments_only(capsys, file_rep
     assert result["prunable"] == names[:2] and result["deleted"] == 2
     left = sorted(info.key.rsplit("/", 1)[1] for info in repo.list(wal.wal_prefix(DB)))
     assert left == sorted([f"{n}.zst" for n in names[2:]] + [f"{n}.sha256" for n in names[2:]])
+
+
+def test_a_year_of_nightly_base_backups_prunes_to_the_tiers_and_the_window_still_recovers(
+        capsys, archiving, server_dir, tmp_path):
+    repo = open_repository(archiving.repo_url)
+    execute(archiving.url, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
+    real = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
+    execute(archiving.url, "INSERT INTO journal SELECT i, 'kept' FROM generate_series(1, 5) i")
+    switch_and_wait_archived(archiving.url)
+    inside = server_now(archiving.url)
+    execute(archiving.url, "INSERT INTO journal VALUES (6, 'later')")
+    switch_and_wait_archived(archiving.url)
+
+    # The year before it: a base backup every night (tier hot; monthly every 30th night),
+    # each starting at its own segment of the past, which is archived.
+    template = find_base_backup(repo, DB, real["backup_id"])
+    now = datetime.now(UTC)
+    past: dict[int, str] = {}
+    for day in range(1, 366):
+        tier = "monthly" if day % 30 == 0 else "hot"
+        finished = now - timedelta(days=day, hours=1)
+        lsn = (1000 - day) * (16 << 20)
+        segment = wal.wal_file_name(1, f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}")
+        backup = dataclasses.replace(
+            template, backup_id=f"{finished - timedelta(minutes=5):%Y%m%dT%H%M%SZ}-{tier}-{day:04x}",
+            started_at=iso(finished - timedelta(minutes=5)), finished_at=iso(finished),
+            start_lsn=f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}", start_wal_file=segment)
+        repo.put_bytes(f"{backup.prefix}/{backup.data_key}", b"a year-old base backup")
+        repo.put_bytes(backup.manifest_key, backup.to_json())
+        (tmp_path / segment).write_bytes(f"WAL of night {day}".encode())
+        wal.push(repo, DB, tmp_path / segment)
+        past[day] = backup.backup_id
+    (tmp_path / "00000009.history").write_bytes(b"9\t0/5000000\tno recovery target specified\n")
+    wal.push(repo, DB, tmp_path / "00000009.history")
+
+    result = cli_json(capsys, "prune", "--area", "pitr", "--db", DB, "--repo", archiving.repo_url)
+    rows = {row["backup_id"]: row for row in result["backups"]}
+    # hot: the last 7 days, and the night before them (recovery to the window's first
+    # moment starts there); monthly: the last 365 days.
+    kept = {past[day] for day in [*range(1, 8), *range(30, 361, 30)]}
+    assert {past[day] for day in past if rows[past[day]]["action"] == "keep"} == kept
+    assert {past[day] for day in past if rows[past[day]]["action"] == "deleted"} == set(past.values()) - kept
+    assert "recovery to any moment of the last 7 d starts from it" in rows[past[7]]["reason"]
+    assert rows[real["backup_id"]]["action"] == "keep"
+    remaining = {b.backup_id for b in list_base_backups(repo, DB)}
+    assert kept | {real["backup_id"]} <= remaining and not remaining & (set(past.values()) - kept)
+
+    # WAL: everything before the oldest remaining base backup (night 360) is gone, the
+    # rest and every history file is still there.
+    (wal_row,) = [row for row in result["backups"] if row["backup_id"].startswith("wal ")]
+    assert wal_row["action"] == "deleted" and past[360] in wal_row["reason"]
+    left = [f.name for f in wal.archived_files(repo, DB)]
+    assert "00000009.history" in left
+    oldest = find_base_backup(repo, DB, past[360]).start_wal_file
+    assert min((n for n in left if not n.endswith(".history")), key=wal.segment_position) == oldest
+    assert wal.wal_file_name(1, real["start_lsn"]) in left
+
+    datadir = server_dir / "recovered"
+    code, out, err = pitr(capsys, archiving, datadir, "--target-time", inside.isoformat(), "--json")
+    assert code == 0, err
+    recovered = LocalCluster(datadir, json.loads(out)["port"])
+    try:
+        assert rows_in(recovered.url(DB), "journal") == [(i, "kept") for i in range(1, 6)]
+    finally:
+        recovered.stop()
 
 
 def test_base_backup_tar_entries_outside_the_data_directory_are_refused(tmp_path):
