@@ -339,14 +339,17 @@ class _CommandExit(PgdrError):
         self.quiet = quiet
 
 
-def _wal_target(args: argparse.Namespace) -> tuple[Any, Any, str]:
+def _wal_target(args: argparse.Namespace, url: str | None = None) -> tuple[Any, Any, str]:
     """(settings, repository, database name) for the WAL commands: --db NAME, else
-    PGDR_WAL_DB, else the database of DATABASE_URL."""
-    from tasks.postgres import database_name
+    PGDR_WAL_DB, else the database of the server's URL (DATABASE_URL)."""
     from tasks.repository import open_repository
 
     settings = _settings()
-    database = args.db or settings.wal_db or (database_name(settings.db_url) if settings.db_url else None)
+    database = (args.name if url else args.db) or settings.wal_db
+    if not database and (url or settings.db_url):
+        from tasks.postgres import database_name
+
+        database = database_name(url or settings.db_url)
     if not database:
         from tasks.errors import ConfigError
 
@@ -387,9 +390,30 @@ def cmd_wal_fetch(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_archive_status(args: argparse.Namespace) -> dict[str, Any]:
     from tasks import wal
+    from tasks.basebackup import list_base_backups
 
     _, repo, database = _wal_target(args)
-    return wal.archive_status(repo, database)
+    newest = (list_base_backups(repo, database) or [None])[-1]
+    if newest is None:
+        return wal.archive_status(repo, database)
+    return wal.archive_status(repo, database, chain_start=newest.start_wal_file,
+                              segment_size=newest.wal_segment_size)
+
+
+def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.errors import FailedWithReport
+    from tasks.pitr import check_archiving
+
+    db_url = args.db or _settings().db_url
+    if not db_url:
+        from tasks.errors import ConfigError
+
+        raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
+    _, repo, database = _wal_target(args, db_url)
+    result = check_archiving(db_url, repo, database, args.timeout)
+    if not result["ok"]:
+        raise FailedWithReport("; ".join(result["problems"]), result)
+    return result
 
 
 def cmd_wal_prune(args: argparse.Namespace) -> dict[str, Any]:
@@ -451,6 +475,16 @@ def show_archive_status(result: dict[str, Any]) -> None:
     print(f"Last archived segment of {result['database']}: {result['last_segment']} at "
           f"{result['last_archived_at']} ({result['age_seconds']:.0f} s ago); "
           f"{result['segments']} segments in {result['repository']}")
+    if result["missing_segments"]:
+        print(f"GAP: {result['missing_segments']} segment(s) missing since {result['chain_start']}: "
+              f"{', '.join(result['gaps'])}: recovery cannot pass the first one")
+
+
+def show_check(result: dict[str, Any]) -> None:
+    print(f"WAL archiving of {result['database']} works: {result['switched_segment']} reached "
+          f"{result['repository']} in {result['archived_within_seconds']:.1f} s; no gap since base "
+          f"backup {result['base_backup']} ({result['chain_start']}); newest segment "
+          f"{result['age_seconds']:.0f} s old")
 
 
 def show_wal_prune(result: dict[str, Any]) -> None:
@@ -684,6 +718,15 @@ def build_parser() -> argparse.ArgumentParser:
                   show_archive_status, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="database name the WAL is archived under")
+
+    cmd = command("check", cmd_check, "check WAL archiving end to end: switch WAL, wait until that segment "
+                  "is stored, find no gap since the newest base backup", show_check, runs_flow=False)
+    cmd.add_argument("--db", help="database URL of the server (default: DATABASE_URL)")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--name", help="database name the WAL is archived under "
+                                    "(default: PGDR_WAL_DB or the URL's)")
+    cmd.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds to wait for the switched segment to be archived (60)")
 
     cmd = command("wal-prune", cmd_wal_prune, "delete archived WAL older than the oldest base backup",
                   show_wal_prune, runs_flow=False)

@@ -224,12 +224,38 @@ def archived_files(repo: Repository, database: str) -> list[ArchivedFile]:
     return sorted(found, key=lambda f: f.name)
 
 
-def archive_status(repo: Repository, database: str, now: datetime | None = None) -> dict[str, Any]:
-    """The newest archived segment and its age: the RPO if the server died now."""
+# Gaps listed by name in a report; the count says how many there are in all.
+GAPS_LISTED = 20
+
+
+def missing_segments(archived: Iterable[str], first: str, last: str,
+                     segment_size: int = 16 * 1024 * 1024) -> list[str]:
+    """The segments from first to last (inclusive, by place in the WAL stream, on any
+    timeline) of which no whole segment is archived: recovery cannot replay past the
+    first of them. Named on first's timeline."""
+    per_log = 0x1_0000_0000 // segment_size
+
+    def index(name: str) -> int:
+        match = _SEGMENT.match(name)
+        if not match:
+            raise ConfigError(f"{name!r} is not a WAL segment name")
+        return int(match.group(2), 16) * per_log + int(match.group(3), 16)
+
+    present = {index(name) for name in archived if _SEGMENT.match(name)}
+    return [f"{first[:8]}{i // per_log:08X}{i % per_log:08X}"
+            for i in range(index(first), index(last) + 1) if i not in present]
+
+
+def archive_status(repo: Repository, database: str, now: datetime | None = None,
+                   chain_start: str | None = None, segment_size: int = 16 * 1024 * 1024) -> dict[str, Any]:
+    """The newest archived segment and its age: the RPO if the server died now; with
+    chain_start (the newest base backup's first segment), the gaps since then."""
     files = archived_files(repo, database)
     segments = [f for f in files if _SEGMENT.match(f.name)]
     now = now or utcnow()
     last = max(segments, key=lambda f: (f.archived, f.name)) if segments else None
+    gaps = (missing_segments((f.name for f in segments), chain_start, last.name, segment_size)
+            if last and chain_start else [])
     return {
         "repository": repo.url,
         "database": database,
@@ -238,7 +264,10 @@ def archive_status(repo: Repository, database: str, now: datetime | None = None)
         "last_segment": last.name if last else None,
         "last_archived_at": iso(last.archived) if last else None,
         "age_seconds": round((now - last.archived).total_seconds(), 3) if last else None,
-        "ok": last is not None,
+        "chain_start": chain_start,
+        "missing_segments": len(gaps),
+        "gaps": gaps[:GAPS_LISTED],
+        "ok": last is not None and not gaps,
     }
 
 

@@ -229,6 +229,59 @@ def test_archive_status_reports_the_newest_segment(capsys, archiving):
     assert code == 1 and empty["last_segment"] is None and empty["age_seconds"] is None
 
 
+def check(capsys, archiving: Archiving, *extra: str) -> tuple[int, dict, str]:
+    code, out, err = run_cli(capsys, "check", "--db", archiving.url, "--repo", archiving.repo_url,
+                             "--name", DB, "--json", *extra)
+    return code, json.loads(out), err
+
+
+def test_check_proves_archiving_works_and_fails_on_a_gap_or_a_broken_archive_command(
+        capsys, archiving, tmp_path):
+    execute(archiving.url, "CREATE TABLE IF NOT EXISTS probes (id int)")
+    base = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
+    execute(archiving.url, "INSERT INTO probes VALUES (1)")
+    lost = switch_and_wait_archived(archiving.url)
+    execute(archiving.url, "INSERT INTO probes VALUES (2)")
+    switch_and_wait_archived(archiving.url)
+
+    code, result, err = check(capsys, archiving)
+    assert code == 0, err
+    assert result["ok"] and result["base_backup"] == base["backup_id"] and result["gaps"] == []
+    assert result["last_segment"] >= result["switched_segment"] > lost
+    assert result["archived_within_seconds"] is not None and result["age_seconds"] < 60
+
+    # A segment since the newest base backup vanishes from the repository.
+    wal_dir = archiving.repo_root / DB / "wal"
+    aside = {path: tmp_path / path.name for path in wal_dir.iterdir() if path.name.startswith(lost)}
+    assert len(aside) == 2
+    for path, moved in aside.items():
+        shutil.move(path, moved)
+    try:
+        code, result, err = check(capsys, archiving)
+        assert code == 1 and result["gaps"] == [lost] and result["missing_segments"] == 1
+        assert f"recovery cannot pass {lost}" in error_line(err)
+        code, out, _ = run_cli(capsys, "archive-status", "--repo", archiving.repo_url, "--db", DB, "--json")
+        status = json.loads(out)
+        assert code == 1 and status["gaps"] == [lost] and not status["ok"]
+        code, out, _ = run_cli(capsys, "archive-status", "--repo", archiving.repo_url, "--db", DB)
+        assert code == 1 and f"GAP: 1 segment(s) missing since {base['start_wal_file']}: {lost}" in out
+    finally:
+        for path, moved in aside.items():
+            shutil.move(moved, path)
+
+    # archive_command breaks: the switched segment never arrives, and check says why.
+    execute(archiving.url, "ALTER SYSTEM SET archive_command = 'false'", "SELECT pg_reload_conf()")
+    try:
+        code, result, err = check(capsys, archiving, "--timeout", "4")
+        assert code == 1 and not result["ok"]
+        line = error_line(err)
+        assert f"{result['switched_segment']} did not reach" in line and "archive_command fails" in line, line
+    finally:
+        execute(archiving.url, "ALTER SYSTEM RESET archive_command", "SELECT pg_reload_conf()")
+    switch_and_wait_archived(archiving.url)  # the archive catches up once it is fixed
+    assert check(capsys, archiving)[0] == 0
+
+
 # --- wal-push / wal-fetch --------------------------------------------------------------------
 
 SEGMENT = "000000010000000000000042"
