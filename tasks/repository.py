@@ -202,7 +202,12 @@ def write_atomically(destination: Path, chunks: Iterable[bytes]) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(destination.parent, os.O_RDONLY)
+    _sync_directory(destination.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync a directory: the names created or renamed in it survive a crash."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -322,6 +327,7 @@ class FileRepository(Repository):
             return False
         finally:
             partial.unlink(missing_ok=True)
+        _sync_directory(path.parent)
         return True
 
 

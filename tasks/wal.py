@@ -78,8 +78,18 @@ def wal_prefix(database: str) -> str:
     return f"{database_component(database)}/{WAL_AREA}/"
 
 
-def data_key(database: str, name: str, encrypted: bool) -> str:
-    return f"{wal_prefix(database)}{check_wal_name(name)}.zst" + (".gpg" if encrypted else "")
+def data_key(database: str, name: str, encrypted: bool, stored_sha256: str | None = None) -> str:
+    """Where a file's stored bytes go. Named by their checksum too, so that pushes of
+    different content under one name never overwrite each other's data: only the marker,
+    created once, says which of them is archived. (Archives written before that have
+    `<name>.zst[.gpg]`; their markers name it.)"""
+    digest = f".{stored_sha256[:16]}" if stored_sha256 else ""
+    return f"{wal_prefix(database)}{check_wal_name(name)}{digest}.zst" + (".gpg" if encrypted else "")
+
+
+def _is_data_key_of(key: str, database: str, name: str) -> bool:
+    own = re.escape(f"{wal_prefix(database)}{name}")
+    return re.fullmatch(own + r"(?:\.[0-9a-f]{16})?\.zst(?:\.gpg)?", key) is not None
 
 
 def sidecar_key(database: str, name: str) -> str:
@@ -105,7 +115,7 @@ def _read_sidecar(repo: Repository, database: str, name: str) -> dict[str, Any] 
         if not isinstance(record, dict) or not {"key", "size", "sha256", "wal_sha256"} <= set(record):
             raise ValueError("fields missing")
         # A marker only ever names its own file's data: nothing else can be fetched through it.
-        if record["key"] not in (data_key(database, name, False), data_key(database, name, True)):
+        if not _is_data_key_of(record["key"], database, name):
             raise ValueError("foreign key")
     except ValueError:
         raise IntegrityError(f"the archive's checksum record of {name} is unreadable") from None
@@ -124,8 +134,11 @@ def push(
 ) -> PushResult:
     """Archive one WAL file; returns only once it is durably stored with its marker.
 
-    IntegrityError when a different file of that name is already archived: PostgreSQL
-    then keeps the segment and retries, and the operator sees why in its log.
+    The marker is created only if none exists (S3 `If-None-Match: *`, a hard link on
+    disk): of concurrent pushes of one name exactly one is archived; the others succeed
+    if their content is the same, and fail otherwise. IntegrityError when a different
+    file of that name is archived: PostgreSQL then keeps the segment and retries, and the
+    operator sees why in its log.
     """
     name = check_wal_name(name or path.name)
     try:
@@ -135,18 +148,13 @@ def push(
     wal_sha256 = hashlib.sha256(data).hexdigest()
     existing = _read_sidecar(repo, database, name)
     if existing is not None:
-        if existing["wal_sha256"] == wal_sha256 and existing.get("wal_size") == len(data):
-            return PushResult(name, existing["key"], False, existing["size"], len(data))
-        raise IntegrityError(
-            f"{name} is already archived with different content (sha256 "
-            f"{existing['wal_sha256'][:12]}… there, {wal_sha256[:12]}… here): refusing to overwrite it"
-        )
+        return _already_archived(existing, name, wal_sha256, len(data))
     stored = run_bytes(["zstd", f"-{zstd_level}", "-q", "-c"], input=data)
     fingerprint = None
     if encrypt_to:
         fingerprint = crypto.recipient_fingerprint(encrypt_to, gpg_homedir)
         stored = run_bytes(crypto.encrypt_command(fingerprint, gpg_homedir), input=stored)
-    key = data_key(database, name, encrypted=fingerprint is not None)
+    key = data_key(database, name, fingerprint is not None, hashlib.sha256(stored).hexdigest())
     result = repo.put_bytes(key, stored)
     record = {
         "name": name,
@@ -159,8 +167,25 @@ def push(
         "encryption": {"type": "gpg", "recipient_fingerprint": fingerprint} if fingerprint else None,
         "archived_at": iso(utcnow()),
     }
-    repo.put_bytes(sidecar_key(database, name), json.dumps(record, sort_keys=True).encode())
-    return PushResult(name, key, True, result.size, len(data))
+    if repo.put_if_absent(sidecar_key(database, name), json.dumps(record, sort_keys=True).encode()):
+        return PushResult(name, key, True, result.size, len(data))
+    # Another push of this name was archived first: ours is not the archived copy.
+    winner = _read_sidecar(repo, database, name)
+    if winner is None:
+        raise PgdrError(f"{name}: another push's marker appeared and vanished; retrying is safe")
+    if winner["key"] != key:
+        repo.delete(key)
+    return _already_archived(winner, name, wal_sha256, len(data))
+
+
+def _already_archived(record: dict[str, Any], name: str, wal_sha256: str, wal_size: int) -> PushResult:
+    """Pushing a file that is archived already: fine if it is the same file, refused if not."""
+    if record["wal_sha256"] == wal_sha256 and record.get("wal_size") == wal_size:
+        return PushResult(name, record["key"], False, record["size"], wal_size)
+    raise IntegrityError(
+        f"{name} is already archived with different content (sha256 "
+        f"{record['wal_sha256'][:12]}… there, {wal_sha256[:12]}… here): refusing to overwrite it"
+    )
 
 
 def fetch(

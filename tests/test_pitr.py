@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -301,7 +303,8 @@ def test_push_fetch_round_trip_twice_same_is_fine_different_is_refused(
 
     first = cli_json(capsys, *push)
     assert first["stored"] is True and first["wal_bytes"] == len(content)
-    assert first["key"] == f"{DB}/wal/{SEGMENT}.zst" + (".gpg" if encrypted else "")
+    assert re.fullmatch(rf"{DB}/wal/{SEGMENT}\.[0-9a-f]{{16}}\.zst" + (r"\.gpg" if encrypted else ""),
+                        first["key"])
     assert first["size_bytes"] < len(content) // 4  # compressed
     again = cli_json(capsys, *push)
     assert again["stored"] is False
@@ -319,6 +322,45 @@ def test_push_fetch_round_trip_twice_same_is_fine_different_is_refused(
     # The archive still holds the first content.
     run_cli(capsys, "wal-fetch", SEGMENT, str(tmp_path / "again"), "--repo", repo_url, "--db", DB)
     assert (tmp_path / "again").read_bytes() == content
+
+
+@pytest.mark.parametrize("repo_kind", ["file", "s3"])
+def test_concurrent_pushes_of_one_name_archive_exactly_one_content(repo_kind, request, tmp_path):
+    """Several archivers push one segment name at once (a second server archiving into the
+    same area, a retried push racing the first): one content wins, every push of that
+    content succeeds, every push of another fails, and the archive holds the winner only."""
+    repo = open_repository(request.getfixturevalue("file_repo" if repo_kind == "file" else "s3_repo"))
+    contents = [bytes([1 + i % 2]) * (2 << 20) for i in range(6)]  # two contents, three pushes each
+    start = threading.Barrier(len(contents))
+    outcomes: dict[int, object] = {}
+
+    def push(index: int) -> None:
+        path = tmp_path / f"server{index}" / SEGMENT
+        path.parent.mkdir()
+        path.write_bytes(contents[index])
+        start.wait()
+        try:
+            outcomes[index] = wal.push(repo, DB, path)
+        except IntegrityError as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(len(contents))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    archived = [i for i, o in outcomes.items() if isinstance(o, wal.PushResult) and o.stored]
+    assert len(archived) == 1, outcomes
+    winner = contents[archived[0]]
+    for index, outcome in outcomes.items():
+        if contents[index] == winner:
+            assert isinstance(outcome, wal.PushResult), outcome
+        else:
+            assert isinstance(outcome, IntegrityError), outcome
+            assert "already archived with different content" in str(outcome)
+    wal.fetch(repo, DB, SEGMENT, tmp_path / "fetched")
+    assert (tmp_path / "fetched").read_bytes() == winner
+    assert len([info for info in repo.list(wal.wal_prefix(DB)) if ".zst" in info.key]) == 1
 
 
 def test_fetching_a_missing_file_exits_1_quietly(capsys, file_repo, tmp_path):
@@ -446,8 +488,9 @@ def test_wal_prune_removes_data_and_marker_of_old_segments_only(capsys, file_rep
     repo.put_bytes(manifest.manifest_key, manifest.to_json())
     result = cli_json(capsys, "wal-prune", "--repo", file_repo, "--db", DB)
     assert result["prunable"] == names[:2] and result["deleted"] == 2
-    left = sorted(info.key.rsplit("/", 1)[1] for info in repo.list(wal.wal_prefix(DB)))
-    assert left == sorted([f"{n}.zst" for n in names[2:]] + [f"{n}.sha256" for n in names[2:]])
+    left = sorted(re.sub(r"(\.[0-9a-f]{16})?\.(zst|sha256)$", "", info.key.rsplit("/", 1)[1])
+                  for info in repo.list(wal.wal_prefix(DB)))
+    assert left == sorted(names[2:] * 2)
 
 
 def test_a_year_of_nightly_base_backups_prunes_to_the_tiers_and_the_window_still_recovers(
