@@ -363,8 +363,16 @@ def cmd_wal_push(args: argparse.Namespace) -> dict[str, Any]:
     from tasks import wal
 
     settings, repo, database = _wal_target(args)
-    result = wal.push(repo, database, Path(args.path), encrypt_to=args.encrypt_to or settings.encrypt_to,
-                      gpg_homedir=settings.gpg_homedir, zstd_level=settings.zstd_level)
+    options = {"encrypt_to": args.encrypt_to or settings.encrypt_to, "gpg_homedir": settings.gpg_homedir,
+               "zstd_level": settings.zstd_level}
+    if args.jobs > 1:
+        if not args.spool:
+            from tasks.errors import ConfigError
+
+            raise ConfigError("--jobs above 1 needs --spool DIR (where pushes ahead are noted)")
+        result = wal.push_ahead(repo, database, Path(args.path), Path(args.spool), args.jobs, **options)
+    else:
+        result = wal.push(repo, database, Path(args.path), **options)
     return {"name": result.name, "key": result.key, "stored": result.stored, "size_bytes": result.size,
             "wal_bytes": result.wal_size, "database": database, "repository": repo.url}
 
@@ -705,6 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="database name the WAL is archived under")
     cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient to encrypt to")
+    cmd.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="push up to N-1 more segments PostgreSQL marked ready, in parallel (1)")
+    cmd.add_argument("--spool", metavar="DIR",
+                     help="where pushes ahead are noted (with --jobs; writable by the postgres user)")
 
     cmd = command("wal-fetch", cmd_wal_fetch,
                   "restore one archived WAL file (PostgreSQL's restore_command)",

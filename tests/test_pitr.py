@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -361,6 +362,55 @@ def test_concurrent_pushes_of_one_name_archive_exactly_one_content(repo_kind, re
     wal.fetch(repo, DB, SEGMENT, tmp_path / "fetched")
     assert (tmp_path / "fetched").read_bytes() == winner
     assert len([info for info in repo.list(wal.wal_prefix(DB)) if ".zst" in info.key]) == 1
+
+
+def test_pushing_ahead_archives_ready_segments_in_parallel_and_answers_from_the_note(
+        capsys, file_repo, tmp_path):
+    pg_wal = tmp_path / "pg_wal"
+    (pg_wal / "archive_status").mkdir(parents=True)
+    names = [f"0000000100000000000000{i:02X}" for i in range(1, 5)]
+    for name in names:
+        (pg_wal / name).write_bytes(name.encode() * 1000)
+        (pg_wal / "archive_status" / f"{name}.ready").touch()
+    spool = tmp_path / "spool"
+    push = ["--repo", file_repo, "--db", DB, "--jobs", "3", "--spool", str(spool)]
+
+    first = cli_json(capsys, "wal-push", str(pg_wal / names[0]), *push)
+    assert first["stored"] is True
+    archived = [f.name for f in wal.archived_files(open_repository(file_repo), DB)]
+    assert archived == names[:3]  # itself and the next two ready ones, not more
+    assert sorted(p.name for p in spool.iterdir()) == [f"{n}{wal.SPOOL_SUFFIX}" for n in names[1:3]]
+
+    # PostgreSQL asks for the next one: the note answers, and is used up.
+    second = cli_json(capsys, "wal-push", str(pg_wal / names[1]), *push)
+    record = json.loads(open_repository(file_repo).get_bytes(wal.sidecar_key(DB, names[1])))
+    assert second["stored"] is False and second["key"] == record["key"]
+    assert not (spool / f"{names[1]}{wal.SPOOL_SUFFIX}").exists()
+
+    # A note is for exactly that file: a different file of that name is not acknowledged.
+    (pg_wal / names[2]).write_bytes(b"something else")
+    code, _, err = run_cli(capsys, "wal-push", str(pg_wal / names[2]), *push)
+    assert code == 1 and "already archived with different content" in error_line(err)
+
+
+def test_wal_push_of_a_16_mb_segment_is_light(file_repo, tmp_path):
+    """archive_command runs once per segment: it must not load Prefect, boto3 or psycopg,
+    and its CPU time (Python, zstd, checksums) must stay well under 0.3 s."""
+    segment = tmp_path / SEGMENT
+    segment.write_bytes((b"INSERT INTO positions VALUES (42, now(), 'vehicle') " * 330_000)[:16 << 20])
+    script = (
+        "import sys\nfrom flows.cli import main\n"
+        f"assert main(['wal-push', {str(segment)!r}, '--repo', {file_repo!r}, '--db', 'x']) == 0\n"
+        "heavy = ('prefect', 'boto3', 'psycopg', 'great_expectations', 'rich')\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 0.3, f"wal-push used {cpu:.2f} s of CPU"
 
 
 def test_fetching_a_missing_file_exits_1_quietly(capsys, file_repo, tmp_path):
