@@ -46,10 +46,30 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
+    if args.physical:
+        return _restore_physical(args)
+    if not args.target:
+        from tasks.errors import ConfigError
+
+        raise ConfigError("--target URL is required (or --physical --datadir DIR for a whole server)")
     from flows.restore import restore
 
     return restore(backup_id=args.backup, target=_url(args.target), repo=args.repo, db=args.db,
                    jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup)
+
+
+def _restore_physical(args: argparse.Namespace) -> dict[str, Any]:
+    """`restore --physical`: the whole server from a base backup and all its WAL (pitr
+    without a target) into a new data directory."""
+    from tasks.errors import ConfigError
+
+    if not args.datadir:
+        raise ConfigError("--physical needs --datadir DIR (a new directory for the restored server)")
+    from flows.pitr import pitr
+
+    args.show = show_pitr
+    return pitr(datadir=str(Path(args.datadir).resolve()), repo=args.repo, db=args.db,
+                backup_id=None if args.backup == "latest" else args.backup)
 
 
 def cmd_restore_temp(args: argparse.Namespace) -> dict[str, Any]:
@@ -546,7 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("restore", cmd_restore, "restore a backup into a database (replacing it safely)",
                   show_restore)
     cmd.add_argument("backup", metavar="BACKUP", help="backup id, or latest")
-    cmd.add_argument("--target", required=True, help="database URL to restore into")
+    cmd.add_argument("--target", help="database URL to restore into")
+    cmd.add_argument("--physical", action="store_true",
+                     help="restore the whole server from a base backup (BACKUP: its id, or latest) and "
+                          "its WAL to the end of the archive, into --datadir")
+    cmd.add_argument("--datadir", help="with --physical: new data directory for the restored server")
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore (for latest)")
     cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")

@@ -163,6 +163,45 @@ def test_recovery_to_a_time_between_t2_and_t3_yields_exactly_the_rows_up_to_t2(c
         recovered.stop()
 
 
+def test_parallel_archiving_under_a_write_load_loses_nothing_and_pitr_recovers_to_the_last_commit(
+        capsys, archiving, server_dir):
+    spool = server_dir / "spool"
+    spool.mkdir()
+    grant_to_server(spool)
+    command = (f"{PGDR} wal-push %p --repo {archiving.repo_url} --db {DB} --jobs 4 --spool {spool}")
+    execute(archiving.url, f"ALTER SYSTEM SET archive_command = '{command}'", "SELECT pg_reload_conf()")
+    try:
+        execute(archiving.url, "CREATE TABLE readings (id int PRIMARY KEY, payload text)")
+        base = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
+        committed = 0
+        with psycopg.connect(archiving.url, autocommit=True) as conn:
+            for batch in range(24):  # about 5 MB of WAL each, in separate transactions
+                conn.execute("INSERT INTO readings SELECT i, repeat(md5(i::text), 32) FROM "
+                             "generate_series(%s::int, %s::int) i", (batch * 4000 + 1, (batch + 1) * 4000))
+                committed = (batch + 1) * 4000
+        last = switch_and_wait_archived(archiving.url)
+    finally:
+        execute(archiving.url, "ALTER SYSTEM RESET archive_command", "SELECT pg_reload_conf()")
+    archived = [f.name for f in wal.archived_files(open_repository(archiving.repo_url), DB)]
+    assert wal.missing_segments(archived, base["start_wal_file"], last) == []
+    assert wal.segment_position(last) - wal.segment_position(base["start_wal_file"]) >= 5
+
+    # No target: recover to the end of the archive, the fast way back (restore --physical).
+    datadir = server_dir / "recovered"
+    code, out, err = run_cli(capsys, "restore", "latest", "--physical", "--datadir", str(datadir),
+                             "--repo", archiving.repo_url, "--db", DB, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    recovered = LocalCluster(datadir, result["port"])
+    try:
+        assert result["backup_id"] == base["backup_id"] and result["target"] == "the end of the WAL archive"
+        with psycopg.connect(recovered.url(DB)) as conn:
+            count, top = conn.execute("SELECT count(*), max(id) FROM readings").fetchone()
+        assert (count, top) == (committed, committed)
+    finally:
+        recovered.stop()
+
+
 def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp_path, server_dir):
     execute(archiving.url, "CREATE TABLE payments (id int PRIMARY KEY, phase text)")
     cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
