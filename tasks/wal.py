@@ -187,7 +187,9 @@ def push(
     if winner is None:
         raise PgdrError(f"{name}: another push's marker appeared and vanished; retrying is safe")
     if winner["key"] != key:
-        repo.delete(key)
+        # Best effort (the archiver may lack delete rights): an unmarked copy is never read.
+        with contextlib.suppress(PgdrError):
+            repo.delete(key)
     return _already_archived(winner, name, wal_sha256, wal_size)
 
 
