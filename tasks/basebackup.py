@@ -32,6 +32,8 @@ from tasks.repository import READ_CHUNK, PutResult, Repository, validate_key
 from tasks.wal import wal_file_name
 
 BASE_AREA = "base"
+# Parallel streams downloading a base backup from S3: the fast way back is network-bound.
+DOWNLOAD_STREAMS = 4
 MANIFEST = "manifest.json"
 
 _START = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
@@ -193,7 +195,8 @@ def restore_base_backup(repo: Repository, manifest: BaseManifest, datadir: Path,
     try:
         fetch_dump(repo, f"{manifest.prefix}/{manifest.data_key}", archive, size=manifest.size_bytes,
                    sha256=manifest.sha256, encrypted=manifest.encryption is not None,
-                   gpg_homedir=gpg_homedir, passphrase=passphrase, secrets=secrets)
+                   gpg_homedir=gpg_homedir, passphrase=passphrase, secrets=secrets,
+                   streams=DOWNLOAD_STREAMS)
         with tarfile.open(archive, "r:") as tar:
             extract_safely(tar, datadir)
     except BaseException:

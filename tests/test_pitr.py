@@ -24,7 +24,7 @@ import boto3
 import psycopg
 import pytest
 
-from tasks import wal
+from tasks import repository, wal
 from tasks.basebackup import (
     BaseManifest,
     choose_base_backup,
@@ -34,7 +34,7 @@ from tasks.basebackup import (
 )
 from tasks.catalog import iso
 from tasks.cluster import LocalCluster, grant_to_server
-from tasks.errors import IntegrityError
+from tasks.errors import IntegrityError, PgdrError
 from tasks.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
@@ -211,7 +211,8 @@ def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp
     switch_and_wait_archived(archiving.url)
     target = server_now(archiving.url)
 
-    stored = archiving.repo_root / DB / "wal" / f"{segment}.zst"
+    marker = archiving.repo_root / wal.sidecar_key(DB, segment)
+    stored = archiving.repo_root / json.loads(marker.read_bytes())["key"]
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
     stored.write_bytes(bytes(data))
@@ -450,6 +451,42 @@ def test_wal_push_of_a_16_mb_segment_is_light(file_repo, tmp_path):
     assert "LOADED []" in result.stdout
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert cpu < 0.3, f"wal-push used {cpu:.2f} s of CPU"
+
+
+def test_a_parallel_download_reads_ranges_at_once_and_returns_the_same_bytes(s3_repo, monkeypatch):
+    monkeypatch.setattr(repository, "DOWNLOAD_PART", 5 << 20)
+    in_flight = {"now": 0, "most": 0, "ranges": 0}
+    lock = threading.Lock()
+
+    def started(params, **_):
+        if "Range" in params.get("headers", {}):
+            with lock:
+                in_flight["now"] += 1
+                in_flight["ranges"] += 1
+                in_flight["most"] = max(in_flight["most"], in_flight["now"])
+
+    def finished(http_response, **_):
+        if http_response.status_code == 206:
+            with lock:
+                in_flight["now"] -= 1
+
+    def hook(client):
+        client.meta.events.register("before-call.s3.GetObject", started)
+        client.meta.events.register("after-call.s3.GetObject", finished)
+
+    monkeypatch.setattr(repository, "S3_CLIENT_HOOKS", [hook])
+    repo = open_repository(s3_repo)
+    data = b"".join(i.to_bytes(4, "big") for i in range(6 << 20))  # 24 MB, no two parts alike
+    repo.put_stream("base/x", [data])
+    assert b"".join(repo.get_stream_parallel("base/x", 4)) == data
+    assert in_flight["ranges"] == 5 and in_flight["most"] >= 2, in_flight
+
+    # The object is replaced while it is being read: If-Match fails the read, no mix of both.
+    chunks = repo.get_stream_parallel("base/x", 2)
+    next(chunks)
+    repo.put_stream("base/x", [data[::-1]])
+    with pytest.raises(PgdrError):
+        b"".join(chunks)
 
 
 def test_fetching_a_missing_file_exits_1_quietly(capsys, file_repo, tmp_path):
