@@ -24,6 +24,7 @@ import boto3
 import psycopg
 import pytest
 
+from flows.check import check as check_flow
 from tasks import repository, wal
 from tasks.basebackup import (
     BaseManifest,
@@ -34,7 +35,7 @@ from tasks.basebackup import (
 )
 from tasks.catalog import iso
 from tasks.cluster import LocalCluster, grant_to_server
-from tasks.errors import IntegrityError, PgdrError
+from tasks.errors import FailedWithReport, IntegrityError, PgdrError
 from tasks.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
@@ -323,6 +324,10 @@ def test_check_proves_archiving_works_and_fails_on_a_gap_or_a_broken_archive_com
         execute(archiving.url, "ALTER SYSTEM RESET archive_command", "SELECT pg_reload_conf()")
     switch_and_wait_archived(archiving.url)  # the archive catches up once it is fixed
     assert check(capsys, archiving)[0] == 0
+    # The daily deployment's flow: the same check, a failed run when it fails.
+    assert check_flow(db=archiving.url, repo=archiving.repo_url, name=DB)["ok"]
+    with pytest.raises(FailedWithReport, match="no base backup of nothing"):
+        check_flow(db=archiving.url, repo=archiving.repo_url, name="nothing", timeout_seconds=1)
 
 
 # --- wal-push / wal-fetch --------------------------------------------------------------------
