@@ -26,6 +26,7 @@ from flows.steps import (
 from tasks import catalog, crypto, postgres
 from tasks.audit import audit_record
 from tasks.basebackup import BaseManifest, base_prefix, start_wal_file, stream_basebackup, summary
+from tasks.cluster import programs_for
 from tasks.errors import ConfigError
 from tasks.settings import Settings, load_settings
 
@@ -57,6 +58,7 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
             encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
             fast_checkpoint=fast_checkpoint, zstd_level=settings.zstd_level,
             zstd_threads=settings.zstd_threads, secrets=settings.secrets(), progress=progress.update,
+            bin_dir=programs_for(version),
         )
     logger.info("base backup %s: WAL %s to %s on timeline %d, %s stored", backup_id, result.start_lsn,
                 result.end_lsn, result.timeline, human_bytes(result.stored.size))
@@ -85,8 +87,12 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
 
 @flow(name="basebackup", log_prints=True, **FLOW_HOOKS)
 def basebackup(db: str | None = None, repo: str | None = None, name: str | None = None,
-               encrypt_to: str | None = None, fast_checkpoint: bool = True) -> dict[str, Any]:
+               encrypt_to: str | None = None, fast_checkpoint: bool = True,
+               tier: str = "hot") -> dict[str, Any]:
     """Take a physical base backup of the server behind `db` for point-in-time recovery.
+
+    `tier` is its retention tier (`pgdr prune`, area pitr): hot keeps 7 days of recovery
+    to any moment; a weekly or monthly one keeps its WAL, and so any moment since, longer.
 
     `name` is the repository area it goes to (default: PGDR_WAL_DB, else the database of
     the URL): the same name `pgdr wal-push --db` archives the server's WAL under.
@@ -100,7 +106,7 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
     recipient = encrypt_to or settings.encrypt_to
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
     database = name or settings.wal_db or postgres.database_name(db_url)
-    backup_id = catalog.new_backup_id(catalog.utcnow(), "hot")
+    backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
     clock = Stopwatch()
     try:
         manifest = take_base_backup(db_url, repo_url, settings, database, backup_id, fingerprint,
@@ -108,11 +114,11 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
         write_manifest(repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
-            "basebackup", type="hot", source=database, destination=repo_url, status="failed",
+            "basebackup", type=tier, source=database, destination=repo_url, status="failed",
             duration_seconds=clock.seconds, backup_id=backup_id, error=str(exc)))
         raise
     record_audit(repo_url, settings, audit_record(
-        "basebackup", type="hot", source=database, destination=f"{repo_url}/{manifest.prefix}",
+        "basebackup", type=tier, source=database, destination=f"{repo_url}/{manifest.prefix}",
         status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
         backup_id=backup_id))
     return {**summary(manifest), "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",

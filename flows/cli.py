@@ -48,12 +48,32 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
+    if args.physical:
+        return _restore_physical(args)
+    if not args.target:
+        from tasks.errors import ConfigError
+
+        raise ConfigError("--target URL is required (or --physical --datadir DIR for a whole server)")
     from flows.restore import restore
 
     return restore(backup_id=args.backup, target=_url(args.target), repo=args.repo, db=args.db,
                    jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup,
                    encrypt_to=args.encrypt_to, archive_wait_hours=args.archive_wait_hours,
                    no_wait=args.no_wait)
+
+
+def _restore_physical(args: argparse.Namespace) -> dict[str, Any]:
+    """`restore --physical`: the whole server from a base backup and all its WAL (pitr
+    without a target) into a new data directory."""
+    from tasks.errors import ConfigError
+
+    if not args.datadir:
+        raise ConfigError("--physical needs --datadir DIR (a new directory for the restored server)")
+    from flows.pitr import pitr
+
+    args.show = show_pitr
+    return pitr(datadir=str(Path(args.datadir).resolve()), repo=args.repo, db=args.db,
+                backup_id=None if args.backup == "latest" else args.backup)
 
 
 def cmd_restore_temp(args: argparse.Namespace) -> dict[str, Any]:
@@ -363,14 +383,17 @@ class _CommandExit(PgdrError):
         self.quiet = quiet
 
 
-def _wal_target(args: argparse.Namespace) -> tuple[Any, Any, str]:
+def _wal_target(args: argparse.Namespace, url: str | None = None) -> tuple[Any, Any, str]:
     """(settings, repository, database name) for the WAL commands: --db NAME, else
-    PGDR_WAL_DB, else the database of DATABASE_URL."""
-    from tasks.postgres import database_name
+    PGDR_WAL_DB, else the database of the server's URL (DATABASE_URL)."""
     from tasks.repository import open_repository
 
     settings = _settings()
-    database = args.db or settings.wal_db or (database_name(settings.db_url) if settings.db_url else None)
+    database = (args.name if url else args.db) or settings.wal_db
+    if not database and (url or settings.db_url):
+        from tasks.postgres import database_name
+
+        database = database_name(url or settings.db_url)
     if not database:
         from tasks.errors import ConfigError
 
@@ -384,8 +407,16 @@ def cmd_wal_push(args: argparse.Namespace) -> dict[str, Any]:
     from tasks import wal
 
     settings, repo, database = _wal_target(args)
-    result = wal.push(repo, database, Path(args.path), encrypt_to=args.encrypt_to or settings.encrypt_to,
-                      gpg_homedir=settings.gpg_homedir, zstd_level=settings.zstd_level)
+    options = {"encrypt_to": args.encrypt_to or settings.encrypt_to, "gpg_homedir": settings.gpg_homedir,
+               "zstd_level": settings.zstd_level}
+    if args.jobs > 1:
+        if not args.spool:
+            from tasks.errors import ConfigError
+
+            raise ConfigError("--jobs above 1 needs --spool DIR (where pushes ahead are noted)")
+        result = wal.push_ahead(repo, database, Path(args.path), Path(args.spool), args.jobs, **options)
+    else:
+        result = wal.push(repo, database, Path(args.path), **options)
     return {"name": result.name, "key": result.key, "stored": result.stored, "size_bytes": result.size,
             "wal_bytes": result.wal_size, "database": database, "repository": repo.url}
 
@@ -411,9 +442,30 @@ def cmd_wal_fetch(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_archive_status(args: argparse.Namespace) -> dict[str, Any]:
     from tasks import wal
+    from tasks.basebackup import list_base_backups
 
     _, repo, database = _wal_target(args)
-    return wal.archive_status(repo, database)
+    newest = (list_base_backups(repo, database) or [None])[-1]
+    if newest is None:
+        return wal.archive_status(repo, database)
+    return wal.archive_status(repo, database, chain_start=newest.start_wal_file,
+                              segment_size=newest.wal_segment_size)
+
+
+def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.errors import FailedWithReport
+    from tasks.pitr import check_archiving
+
+    db_url = args.db or _settings().db_url
+    if not db_url:
+        from tasks.errors import ConfigError
+
+        raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
+    _, repo, database = _wal_target(args, db_url)
+    result = check_archiving(db_url, repo, database, args.timeout)
+    if not result["ok"]:
+        raise FailedWithReport("; ".join(result["problems"]), result)
+    return result
 
 
 def cmd_wal_prune(args: argparse.Namespace) -> dict[str, Any]:
@@ -434,7 +486,7 @@ def cmd_basebackup(args: argparse.Namespace) -> dict[str, Any]:
     from flows.basebackup import basebackup
 
     return basebackup(db=_db(args), repo=args.repo, name=args.name, encrypt_to=args.encrypt_to,
-                      fast_checkpoint=not args.spread_checkpoint)
+                      fast_checkpoint=not args.spread_checkpoint, tier=args.tier)
 
 
 def cmd_pitr(args: argparse.Namespace) -> dict[str, Any]:
@@ -475,6 +527,16 @@ def show_archive_status(result: dict[str, Any]) -> None:
     print(f"Last archived segment of {result['database']}: {result['last_segment']} at "
           f"{result['last_archived_at']} ({result['age_seconds']:.0f} s ago); "
           f"{result['segments']} segments in {result['repository']}")
+    if result["missing_segments"]:
+        print(f"GAP: {result['missing_segments']} segment(s) missing since {result['chain_start']}: "
+              f"{', '.join(result['gaps'])}: recovery cannot pass the first one")
+
+
+def show_check(result: dict[str, Any]) -> None:
+    print(f"WAL archiving of {result['database']} works: {result['switched_segment']} reached "
+          f"{result['repository']} in {result['archived_within_seconds']:.1f} s; no gap since base "
+          f"backup {result['base_backup']} ({result['chain_start']}); newest segment "
+          f"{result['age_seconds']:.0f} s old")
 
 
 def show_wal_prune(result: dict[str, Any]) -> None:
@@ -528,7 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("restore", cmd_restore, "restore a backup into a database (replacing it safely)",
                   show_restore)
     cmd.add_argument("backup", metavar="BACKUP", help="backup id, or latest")
-    cmd.add_argument("--target", required=True, help="database URL to restore into")
+    cmd.add_argument("--target", help="database URL to restore into")
+    cmd.add_argument("--physical", action="store_true",
+                     help="restore the whole server from a base backup (BACKUP: its id, or latest) and "
+                          "its WAL to the end of the archive, into --datadir")
+    cmd.add_argument("--datadir", help="with --physical: new data directory for the restored server")
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore (for latest)")
     cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")
@@ -672,8 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("prune", cmd_prune, "delete backups, files backups and storage snapshots past their "
                   "tier's retention", show_prune)
     cmd.add_argument("--repo", help="repository URL")
-    cmd.add_argument("--area", choices=("database", "files", "storage"),
-                     help="only database backups, files backups or storage snapshots (default: all)")
+    cmd.add_argument("--area", choices=("database", "files", "storage", "pitr"),
+                     help="only database backups, files backups, storage snapshots or base backups and "
+                          "WAL (pitr) (default: all)")
     cmd.add_argument("--db", metavar="NAME", help="only this database")
     cmd.add_argument("--name", help="only the files backups of this name")
     cmd.add_argument("--bucket", help="only the storage snapshots of this bucket")
@@ -705,6 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="database name the WAL is archived under")
     cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient to encrypt to")
+    cmd.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="push up to N-1 more segments PostgreSQL marked ready, in parallel (1)")
+    cmd.add_argument("--spool", metavar="DIR",
+                     help="where pushes ahead are noted (with --jobs; writable by the postgres user)")
 
     cmd = command("wal-fetch", cmd_wal_fetch,
                   "restore one archived WAL file (PostgreSQL's restore_command)",
@@ -718,6 +789,15 @@ def build_parser() -> argparse.ArgumentParser:
                   show_archive_status, runs_flow=False)
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="database name the WAL is archived under")
+
+    cmd = command("check", cmd_check, "check WAL archiving end to end: switch WAL, wait until that segment "
+                  "is stored, find no gap since the newest base backup", show_check, runs_flow=False)
+    cmd.add_argument("--db", help="database URL of the server (default: DATABASE_URL)")
+    cmd.add_argument("--repo", help="repository URL")
+    cmd.add_argument("--name", help="database name the WAL is archived under "
+                                    "(default: PGDR_WAL_DB or the URL's)")
+    cmd.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds to wait for the switched segment to be archived (60)")
 
     cmd = command("wal-prune", cmd_wal_prune, "delete archived WAL older than the oldest base backup",
                   show_wal_prune, runs_flow=False)
@@ -733,6 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient to encrypt to")
     cmd.add_argument("--spread-checkpoint", action="store_true",
                      help="wait for a spread checkpoint instead of forcing a fast one")
+    cmd.add_argument("--tier", default="hot", help="retention tier of the base backup (hot)")
 
     cmd = command("pitr", cmd_pitr, "recover to a point in time into a new data directory (or RDS instance)",
                   show_pitr)

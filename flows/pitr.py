@@ -25,7 +25,7 @@ from tasks.basebackup import (
     list_base_backups,
     restore_base_backup,
 )
-from tasks.cluster import LocalCluster, free_port, grant_to_server
+from tasks.cluster import LocalCluster, free_port, grant_to_server, programs_for
 from tasks.errors import ConfigError
 from tasks.settings import Settings, load_settings
 
@@ -41,11 +41,12 @@ def unpack_base_backup(repo_url: str, settings: Settings, manifest: BaseManifest
 
 @task(name="recover to target")
 def recover_to_target(datadir: str, port: int, target: pitr_steps.Target, recovery: dict[str, str],
-                      timeout: float) -> dict[str, Any]:
+                      timeout: float, server_version: str) -> dict[str, Any]:
     path = Path(datadir)
     pitr_steps.configure_recovery(path, recovery)
     grant_to_server(path)
-    return pitr_steps.recover(LocalCluster(path, port), target, timeout)
+    # The backed-up server's own major version starts its data directory.
+    return pitr_steps.recover(LocalCluster(path, port, bin_dir=programs_for(server_version)), target, timeout)
 
 
 @flow(name="pitr", log_prints=True, **FLOW_HOOKS)
@@ -88,7 +89,7 @@ def pitr(
     clock = Stopwatch()
     try:
         unpack_base_backup(repo_url, settings, manifest, datadir)
-        reached = recover_to_target(datadir, port, target, recovery, timeout_seconds)
+        reached = recover_to_target(datadir, port, target, recovery, timeout_seconds, manifest.server_version)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "pitr", type="hot", source=database, destination=datadir, status="failed",
@@ -97,7 +98,7 @@ def pitr(
         raise
     finally:
         if not keep_running:
-            LocalCluster(Path(datadir), port).stop()
+            LocalCluster(Path(datadir), port, bin_dir=programs_for(manifest.server_version)).stop()
     record_audit(repo_url, settings, audit_record(
         "pitr", type="hot", source=database, destination=datadir, status="success",
         duration_seconds=clock.seconds, backup_id=manifest.backup_id, target=target.describe()))

@@ -1,6 +1,7 @@
 """Prune: the runbook's retention as a flow.
 
-For each database, files-backup name and snapshotted bucket (or the ones named): decide
+For each database, files-backup name and snapshotted bucket (or the ones named), and the
+base backups and archived WAL of each database (the pitr area): decide
 with tasks.retention.choose, delete what it says (manifest first; a storage snapshot's
 objects only once no remaining snapshot refers to them), remove incomplete backups and
 stale uploads older than the grace period, and report every backup kept or deleted with
@@ -75,7 +76,7 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
     settings = load_settings()
     if tier:
         check_tier(tier)
-    named = {retention.DATABASE: db, retention.FILES: name, retention.STORAGE: bucket}
+    named = {retention.DATABASE: db, retention.FILES: name, retention.STORAGE: bucket, retention.PITR: db}
     areas = retention.select_areas(area, named)
     repo_url = repo or settings.repo_url
     repository = open_repo(repo_url, settings)

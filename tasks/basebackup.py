@@ -32,6 +32,8 @@ from tasks.repository import READ_CHUNK, PutResult, Repository, validate_key
 from tasks.wal import wal_file_name
 
 BASE_AREA = "base"
+# Parallel streams downloading a base backup from S3: the fast way back is network-bound.
+DOWNLOAD_STREAMS = 4
 MANIFEST = "manifest.json"
 
 _START = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
@@ -146,9 +148,12 @@ def stream_basebackup(
     zstd_threads: int = 2,
     secrets: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    bin_dir: Path | None = None,
 ) -> BaseBackupResult:
-    """Stream a base backup into repo/key; fails, storing nothing, if any step fails."""
-    argv = [pg_bin("pg_basebackup"), "-D", "-", "-Ft", "-X", "fetch", "--verbose", "--no-password",
+    """Stream a base backup into repo/key; fails, storing nothing, if any step fails.
+    `bin_dir`: the server's major version's programs (default: the newest installed)."""
+    program = str(bin_dir / "pg_basebackup") if bin_dir else pg_bin("pg_basebackup")
+    argv = [program, "-D", "-", "-Ft", "-X", "fetch", "--verbose", "--no-password",
             "--label", label, "--checkpoint", "fast" if fast_checkpoint else "spread"]
     commands = [argv, zstd_command(zstd_level, zstd_threads)]
     if encrypt_to:
@@ -193,7 +198,8 @@ def restore_base_backup(repo: Repository, manifest: BaseManifest, datadir: Path,
     try:
         fetch_dump(repo, f"{manifest.prefix}/{manifest.data_key}", archive, size=manifest.size_bytes,
                    sha256=manifest.sha256, encrypted=manifest.encryption is not None,
-                   gpg_homedir=gpg_homedir, passphrase=passphrase, secrets=secrets)
+                   gpg_homedir=gpg_homedir, passphrase=passphrase, secrets=secrets,
+                   streams=DOWNLOAD_STREAMS)
         with tarfile.open(archive, "r:") as tar:
             extract_safely(tar, datadir)
     except BaseException:

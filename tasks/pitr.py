@@ -21,6 +21,7 @@ import psycopg
 from tasks.catalog import iso
 from tasks.cluster import ClusterError, LocalCluster, _conf_value
 from tasks.errors import ConfigError, PgdrError
+from tasks.repository import Repository
 
 
 class RecoveryFailed(PgdrError):
@@ -167,3 +168,69 @@ def rds_restore_to_point_in_time(client: Any, source: str, target: str, *,
         "endpoint": f"{endpoint['Address']}:{endpoint['Port']}",
         "restore_time": iso(restore_time) if restore_time else "latest",
     }
+
+
+# --- is archiving working? ------------------------------------------------------------------
+
+
+def _archiver_failure(conn: psycopg.Connection, since: datetime) -> str | None:
+    """The server's own report of archive_command failing since `since`, if it did."""
+    failed_wal, failed_at, count = conn.execute(
+        "SELECT last_failed_wal, last_failed_time, failed_count FROM pg_stat_archiver").fetchone()  # type: ignore[misc]
+    if failed_at is None or failed_at < since:
+        return None
+    return (f"archive_command fails: pg_stat_archiver reports {count} failure(s), the last for "
+            f"{failed_wal} at {iso(failed_at)} (see the server log)")
+
+
+def check_archiving(db_url: str, repo: Repository, database: str, timeout: float = 60.0,
+                    poll_seconds: float = 0.2) -> dict[str, Any]:
+    """Prove WAL archiving works end to end, as recovery would need it now:
+    1. archive_mode is on and an archive_command is set;
+    2. a WAL switch (after a restore point, so there is something to switch) reaches the
+       repository within `timeout`;
+    3. every segment from the newest base backup's first one to that one is archived.
+    Returns the report; `ok` false with `problems` saying why otherwise."""
+    from tasks import postgres, wal
+    from tasks.basebackup import list_base_backups
+
+    problems: list[str] = []
+    report: dict[str, Any] = {"database": database, "repository": repo.url,
+                              "server": postgres.display_dsn(db_url), "switched_segment": None,
+                              "archived_within_seconds": None, "base_backup": None}
+    with postgres.connect(db_url, autocommit=True) as conn:
+        mode, command = conn.execute(
+            "SELECT current_setting('archive_mode'), current_setting('archive_command')").fetchone()  # type: ignore[misc]
+        if mode == "off" or not command.strip():
+            problems.append(f"WAL archiving is off on {report['server']} (archive_mode {mode}, "
+                            f"archive_command {'set' if command.strip() else 'empty'})")
+        else:
+            started = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            conn.execute("SELECT pg_create_restore_point('pgdr check')")
+            segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # type: ignore[index]
+            report["switched_segment"] = segment
+            clock = time.monotonic()
+            while repo.head(wal.sidecar_key(database, segment)) is None:
+                if time.monotonic() - clock > timeout:
+                    failure = _archiver_failure(conn, started)
+                    problems.append(f"{segment} did not reach {repo.url} within {timeout:.0f} s"
+                                    + (f": {failure}" if failure else ""))
+                    break
+                time.sleep(poll_seconds)
+            else:
+                report["archived_within_seconds"] = round(time.monotonic() - clock, 3)
+    newest = (list_base_backups(repo, database) or [None])[-1]
+    if newest is None:
+        problems.append(f"no base backup of {database} in {repo.url}: recovery has nothing to start from")
+    else:
+        report["base_backup"] = newest.backup_id
+    status = wal.archive_status(repo, database, chain_start=newest.start_wal_file if newest else None,
+                                segment_size=newest.wal_segment_size if newest else 16 * 1024 * 1024)
+    if status["missing_segments"]:
+        problems.append(f"{status['missing_segments']} WAL segment(s) missing since base backup "
+                        f"{newest.backup_id} ({', '.join(status['gaps'][:3])}"  # type: ignore[union-attr]
+                        f"{', …' if status['missing_segments'] > 3 else ''}): recovery cannot pass "
+                        f"{status['gaps'][0]}")
+    return {**report, **{k: status[k] for k in ("chain_start", "missing_segments", "gaps", "last_segment",
+                                                 "last_archived_at", "age_seconds")},
+            "problems": problems, "ok": not problems}

@@ -27,6 +27,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from tasks import files as filing
+from tasks import wal
+from tasks.basebackup import BASE_AREA, BaseManifest
 from tasks.catalog import (
     MANIFEST,
     NON_TIER_AREAS,
@@ -168,7 +170,9 @@ def choose_safety_databases(found: Iterable[Any], now: datetime,
 # --- applying the choice to a repository ------------------------------------------------------
 
 DATABASE, FILES, STORAGE = "database", "files", "storage"
-AREAS = (DATABASE, FILES, STORAGE)
+# Point-in-time recovery: base backups and the archived WAL of a database (named by it).
+PITR = "pitr"
+AREAS = (DATABASE, FILES, STORAGE, PITR)
 
 
 def select_areas(area: str | None, selectors: Mapping[str, str | None]) -> list[str]:
@@ -179,7 +183,8 @@ def select_areas(area: str | None, selectors: Mapping[str, str | None]) -> list[
         return named or list(AREAS)
     if area not in AREAS:
         raise ConfigError(f"unknown area {area!r}: choose one of {', '.join(AREAS)}")
-    if named and named != [area]:
+    # The pitr area is named by its database too: the same selector may name both.
+    if named and any(selectors.get(each) != selectors.get(area) for each in named):
         raise ConfigError(f"a {' and a '.join(named)} set was named, which is not the area {area}")
     return [area]
 
@@ -596,10 +601,125 @@ def prune_set(repo: Repository, area: str, name: str, now: datetime, policy: Pol
     snapshots of one bucket. The caller holds the set's lock (tasks.locks) unless dry_run."""
     if area == STORAGE:
         return apply_storage_plan(repo, plan_storage_prune(repo, name, now, policy, tier), dry_run)
+    if area == PITR:
+        return prune_pitr(repo, name, now, policy, tier, dry_run)
     plan = (plan_prune if area == DATABASE else plan_files_prune)(repo, name, now, policy, tier)
     return apply_plan(repo, plan, dry_run)
 
 
 def list_sets(repo: Repository, area: str) -> list[str]:
     """The databases, files-backup names or snapshotted buckets in the repository."""
-    return {DATABASE: list_databases, FILES: filing.list_names, STORAGE: list_buckets}[area](repo)
+    return {DATABASE: list_databases, FILES: filing.list_names, STORAGE: list_buckets,
+            PITR: list_pitr_sets}[area](repo)
+
+
+# --- point-in-time recovery: base backups and the WAL they need ---------------------------------
+#
+# Base backups are kept per tier like dumps, with one floor more: the newest base backup that
+# finished before the any-moment recovery window opened (the hot tier's retention) is kept,
+# since recovery to the window's first moment starts from it. Archived WAL older than the
+# oldest base backup that remains is deleted; history files are kept.
+
+
+def recovery_window_anchor(backups: Iterable[BackupFacts], now: datetime, policy: Policy) -> str | None:
+    """The base backup that recovery to the first moment of the window (now - the hot
+    tier's retention) starts from: the newest one finished by then."""
+    opens = now - timedelta(days=policy.days("hot"))
+    before = [b for b in backups if b.finished <= opens]
+    return max(before, key=lambda b: (b.finished, b.backup_id)).backup_id if before else None
+
+
+def choose_base_backups(backups: Iterable[BackupFacts], now: datetime, policy: Policy) -> list[Decision]:
+    """`choose`, plus the recovery window's anchor kept whatever its age."""
+    backups = list(backups)
+    anchor = recovery_window_anchor(backups, now, policy)
+    window = policy.days("hot")
+    return [Decision(d.backup, False, f"{d.reason}; kept: recovery to any moment of the last {window} d "
+                                      "starts from it")
+            if d.delete and d.backup.backup_id == anchor else d
+            for d in choose(backups, now, policy)]
+
+
+def list_pitr_sets(repo: Repository) -> list[str]:
+    """The databases with base backups or archived WAL."""
+    return [name for name in list_databases(repo)
+            if {BASE_AREA, wal.WAL_AREA} & set(repo.list_dirs(f"{database_component(name)}/"))]
+
+
+def scan_base_backups(repo: Repository, database: str) -> tuple[list[StoredBackup], list[StoredBackup]]:
+    """Every base backup prefix (`<db>/base/<YYYY>/<MM>/<DD>/<backup_id>/<file>`), complete
+    ones with their manifest; and apart, those whose manifest cannot be read."""
+    root = f"{database_component(database)}/{BASE_AREA}/"
+    found: dict[str, StoredBackup] = {}
+    for info in repo.list(root):
+        parts = info.key[len(root):].split("/")
+        if len(parts) != 5 or not _is_backup_id(parts[3]):
+            continue
+        prefix = root + "/".join(parts[:4])
+        stored = found.setdefault(prefix, StoredBackup(database, parse_backup_id(parts[3]).tier, prefix, [],
+                                                       info.modified))
+        stored.keys.append(info.key)
+        stored.newest = max(stored.newest, info.modified)
+    readable, unreadable = [], []
+    for stored in found.values():
+        if f"{stored.prefix}/{MANIFEST}" in stored.keys:
+            try:
+                stored.manifest = BaseManifest.from_json(repo.get_bytes(f"{stored.prefix}/{MANIFEST}"))
+            except PgdrError:
+                unreadable.append(stored)
+                continue
+            if stored.manifest.backup_id != stored.prefix.rsplit("/", 1)[-1]:
+                unreadable.append(stored)
+                continue
+        readable.append(stored)
+    return readable, unreadable
+
+
+def plan_pitr_prune(repo: Repository, database: str, now: datetime, policy: Policy,
+                    tier: str | None = None, grace: timedelta = DEFAULT_GRACE) -> PrunePlan:
+    """What pruning the database's base backups would do (the WAL follows them)."""
+    stored, unreadable = scan_base_backups(repo, database)
+    complete = {s.manifest.backup_id: s for s in stored if s.manifest}
+    facts = [BackupFacts(backup_id, database, s.tier, s.manifest.finished)
+             for backup_id, s in complete.items()]
+    decisions = [(d, complete[d.backup.backup_id]) for d in choose_base_backups(facts, now, policy)
+                 if tier is None or d.backup.tier == tier]
+    incomplete = [s for s in stored if s.manifest is None and is_stale(s.newest, now, grace)]
+    root = f"{database_component(database)}/{BASE_AREA}/"
+    uploads = [u for u in repo.incomplete_uploads(root) if is_stale(u.started, now, grace)]
+    return PrunePlan(PITR, decisions, incomplete, uploads, unreadable)
+
+
+def prune_archived_wal(repo: Repository, database: str, remaining: list[BaseManifest],
+                       dry_run: bool) -> list[dict[str, object]]:
+    """Delete the archived WAL older than the oldest remaining base backup: one report row."""
+    names = wal.prunable_segments((f.name for f in wal.archived_files(repo, database)),
+                                  (b.start_wal_file for b in remaining))
+    if not names:
+        return []
+    oldest = min(remaining, key=lambda b: (wal.segment_position(b.start_wal_file), b.backup_id))
+    problem = None
+    if not dry_run:
+        try:
+            wal.delete_archived(repo, database, names)
+        except PgdrError as exc:
+            problem = f"could not delete: {exc}"
+    reason = (f"{len(names)} archived WAL files before {oldest.start_wal_file}, where the oldest "
+              f"remaining base backup {oldest.backup_id} starts" + (f"; {problem}" if problem else ""))
+    return [_row(PITR, f"wal {names[0]}..{names[-1]}", database, None, _outcome(dry_run, problem), reason)]
+
+
+def prune_pitr(repo: Repository, database: str, now: datetime, policy: Policy, tier: str | None = None,
+               dry_run: bool = False) -> list[dict[str, object]]:
+    """Retention for a database's base backups, then its archived WAL. The WAL goes only
+    once the backups are decided and deleted, and only before the oldest one that is still
+    there (a backup that could not be deleted keeps its WAL); nothing goes while a base
+    backup's manifest is unreadable (it may need any of it)."""
+    plan = plan_pitr_prune(repo, database, now, policy, tier)
+    rows = apply_plan(repo, plan, dry_run)
+    if plan.unreadable:
+        return rows
+    gone = {r["backup_id"] for r in rows if r["action"] in ("deleted", "would delete")}
+    remaining = [s.manifest for s in scan_base_backups(repo, database)[0]
+                 if s.manifest and s.manifest.backup_id not in gone]
+    return rows + prune_archived_wal(repo, database, remaining, dry_run)

@@ -31,7 +31,7 @@ from tasks import crypto
 from tasks.catalog import database_component, iso, utcnow
 from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
 from tasks.process import run_bytes
-from tasks.repository import Repository, write_atomically
+from tasks.repository import READ_CHUNK, Repository, write_atomically
 
 SIDECAR = ".sha256"
 # restore_command exit statuses. PostgreSQL reads any status from 1 to 125 as "not in the
@@ -71,12 +71,25 @@ def wal_file_name(timeline: int, lsn: str, segment_size: int = 16 * 1024 * 1024)
     return f"{timeline:08X}{position // per_log:08X}{position % per_log:08X}"
 
 
+WAL_AREA = "wal"
+
+
 def wal_prefix(database: str) -> str:
-    return f"{database_component(database)}/wal/"
+    return f"{database_component(database)}/{WAL_AREA}/"
 
 
-def data_key(database: str, name: str, encrypted: bool) -> str:
-    return f"{wal_prefix(database)}{check_wal_name(name)}.zst" + (".gpg" if encrypted else "")
+def data_key(database: str, name: str, encrypted: bool, stored_sha256: str | None = None) -> str:
+    """Where a file's stored bytes go. Named by their checksum too, so that pushes of
+    different content under one name never overwrite each other's data: only the marker,
+    created once, says which of them is archived. (Archives written before that have
+    `<name>.zst[.gpg]`; their markers name it.)"""
+    digest = f".{stored_sha256[:16]}" if stored_sha256 else ""
+    return f"{wal_prefix(database)}{check_wal_name(name)}{digest}.zst" + (".gpg" if encrypted else "")
+
+
+def _is_data_key_of(key: str, database: str, name: str) -> bool:
+    own = re.escape(f"{wal_prefix(database)}{name}")
+    return re.fullmatch(own + r"(?:\.[0-9a-f]{16})?\.zst(?:\.gpg)?", key) is not None
 
 
 def sidecar_key(database: str, name: str) -> str:
@@ -90,6 +103,21 @@ class PushResult:
     stored: bool  # False: it was already archived with the same content
     size: int
     wal_size: int
+    wal_sha256: str
+
+
+def file_checksum(path: Path) -> tuple[int, str]:
+    """A local file's size and sha256."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(READ_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise PgdrError(f"cannot read {path}: {exc.strerror}") from None
+    return size, digest.hexdigest()
 
 
 def _read_sidecar(repo: Repository, database: str, name: str) -> dict[str, Any] | None:
@@ -102,7 +130,7 @@ def _read_sidecar(repo: Repository, database: str, name: str) -> dict[str, Any] 
         if not isinstance(record, dict) or not {"key", "size", "sha256", "wal_sha256"} <= set(record):
             raise ValueError("fields missing")
         # A marker only ever names its own file's data: nothing else can be fetched through it.
-        if record["key"] not in (data_key(database, name, False), data_key(database, name, True)):
+        if not _is_data_key_of(record["key"], database, name):
             raise ValueError("foreign key")
     except ValueError:
         raise IntegrityError(f"the archive's checksum record of {name} is unreadable") from None
@@ -121,43 +149,128 @@ def push(
 ) -> PushResult:
     """Archive one WAL file; returns only once it is durably stored with its marker.
 
-    IntegrityError when a different file of that name is already archived: PostgreSQL
-    then keeps the segment and retries, and the operator sees why in its log.
+    The marker is created only if none exists (S3 `If-None-Match: *`, a hard link on
+    disk): of concurrent pushes of one name exactly one is archived; the others succeed
+    if their content is the same, and fail otherwise. IntegrityError when a different
+    file of that name is archived: PostgreSQL then keeps the segment and retries, and the
+    operator sees why in its log.
     """
     name = check_wal_name(name or path.name)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PgdrError(f"cannot read {path}: {exc.strerror}") from None
-    wal_sha256 = hashlib.sha256(data).hexdigest()
+    wal_size, wal_sha256 = file_checksum(path)
     existing = _read_sidecar(repo, database, name)
     if existing is not None:
-        if existing["wal_sha256"] == wal_sha256 and existing.get("wal_size") == len(data):
-            return PushResult(name, existing["key"], False, existing["size"], len(data))
-        raise IntegrityError(
-            f"{name} is already archived with different content (sha256 "
-            f"{existing['wal_sha256'][:12]}… there, {wal_sha256[:12]}… here): refusing to overwrite it"
-        )
-    stored = run_bytes(["zstd", f"-{zstd_level}", "-q", "-c"], input=data)
+        return _already_archived(existing, name, wal_sha256, wal_size)
+    # zstd reads the file itself: piping 16 MB through Python costs more than compressing it.
+    # (A completed segment does not change; if it did, fetch would find the checksum wrong.)
+    stored = run_bytes(["zstd", f"-{zstd_level}", "-q", "-c", "--", str(path)])
     fingerprint = None
     if encrypt_to:
         fingerprint = crypto.recipient_fingerprint(encrypt_to, gpg_homedir)
         stored = run_bytes(crypto.encrypt_command(fingerprint, gpg_homedir), input=stored)
-    key = data_key(database, name, encrypted=fingerprint is not None)
+    key = data_key(database, name, fingerprint is not None, hashlib.sha256(stored).hexdigest())
     result = repo.put_bytes(key, stored)
     record = {
         "name": name,
         "key": key,
         "size": result.size,
         "sha256": result.sha256,
-        "wal_size": len(data),
+        "wal_size": wal_size,
         "wal_sha256": wal_sha256,
         "compression": f"zstd-{zstd_level}",
         "encryption": {"type": "gpg", "recipient_fingerprint": fingerprint} if fingerprint else None,
         "archived_at": iso(utcnow()),
     }
-    repo.put_bytes(sidecar_key(database, name), json.dumps(record, sort_keys=True).encode())
-    return PushResult(name, key, True, result.size, len(data))
+    if repo.put_if_absent(sidecar_key(database, name), json.dumps(record, sort_keys=True).encode()):
+        return PushResult(name, key, True, result.size, wal_size, wal_sha256)
+    # Another push of this name was archived first: ours is not the archived copy.
+    winner = _read_sidecar(repo, database, name)
+    if winner is None:
+        raise PgdrError(f"{name}: another push's marker appeared and vanished; retrying is safe")
+    if winner["key"] != key:
+        # Best effort (the archiver may lack delete rights): an unmarked copy is never read.
+        with contextlib.suppress(PgdrError):
+            repo.delete(key)
+    return _already_archived(winner, name, wal_sha256, wal_size)
+
+
+def _already_archived(record: dict[str, Any], name: str, wal_sha256: str, wal_size: int) -> PushResult:
+    """Pushing a file that is archived already: fine if it is the same file, refused if not."""
+    if record["wal_sha256"] == wal_sha256 and record.get("wal_size") == wal_size:
+        return PushResult(name, record["key"], False, record["size"], wal_size, wal_sha256)
+    raise IntegrityError(
+        f"{name} is already archived with different content (sha256 "
+        f"{record['wal_sha256'][:12]}… there, {wal_sha256[:12]}… here): refusing to overwrite it"
+    )
+
+
+# --- pushing ahead (archive_command in parallel) ---------------------------------------------
+#
+# PostgreSQL runs archive_command for one segment at a time. With --jobs N, the push of one
+# segment also pushes up to N-1 more that PostgreSQL has already marked ready
+# (pg_wal/archive_status/<name>.ready), in parallel, and notes each one stored in a spool
+# directory. When PostgreSQL then asks for one of those, the note answers at once. A note
+# is written only after its push returned (stored durably with its marker) and names the
+# repository, the area and the file's checksum: it is used only for exactly that file.
+
+SPOOL_SUFFIX = ".pushed"
+
+
+def ready_files(wal_dir: Path) -> list[str]:
+    """The WAL files PostgreSQL marked ready to archive, in its order (history files first)."""
+    try:
+        marked = [p.name[: -len(".ready")] for p in (wal_dir / "archive_status").iterdir()
+                  if p.name.endswith(".ready")]
+    except OSError:
+        return []
+    return sorted((n for n in marked if _WAL_NAME.match(n)), key=lambda n: (not n.endswith(".history"), n))
+
+
+def _spool_note(spool: Path, name: str) -> Path:
+    return spool / f"{check_wal_name(name)}{SPOOL_SUFFIX}"
+
+
+def _note_pushed(spool: Path, repo: Repository, database: str, result: PushResult) -> None:
+    note = {"repository": repo.url, "database": database, "name": result.name, "key": result.key,
+            "size": result.size, "wal_size": result.wal_size, "wal_sha256": result.wal_sha256}
+    write_atomically(_spool_note(spool, result.name), [json.dumps(note).encode()])
+
+
+def _pushed_ahead(spool: Path, repo: Repository, database: str, path: Path, name: str) -> PushResult | None:
+    """The push of this very file noted earlier (same repository, area and content), if any."""
+    note_path = _spool_note(spool, name)
+    try:
+        note = json.loads(note_path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    note_path.unlink(missing_ok=True)
+    if (note.get("repository"), note.get("database")) != (repo.url, database):
+        return None
+    size, sha256 = file_checksum(path)
+    if (size, sha256) != (note.get("wal_size"), note.get("wal_sha256")):
+        return None
+    return PushResult(name, note["key"], False, note["size"], size, sha256)
+
+
+def push_ahead(repo: Repository, database: str, path: Path, spool: Path, jobs: int,
+               **options: Any) -> PushResult:
+    """Archive path (as push) and, in parallel, up to jobs-1 more files PostgreSQL has
+    marked ready; return once path is archived. A failure of another file is left for
+    PostgreSQL's own call for it, which reports it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = check_wal_name(path.name)
+    spool.mkdir(parents=True, exist_ok=True)
+    earlier = _pushed_ahead(spool, repo, database, path, name)
+    if earlier is not None:
+        return earlier
+    ahead = [n for n in ready_files(path.parent) if n != name and not _spool_note(spool, n).exists()]
+    batch = [path] + [path.parent / n for n in ahead[: max(0, jobs - 1)]]
+    with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+        futures = [pool.submit(push, repo, database, each, **options) for each in batch]
+    for future in futures[1:]:
+        if future.exception() is None:
+            _note_pushed(spool, repo, database, future.result())
+    return futures[0].result()
 
 
 def fetch(
@@ -221,12 +334,38 @@ def archived_files(repo: Repository, database: str) -> list[ArchivedFile]:
     return sorted(found, key=lambda f: f.name)
 
 
-def archive_status(repo: Repository, database: str, now: datetime | None = None) -> dict[str, Any]:
-    """The newest archived segment and its age: the RPO if the server died now."""
+# Gaps listed by name in a report; the count says how many there are in all.
+GAPS_LISTED = 20
+
+
+def missing_segments(archived: Iterable[str], first: str, last: str,
+                     segment_size: int = 16 * 1024 * 1024) -> list[str]:
+    """The segments from first to last (inclusive, by place in the WAL stream, on any
+    timeline) of which no whole segment is archived: recovery cannot replay past the
+    first of them. Named on first's timeline."""
+    per_log = 0x1_0000_0000 // segment_size
+
+    def index(name: str) -> int:
+        match = _SEGMENT.match(name)
+        if not match:
+            raise ConfigError(f"{name!r} is not a WAL segment name")
+        return int(match.group(2), 16) * per_log + int(match.group(3), 16)
+
+    present = {index(name) for name in archived if _SEGMENT.match(name)}
+    return [f"{first[:8]}{i // per_log:08X}{i % per_log:08X}"
+            for i in range(index(first), index(last) + 1) if i not in present]
+
+
+def archive_status(repo: Repository, database: str, now: datetime | None = None,
+                   chain_start: str | None = None, segment_size: int = 16 * 1024 * 1024) -> dict[str, Any]:
+    """The newest archived segment and its age: the RPO if the server died now; with
+    chain_start (the newest base backup's first segment), the gaps since then."""
     files = archived_files(repo, database)
     segments = [f for f in files if _SEGMENT.match(f.name)]
     now = now or utcnow()
     last = max(segments, key=lambda f: (f.archived, f.name)) if segments else None
+    gaps = (missing_segments((f.name for f in segments), chain_start, last.name, segment_size)
+            if last and chain_start else [])
     return {
         "repository": repo.url,
         "database": database,
@@ -235,7 +374,10 @@ def archive_status(repo: Repository, database: str, now: datetime | None = None)
         "last_segment": last.name if last else None,
         "last_archived_at": iso(last.archived) if last else None,
         "age_seconds": round((now - last.archived).total_seconds(), 3) if last else None,
-        "ok": last is not None,
+        "chain_start": chain_start,
+        "missing_segments": len(gaps),
+        "gaps": gaps[:GAPS_LISTED],
+        "ok": last is not None and not gaps,
     }
 
 

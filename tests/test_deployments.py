@@ -36,6 +36,8 @@ EXPECTED = {
     "verify/daily": ("flows/verify.py:verify", "0 6 * * *"),
     "prune/daily": ("flows/prune.py:prune", "0 5 * * *"),
     "drill/monthly": ("flows/drill.py:drill", "0 10 1-7 * 6"),
+    "basebackup/nightly": ("flows/basebackup.py:basebackup", "0 1 * * *"),
+    "check/daily": ("flows/check.py:check", "30 6 * * *"),
     "backup/manual": ("flows/backup.py:backup", None),
     "backup/pre-deploy": ("flows/backup.py:backup", None),
     "restore/manual": ("flows/restore.py:restore", None),

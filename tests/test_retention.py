@@ -14,7 +14,17 @@ from hypothesis import strategies as st
 
 from tasks import catalog, storage
 from tasks.errors import ConfigError
-from tasks.retention import BackupFacts, Policy, SnapshotDir, choose, select_areas, snapshot_group, sweep
+from tasks.retention import (
+    BackupFacts,
+    Policy,
+    SnapshotDir,
+    choose,
+    choose_base_backups,
+    recovery_window_anchor,
+    select_areas,
+    snapshot_group,
+    sweep,
+)
 from tasks.settings import TIER_RETENTION_DAYS, TIERS
 
 POLICY = Policy()
@@ -274,7 +284,10 @@ def test_property_no_remaining_snapshot_ever_loses_an_object(versions, data):
 
 
 def test_a_prune_covers_every_area_unless_one_is_named():
-    assert select_areas(None, {}) == ["database", "files", "storage"]
+    assert select_areas(None, {}) == ["database", "files", "storage", "pitr"]
+    # A database names its backups and its base backups and WAL alike.
+    assert select_areas(None, {"database": "fleet", "pitr": "fleet"}) == ["database", "pitr"]
+    assert select_areas("pitr", {"database": "fleet", "pitr": "fleet"}) == ["pitr"]
     assert select_areas(None, {"files": "app-config"}) == ["files"]
     assert select_areas(None, {"database": "fleet", "storage": "uploads"}) == ["database", "storage"]
     assert select_areas("storage", {"storage": "uploads"}) == ["storage"]
@@ -282,3 +295,14 @@ def test_a_prune_covers_every_area_unless_one_is_named():
         select_areas("files", {"database": "fleet"})
     with pytest.raises(ConfigError, match="unknown area 'wal'"):
         select_areas("wal", {})
+
+
+def test_base_backups_keep_the_one_the_recovery_window_starts_from():
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    nightly = [BackupFacts(f"n{day}", "fleet", "hot", now - timedelta(days=day, hours=1))
+               for day in range(1, 12)]
+    kept = {d.backup.backup_id for d in choose_base_backups(nightly, now, Policy()) if not d.delete}
+    # Recovery to now - 7 d starts from the newest backup finished by then: night 7.
+    assert kept == {f"n{day}" for day in range(1, 8)}
+    assert {d.backup.backup_id for d in choose(nightly, now, Policy()) if not d.delete} == kept - {"n7"}
+    assert recovery_window_anchor(nightly[:3], now, Policy()) is None  # all inside the window
