@@ -65,6 +65,18 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     return rollback(target=_url(args.target), repo=args.repo)
 
 
+def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.restore import repair
+
+    return repair(target=_url(args.target))
+
+
+def show_repair(result: dict[str, Any]) -> None:
+    for line in result["repaired"]:
+        print(f"  {line}")
+    print(f"{result['target']}: {'repaired' if result['repaired'] else 'nothing to repair'}")
+
+
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from flows.verify import verify
 
@@ -72,6 +84,8 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show_restore(result: dict[str, Any]) -> None:
+    for line in result.get("repaired") or []:
+        print(f"  first repaired: {line}")
     rows = sum(v or 0 for v in result["row_counts"].values())
     where = result.get("temp_database") or result["target"]
     print(f"Restored {result['backup_id']} into {where}: {len(result['row_counts'])} tables, {rows} rows, "
@@ -83,6 +97,8 @@ def show_restore(result: dict[str, Any]) -> None:
 
 
 def show_rollback(result: dict[str, Any]) -> None:
+    for line in result.get("repaired") or []:
+        print(f"  first repaired: {line}")
     print(f"Rolled back {result['target']} to {result['restored_from']}; "
           f"the restored database is kept as {result['set_aside_as']}")
 
@@ -526,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--target", required=True, help="database URL that was restored")
     cmd.add_argument("--repo", help="repository URL (for the audit record)")
 
+    cmd = command("repair", cmd_repair, "finish or clean up what a killed restore or rollback left on a "
+                  "database's server", show_repair)
+    cmd.add_argument("--target", required=True, help="database URL that was being restored")
+
     cmd = command("verify", cmd_verify, "check the latest backups by restoring them", show_verify)
     cmd.add_argument("--repo", help="repository URL")
     cmd.add_argument("--db", metavar="NAME", help="only this database")
@@ -854,8 +874,10 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    from tasks.process import kill_running_pipelines
+    from tasks.process import defer_termination, kill_running_pipelines
 
+    if defer_termination():
+        return  # a step that must not stop half-way (a swap) is running: it ends, then this
     kill_running_pipelines()  # pg_dump & co. run in sessions of their own: stop them first
     raise _Terminated()
 

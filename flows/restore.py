@@ -68,12 +68,14 @@ def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, 
 # Tagged so that operators can cap concurrent restores: `prefect concurrency-limit create pg_restore 2`.
 @task(name="restore into new database", tags=["pg_restore"], timeout_seconds=24 * 3600)
 def restore_into_new_database(server_url: str, settings: Settings, dbname: str, archive: Path,
-                              jobs: int | None, no_owner: bool) -> None:
-    """CREATE DATABASE + pg_restore -j; the new database is dropped if anything fails."""
+                              jobs: int | None, no_owner: bool, of: str | None = None) -> None:
+    """CREATE DATABASE + pg_restore -j; the new database is dropped if anything fails, and
+    tagged as this run's (for `of`), so that the next run drops it if this one is killed."""
     with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
         if postgres.database_exists(conn, dbname):
             raise ConfigError(f"database {dbname} already exists")
         postgres.create_database(conn, dbname)
+        restoring.tag_as_restoring(conn, dbname, of or dbname)
     try:
         restoring.pg_restore(server_url, dbname, archive, jobs=jobs or settings.restore_jobs,
                              no_owner=no_owner, secrets=settings.secrets())
@@ -117,6 +119,7 @@ def record_verification(repo_url: str, settings: Settings, manifest: catalog.Man
 
 @task(name="swap into place")
 def swap_into_place(server_url: str, target: str, incoming: str, manifest: catalog.Manifest) -> str:
+    restoring.pause_point("validated")
     now = catalog.utcnow()
     keep_as = restoring.derived_name(target, "pre_restore", now)
     restoring.swap_databases(server_url, target, incoming, keep_as, {
@@ -127,16 +130,19 @@ def swap_into_place(server_url: str, target: str, incoming: str, manifest: catal
 
 
 def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Manifest, server_url: str,
-                         dbname: str, jobs: int | None, no_owner: bool, by: str) -> dict[str, Any]:
-    """Stage, restore into the new database `dbname`, validate; the database is dropped
-    and the local copy removed on any failure (the local copy always)."""
+                         dbname: str, jobs: int | None, no_owner: bool, by: str,
+                         of: str | None = None) -> dict[str, Any]:
+    """Stage, restore into the new database `dbname` (a scratch database for `of`, by
+    default the backup's database), validate; the database is dropped and the local copy
+    removed on any failure (the local copy always)."""
     loading = quality.preload()
     directory = restoring.work_directory(settings.work_dir)
     try:
         archive = stage_backup(repo_url, settings, manifest, directory)
         if not quality.cores_spare(jobs or settings.restore_jobs):
             loading.join()  # overlap the download only: pg_restore gets the cores to itself
-        restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner)
+        restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner,
+                                  of or manifest.database)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     try:
@@ -188,21 +194,26 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     repo_url = repo or settings.repo_url
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()
+    repaired = repair_target(target_url, target_db)
     manifest = find_backup(repo_url, settings, backup_id, db, target_db)
     with postgres.connect(target_url, dbname=restoring.admin_database(target_db)) as conn:
         exists = postgres.database_exists(conn, target_db)
     kept_as = None
     try:
+        incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
         if not exists:
-            result = restore_and_validate(repo_url, settings, manifest, target_url, target_db, jobs, no_owner,
-                                          by="restore")
+            # Loaded under a scratch name: the real name appears only once validated.
+            result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
+                                          by="restore", of=target_db)
+            restoring.pause_point("validated")
+            restoring.swap_databases(target_url, target_db, incoming, None, {})
         else:
             if pre_restore_backup:
                 backup(db=target_url, repo=repo_url, tier="pre-restore")
-            incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
             result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
-                                          by="restore")
+                                          by="restore", of=target_db)
             kept_as = swap_into_place(target_url, target_db, incoming, manifest)
+        restoring.pause_point("swapped")
     except Exception as exc:
         _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
                  error=str(exc))
@@ -210,7 +221,29 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "success",
              manifest.size_bytes, previous_database=kept_as)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
-    return _restored(manifest, result, target_url, clock, previous_database=kept_as)
+    return _restored(manifest, result, target_url, clock, previous_database=kept_as, repaired=repaired)
+
+
+@task(name="repair target")
+def repair_target(target_url: str, target_db: str) -> list[str]:
+    """What a killed pgdr left on the target's server: an interrupted swap is finished,
+    scratch databases of runs that are gone are dropped (one line each in the report)."""
+    done = restoring.repair_target(target_url, target_db)
+    for line in done:
+        get_run_logger().warning("%s", line)
+    return done
+
+
+@flow(name="repair", log_prints=True, **FLOW_HOOKS)
+def repair(target: str | None = None) -> dict[str, Any]:
+    """Finish or clean up what a killed restore or rollback left on `target`'s server."""
+    settings = load_settings()
+    target_url = target or settings.db_url
+    if not target_url:
+        raise ConfigError("no target given: pass --target URL")
+    target_db = postgres.database_name(target_url)
+    done = repair_target(target_url, target_db)
+    return {"target": postgres.display_dsn(target_url), "repaired": done}
 
 
 @flow(name="restore-to-temp", log_prints=True, **FLOW_HOOKS)
@@ -235,6 +268,9 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
         raise
     if not keep:
         restoring.drop_quietly(server_url, temp_db)
+    else:
+        with postgres.connect(server_url, dbname=restoring.admin_database(temp_db), autocommit=True) as conn:
+            restoring.set_tag(conn, temp_db, None)  # kept on purpose: not a leftover
     _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "success",
              manifest.size_bytes, kept=keep)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
@@ -251,10 +287,14 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
         raise ConfigError("no target given: pass --target URL")
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()
+    repaired = repair_target(target_url, target_db)
     with postgres.connect(target_url, dbname=restoring.admin_database(target_db), autocommit=True) as conn:
-        kept = restoring.tagged_databases(conn, "pre-restore", target_db)
+        kept = restoring.tagged_databases(conn, restoring.PRE_RESTORE, target_db)
+        undone = restoring.tagged_databases(conn, "rolled-back", target_db)
     if not kept:
-        raise PgdrError(f"no pre-restore copy of {target_db} to roll back to")
+        already = (f" (the last restore was already rolled back: its database is kept as {undone[0][0]})"
+                   if undone else "")
+        raise PgdrError(f"no pre-restore copy of {target_db} to roll back to{already}")
     previous, tag = kept[0]
     now = catalog.utcnow()
     aside = restoring.derived_name(target_db, "rolled_back", now)
@@ -262,4 +302,4 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
         "pgdr": "rolled-back", "of": target_db, "at": catalog.iso(now), "restored": tag.get("replaced_by")})
     _audited("rollback", "full", repo or settings.repo_url, settings, previous, target_db, clock, "success")
     return {"target": postgres.display_dsn(target_url), "restored_from": previous, "set_aside_as": aside,
-            "duration_seconds": round(clock.seconds, 3)}
+            "repaired": repaired, "duration_seconds": round(clock.seconds, 3)}
