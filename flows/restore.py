@@ -118,14 +118,17 @@ def record_verification(repo_url: str, settings: Settings, manifest: catalog.Man
 
 
 @task(name="swap into place")
-def swap_into_place(server_url: str, target: str, incoming: str, manifest: catalog.Manifest) -> str:
+def swap_into_place(server_url: str, target: str, incoming: str, manifest: catalog.Manifest,
+                    replace: bool = True) -> str | None:
+    """The validated database takes the target's name; the old one (when there is one,
+    `replace`) is kept as `<target>_pre_restore_<ts>`, which is returned."""
     restoring.pause_point("validated")
     now = catalog.utcnow()
-    keep_as = restoring.derived_name(target, "pre_restore", now)
+    keep_as = restoring.derived_name(target, "pre_restore", now) if replace else None
     restoring.swap_databases(server_url, target, incoming, keep_as, {
         "pgdr": "pre-restore", "of": target, "at": catalog.iso(now), "replaced_by": manifest.backup_id})
     get_run_logger().info("%s now holds backup %s; the previous database is kept as %s",
-                          target, manifest.backup_id, keep_as)
+                          target, manifest.backup_id, keep_as or "(none: it is new)")
     return keep_as
 
 
@@ -205,14 +208,16 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
             # Loaded under a scratch name: the real name appears only once validated.
             result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
                                           by="restore", of=target_db)
-            restoring.pause_point("validated")
-            restoring.swap_databases(target_url, target_db, incoming, None, {})
         else:
             if pre_restore_backup:
                 backup(db=target_url, repo=repo_url, tier="pre-restore")
             result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
                                           by="restore", of=target_db)
-            kept_as = swap_into_place(target_url, target_db, incoming, manifest)
+        try:
+            kept_as = swap_into_place(target_url, target_db, incoming, manifest, replace=exists)
+        except BaseException:
+            restoring.drop_quietly(target_url, incoming)  # not swapped in: the target is as it was
+            raise
         restoring.pause_point("swapped")
     except Exception as exc:
         _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",

@@ -68,13 +68,20 @@ _termination_pending = threading.Event()
 @contextlib.contextmanager
 def termination_deferred() -> Iterator[None]:
     """A SIGTERM that arrives during the block takes effect when the block has finished:
-    for steps that must complete once begun (the swap of a restore)."""
+    for steps that must complete once begun (the swap of a restore). In the main thread the
+    block has its own handler (Prefect's flow engine installs one of its own meanwhile)."""
     global _critical_depth
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: _termination_pending.set())
+    except ValueError:  # not the main thread: the command line's handler defers it
+        previous = None
     _critical_depth += 1
     try:
         yield
     finally:
         _critical_depth -= 1
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if _critical_depth == 0 and _termination_pending.is_set():
             os.kill(os.getpid(), signal.SIGTERM)  # now it is handled
 

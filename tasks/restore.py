@@ -177,7 +177,8 @@ def pause_point(phase: str) -> None:
     10 minutes, or until a SIGTERM is pending) so that a test can signal pgdr in that phase."""
     if os.environ.get("PGDR_DEBUG_PAUSE_AT") != phase:
         return
-    print(f"pgdr: paused at {phase}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"pgdr: paused at {phase}\n")  # not print(): a flow's log_prints takes that
+    sys.stderr.flush()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not termination_pending():
         time.sleep(0.05)
