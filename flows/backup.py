@@ -155,6 +155,9 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
         backup_id=backup_id))
     publish_backup_artifact(manifest, clock.seconds)
+    warnings = [w for w in [catalog.clock_warning(manifest, settings.max_clock_skew_seconds)] if w]
+    for warning in warnings:
+        get_run_logger().warning("%s", warning)
     publish_metrics(settings, database, BackupFailureCount=0, HoursSinceLastBackup=0,
                     BackupSizeBytes=manifest.size_bytes, BackupDurationSeconds=clock.seconds)
     pruned = prune_after_backup(repo_url, database, tier)
@@ -166,4 +169,5 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         "duration_seconds": round(clock.seconds, 3),
         "replica": settings.replica_repo_url,
         "pruned": pruned["counts"] if pruned else None,
+        "warnings": warnings,
     }

@@ -129,6 +129,8 @@ def show_backup(result: dict[str, Any]) -> None:
           f"{result['duration_seconds']:.1f} s")
     print(f"  stored at {result['location']}")
     print(f"  sha256    {result['sha256']}")
+    for warning in result.get("warnings") or []:
+        print(f"  warning: {warning}")
 
 
 def cmd_failover(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,6 +7,7 @@ resolve backup -> stage (checksum verified, decrypted, decompressed to one local
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,12 @@ def record_verification(repo_url: str, settings: Settings, manifest: catalog.Man
     """Append the result to verified.json beside the manifest (never rewriting the manifest)."""
     repo = open_repo(repo_url, settings)
     history = catalog.read_verification(repo, manifest) or {"backup_id": manifest.backup_id, "results": []}
+    # Which manifest was verified, byte for byte: a manifest replaced later is not this one.
+    manifest_sha256 = hashlib.sha256(repo.get_bytes(manifest.manifest_key)).hexdigest()
     history["results"].append({"by": by, "success": result["success"], "at": result["verified_at"],
-                               "statistics": result["statistics"], "tables": result["tables"]})
+                               "statistics": result["statistics"], "tables": result["tables"],
+                               "manifest_sha256": manifest_sha256})
+    history["manifest_sha256"] = manifest_sha256
     history["verified"] = result["success"]
     history["last_verified_at"] = result["verified_at"]
     catalog.write_verification(repo, manifest, history)

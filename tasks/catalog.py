@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
 
-from tasks.errors import ConfigError, NotFoundError
+from tasks.errors import ConfigError, IntegrityError, NotFoundError
 from tasks.repository import Repository, validate_key
 from tasks.settings import check_tier
 
@@ -153,6 +153,48 @@ class Manifest:
         }
 
 
+def backup_time(manifest: Any) -> datetime:
+    """When a backup's data is from, by the database server's clock (its snapshot): what
+    backups are ordered and aged by, whatever the clock of the host that took them. Kinds
+    of manifest without a snapshot time use their finished time."""
+    return manifest.snapshot if getattr(manifest, "snapshot_at", None) else manifest.finished
+
+
+def backup_order(manifest: Any) -> tuple[datetime, str]:
+    """The one sort key of backups: oldest first by server time, then id."""
+    return (backup_time(manifest), manifest.backup_id)
+
+
+def clock_skew_seconds(manifest: Manifest) -> float:
+    """How far the backing-up host's clock was ahead of the server's (negative: behind):
+    its start time against the server's snapshot time, taken a moment later."""
+    return (parse_iso(manifest.started_at) - manifest.snapshot).total_seconds()
+
+
+def clock_warning(manifest: Manifest, max_skew_seconds: float) -> str | None:
+    skew = clock_skew_seconds(manifest)
+    if abs(skew) <= max_skew_seconds:
+        return None
+    way = "ahead of" if skew > 0 else "behind"
+    return (f"the clock of the host that took {manifest.backup_id} was {abs(skew):.0f} s {way} the "
+            f"database server's (more than {max_skew_seconds:g} s): pgdr orders and ages backups by the "
+            f"server's time, fix the host's clock (NTP)")
+
+
+def read_manifest(repo: Repository, key: str) -> Manifest:
+    """The manifest stored at key, refused unless it describes that very location: a
+    manifest copied over another backup's (or another database's) must never be trusted."""
+    manifest = Manifest.from_json(repo.get_bytes(key))
+    data_key = manifest.data_key
+    if manifest.manifest_key != key or not data_key or "/" in data_key or data_key in (
+            ".", "..", MANIFEST, VERIFIED):
+        raise IntegrityError(
+            f"the manifest at {key} does not belong there: it describes backup {manifest.backup_id} of "
+            f"{manifest.database} (data {data_key!r}): it was moved or tampered with; nothing is restored "
+            "from it")
+    return manifest
+
+
 def list_databases(repo: Repository) -> list[str]:
     return [database_from_component(name) for name in repo.list_dirs("")
             if name not in RESERVED_AREAS]
@@ -168,8 +210,8 @@ def list_backups(repo: Repository, database: str | None = None) -> list[Manifest
                 continue
             for info in repo.list(f"{db_prefix}{tier}/"):
                 if info.key.endswith("/" + MANIFEST):
-                    manifests.append(Manifest.from_json(repo.get_bytes(info.key)))
-    return sorted(manifests, key=lambda m: (m.finished_at, m.backup_id))
+                    manifests.append(read_manifest(repo, info.key))
+    return sorted(manifests, key=backup_order)
 
 
 def backups_since(repo: Repository, database: str, tier: str, since: datetime) -> list[Manifest]:
@@ -182,9 +224,9 @@ def backups_since(repo: Repository, database: str, tier: str, since: datetime) -
         for info in repo.list(prefix):
             backup_id = info.key.removeprefix(prefix).split("/")[0]
             if info.key.endswith("/" + MANIFEST) and parse_backup_id(backup_id).started >= since:
-                found.append(Manifest.from_json(repo.get_bytes(info.key)))
+                found.append(read_manifest(repo, info.key))
         day += timedelta(days=1)
-    return sorted(found, key=lambda m: (m.finished_at, m.backup_id))
+    return sorted(found, key=backup_order)
 
 
 def find_backup(repo: Repository, backup_id: str, database: str | None = None) -> Manifest:
@@ -193,7 +235,7 @@ def find_backup(repo: Repository, backup_id: str, database: str | None = None) -
     for db in databases:
         key = f"{backup_prefix(db, backup_id)}/{MANIFEST}"
         if repo.head(key):
-            return Manifest.from_json(repo.get_bytes(key))
+            return read_manifest(repo, key)
     raise NotFoundError(f"backup {backup_id} not found in {repo.url}")
 
 

@@ -22,7 +22,7 @@ def database_status(repo: Repository, database: str, now: datetime) -> dict[str,
         return entry
     latest = backups[-1]
     entry.update(last_backup=latest.backup_id, tier=latest.tier, finished_at=latest.finished_at,
-                 age_hours=round((now - latest.finished).total_seconds() / 3600, 2),
+                 age_hours=round((now - catalog.backup_time(latest)).total_seconds() / 3600, 2),
                  size_bytes=latest.size_bytes)
     for manifest in reversed(backups[-_VERIFICATION_LOOKBACK:]):
         history = catalog.read_verification(repo, manifest)
