@@ -19,6 +19,7 @@ from flows.steps import (
     FLOW_HOOKS,
     Progress,
     Stopwatch,
+    artifact_key,
     human_bytes,
     open_repo,
     publish_markdown,
@@ -95,7 +96,7 @@ def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -
     from flows.steps import markdown_table
 
     publish_markdown(
-        "validation-" + "".join(c if c.isalnum() else "-" for c in manifest.database.lower()),
+        artifact_key("validation", manifest.database),
         f"## Restore validation of {manifest.backup_id}\n\n"
         f"**{'passed' if result['success'] else 'FAILED'}** "
         f"({result['statistics']['evaluated']} tables, {result['engine']})\n\n"

@@ -130,3 +130,33 @@ def test_clock_skew_in_the_manifest_is_a_warning():
     assert catalog.clock_skew_seconds(manifest) == 48 * 3600
     assert "ahead of" in catalog.clock_warning(manifest, 300)
     assert catalog.clock_warning(dataclasses.replace(manifest, started_at=catalog.iso(now)), 300) is None
+
+
+@pytest.mark.parametrize("repo_kind", ["file", "s3"])
+def test_a_non_ascii_database_name_works_end_to_end(repo_kind, request, capsys, pg):
+    from tests.support.db import table_fingerprints
+
+    repo_url = request.getfixturevalue(f"{repo_kind}_repo")
+    name = "Zürich Flotte ✓ 東京"
+    url = pg.create_database(name)
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE items (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO items SELECT generate_series(1, 10)")
+        backup = cli_json(capsys, "backup", "--db", url, "--repo", repo_url)
+        assert backup["database"] == name
+        temp = cli_json(capsys, "restore-temp", "latest", "--repo", repo_url, "--server", pg.url())
+        assert temp["verified"] and temp["row_counts"] == {"public.items": 10}
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DELETE FROM items WHERE id > 5")
+        recovered = cli_json(capsys, "recover-table", "latest", "--target", url, "--table", "public.items",
+                             "--repo", repo_url)
+        assert recovered["tables"][0]["rows_inserted"] == 5
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DELETE FROM items WHERE id > 3")
+        restored = cli_json(capsys, "restore", backup["backup_id"], "--target", url, "--repo", repo_url,
+                            "--no-pre-restore-backup")
+        assert restored["verified"] and table_fingerprints(url)["public.items"]
+        pg.drop_database(restored["previous_database"])
+    finally:
+        pg.drop_database(name)
