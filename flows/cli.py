@@ -294,6 +294,8 @@ def show_prune(result: dict[str, Any]) -> None:
         _print_table(["BACKUP", "AREA", "OF", "TIER", "FINISHED (UTC)", "ACTION", "REASON"],
                      [[r["backup_id"], r["area"], r["database"] or "-", r["tier"] or "-",
                        r["finished_at"] or "-", r["action"], r["reason"]] for r in rows])
+    for line in result.get("leftovers") or []:
+        print(f"  {line}")
     counts = ", ".join(f"{n} {action}" for action, n in sorted(result["counts"].items())) or "nothing"
     print(f"{'Dry run: ' if result['dry_run'] else ''}{counts} in {result['repository']}")
 

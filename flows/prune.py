@@ -16,7 +16,9 @@ from prefect import flow, get_run_logger, task
 
 from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, transient_only
 from tasks import catalog, replica, retention
+from tasks import restore as restoring
 from tasks.audit import audit_record
+from tasks.errors import PgdrError
 from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
@@ -54,7 +56,24 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
     repository = open_repo(repo_url, settings)
     sets = [(each, one) for each in areas
             for one in ([named[each]] if named[each] else retention.list_sets(repository, each))]
-    return apply_retention(repo_url, settings, sets, tier, dry_run)
+    result = apply_retention(repo_url, settings, sets, tier, dry_run)
+    return {**result, "leftovers": [] if dry_run else sweep_leftovers(settings)}
+
+
+@task(name="sweep leftovers")
+def sweep_leftovers(settings: Settings) -> list[str]:
+    """What killed runs left on this host (staging directories with decrypted dumps,
+    passfiles) and, with DATABASE_URL set, on its server (scratch databases of runs that are
+    gone, an interrupted swap): removed or finished, one line each."""
+    lines = restoring.sweep_local_leftovers(settings.work_dir)
+    if settings.db_url:
+        try:
+            lines += restoring.sweep_leftover_databases(settings.db_url)
+        except PgdrError as exc:
+            get_run_logger().warning("could not look for leftover databases: %s", exc)
+    for line in lines:
+        get_run_logger().warning("%s", line)
+    return lines
 
 
 def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str]], tier: str | None,

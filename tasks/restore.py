@@ -272,6 +272,14 @@ def repair_target(server_url: str, target: str) -> list[str]:
     return done
 
 
+def sweep_local_leftovers(work_dir: str | None) -> list[str]:
+    """Remove the staging directories (decrypted dumps) and passfile directories of runs of
+    this host that are gone; one line for each."""
+    removed = sweep_dead_runs(staging_root(work_dir), STAGING_PREFIX) + sweep_dead_runs(
+        None, postgres.PASSFILE_PREFIX)
+    return [f"removed {path}, left by a killed run" for path in removed]
+
+
 def sweep_leftover_databases(server_url: str) -> list[str]:
     """Drop every database a run that is now gone was loading (any target on this server)."""
     done = []

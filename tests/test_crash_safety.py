@@ -141,7 +141,7 @@ def test_a_rollback_killed_while_the_target_refuses_connections_is_finished_by_t
 
 
 @pytest.mark.parametrize("exists", [True, False], ids=["existing-target", "new-name"])
-def test_pgdr_killed_during_pg_restore_takes_pg_restore_with_it_and_the_next_run_cleans_up(
+def test_pgdr_killed_during_pg_restore_takes_pg_restore_with_it_and_the_next_run_or_prune_cleans_up(
         exists, capsys, pg, restored_scene, file_repo, tmp_path, monkeypatch):
     target, backup_id, _old, new = restored_scene
     name = target.rsplit("/", 1)[1]
@@ -169,13 +169,21 @@ def test_pgdr_killed_during_pg_restore_takes_pg_restore_with_it_and_the_next_run
     half_loaded = [d for d in databases(pg) if "_restoring_" in d]
     assert half_loaded and (name in databases(pg)) == exists
 
-    # The next run on that target (here: a whole restore) removes what the killed one left.
     monkeypatch.setenv("PGDR_WORK_DIR", str(work))
     monkeypatch.setattr("tempfile.tempdir", str(tmp))
-    result = cli_json(capsys, "restore", backup_id, "--target", target, "--repo", file_repo,
-                      "--no-pre-restore-backup")
-    assert any(half_loaded[0] in line for line in result["repaired"])
+    if exists:
+        # The next run on that target (here: a whole restore) removes what the killed one left.
+        result = cli_json(capsys, "restore", backup_id, "--target", target, "--repo", file_repo,
+                          "--no-pre-restore-backup")
+        assert any(half_loaded[0] in line for line in result["repaired"])
+        assert table_fingerprints(target) == new
+    else:
+        # So does prune, with a line for each thing it removed.
+        monkeypatch.setenv("DATABASE_URL", pg.url())
+        swept = cli_json(capsys, "prune", "--repo", file_repo)["leftovers"]
+        assert any(half_loaded[0] in line for line in swept)
+        assert any("pgdr-pass-" in line for line in swept) and any(str(work) in line for line in swept)
+        assert name not in databases(pg)
     assert not [d for d in databases(pg) if "_restoring_" in d]
     assert not list(work.rglob("*.dump")), "a plaintext dump of the killed run is still on disk"
     assert not list(tmp.glob("pgdr-pass-*")), "the killed run's passfile is still on disk"
-    assert table_fingerprints(target) == new
