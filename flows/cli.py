@@ -92,6 +92,10 @@ def show_restore(result: dict[str, Any]) -> None:
           f"verified: {'yes' if result['verified'] else 'NO'} ({result['duration_seconds']:.1f} s)")
     if result.get("previous_database"):
         print(f"  previous database kept as {result['previous_database']} (pgdr rollback undoes this)")
+    written = result.get("written_after_pre_restore_backup")
+    if written and written["rows"]:
+        print(f"  {written['rows']} rows were written to the old database after its pre-restore backup "
+              f"began: they are only in {written['only_in']}")
     if result.get("temp_database") and not result.get("kept"):
         print(f"  temporary database {result['temp_database']} dropped")
 

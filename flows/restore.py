@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,10 @@ from tasks.audit import audit_record
 from tasks.crypto import resolve_passphrase
 from tasks.dump import fetch_dump
 from tasks.errors import ConfigError, FailedWithReport, PgdrError
+from tasks.locks import LockBusy, database_lock, lock_holder
 from tasks.settings import Settings, load_settings
+
+RESTORE_LOCKS = "restores"
 
 
 class VerificationFailed(FailedWithReport):
@@ -203,36 +208,71 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     repo_url = repo or settings.repo_url
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()
-    repaired = repair_target(target_url, target_db)
-    manifest = find_backup(repo_url, settings, backup_id, db, target_db)
-    with postgres.connect(target_url, dbname=restoring.admin_database(target_db)) as conn:
-        exists = postgres.database_exists(conn, target_db)
-    kept_as = None
-    try:
-        incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
-        if not exists:
-            # Loaded under a scratch name: the real name appears only once validated.
-            result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
-                                          by="restore", of=target_db)
-        else:
-            if pre_restore_backup:
-                backup(db=target_url, repo=repo_url, tier="pre-restore")
-            result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
-                                          by="restore", of=target_db)
+    with one_at_a_time(repo_url, settings, target_url, "restore"):
+        repaired = repair_target(target_url, target_db)
+        manifest = find_backup(repo_url, settings, backup_id, db, target_db)
+        with postgres.connect(target_url, dbname=restoring.admin_database(target_db)) as conn:
+            exists = postgres.database_exists(conn, target_db)
+        kept_as = written = None
         try:
-            kept_as = swap_into_place(target_url, target_db, incoming, manifest, replace=exists)
-        except BaseException:
-            restoring.drop_quietly(target_url, incoming)  # not swapped in: the target is as it was
+            incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
+            if not exists:
+                # Loaded under a scratch name: the real name appears only once validated.
+                result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
+                                              no_owner, by="restore", of=target_db)
+            else:
+                before = restoring.rows_written(target_url, target_db)
+                if pre_restore_backup:
+                    backup(db=target_url, repo=repo_url, tier="pre-restore")
+                result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
+                                              no_owner, by="restore", of=target_db)
+            try:
+                kept_as = swap_into_place(target_url, target_db, incoming, manifest, replace=exists)
+            except BaseException:
+                restoring.drop_quietly(target_url, incoming)  # not swapped in: the target is as it was
+                raise
+            restoring.pause_point("swapped")
+            if kept_as and pre_restore_backup:
+                written = writes_since_pre_restore_backup(target_url, target_db, kept_as, before)
+        except Exception as exc:
+            _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
+                     error=str(exc))
             raise
-        restoring.pause_point("swapped")
-    except Exception as exc:
-        _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
-                 error=str(exc))
-        raise
     _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "success",
-             manifest.size_bytes, previous_database=kept_as)
+             manifest.size_bytes, previous_database=kept_as, written_after_pre_restore_backup=written)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
-    return _restored(manifest, result, target_url, clock, previous_database=kept_as, repaired=repaired)
+    return _restored(manifest, result, target_url, clock, previous_database=kept_as, repaired=repaired,
+                     written_after_pre_restore_backup=written)
+
+
+@contextmanager
+def one_at_a_time(repo_url: str, settings: Settings, target_url: str, operation: str) -> Iterator[None]:
+    """One restore or rollback of a target at a time, through the repository lock."""
+    name = f"{postgres.host_key(target_url)}/{postgres.database_name(target_url)}"
+    repo = open_repo(repo_url, settings)
+    try:
+        with database_lock(repo, name, operation, wait_seconds=0, area=RESTORE_LOCKS):
+            yield
+    except LockBusy:
+        holder = lock_holder(repo, name, RESTORE_LOCKS) or {}
+        raise PgdrError(
+            f"a {holder.get('operation', 'restore')} of {postgres.display_dsn(target_url)} is running since "
+            f"{holder.get('acquired_at', '?')} (on {holder.get('host', '?')}, pid {holder.get('pid', '?')}): "
+            "wait for it to finish") from None
+
+
+def writes_since_pre_restore_backup(target_url: str, target_db: str, kept_as: str,
+                                    before: int | None) -> dict[str, Any] | None:
+    """Rows written to the old database after its pre-restore backup began: they are in
+    neither the backup nor the restored database, only in kept_as."""
+    after = restoring.rows_written(target_url, kept_as)
+    if before is None or after is None:
+        return None
+    rows = max(0, after - before)
+    if rows:
+        get_run_logger().warning("%d rows were written to %s after its pre-restore backup began: they are "
+                                 "only in %s", rows, target_db, kept_as)
+    return {"rows": rows, "only_in": kept_as}
 
 
 @task(name="repair target")
@@ -298,19 +338,23 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
         raise ConfigError("no target given: pass --target URL")
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()
-    repaired = repair_target(target_url, target_db)
-    with postgres.connect(target_url, dbname=restoring.admin_database(target_db), autocommit=True) as conn:
-        kept = restoring.tagged_databases(conn, restoring.PRE_RESTORE, target_db)
-        undone = restoring.tagged_databases(conn, "rolled-back", target_db)
-    if not kept:
-        already = (f" (the last restore was already rolled back: its database is kept as {undone[0][0]})"
-                   if undone else "")
-        raise PgdrError(f"no pre-restore copy of {target_db} to roll back to{already}")
-    previous, tag = kept[0]
-    now = catalog.utcnow()
-    aside = restoring.derived_name(target_db, "rolled_back", now)
-    restoring.swap_databases(target_url, target_db, previous, aside, {
-        "pgdr": "rolled-back", "of": target_db, "at": catalog.iso(now), "restored": tag.get("replaced_by")})
-    _audited("rollback", "full", repo or settings.repo_url, settings, previous, target_db, clock, "success")
+    repo_url = repo or settings.repo_url
+    with one_at_a_time(repo_url, settings, target_url, "rollback"):
+        repaired = repair_target(target_url, target_db)
+        admin = restoring.admin_database(target_db)
+        with postgres.connect(target_url, dbname=admin, autocommit=True) as conn:
+            kept = restoring.tagged_databases(conn, restoring.PRE_RESTORE, target_db)
+            undone = restoring.tagged_databases(conn, "rolled-back", target_db)
+        if not kept:
+            already = (f" (the last restore was already rolled back: its database is kept as {undone[0][0]})"
+                       if undone else "")
+            raise PgdrError(f"no pre-restore copy of {target_db} to roll back to{already}")
+        previous, tag = kept[0]
+        now = catalog.utcnow()
+        aside = restoring.derived_name(target_db, "rolled_back", now)
+        restoring.swap_databases(target_url, target_db, previous, aside, {
+            "pgdr": "rolled-back", "of": target_db, "at": catalog.iso(now),
+            "restored": tag.get("replaced_by")})
+    _audited("rollback", "full", repo_url, settings, previous, target_db, clock, "success")
     return {"target": postgres.display_dsn(target_url), "restored_from": previous, "set_aside_as": aside,
             "repaired": repaired, "duration_seconds": round(clock.seconds, 3)}

@@ -95,6 +95,11 @@ def acquire(repo: Repository, database: str, operation: str, wait_seconds: float
         time.sleep(POLL_SECONDS)
 
 
+def lock_holder(repo: Repository, name: str, area: str = DATABASE) -> dict[str, Any] | None:
+    """Who holds the lock now (None: nobody, or it could not be read)."""
+    return _read(repo, lock_key(name, area))
+
+
 def release(repo: Repository, database: str, holder: dict[str, Any], area: str = DATABASE) -> None:
     key = lock_key(database, area)
     current = _read(repo, key)

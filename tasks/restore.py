@@ -291,6 +291,16 @@ def sweep_leftover_databases(server_url: str) -> list[str]:
     return done
 
 
+def rows_written(server_url: str, dbname: str) -> int | None:
+    """Rows inserted, updated and deleted in dbname since the statistics began (None when
+    unknown). Sessions flush their counts when they end, as the swap makes them."""
+    with postgres.connect(server_url, dbname=admin_database(dbname), autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute("SELECT tup_inserted + tup_updated + tup_deleted FROM pg_stat_database"
+                           " WHERE datname = %s", (dbname,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
 def drop_quietly(server_url: str, dbname: str) -> None:
     """Best-effort cleanup of a scratch database (used on failure paths)."""
     try:

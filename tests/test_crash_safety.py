@@ -187,3 +187,56 @@ def test_pgdr_killed_during_pg_restore_takes_pg_restore_with_it_and_the_next_run
     assert not [d for d in databases(pg) if "_restoring_" in d]
     assert not list(work.rglob("*.dump")), "a plaintext dump of the killed run is still on disk"
     assert not list(tmp.glob("pgdr-pass-*")), "the killed run's passfile is still on disk"
+
+
+@pytest.mark.parametrize("repo_kind", ["file", "s3"])
+def test_one_restore_of_a_target_at_a_time(repo_kind, request, capsys, pg, restored_scene, tmp_path):
+    repo_url = request.getfixturevalue(f"{repo_kind}_repo")
+    target, _backup_id, old, _new = restored_scene
+    backup_id = cli_json(capsys, "backup", "--db", target, "--repo", repo_url)["backup_id"]
+    proc, lines = start_pgdr(tmp_path, "restore", backup_id, "--target", target, "--repo", repo_url,
+                             "--no-pre-restore-backup", PGDR_DEBUG_PAUSE_AT="validated")
+    wait_for(lambda: "pgdr: paused at validated" in lines, "paused at validated", proc, lines)
+    for command in (["restore", backup_id], ["rollback"]):
+        code, _out, err = run_cli(capsys, *command, "--target", target, "--repo", repo_url)
+        line = error_line(err)
+        assert code == 1 and "a restore of" in line and "is running since" in line and str(proc.pid) in line
+    proc.terminate()
+    assert proc.wait(timeout=120) == 143
+    assert table_fingerprints(target) == old and accepts_connections(target)
+
+
+def test_the_report_says_how_many_rows_were_written_after_the_pre_restore_backup(capsys, pg, restored_scene,
+                                                                                 file_repo):
+    from tasks import catalog
+    from tasks.repository import open_repository
+
+    target, backup_id, _old, _new = restored_scene
+    stop, inserted = threading.Event(), []
+
+    def writer() -> None:
+        with psycopg.connect(target, autocommit=True) as conn:
+            while not stop.is_set():
+                try:
+                    conn.execute("INSERT INTO orders VALUES (%s, 'during the restore')",
+                                 (1000 + len(inserted),))
+                except psycopg.Error:
+                    return  # terminated by the swap
+                inserted.append(1)
+                time.sleep(0.005)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        result = cli_json(capsys, "restore", backup_id, "--target", target, "--repo", file_repo)
+    finally:
+        stop.set()
+        thread.join()
+    kept = result["previous_database"]
+    written = result["written_after_pre_restore_backup"]
+    (pre_restore,) = [m for m in catalog.list_backups(open_repository(file_repo)) if m.tier == "pre-restore"]
+    with psycopg.connect(pg.url(kept)) as conn:
+        in_kept = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+    missed = in_kept - pre_restore.row_counts["public.orders"]  # rows neither backed up nor restored
+    assert missed > 0 and written["only_in"] == kept
+    assert missed <= written["rows"] <= len(inserted)
