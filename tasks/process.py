@@ -147,7 +147,7 @@ def sweep_dead_runs(base: str | Path | None, prefix: str) -> list[Path]:
     for entry in root.glob(f"{prefix}*"):
         pid, _dot, rest = entry.name[len(prefix):].partition(".")
         started = rest.split("-", 1)[0]
-        if not (pid.isdigit() and entry.is_dir()):
+        if not (pid.isdigit() and _dot and entry.is_dir()):  # only names private_directory gives
             continue
         owner = {"host": socket.gethostname(), "pid": int(pid),
                  "pid_started": None if started == "None" else started}
