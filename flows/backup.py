@@ -17,6 +17,7 @@ from flows.steps import (
     FLOW_HOOKS,
     Progress,
     Stopwatch,
+    artifact_key,
     human_bytes,
     open_repo,
     publish_metrics,
@@ -107,17 +108,12 @@ def publish_backup_artifact(manifest: catalog.Manifest, seconds: float) -> None:
     rows = [{"table": table, "rows": count} for table, count in manifest.row_counts.items()]
     rows.append({"table": "TOTAL", "rows": sum(manifest.row_counts.values())})
     publish_table(
-        "backup-" + _artifact_key(manifest.database),
+        artifact_key("backup", manifest.database),
         rows,
         f"Backup {manifest.backup_id} of {manifest.database}: "
         f"{human_bytes(manifest.size_bytes)} stored ({human_bytes(manifest.dump_bytes)} dumped) "
         f"in {seconds:.1f} s, {human_bytes(rate)}/s",
     )
-
-
-def _artifact_key(name: str) -> str:
-    """Artifact keys allow lower-case letters, digits and dashes only."""
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "db"
 
 
 @flow(name="backup", log_prints=True, **FLOW_HOOKS)
@@ -155,6 +151,9 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
         backup_id=backup_id))
     publish_backup_artifact(manifest, clock.seconds)
+    warnings = [w for w in [catalog.clock_warning(manifest, settings.max_clock_skew_seconds)] if w]
+    for warning in warnings:
+        get_run_logger().warning("%s", warning)
     publish_metrics(settings, database, BackupFailureCount=0, HoursSinceLastBackup=0,
                     BackupSizeBytes=manifest.size_bytes, BackupDurationSeconds=clock.seconds)
     pruned = prune_after_backup(repo_url, database, tier)
@@ -166,4 +165,5 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         "duration_seconds": round(clock.seconds, 3),
         "replica": settings.replica_repo_url,
         "pruned": pruned["counts"] if pruned else None,
+        "warnings": warnings,
     }

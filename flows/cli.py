@@ -90,6 +90,18 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     return rollback(target=_url(args.target), repo=args.repo)
 
 
+def cmd_repair(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.restore import repair
+
+    return repair(target=_url(args.target))
+
+
+def show_repair(result: dict[str, Any]) -> None:
+    for line in result["repaired"]:
+        print(f"  {line}")
+    print(f"{result['target']}: {'repaired' if result['repaired'] else 'nothing to repair'}")
+
+
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from flows.verify import verify
 
@@ -97,17 +109,25 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show_restore(result: dict[str, Any]) -> None:
+    for line in result.get("repaired") or []:
+        print(f"  first repaired: {line}")
     rows = sum(v or 0 for v in result["row_counts"].values())
     where = result.get("temp_database") or result["target"]
     print(f"Restored {result['backup_id']} into {where}: {len(result['row_counts'])} tables, {rows} rows, "
           f"verified: {'yes' if result['verified'] else 'NO'} ({result['duration_seconds']:.1f} s)")
     if result.get("previous_database"):
         print(f"  previous database kept as {result['previous_database']} (pgdr rollback undoes this)")
+    written = result.get("written_after_pre_restore_backup")
+    if written and written["rows"]:
+        print(f"  {written['rows']} rows were written to the old database after its pre-restore backup "
+              f"began: they are only in {written['only_in']}")
     if result.get("temp_database") and not result.get("kept"):
         print(f"  temporary database {result['temp_database']} dropped")
 
 
 def show_rollback(result: dict[str, Any]) -> None:
+    for line in result.get("repaired") or []:
+        print(f"  first repaired: {line}")
     print(f"Rolled back {result['target']} to {result['restored_from']}; "
           f"the restored database is kept as {result['set_aside_as']}")
 
@@ -142,6 +162,8 @@ def show_backup(result: dict[str, Any]) -> None:
           f"{result['duration_seconds']:.1f} s")
     print(f"  stored at {result['location']}")
     print(f"  sha256    {result['sha256']}")
+    for warning in result.get("warnings") or []:
+        print(f"  warning: {warning}")
 
 
 def cmd_failover(args: argparse.Namespace) -> dict[str, Any]:
@@ -305,6 +327,8 @@ def show_prune(result: dict[str, Any]) -> None:
         _print_table(["BACKUP", "AREA", "OF", "TIER", "FINISHED (UTC)", "ACTION", "REASON"],
                      [[r["backup_id"], r["area"], r["database"] or "-", r["tier"] or "-",
                        r["finished_at"] or "-", r["action"], r["reason"]] for r in rows])
+    for line in result.get("leftovers") or []:
+        print(f"  {line}")
     counts = ", ".join(f"{n} {action}" for action, n in sorted(result["counts"].items())) or "nothing"
     print(f"{'Dry run: ' if result['dry_run'] else ''}{counts} in {result['repository']}")
 
@@ -619,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("rollback", cmd_rollback, "undo the last restore of a database", show_rollback)
     cmd.add_argument("--target", required=True, help="database URL that was restored")
     cmd.add_argument("--repo", help="repository URL (for the audit record)")
+
+    cmd = command("repair", cmd_repair, "finish or clean up what a killed restore or rollback left on a "
+                  "database's server", show_repair)
+    cmd.add_argument("--target", required=True, help="database URL that was being restored")
 
     cmd = command("verify", cmd_verify, "check the latest backups by restoring them", show_verify)
     cmd.add_argument("--repo", help="repository URL")
@@ -977,8 +1005,10 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    from tasks.process import kill_running_pipelines
+    from tasks.process import defer_termination, kill_running_pipelines
 
+    if defer_termination():
+        return  # a step that must not stop half-way (a swap) is running: it ends, then this
     kill_running_pipelines()  # pg_dump & co. run in sessions of their own: stop them first
     raise _Terminated()
 

@@ -20,6 +20,7 @@ from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_
 from tasks import catalog, postgres, replica, retention
 from tasks import restore as restoring
 from tasks.audit import audit_record
+from tasks.errors import PgdrError
 from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
@@ -83,9 +84,27 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
     sets = [(each, one) for each in areas
             for one in ([named[each]] if named[each] else retention.list_sets(repository, each))]
     server_url = server or settings.db_url
+    safety_server = server_url
     if retention.DATABASE not in areas or tier not in (None, "pre-restore"):
-        server_url = None
-    return apply_retention(repo_url, settings, sets, tier, dry_run, server_url, db)
+        safety_server = None
+    result = apply_retention(repo_url, settings, sets, tier, dry_run, safety_server, db)
+    return {**result, "leftovers": [] if dry_run else sweep_leftovers(settings, server_url)}
+
+
+@task(name="sweep leftovers")
+def sweep_leftovers(settings: Settings, server_url: str | None) -> list[str]:
+    """What killed runs left on this host (staging directories with decrypted dumps,
+    passfiles) and, given a server (--server or DATABASE_URL), on it (scratch databases of
+    runs that are gone, an interrupted swap): removed or finished, one line each."""
+    lines = restoring.sweep_local_leftovers(settings.work_dir)
+    if server_url:
+        try:
+            lines += restoring.sweep_leftover_databases(server_url)
+        except PgdrError as exc:
+            get_run_logger().warning("could not look for leftover databases: %s", exc)
+    for line in lines:
+        get_run_logger().warning("%s", line)
+    return lines
 
 
 def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str]], tier: str | None,

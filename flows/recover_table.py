@@ -9,7 +9,6 @@ temporary database (always) -> audit, artifact.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +16,15 @@ import psycopg
 from prefect import flow, get_run_logger, task
 
 from flows.restore import find_backup, restore_and_validate
-from flows.steps import FLOW_HOOKS, Stopwatch, markdown_table, publish_markdown, record_audit, record_failure
+from flows.steps import (
+    FLOW_HOOKS,
+    Stopwatch,
+    artifact_key,
+    markdown_table,
+    publish_markdown,
+    record_audit,
+    record_failure,
+)
 from tasks import catalog, postgres, recovery
 from tasks import restore as restoring
 from tasks.audit import audit_record
@@ -162,7 +169,7 @@ def _publish(manifest: catalog.Manifest, result: dict[str, Any]) -> None:
             for t in result["tables"]]
     title = "Dry run of table recovery" if result["dry_run"] else "Table recovery"
     publish_markdown(
-        "recover-table-" + re.sub(r"[^a-z0-9]+", "-", manifest.database.lower()).strip("-"),
+        artifact_key("recover-table", manifest.database),
         f"## {title} from {manifest.backup_id} ({result['mode']})\n\n"
         f"Target {result['target']}" + (f", rows where `{result['where']}`" if result["where"] else "")
         + "\n\n" + markdown_table(["table", "rows in backup", "already present", "inserted", "updated",

@@ -7,7 +7,10 @@ resolve backup -> stage (checksum verified, decrypted, decompressed to one local
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from flows.steps import (
     FLOW_HOOKS,
     Progress,
     Stopwatch,
+    artifact_key,
     human_bytes,
     open_repo,
     publish_markdown,
@@ -32,8 +36,11 @@ from tasks.audit import audit_record
 from tasks.crypto import resolve_passphrase
 from tasks.dump import fetch_dump
 from tasks.errors import ConfigError, FailedWithReport, IntegrityError, NotFoundError, PgdrError
+from tasks.locks import LockBusy, database_lock, lock_holder
 from tasks.process import CommandError
 from tasks.settings import Settings, load_settings
+
+RESTORE_LOCKS = "restores"
 
 
 class VerificationFailed(FailedWithReport):
@@ -79,12 +86,14 @@ def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, 
 # Tagged so that operators can cap concurrent restores: `prefect concurrency-limit create pg_restore 2`.
 @task(name="restore into new database", tags=["pg_restore"], timeout_seconds=24 * 3600)
 def restore_into_new_database(server_url: str, settings: Settings, dbname: str, archive: Path,
-                              jobs: int | None, no_owner: bool) -> None:
-    """CREATE DATABASE + pg_restore -j; the new database is dropped if anything fails."""
+                              jobs: int | None, no_owner: bool, of: str | None = None) -> None:
+    """CREATE DATABASE + pg_restore -j; the new database is dropped if anything fails, and
+    tagged as this run's (for `of`), so that the next run drops it if this one is killed."""
     with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
         if postgres.database_exists(conn, dbname):
             raise ConfigError(f"database {dbname} already exists")
         postgres.create_database(conn, dbname)
+        restoring.tag_as_restoring(conn, dbname, of or dbname)
     try:
         restoring.pg_restore(server_url, dbname, archive, jobs=jobs or settings.restore_jobs,
                              no_owner=no_owner, secrets=settings.secrets())
@@ -103,7 +112,7 @@ def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -
     from flows.steps import markdown_table
 
     publish_markdown(
-        "validation-" + "".join(c if c.isalnum() else "-" for c in manifest.database.lower()),
+        artifact_key("validation", manifest.database),
         f"## Restore validation of {manifest.backup_id}\n\n"
         f"**{'passed' if result['success'] else 'FAILED'}** "
         f"({result['statistics']['evaluated']} tables, {result['engine']})\n\n"
@@ -117,11 +126,14 @@ def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -
 def record_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
                         result: dict[str, Any], by: str) -> None:
     """Append the result to verified.json beside the manifest (never rewriting the manifest)."""
+    repo = open_repo(repo_url, settings)
     entry = {"by": by, "success": result["success"], "at": result["verified_at"],
-             "statistics": result["statistics"], "tables": result["tables"]}
+             "statistics": result["statistics"], "tables": result["tables"],
+             # Which manifest was verified, byte for byte: a manifest replaced later is not this one.
+             "manifest_sha256": hashlib.sha256(repo.get_bytes(manifest.manifest_key)).hexdigest()}
     if not result["success"]:
         entry["reason"] = f"row counts differ: {quality.failure_summary(result)}"
-    catalog.append_verification(open_repo(repo_url, settings), manifest, entry)
+    catalog.append_verification(repo, manifest, entry)
 
 
 @task(name="record failed verification", retries=3, retry_delay_seconds=[2, 10, 30])
@@ -141,22 +153,28 @@ def is_backup_defect(exc: BaseException) -> bool:
 
 
 @task(name="swap into place")
-def swap_into_place(server_url: str, target: str, incoming: str, manifest: catalog.Manifest) -> str:
+def swap_into_place(server_url: str, target: str, incoming: str, manifest: catalog.Manifest,
+                    replace: bool = True) -> str | None:
+    """The validated database takes the target's name; the old one (when there is one,
+    `replace`) is kept as `<target>_pre_restore_<ts>`, which is returned."""
+    restoring.pause_point("validated")
     now = catalog.utcnow()
-    keep_as = restoring.derived_name(target, "pre_restore", now)
+    keep_as = restoring.derived_name(target, "pre_restore", now) if replace else None
     restoring.swap_databases(server_url, target, incoming, keep_as, {
         "pgdr": "pre-restore", "of": target, "at": catalog.iso(now), "replaced_by": manifest.backup_id})
     get_run_logger().info("%s now holds backup %s; the previous database is kept as %s",
-                          target, manifest.backup_id, keep_as)
+                          target, manifest.backup_id, keep_as or "(none: it is new)")
     return keep_as
 
 
 def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Manifest, server_url: str,
                          dbname: str, jobs: int | None, no_owner: bool, by: str,
-                         archive_wait_hours: float = 12.0, wait: bool = True) -> dict[str, Any]:
-    """Stage, restore into the new database `dbname`, validate; the database is dropped
-    and the local copy removed on any failure (the local copy always). An archived dump
-    is brought back first (bring_back_archived)."""
+                         archive_wait_hours: float = 12.0, wait: bool = True,
+                         of: str | None = None) -> dict[str, Any]:
+    """Stage, restore into the new database `dbname` (a scratch database for `of`, by
+    default the backup's database), validate; the database is dropped and the local copy
+    removed on any failure (the local copy always). An archived dump is brought back first
+    (bring_back_archived)."""
     bring_back_archived(repo_url, settings, manifest, archive_wait_hours, wait)
     loading = quality.preload()
     directory = restoring.work_directory(settings.work_dir)
@@ -164,7 +182,8 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
         archive = stage_backup(repo_url, settings, manifest, directory)
         if not quality.cores_spare(jobs or settings.restore_jobs):
             loading.join()  # overlap the download only: pg_restore gets the cores to itself
-        restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner)
+        restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner,
+                                  of or manifest.database)
     except PgdrError as exc:
         if is_backup_defect(exc):
             record_failed_verification(repo_url, settings, manifest, str(exc), by)
@@ -232,34 +251,98 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     repo_url = repo or settings.repo_url
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()
-    manifest = find_backup(repo_url, settings, backup_id, db, target_db)
-    with postgres.connect(target_url, dbname=restoring.admin_database(target_db)) as conn:
-        exists = postgres.database_exists(conn, target_db)
-    kept_as = None
-    try:
-        if not exists:
-            result = restore_and_validate(repo_url, settings, manifest, target_url, target_db, jobs, no_owner,
-                                          by="restore", archive_wait_hours=archive_wait_hours,
-                                          wait=not no_wait)
-        else:
-            # Before the safety copy: a run that stops to wait for S3 leaves nothing behind.
-            bring_back_archived(repo_url, settings, manifest, archive_wait_hours, not no_wait)
-            if pre_restore_backup:
-                backup(db=target_url, repo=repo_url, tier="pre-restore",
-                       encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
+    with one_at_a_time(repo_url, settings, target_url, "restore"):
+        repaired = repair_target(target_url, target_db)
+        manifest = find_backup(repo_url, settings, backup_id, db, target_db)
+        with postgres.connect(target_url, dbname=restoring.admin_database(target_db)) as conn:
+            exists = postgres.database_exists(conn, target_db)
+        kept_as = written = None
+        try:
             incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
-            result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
-                                          by="restore", archive_wait_hours=archive_wait_hours,
-                                          wait=not no_wait)
-            kept_as = swap_into_place(target_url, target_db, incoming, manifest)
-    except Exception as exc:
-        _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
-                 error=str(exc))
-        raise
+            if not exists:
+                # Loaded under a scratch name: the real name appears only once validated.
+                result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
+                                              no_owner, by="restore", archive_wait_hours=archive_wait_hours,
+                                              wait=not no_wait, of=target_db)
+            else:
+                # Before the safety copy: a run that stops to wait for S3 leaves nothing behind.
+                bring_back_archived(repo_url, settings, manifest, archive_wait_hours, not no_wait)
+                before = restoring.rows_written(target_url, target_db)
+                if pre_restore_backup:
+                    backup(db=target_url, repo=repo_url, tier="pre-restore",
+                           encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
+                result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
+                                              no_owner, by="restore", archive_wait_hours=archive_wait_hours,
+                                              wait=not no_wait, of=target_db)
+            try:
+                kept_as = swap_into_place(target_url, target_db, incoming, manifest, replace=exists)
+            except BaseException:
+                restoring.drop_quietly(target_url, incoming)  # not swapped in: the target is as it was
+                raise
+            restoring.pause_point("swapped")
+            if kept_as and pre_restore_backup:
+                written = writes_since_pre_restore_backup(target_url, target_db, kept_as, before)
+        except Exception as exc:
+            _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
+                     error=str(exc))
+            raise
     _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "success",
-             manifest.size_bytes, previous_database=kept_as)
+             manifest.size_bytes, previous_database=kept_as, written_after_pre_restore_backup=written)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
-    return _restored(manifest, result, target_url, clock, previous_database=kept_as)
+    return _restored(manifest, result, target_url, clock, previous_database=kept_as, repaired=repaired,
+                     written_after_pre_restore_backup=written)
+
+
+@contextmanager
+def one_at_a_time(repo_url: str, settings: Settings, target_url: str, operation: str) -> Iterator[None]:
+    """One restore or rollback of a target at a time, through the repository lock."""
+    name = f"{postgres.host_key(target_url)}/{postgres.database_name(target_url)}"
+    repo = open_repo(repo_url, settings)
+    try:
+        with database_lock(repo, name, operation, wait_seconds=0, area=RESTORE_LOCKS):
+            yield
+    except LockBusy:
+        holder = lock_holder(repo, name, RESTORE_LOCKS) or {}
+        raise PgdrError(
+            f"a {holder.get('operation', 'restore')} of {postgres.display_dsn(target_url)} is running since "
+            f"{holder.get('acquired_at', '?')} (on {holder.get('host', '?')}, pid {holder.get('pid', '?')}): "
+            "wait for it to finish") from None
+
+
+def writes_since_pre_restore_backup(target_url: str, target_db: str, kept_as: str,
+                                    before: int | None) -> dict[str, Any] | None:
+    """Rows written to the old database after its pre-restore backup began: they are in
+    neither the backup nor the restored database, only in kept_as."""
+    after = restoring.rows_written(target_url, kept_as)
+    if before is None or after is None:
+        return None
+    rows = max(0, after - before)
+    if rows:
+        get_run_logger().warning("%d rows were written to %s after its pre-restore backup began: they are "
+                                 "only in %s", rows, target_db, kept_as)
+    return {"rows": rows, "only_in": kept_as}
+
+
+@task(name="repair target")
+def repair_target(target_url: str, target_db: str) -> list[str]:
+    """What a killed pgdr left on the target's server: an interrupted swap is finished,
+    scratch databases of runs that are gone are dropped (one line each in the report)."""
+    done = restoring.repair_target(target_url, target_db)
+    for line in done:
+        get_run_logger().warning("%s", line)
+    return done
+
+
+@flow(name="repair", log_prints=True, **FLOW_HOOKS)
+def repair(target: str | None = None) -> dict[str, Any]:
+    """Finish or clean up what a killed restore or rollback left on `target`'s server."""
+    settings = load_settings()
+    target_url = target or settings.db_url
+    if not target_url:
+        raise ConfigError("no target given: pass --target URL")
+    target_db = postgres.database_name(target_url)
+    done = repair_target(target_url, target_db)
+    return {"target": postgres.display_dsn(target_url), "repaired": done}
 
 
 @flow(name="restore-to-temp", log_prints=True, **FLOW_HOOKS)
@@ -287,6 +370,9 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
         raise
     if not keep:
         restoring.drop_quietly(server_url, temp_db)
+    else:
+        with postgres.connect(server_url, dbname=restoring.admin_database(temp_db), autocommit=True) as conn:
+            restoring.set_tag(conn, temp_db, None)  # kept on purpose: not a leftover
     _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "success",
              manifest.size_bytes, kept=keep)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
@@ -303,15 +389,23 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
         raise ConfigError("no target given: pass --target URL")
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()
-    with postgres.connect(target_url, dbname=restoring.admin_database(target_db), autocommit=True) as conn:
-        kept = restoring.tagged_databases(conn, "pre-restore", target_db)
-    if not kept:
-        raise PgdrError(f"no pre-restore copy of {target_db} to roll back to")
-    previous, tag = kept[0]
-    now = catalog.utcnow()
-    aside = restoring.derived_name(target_db, "rolled_back", now)
-    restoring.swap_databases(target_url, target_db, previous, aside, {
-        "pgdr": "rolled-back", "of": target_db, "at": catalog.iso(now), "restored": tag.get("replaced_by")})
-    _audited("rollback", "full", repo or settings.repo_url, settings, previous, target_db, clock, "success")
+    repo_url = repo or settings.repo_url
+    with one_at_a_time(repo_url, settings, target_url, "rollback"):
+        repaired = repair_target(target_url, target_db)
+        admin = restoring.admin_database(target_db)
+        with postgres.connect(target_url, dbname=admin, autocommit=True) as conn:
+            kept = restoring.tagged_databases(conn, restoring.PRE_RESTORE, target_db)
+            undone = restoring.tagged_databases(conn, "rolled-back", target_db)
+        if not kept:
+            already = (f" (the last restore was already rolled back: its database is kept as {undone[0][0]})"
+                       if undone else "")
+            raise PgdrError(f"no pre-restore copy of {target_db} to roll back to{already}")
+        previous, tag = kept[0]
+        now = catalog.utcnow()
+        aside = restoring.derived_name(target_db, "rolled_back", now)
+        restoring.swap_databases(target_url, target_db, previous, aside, {
+            "pgdr": "rolled-back", "of": target_db, "at": catalog.iso(now),
+            "restored": tag.get("replaced_by")})
+    _audited("rollback", "full", repo_url, settings, previous, target_db, clock, "success")
     return {"target": postgres.display_dsn(target_url), "restored_from": previous, "set_aside_as": aside,
-            "duration_seconds": round(clock.seconds, 3)}
+            "repaired": repaired, "duration_seconds": round(clock.seconds, 3)}

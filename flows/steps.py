@@ -7,6 +7,8 @@ timeouts, tags, artifacts and progress live here.
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -169,6 +171,17 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def artifact_key(kind: str, name: str) -> str:
+    """`<kind>-<name>` as Prefect accepts artifact keys (lower-case ASCII letters, digits,
+    dashes): a name that is not one already becomes its ASCII slug plus a short hash, so
+    that any database name works and two names never share a key."""
+    if re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name):
+        return f"{kind}-{name}"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{kind}-{slug}-{digest}" if slug else f"{kind}-{digest}"
 
 
 def publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:

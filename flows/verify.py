@@ -30,7 +30,7 @@ from tasks.settings import load_settings
 
 
 def backup_age_hours(manifest: catalog.Manifest, now: Any) -> float:
-    return (now - manifest.finished).total_seconds() / 3600
+    return (now - catalog.backup_time(manifest)).total_seconds() / 3600
 
 
 @flow(name="verify", log_prints=True, **FLOW_HOOKS)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
 
-from tasks.errors import ConfigError, NotFoundError
+from tasks.errors import ConfigError, IntegrityError, NotFoundError
 from tasks.repository import Repository, validate_key
 from tasks.settings import check_tier
 
@@ -157,9 +157,32 @@ class Manifest:
         }
 
 
-def backup_order(manifest: Manifest) -> tuple[str, str]:
-    """The sort key of backups, oldest first: the one place that says what "newer" means."""
-    return (manifest.finished_at, manifest.backup_id)
+def backup_time(manifest: Any) -> datetime:
+    """When a backup's data is from, by the database server's clock (its snapshot): what
+    backups are ordered and aged by, whatever the clock of the host that took them. Kinds
+    of manifest without a snapshot time use their finished time."""
+    return manifest.snapshot if getattr(manifest, "snapshot_at", None) else manifest.finished
+
+
+def backup_order(manifest: Any) -> tuple[datetime, str]:
+    """The one sort key of backups (what "newer" means): oldest first by server time, then id."""
+    return (backup_time(manifest), manifest.backup_id)
+
+
+def clock_skew_seconds(manifest: Manifest) -> float:
+    """How far the backing-up host's clock was ahead of the server's (negative: behind):
+    its start time against the server's snapshot time, taken a moment later."""
+    return (parse_iso(manifest.started_at) - manifest.snapshot).total_seconds()
+
+
+def clock_warning(manifest: Manifest, max_skew_seconds: float) -> str | None:
+    skew = clock_skew_seconds(manifest)
+    if abs(skew) <= max_skew_seconds:
+        return None
+    way = "ahead of" if skew > 0 else "behind"
+    return (f"the clock of the host that took {manifest.backup_id} was {abs(skew):.0f} s {way} the "
+            f"database server's (more than {max_skew_seconds:g} s): pgdr orders and ages backups by the "
+            f"server's time, fix the host's clock (NTP)")
 
 
 def is_safety_copy(manifest: Manifest) -> bool:
@@ -181,7 +204,8 @@ def newest_regular_backup(backups: list[Manifest]) -> Manifest | None:
 
 @dataclass(frozen=True)
 class DamagedBackup:
-    """A backup whose manifest cannot be read: listed (its key named), never restored."""
+    """A backup whose manifest cannot be read or does not belong where it lies: listed (its
+    key named), never restored."""
 
     database: str
     backup_id: str
@@ -195,11 +219,21 @@ class DamagedBackup:
 
 
 def read_manifest(repo: Repository, key: str) -> Manifest:
-    """The manifest stored at key; ConfigError naming the key when it cannot be read."""
+    """The manifest stored at key: ConfigError naming the key when it cannot be read, and
+    IntegrityError unless it describes that very location (a manifest copied over another
+    backup's, or another database's, must never be trusted)."""
     try:
-        return Manifest.from_json(repo.get_bytes(key))
+        manifest = Manifest.from_json(repo.get_bytes(key))
     except ConfigError as exc:
         raise ConfigError(f"damaged manifest {key}: {exc}") from None
+    data_key = manifest.data_key
+    if manifest.manifest_key != key or not data_key or "/" in data_key or data_key in (
+            ".", "..", MANIFEST, VERIFIED):
+        raise IntegrityError(
+            f"the manifest at {key} does not belong there: it describes backup {manifest.backup_id} of "
+            f"{manifest.database} (data {data_key!r}): it was moved or tampered with; nothing is restored "
+            "from it")
+    return manifest
 
 
 def list_databases(repo: Repository) -> list[str]:
@@ -233,7 +267,7 @@ def scan_backups(repo: Repository, database: str | None = None) -> Catalog:
                     continue
                 try:
                     manifests.append(read_manifest(repo, info.key))
-                except ConfigError as exc:
+                except (ConfigError, IntegrityError) as exc:
                     damaged.append(DamagedBackup(db, info.key.split("/")[-2], tier, info.key, str(exc)))
     return Catalog(sorted(manifests, key=backup_order), sorted(damaged, key=lambda d: d.key), classes)
 
@@ -313,6 +347,8 @@ def append_verification(repo: Repository, manifest: Manifest, result: dict[str, 
     history["verified"] = result["success"]
     history["last_verified_at"] = result["at"]
     history["reason"] = None if result["success"] else result.get("reason")
+    if "manifest_sha256" in result:
+        history["manifest_sha256"] = result["manifest_sha256"]
     write_verification(repo, manifest, history)
 
 

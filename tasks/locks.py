@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ from typing import Any
 
 from tasks.catalog import database_component, iso, parse_iso, utcnow
 from tasks.errors import PgdrError
+from tasks.process import run_is_gone, this_run
 from tasks.repository import Repository
 
 LOCK_TTL = timedelta(minutes=5)
@@ -53,7 +52,7 @@ def _label(name: str, area: str) -> str:
 
 def _holder(operation: str, token: str) -> dict[str, Any]:
     now = utcnow()
-    return {"operation": operation, "host": socket.gethostname(), "pid": os.getpid(), "token": token,
+    return {"operation": operation, **this_run(), "token": token,
             "acquired_at": iso(now), "expires_at": iso(now + LOCK_TTL)}
 
 
@@ -66,15 +65,7 @@ def _read(repo: Repository, key: str) -> dict[str, Any] | None:
 
 def _died_here(holder: dict[str, Any]) -> bool:
     """True when the holder ran on this host and its process is gone."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, under another user
-    return False
+    return run_is_gone(holder)
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -102,6 +93,11 @@ def acquire(repo: Repository, database: str, operation: str, wait_seconds: float
             who = _describe(current) if current else "another operation"
             raise LockBusy(f"{_label(database, area)} is locked by {who}; try again when it has finished")
         time.sleep(POLL_SECONDS)
+
+
+def lock_holder(repo: Repository, name: str, area: str = DATABASE) -> dict[str, Any] | None:
+    """Who holds the lock now (None: nobody, or it could not be read)."""
+    return _read(repo, lock_key(name, area))
 
 
 def release(repo: Repository, database: str, holder: dict[str, Any], area: str = DATABASE) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +18,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tasks.errors import ConfigError, PgdrError
-from tasks.process import redact
+from tasks.process import private_directory, redact, sweep_dead_runs
+
+PASSFILE_PREFIX = "pgdr-pass-"
 
 # Tables whose rows pg_dump writes: ordinary tables (partitions included) outside the
 # system schemas and extensions. quote_ident() on the server decides which names need
@@ -144,7 +146,10 @@ def libpq_env(url: str, *, dbname: str | None = None) -> Iterator[dict[str, str]
     if not password:
         yield env
         return
-    with tempfile.TemporaryDirectory(prefix="pgdr-pass-") as tmp:
+    # Named after this run: if it is killed, the next run (and prune) removes the file.
+    sweep_dead_runs(None, PASSFILE_PREFIX)
+    tmp = private_directory(PASSFILE_PREFIX)
+    try:
         passfile = Path(tmp) / "pgpass"
 
         def escape(value: str) -> str:
@@ -155,6 +160,8 @@ def libpq_env(url: str, *, dbname: str | None = None) -> Iterator[dict[str, str]
             handle.write(f"*:*:*:*:{escape(password)}\n")
         env["PGPASSFILE"] = str(passfile)
         yield env
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pg_bin(program: str) -> str:

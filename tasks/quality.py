@@ -93,6 +93,11 @@ def validate_row_counts(url: str, expected: dict[str, int]) -> dict[str, Any]:
         entry["observed"] = result.result.get("observed_value")
     # GX pools its connections: close them, or the restored database stays "in use".
     datasource.get_engine().dispose()
+    # A table the manifest does not count (all of them, for an emptied row_counts) is a
+    # manifest that does not describe this backup.
+    for table in sorted(existing - set(expected)):
+        tables.append({"table": table, "expected": None, "observed": None, "success": False,
+                       "error": "in the restored database but not in the manifest"})
     failed = [t for t in tables if not t["success"]]
     return {
         "success": not failed,

@@ -8,8 +8,11 @@ transaction (the old one is kept under another name: that is the rollback).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,7 +25,15 @@ import psycopg
 
 from tasks import postgres
 from tasks.errors import NotReadyYet, PgdrError
-from tasks.process import run
+from tasks.process import (
+    private_directory,
+    run,
+    run_is_gone,
+    sweep_dead_runs,
+    termination_deferred,
+    termination_pending,
+    this_run,
+)
 from tasks.repository import ARCHIVED, READABLE, Repository
 
 MAX_NAME_BYTES = 63  # PostgreSQL silently truncates longer identifiers
@@ -48,11 +59,20 @@ def admin_database(target: str) -> str:
     return "template1" if target == "postgres" else "postgres"
 
 
+STAGING_PREFIX = "restore-"
+
+
+def staging_root(base: str | None) -> Path:
+    return Path(base or tempfile.gettempdir()) / "pgdr"
+
+
 def work_directory(base: str | None) -> Path:
-    """A private (0700) directory for one restore's local copy."""
-    root = Path(base or tempfile.gettempdir()) / "pgdr"
+    """A private (0700) directory for one restore's local copy, named after this run: the
+    staging directories of runs that are gone are removed first."""
+    root = staging_root(base)
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="restore-", dir=root))
+    sweep_dead_runs(root, STAGING_PREFIX)
+    return private_directory(STAGING_PREFIX, root)
 
 
 def check_free_space(directory: Path, needed: int) -> None:
@@ -116,38 +136,85 @@ def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_own
         raise PgdrError(f"pg_restore reported errors into {dbname}")
 
 
-def _set_comment(conn: psycopg.Connection, dbname: str, comment: dict[str, Any]) -> None:
+# --- pgdr's tags on databases: the swap as a recoverable state machine ----------------------
+#
+# Every database pgdr creates or sets aside carries a JSON comment naming its role:
+#   restoring    being loaded or validated by a run (host, pid): a leftover once that run is gone
+#   swapping     validated, about to take `of`'s name (the plan: keep_as, its tag, the owner)
+#   pre-restore  the database a restore replaced (rollback takes it back)
+#   rolled-back  the restored database a rollback set aside
+# The swap itself (both renames, both tags, connections allowed again) is one transaction;
+# the only state between is "swapping" with connections refused, and repair_target
+# finishes it. So a target never stays closed once pgdr, or the next pgdr, has run.
+
+RESTORING = "restoring"
+SWAPPING = "swapping"
+PRE_RESTORE = "pre-restore"
+# A run on another host is presumed gone only after this long (a swap takes seconds; the
+# restore step's own timeout is a day).
+OTHER_HOST_GRACE = {SWAPPING: timedelta(minutes=10), RESTORING: timedelta(hours=25)}
+
+
+def set_tag(conn: psycopg.Connection, dbname: str, tag: dict[str, Any] | None) -> None:
+    """The database's comment: pgdr's tag as JSON, or (None) no comment."""
     from psycopg import sql
 
-    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-        sql.Identifier(dbname), sql.Literal(json.dumps(comment, sort_keys=True))))
+    value = sql.Literal(json.dumps(tag, sort_keys=True)) if tag is not None else sql.SQL("NULL")
+    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(dbname), value))
 
 
-def _tagged(conn: psycopg.Connection) -> list[tuple[str, dict[str, Any]]]:
-    """Every database with a pgdr tag (a JSON comment), and its tag."""
-    rows = conn.execute(
-        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database"
-        " WHERE shobj_description(oid, 'pg_database') LIKE '{%%'").fetchall()
-    found = []
-    for name, comment in rows:
-        try:
-            tag = json.loads(comment)
-        except ValueError:
-            continue
-        if isinstance(tag, dict) and tag.get("pgdr"):
-            found.append((name, tag))
-    return found
+def _comment(conn: psycopg.Connection, dbname: str) -> str | None:
+    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                       (dbname,)).fetchone()
+    return row[0] if row else None
+
+
+def _as_tag(comment: str | None) -> dict[str, Any] | None:
+    try:
+        tag = json.loads(comment or "")
+    except ValueError:
+        return None
+    return tag if isinstance(tag, dict) and "pgdr" in tag else None
+
+
+def pgdr_databases(conn: psycopg.Connection) -> list[tuple[str, dict[str, Any]]]:
+    """Every database carrying a pgdr tag, with the tag."""
+    rows = conn.execute("SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database").fetchall()
+    return [(name, tag) for name, comment in rows if (tag := _as_tag(comment)) is not None]
+
+
+def tag_as_restoring(conn: psycopg.Connection, dbname: str, of: str) -> None:
+    """Mark a database this run is loading: the next run removes it if this one dies."""
+    set_tag(conn, dbname, {"pgdr": RESTORING, "of": of, "at": iso_now(), **this_run()})
+
+
+def iso_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _owner_gone(tag: dict[str, Any]) -> bool:
+    if run_is_gone(tag):
+        return True
+    grace = OTHER_HOST_GRACE.get(tag.get("pgdr", ""))
+    if grace is None or tag.get("host") == socket.gethostname():
+        return False
+    try:
+        since = datetime.fromisoformat(str(tag.get("at", "")).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return datetime.now(UTC) - since > grace
 
 
 def tagged_databases(conn: psycopg.Connection, role: str, of: str) -> list[tuple[str, dict[str, Any]]]:
     """Databases pgdr kept aside with this role (e.g. pre-restore) for database `of`,
     newest first."""
-    found = [(name, tag) for name, tag in _tagged(conn) if tag.get("pgdr") == role and tag.get("of") == of]
+    found = [(name, tag) for name, tag in pgdr_databases(conn)
+             if tag.get("pgdr") == role and tag.get("of") == of and name != of]
     return sorted(found, key=lambda item: item[1].get("at", ""), reverse=True)
 
 
 # The roles of the databases a restore or a rollback sets aside (full copies on the server).
-SAFETY_ROLES = ("pre-restore", "rolled-back")
+SAFETY_ROLES = (PRE_RESTORE, "rolled-back")
 _SAFETY_NAME = re.compile(r"_(pre_restore|rolled_back)_\d{8}T\d{6}$")
 
 
@@ -160,11 +227,10 @@ class SafetyDatabase:
 
 
 def safety_databases(conn: psycopg.Connection) -> list[SafetyDatabase]:
-    """The databases restores and rollbacks set aside on this server, by name. A database
-    that carries a tag but is named otherwise is not one: after a rollback the live
-    database still carries the pre-restore tag of the copy it was."""
+    """The databases restores and rollbacks set aside on this server, by tag and name (a
+    database that merely carries a tag is not one)."""
     return sorted((SafetyDatabase(name, tag["of"], tag["pgdr"], tag.get("at"))
-                   for name, tag in _tagged(conn)
+                   for name, tag in pgdr_databases(conn)
                    if tag.get("pgdr") in SAFETY_ROLES and isinstance(tag.get("of"), str)
                    and name != tag["of"] and _SAFETY_NAME.search(name)),
                   key=lambda found: found.name)
@@ -178,35 +244,133 @@ def drop_safety_database(conn: psycopg.Connection, name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
 
 
-def swap_databases(server_url: str, target: str, incoming: str, keep_as: str, tag: dict[str, Any],
-                   *, attempts: int = 50) -> None:
-    """Put `incoming` in place of `target`, keeping the old one as `keep_as`.
+def pause_point(phase: str) -> None:
+    """Test hook: with PGDR_DEBUG_PAUSE_AT=<phase>, say so on stderr and wait there (up to
+    10 minutes, or until a SIGTERM is pending) so that a test can signal pgdr in that phase."""
+    if os.environ.get("PGDR_DEBUG_PAUSE_AT") != phase:
+        return
+    sys.stderr.write(f"pgdr: paused at {phase}\n")  # not print(): a flow's log_prints takes that
+    sys.stderr.flush()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not termination_pending():
+        time.sleep(0.05)
 
-    New connections to target are refused, the current ones terminated, and both renames
-    happen in one transaction, retried while clients still race in. On any failure the
-    target keeps its name and accepts connections again."""
+
+def swap_databases(server_url: str, target: str, incoming: str, keep_as: str | None, tag: dict[str, Any],
+                   *, attempts: int = 50) -> None:
+    """Put `incoming` in place of `target`, keeping the old one as `keep_as` with `tag`
+    (keep_as None: target does not exist, incoming only takes its name).
+
+    The plan is first recorded on incoming ("swapping"); then new connections to both are
+    refused, current ones terminated, and the renames, tags and ALLOW_CONNECTIONS happen in
+    one transaction, retried while clients still race in. A SIGTERM meanwhile waits for the
+    swap to finish; a failure puts everything back as it was; after a SIGKILL,
+    repair_target finishes it."""
     with postgres.connect(server_url, dbname=admin_database(target), autocommit=True) as conn:
+        plan = {"pgdr": SWAPPING, "of": target, "keep_as": keep_as, "keep_tag": tag,
+                "incoming_comment": _comment(conn, incoming), "at": iso_now(), **this_run()}
+        set_tag(conn, incoming, plan)
+        with termination_deferred():
+            try:
+                _finish_swap(conn, incoming, plan, attempts)
+            except BaseException:
+                _undo_swap(server_url, incoming, plan)
+                raise
+
+
+def _finish_swap(conn: psycopg.Connection, incoming: str, plan: dict[str, Any], attempts: int = 50) -> None:
+    target, keep_as = plan["of"], plan["keep_as"]
+    replacing = keep_as is not None and postgres.database_exists(conn, target)
+    for _attempt in range(attempts):
+        # Renaming needs both databases free of sessions.
+        if replacing:
+            postgres.block_and_terminate(conn, target)
+        postgres.block_and_terminate(conn, incoming)
+        pause_point("swap-blocked")
         try:
-            for _attempt in range(attempts):
-                # Renaming needs both databases free of sessions.
-                postgres.block_and_terminate(conn, target)
-                postgres.block_and_terminate(conn, incoming)
-                try:
-                    with conn.transaction():
-                        postgres.rename_database(conn, target, keep_as)
-                        postgres.rename_database(conn, incoming, target)
-                    break
-                except psycopg.errors.ObjectInUse:
-                    time.sleep(0.1)
-            else:
-                raise PgdrError(f"could not take over {target}: sessions kept connecting to it")
-        except BaseException:
-            postgres.allow_connections(conn, target)
-            postgres.allow_connections(conn, incoming)
-            raise
-        postgres.allow_connections(conn, target)
-        postgres.allow_connections(conn, keep_as)
-        _set_comment(conn, keep_as, tag)
+            with conn.transaction():
+                # The operator's own comment stays with the name; pgdr's tags with the data.
+                user_comment = (_as_tag(plan.get("incoming_comment")) or {}).get("comment")
+                if replacing:
+                    current = _comment(conn, target)
+                    if _as_tag(current) is None:
+                        user_comment = current
+                    postgres.rename_database(conn, target, keep_as)
+                    set_tag(conn, keep_as, {**plan["keep_tag"], "comment": user_comment})
+                    postgres.allow_connections(conn, keep_as)
+                postgres.rename_database(conn, incoming, target)
+                _restore_comment(conn, target, user_comment)
+                postgres.allow_connections(conn, target)
+            return
+        except psycopg.errors.ObjectInUse:
+            time.sleep(0.1)
+    raise PgdrError(f"could not take over {target}: sessions kept connecting to it")
+
+
+def _restore_comment(conn: psycopg.Connection, dbname: str, comment: str | None) -> None:
+    from psycopg import sql
+
+    value = sql.Literal(comment) if comment is not None else sql.SQL("NULL")
+    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(dbname), value))
+
+
+def _undo_swap(server_url: str, incoming: str, plan: dict[str, Any]) -> None:
+    """After a failed swap (on a connection of its own: the swap's may be broken): both
+    databases accept connections again and incoming gets its previous tag back."""
+    with postgres.connect(server_url, dbname=admin_database(plan["of"]), autocommit=True) as conn:
+        for name in (plan["of"], incoming):
+            if postgres.database_exists(conn, name):
+                postgres.allow_connections(conn, name)
+        if postgres.database_exists(conn, incoming):
+            _restore_comment(conn, incoming, plan.get("incoming_comment"))
+
+
+def repair_target(server_url: str, target: str) -> list[str]:
+    """Bring `target` out of whatever state a killed pgdr left it in: finish an interrupted
+    swap (the incoming database had been validated), drop databases that runs now gone were
+    loading. Returns one line per thing done."""
+    done = []
+    with postgres.connect(server_url, dbname=admin_database(target), autocommit=True) as conn:
+        for name, tag in pgdr_databases(conn):
+            if tag.get("of") != target or name == target or not _owner_gone(tag):
+                continue
+            if tag["pgdr"] == SWAPPING:
+                _finish_swap(conn, name, tag)
+                kept = f"; the previous database is kept as {tag['keep_as']}" if tag.get("keep_as") else ""
+                done.append(f"finished the interrupted swap of {target}: it now holds {name}'s content{kept}")
+            elif tag["pgdr"] == RESTORING:
+                postgres.drop_database(conn, name)
+                done.append(f"dropped {name}, left over by a killed restore of {target}")
+    return done
+
+
+def sweep_local_leftovers(work_dir: str | None) -> list[str]:
+    """Remove the staging directories (decrypted dumps) and passfile directories of runs of
+    this host that are gone; one line for each."""
+    removed = sweep_dead_runs(staging_root(work_dir), STAGING_PREFIX) + sweep_dead_runs(
+        None, postgres.PASSFILE_PREFIX)
+    return [f"removed {path}, left by a killed run" for path in removed]
+
+
+def sweep_leftover_databases(server_url: str) -> list[str]:
+    """Drop every database a run that is now gone was loading (any target on this server)."""
+    done = []
+    with postgres.connect(server_url, dbname="postgres", autocommit=True) as conn:
+        targets = {tag["of"] for name, tag in pgdr_databases(conn)
+                   if tag.get("pgdr") in (RESTORING, SWAPPING) and isinstance(tag.get("of"), str)}
+    for target in sorted(targets):
+        done += repair_target(server_url, target)
+    return done
+
+
+def rows_written(server_url: str, dbname: str) -> int | None:
+    """Rows inserted, updated and deleted in dbname since the statistics began (None when
+    unknown). Sessions flush their counts when they end, as the swap makes them."""
+    with postgres.connect(server_url, dbname=admin_database(dbname), autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute("SELECT tup_inserted + tup_updated + tup_deleted FROM pg_stat_database"
+                           " WHERE datname = %s", (dbname,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def drop_quietly(server_url: str, dbname: str) -> None:

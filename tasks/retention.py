@@ -34,6 +34,7 @@ from tasks.catalog import (
     NON_TIER_AREAS,
     VERIFIED,
     Manifest,
+    backup_time,
     database_component,
     iso,
     list_databases,
@@ -247,6 +248,9 @@ def scan_database(repo: Repository, database: str) -> tuple[list[StoredBackup], 
     stored, unreadable = scan_backups(repo, database_component(database), database, Manifest.from_json)
     readable = []
     for backup in stored:
+        if backup.manifest and backup.manifest.manifest_key != f"{backup.prefix}/{MANIFEST}":
+            unreadable.append(backup)  # a manifest moved here from elsewhere: never trusted
+            continue
         if backup.manifest and f"{backup.prefix}/{VERIFIED}" in backup.keys:
             try:
                 result = read_verification(repo, backup.manifest) or {}
@@ -270,7 +274,7 @@ def _plan(repo: Repository, area: str, root: str, scanned: tuple[list[StoredBack
           now: datetime, policy: Policy, tier: str | None, grace: timedelta) -> PrunePlan:
     stored, unreadable = scanned
     complete = {s.manifest.backup_id: s for s in stored if s.manifest}
-    facts = [BackupFacts(m.backup_id, s.group, m.tier, m.finished, s.verified)
+    facts = [BackupFacts(m.backup_id, s.group, m.tier, backup_time(m), s.verified)
              for s in complete.values() for m in [s.manifest]]
     decisions = [(d, complete[d.backup.backup_id]) for d in choose(facts, now, policy)
                  if tier is None or d.backup.tier == tier]

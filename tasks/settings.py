@@ -71,6 +71,7 @@ class Settings:
     retention_days: dict[str, int] = field(default_factory=lambda: dict(TIER_RETENTION_DAYS))
     keep_verified: int = 3
     restore_jobs: int = 4
+    max_clock_skew_seconds: int = 300
     zstd_level: int = 3
     zstd_threads: int = 2
     work_dir: str | None = None
@@ -165,6 +166,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         retention_days=retention,
         keep_verified=_int(merged, "PGDR_KEEP_VERIFIED", 3),
         restore_jobs=_int(merged, "PGDR_RESTORE_JOBS", min(4, os.cpu_count() or 1)),
+        max_clock_skew_seconds=_int(merged, "PGDR_MAX_CLOCK_SKEW_SECONDS", 300),
         zstd_level=_int(merged, "PGDR_ZSTD_LEVEL", 3),
         zstd_threads=_int(merged, "PGDR_ZSTD_THREADS", min(2, os.cpu_count() or 1)),
         work_dir=merged.get("PGDR_WORK_DIR") or None,

@@ -34,7 +34,7 @@ def database_status(repo: Repository, database: str, now: datetime) -> dict[str,
         return entry
     state, when, reason = _state(repo, latest)
     entry.update(last_backup=latest.backup_id, tier=latest.tier, finished_at=latest.finished_at,
-                 age_hours=round((now - latest.finished).total_seconds() / 3600, 2),
+                 age_hours=round((now - catalog.backup_time(latest)).total_seconds() / 3600, 2),
                  size_bytes=latest.size_bytes, storage_class=found.storage_classes.get(latest.backup_id),
                  last_backup_state=state, last_backup_reason=reason,
                  verified={catalog.VERIFIED_STATE: True, catalog.FAILED_STATE: False}.get(state))

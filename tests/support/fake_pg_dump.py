@@ -72,14 +72,29 @@ def overlap(log: Path) -> int:
     return most
 
 
-def _with_pg_dump(directory: Path, script: Callable[[str], str]) -> Path:
-    """A copy (by symlinks) of the PostgreSQL bin directory with its own pg_dump."""
-    real_dir = Path(pg_bin("pg_dump")).parent
+_HANGING = """#!{python}
+# Stands in for {real}: writes its pid to {pid_file}, then hangs as a long restore would.
+import os
+with open({pid_file!r}, "w") as out:
+    out.write(str(os.getpid()))
+os.execv("/bin/sleep", ["sleep", "600"])
+"""
+
+
+def hanging_pg_bin(directory: Path, program: str, pid_file: Path) -> Path:
+    """A bin directory whose `program` (e.g. pg_restore) hangs, its pid in pid_file."""
+    return _with_pg_dump(directory, lambda real: _HANGING.format(python=sys.executable, real=real,
+                                                                 pid_file=str(pid_file)), program)
+
+
+def _with_pg_dump(directory: Path, script: Callable[[str], str], program: str = "pg_dump") -> Path:
+    """A copy (by symlinks) of the PostgreSQL bin directory with its own pg_dump (or program)."""
+    real_dir = Path(pg_bin(program)).parent
     directory.mkdir(parents=True, exist_ok=True)
-    for program in real_dir.iterdir():
-        if program.name != "pg_dump":
-            (directory / program.name).symlink_to(program)
-    wrapper = directory / "pg_dump"
-    wrapper.write_text(script(str(real_dir / "pg_dump")))
+    for existing in real_dir.iterdir():
+        if existing.name != program:
+            (directory / existing.name).symlink_to(existing)
+    wrapper = directory / program
+    wrapper.write_text(script(str(real_dir / program)))
     wrapper.chmod(0o755)
     return directory
