@@ -19,6 +19,7 @@ from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_
 from tasks import catalog, postgres, replica, retention
 from tasks import restore as restoring
 from tasks.audit import audit_record
+from tasks.errors import PgdrError
 from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
@@ -96,7 +97,10 @@ def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str
     for each, one in sets:
         rows += prune_set(repo_url, settings, each, one, tier, dry_run)
     if server_url:
-        rows += prune_safety_databases(server_url, settings, of, dry_run)
+        try:
+            rows += prune_safety_databases(server_url, settings, of, dry_run)
+        except PgdrError as exc:  # the repository's pruning stands; the report says what was not done
+            rows.append(retention.safety_databases_unchecked_row(postgres.display_dsn(server_url), str(exc)))
     counts = {action: sum(1 for r in rows if r["action"] == action) for action in {r["action"] for r in rows}}
     failed = [r for r in rows if r["action"] == "failed"]
     logger = get_run_logger()
