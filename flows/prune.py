@@ -116,7 +116,10 @@ def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str
     for each, one in sets:
         rows += prune_set(repo_url, settings, each, one, tier, dry_run)
     if server_url:
-        rows += prune_safety_databases(server_url, settings, of, dry_run)
+        try:
+            rows += prune_safety_databases(server_url, settings, of, dry_run)
+        except PgdrError as exc:  # the repository's pruning stands; the report says what was not done
+            rows.append(retention.safety_databases_unchecked_row(postgres.display_dsn(server_url), str(exc)))
     counts = {action: sum(1 for r in rows if r["action"] == action) for action in {r["action"] for r in rows}}
     failed = [r for r in rows if r["action"] == "failed"]
     logger = get_run_logger()

@@ -336,6 +336,11 @@ def safety_database_row(database: Any, action: str, reason: str) -> dict[str, ob
     return _row(SAFETY_DATABASE, database.name, database.of, database.role, action, reason, at)
 
 
+def safety_databases_unchecked_row(server: str, problem: str) -> dict[str, object]:
+    """The prune report's row when the server's safety databases could not be looked at."""
+    return _row(SAFETY_DATABASE, server, None, None, "failed", f"safety databases not checked: {problem}")
+
+
 def _outcome(dry_run: bool, problem: str | None) -> str:
     if dry_run:
         return "would delete"

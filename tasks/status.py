@@ -27,6 +27,7 @@ def database_status(repo: Repository, database: str, now: datetime) -> dict[str,
     entry: dict[str, Any] = {"database": database, "backups": len(backups), "last_backup": None,
                              "tier": None, "finished_at": None, "age_hours": None, "size_bytes": None,
                              "storage_class": None, "last_backup_state": None, "last_backup_reason": None,
+                             "last_backup_verified_at": None,
                              "verified": None, "verified_at": None, "verified_backup": None,
                              "damaged": [d.summary() for d in found.damaged]}
     latest = catalog.newest_regular_backup(backups)
@@ -36,7 +37,7 @@ def database_status(repo: Repository, database: str, now: datetime) -> dict[str,
     entry.update(last_backup=latest.backup_id, tier=latest.tier, finished_at=latest.finished_at,
                  age_hours=round((now - catalog.backup_time(latest)).total_seconds() / 3600, 2),
                  size_bytes=latest.size_bytes, storage_class=found.storage_classes.get(latest.backup_id),
-                 last_backup_state=state, last_backup_reason=reason,
+                 last_backup_state=state, last_backup_reason=reason, last_backup_verified_at=when,
                  verified={catalog.VERIFIED_STATE: True, catalog.FAILED_STATE: False}.get(state))
     for manifest in reversed(catalog.regular_backups(backups)[-_VERIFICATION_LOOKBACK:]):
         state, when, _reason = _state(repo, manifest)

@@ -260,6 +260,11 @@ def test_prune_drops_old_safety_databases_but_the_newest_per_target(capsys, pg, 
 
     status = cli_json(capsys, "status", "--repo", file_repo, "--db", of, "--server", pg.url())
     assert {d["name"] for d in status["safety_databases"]["databases"]} == {young, recent, in_use}
+    # An unreachable server: the repository is still pruned, the report says what was not done.
+    code, out, _err = run_cli(capsys, "prune", "--repo", file_repo, "--server",
+                              "postgresql://postgres@127.0.0.1:1/postgres", "--json")
+    (row,) = [r for r in json.loads(out)["backups"] if r["area"] == "safety-database"]
+    assert code == 1 and row["action"] == "failed" and "not checked" in row["reason"]
     for name in (young, recent, in_use):
         pg.drop_database(name)
 
