@@ -427,6 +427,7 @@ def test_concurrent_pushes_of_one_name_archive_exactly_one_content(repo_kind, re
         thread.start()
     for thread in threads:
         thread.join()
+    assert len(outcomes) == len(contents), outcomes  # every push ended with a result or a refusal
     archived = [i for i, o in outcomes.items() if isinstance(o, wal.PushResult) and o.stored]
     assert len(archived) == 1, outcomes
     winner = contents[archived[0]]
