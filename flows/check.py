@@ -20,7 +20,7 @@ from tasks.settings import load_settings
 
 @flow(name="check", log_prints=True, **FLOW_HOOKS)
 def check(db: str | None = None, repo: str | None = None, name: str | None = None,
-          timeout_seconds: float = 60.0) -> dict[str, Any]:
+          timeout_seconds: float = 60.0, max_base_age_hours: float = 26.0) -> dict[str, Any]:
     """Check the WAL archiving of the server behind `db` into the area `name` (default:
     PGDR_WAL_DB, else the database of the URL)."""
     settings = load_settings()
@@ -29,7 +29,8 @@ def check(db: str | None = None, repo: str | None = None, name: str | None = Non
         raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
     repo_url = repo or settings.repo_url
     database = name or settings.wal_db or postgres.database_name(db_url)
-    result = check_archiving(db_url, open_repo(repo_url, settings), database, timeout_seconds)
+    result = check_archiving(db_url, open_repo(repo_url, settings), database, timeout_seconds,
+                             max_base_age_hours=max_base_age_hours)
     if not result["ok"]:
         raise FailedWithReport("; ".join(result["problems"]), result)
     get_run_logger().info("WAL archiving of %s works: %s archived in %s s, no gap since %s",

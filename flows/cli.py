@@ -486,7 +486,7 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
 
         raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
     _, repo, database = _wal_target(args, db_url)
-    result = check_archiving(db_url, repo, database, args.timeout)
+    result = check_archiving(db_url, repo, database, args.timeout, max_base_age_hours=args.max_base_age_hours)
     if not result["ok"]:
         raise FailedWithReport("; ".join(result["problems"]), result)
     return result
@@ -826,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: PGDR_WAL_DB or the URL's)")
     cmd.add_argument("--timeout", type=float, default=60.0,
                      help="seconds to wait for the switched segment to be archived (60)")
+    cmd.add_argument("--max-base-age-hours", type=float, default=26.0, metavar="H",
+                     help="fail when the newest base backup is older (26)")
 
     cmd = command("wal-prune", cmd_wal_prune, "delete archived WAL older than the oldest base backup",
                   show_wal_prune, runs_flow=False)

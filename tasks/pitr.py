@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from tasks.catalog import iso
+from tasks.catalog import iso, utcnow
 from tasks.cluster import ClusterError, LocalCluster, _conf_value
 from tasks.errors import ConfigError, PgdrError
 from tasks.repository import Repository
@@ -184,12 +184,14 @@ def _archiver_failure(conn: psycopg.Connection, since: datetime) -> str | None:
 
 
 def check_archiving(db_url: str, repo: Repository, database: str, timeout: float = 60.0,
-                    poll_seconds: float = 0.2) -> dict[str, Any]:
+                    poll_seconds: float = 0.2, max_base_age_hours: float = 26.0) -> dict[str, Any]:
     """Prove WAL archiving works end to end, as recovery would need it now:
     1. archive_mode is on and an archive_command is set;
     2. a WAL switch (after a restore point, so there is something to switch) reaches the
        repository within `timeout`;
-    3. every segment from the newest base backup's first one to that one is archived.
+    3. every segment from the newest base backup's first one to that one is archived;
+    4. the newest base backup is at most max_base_age_hours old (recovery replays all WAL
+       since it: without new base backups it only grows longer).
     Returns the report; `ok` false with `problems` saying why otherwise."""
     from tasks import postgres, wal
     from tasks.basebackup import list_base_backups
@@ -224,6 +226,11 @@ def check_archiving(db_url: str, repo: Repository, database: str, timeout: float
         problems.append(f"no base backup of {database} in {repo.url}: recovery has nothing to start from")
     else:
         report["base_backup"] = newest.backup_id
+        age_hours = (utcnow() - newest.finished).total_seconds() / 3600
+        report["base_backup_age_hours"] = round(age_hours, 3)
+        if age_hours > max_base_age_hours:
+            problems.append(f"the newest base backup {newest.backup_id} finished {age_hours:.1f} h ago, "
+                            f"more than {max_base_age_hours:g} h: are base backups still being taken?")
     status = wal.archive_status(repo, database, chain_start=newest.start_wal_file if newest else None,
                                 segment_size=newest.wal_segment_size if newest else 16 * 1024 * 1024)
     if status["missing_segments"]:

@@ -256,8 +256,18 @@ class FileRepository(Repository):
         except OSError as exc:
             raise PgdrError(f"cannot write to repository {self.url}: {exc.strerror}") from None
         digest = hashlib.sha256()
-        write_atomically(path, _chunks_of(chunks, digest))
-        return PutResult(key, path.stat().st_size, digest.hexdigest())
+        size = 0
+
+        def counted() -> Iterator[bytes]:
+            # Counted, not stat()ed afterwards: a concurrent delete of the key (a WAL push
+            # that lost a race removing its copy) must not turn a completed write into an error.
+            nonlocal size
+            for chunk in _chunks_of(chunks, digest):
+                size += len(chunk)
+                yield chunk
+
+        write_atomically(path, counted())
+        return PutResult(key, size, digest.hexdigest())
 
     def get_stream(self, key: str) -> Iterator[bytes]:
         path = self._path(key)

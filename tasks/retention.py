@@ -709,10 +709,17 @@ def prune_archived_wal(repo: Repository, database: str, remaining: list[BaseMani
     oldest = min(remaining, key=lambda b: (wal.segment_position(b.start_wal_file), b.backup_id))
     problem = None
     if not dry_run:
-        try:
-            wal.delete_archived(repo, database, names)
-        except PgdrError as exc:
-            problem = f"could not delete: {exc}"
+        def delete(name: str) -> str | None:
+            try:
+                wal.delete_archived(repo, database, [name])
+            except PgdrError as exc:
+                return str(exc)
+            return None
+
+        # A year of WAL is tens of thousands of files: a few at a time.
+        failed = [why for why in _each(delete, names, workers=8).values() if why]
+        if failed:
+            problem = f"{len(failed)} not deleted ({failed[0]}): the next prune retries"
     reason = (f"{len(names)} archived WAL files before {oldest.start_wal_file}, where the oldest "
               f"remaining base backup {oldest.backup_id} starts" + (f"; {problem}" if problem else ""))
     return [_row(PITR, f"wal {names[0]}..{names[-1]}", database, None, _outcome(dry_run, problem), reason)]

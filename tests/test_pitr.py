@@ -356,6 +356,9 @@ def test_check_proves_archiving_works_and_fails_on_a_gap_or_a_broken_archive_com
         execute(archiving.url, "ALTER SYSTEM RESET archive_command", "SELECT pg_reload_conf()")
     switch_and_wait_archived(archiving.url)  # the archive catches up once it is fixed
     assert check(capsys, archiving)[0] == 0
+    # Base backups stopped being taken: the chain since the last one only grows.
+    code, result, err = check(capsys, archiving, "--max-base-age-hours", "0.00001")
+    assert code == 1 and f"the newest base backup {base['backup_id']} finished" in error_line(err)
     # The daily deployment's flow: the same check, a failed run when it fails.
     assert check_flow(db=archiving.url, repo=archiving.repo_url, name=DB)["ok"]
     with pytest.raises(FailedWithReport, match="no base backup of nothing"):
@@ -427,6 +430,7 @@ def test_concurrent_pushes_of_one_name_archive_exactly_one_content(repo_kind, re
         thread.start()
     for thread in threads:
         thread.join()
+    assert len(outcomes) == len(contents), outcomes  # every push ended with a result or a refusal
     archived = [i for i, o in outcomes.items() if isinstance(o, wal.PushResult) and o.stored]
     assert len(archived) == 1, outcomes
     winner = contents[archived[0]]
