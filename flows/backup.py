@@ -28,6 +28,7 @@ from flows.steps import (
     write_manifest,
 )
 from tasks import catalog, crypto, postgres
+from tasks import database as whole_database
 from tasks.audit import audit_record
 from tasks.dump import stream_dump
 from tasks.errors import ConfigError
@@ -58,6 +59,8 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
             wal_lsn = postgres.current_wal_lsn(conn)
             size_hint = postgres.database_size(conn)
             prefix = catalog.backup_prefix(database, backup_id)
+            partitioned = postgres.partitioned_tables(conn)
+            properties = whole_database.read_properties(conn)
             counting = counter.submit(postgres.count_rows, conn)
             try:
                 with Progress(f"backup of {database}", size_hint) as progress:
@@ -99,6 +102,8 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
         wal_lsn_start=wal_lsn,
         source=postgres.display_dsn(db_url),
         data_key=catalog.DUMP,
+        partitioned=partitioned,
+        database_properties=properties,
     )
 
 

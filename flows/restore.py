@@ -27,6 +27,7 @@ from flows.steps import (
     transient_only,
 )
 from tasks import catalog, postgres, quality
+from tasks import database as whole_database
 from tasks import restore as restoring
 from tasks.audit import audit_record
 from tasks.crypto import resolve_passphrase
@@ -68,15 +69,17 @@ def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, 
 # Tagged so that operators can cap concurrent restores: `prefect concurrency-limit create pg_restore 2`.
 @task(name="restore into new database", tags=["pg_restore"], timeout_seconds=24 * 3600)
 def restore_into_new_database(server_url: str, settings: Settings, dbname: str, archive: Path,
-                              jobs: int | None, no_owner: bool) -> None:
-    """CREATE DATABASE + pg_restore -j; the new database is dropped if anything fails."""
+                              jobs: int | None, no_owner: bool, no_acl: bool = False) -> None:
+    """CREATE DATABASE (closed to PUBLIC) + pg_restore -j; the new database is dropped if
+    anything fails."""
     with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
         if postgres.database_exists(conn, dbname):
             raise ConfigError(f"database {dbname} already exists")
         postgres.create_database(conn, dbname)
+        whole_database.close_to_public(conn, dbname)
     try:
         restoring.pg_restore(server_url, dbname, archive, jobs=jobs or settings.restore_jobs,
-                             no_owner=no_owner, secrets=settings.secrets())
+                             no_owner=no_owner, no_acl=no_acl, secrets=settings.secrets())
     except BaseException:
         restoring.drop_quietly(server_url, dbname)
         raise
@@ -100,6 +103,22 @@ def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -
         f"Row counts of {dbname} against the manifest of {manifest.backup_id}",
     )
     return result
+
+
+@task(name="apply database properties")
+def apply_database_properties(server_url: str, dbname: str, manifest: catalog.Manifest, no_owner: bool,
+                              no_acl: bool) -> None:
+    """The backed-up database's owner, ACL, connection limit, settings and comment, given to
+    the restored database while it still has a name of its own (before any swap)."""
+    if manifest.database_properties is None:
+        get_run_logger().warning("backup %s predates database properties: %s keeps the defaults",
+                                 manifest.backup_id, dbname)
+        return
+    with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
+        skipped = whole_database.apply_properties(conn, dbname, manifest.database_properties,
+                                                  owner=not no_owner, acl=not no_acl)
+    for what in skipped:
+        get_run_logger().warning("setting %s not applied: the role does not exist on this server", what)
 
 
 @task(name="record verification", retries=3, retry_delay_seconds=[2, 10, 30])
@@ -127,16 +146,18 @@ def swap_into_place(server_url: str, target: str, incoming: str, manifest: catal
 
 
 def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Manifest, server_url: str,
-                         dbname: str, jobs: int | None, no_owner: bool, by: str) -> dict[str, Any]:
-    """Stage, restore into the new database `dbname`, validate; the database is dropped
-    and the local copy removed on any failure (the local copy always)."""
+                         dbname: str, jobs: int | None, no_owner: bool, by: str, *,
+                         properties: bool = False, no_acl: bool = False) -> dict[str, Any]:
+    """Stage, restore into the new database `dbname`, validate, and (with `properties`)
+    give it the backed-up database's own properties; the database is dropped and the local
+    copy removed on any failure (the local copy always)."""
     loading = quality.preload()
     directory = restoring.work_directory(settings.work_dir)
     try:
         archive = stage_backup(repo_url, settings, manifest, directory)
         if not quality.cores_spare(jobs or settings.restore_jobs):
             loading.join()  # overlap the download only: pg_restore gets the cores to itself
-        restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner)
+        restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner, no_acl)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     try:
@@ -146,6 +167,8 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
             raise VerificationFailed(
                 f"restored {manifest.backup_id} does not match its manifest: "
                 f"{quality.failure_summary(result)}", result)
+        if properties:
+            apply_database_properties(server_url, dbname, manifest, no_owner, no_acl)
     except BaseException:
         restoring.drop_quietly(server_url, dbname)
         raise
@@ -177,7 +200,7 @@ def _audited(operation: str, kind: str, repo_url: str, settings: Settings, sourc
 @flow(name="restore", log_prints=True, **FLOW_HOOKS)
 def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
-            pre_restore_backup: bool = True) -> dict[str, Any]:
+            pre_restore_backup: bool = True, no_acl: bool = False) -> dict[str, Any]:
     """Restore a backup into `target` (a database URL). A new database is restored
     directly; an existing one is replaced only after the restored copy validated, and is
     kept as `<db>_pre_restore_<ts>` (see rollback)."""
@@ -195,13 +218,13 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     try:
         if not exists:
             result = restore_and_validate(repo_url, settings, manifest, target_url, target_db, jobs, no_owner,
-                                          by="restore")
+                                          by="restore", properties=True, no_acl=no_acl)
         else:
             if pre_restore_backup:
                 backup(db=target_url, repo=repo_url, tier="pre-restore")
             incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
             result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
-                                          by="restore")
+                                          by="restore", properties=True, no_acl=no_acl)
             kept_as = swap_into_place(target_url, target_db, incoming, manifest)
     except Exception as exc:
         _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
@@ -216,7 +239,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
 @flow(name="restore-to-temp", log_prints=True, **FLOW_HOOKS)
 def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str | None = None,
                     server: str | None = None, keep: bool = False, jobs: int | None = None,
-                    no_owner: bool = False) -> dict[str, Any]:
+                    no_owner: bool = False, no_acl: bool = False) -> dict[str, Any]:
     """Restore into a throwaway database on `server`, validate it, drop it unless kept."""
     settings = load_settings()
     server_url = server or settings.db_url
@@ -228,7 +251,7 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
     temp_db = restoring.derived_name(manifest.database, "temp", catalog.utcnow())
     try:
         result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, jobs, no_owner,
-                                      by="restore-to-temp")
+                                      by="restore-to-temp", properties=True, no_acl=no_acl)
     except Exception as exc:
         _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "failed",
                  error=str(exc))

@@ -35,6 +35,26 @@ ORDER BY n.nspname, c.relname
 """
 
 
+# Partitioned tables (a partition may itself be partitioned) and the partitions that store
+# their rows; the same schemas and extension rule as _TABLES_SQL.
+_PARTITIONED_SQL = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(p.relname),
+       array_agg(quote_ident(ln.nspname) || '.' || quote_ident(l.relname) ORDER BY ln.nspname, l.relname)
+         FILTER (WHERE l.oid IS NOT NULL)
+FROM pg_class p JOIN pg_namespace n ON n.oid = p.relnamespace
+LEFT JOIN LATERAL pg_partition_tree(p.oid) t ON t.isleaf
+LEFT JOIN pg_class l ON l.oid = t.relid AND l.relkind = 'r'
+LEFT JOIN pg_namespace ln ON ln.oid = l.relnamespace
+WHERE p.relkind = 'p'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+GROUP BY n.nspname, p.relname
+ORDER BY n.nspname, p.relname
+"""
+
+
 def parse_dsn(url: str) -> dict[str, str]:
     """A libpq URL or key=value string as a dict; ConfigError without echoing it."""
     try:
@@ -210,12 +230,25 @@ def user_tables(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
     return [(key, schema, table) for _oid, key, schema, table in conn.execute(_TABLES_SQL)]
 
 
+def table_rows(schema: str, table: str, select: str = "count(*)") -> sql.Composed:
+    """`SELECT <select> FROM ONLY <table> AS t`: the one rule for a table's rows, shared by
+    the backup's counts and the restore's validation. Each table counts the rows stored in
+    it alone: an inheritance parent without its children, a partition on its own (its
+    partitioned parent stores nothing and is not a table here), so every row counts once."""
+    return sql.SQL("SELECT {} FROM ONLY {} AS t").format(sql.SQL(select), table_identifier(schema, table))  # type: ignore[arg-type]
+
+
 def count_rows(conn: psycopg.Connection) -> dict[str, int]:
     counts: dict[str, int] = {}
     for key, schema, table in user_tables(conn):
-        query = sql.SQL("SELECT count(*) FROM ONLY {}").format(table_identifier(schema, table))
-        counts[key] = int(conn.execute(query).fetchone()[0])  # type: ignore[index]
+        counts[key] = int(conn.execute(table_rows(schema, table)).fetchone()[0])  # type: ignore[index]
     return counts
+
+
+def partitioned_tables(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """Each partitioned table (keyed as user_tables keys tables) with the partitions that
+    store its rows, at every level below it."""
+    return {key: list(leaves or []) for key, leaves in conn.execute(_PARTITIONED_SQL)}
 
 
 def current_wal_lsn(conn: psycopg.Connection) -> str | None:

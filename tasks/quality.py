@@ -13,8 +13,6 @@ import os
 import threading
 from typing import Any
 
-from psycopg import sql
-
 from tasks import postgres
 
 
@@ -80,7 +78,7 @@ def validate_row_counts(url: str, expected: dict[str, int]) -> dict[str, Any]:
             continue
         schema, name = postgres.parse_table_name(table)
         # A query asset: GX's own table assets mangle mixed-case and quoted names.
-        query = sql.SQL("SELECT 1 AS one FROM {}").format(sql.Identifier(schema, name)).as_string()
+        query = postgres.table_rows(schema, name, "1 AS one").as_string()
         asset = datasource.add_query_asset(name=f"t{index}", query=query)
         batch = asset.add_batch_definition_whole_table("all rows")
         suite = context.suites.add(gx.ExpectationSuite(name=f"row counts t{index}"))

@@ -61,12 +61,14 @@ def check_free_space(directory: Path, needed: int) -> None:
 
 
 def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_owner: bool = False,
-               secrets: list[str] | None = None) -> None:
+               no_acl: bool = False, secrets: list[str] | None = None) -> None:
     """pg_restore -j into dbname; any error, including "errors ignored on restore", fails."""
     argv = [postgres.pg_bin("pg_restore"), "--exit-on-error", "--no-password", f"--jobs={max(1, jobs)}",
             f"--dbname={dbname}"]
     if no_owner:
         argv.append("--no-owner")
+    if no_acl:
+        argv.append("--no-acl")
     argv.append(str(archive))
     with postgres.libpq_env(server_url, dbname=dbname) as env:
         # --dbname is a name, not a connection string: the server comes from PGHOST/PGPORT.

@@ -1,0 +1,184 @@
+"""A restored database is the whole database: inheritance and partitions verify, a
+partitioned table recovers as one, the database's own properties and grants come back."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tasks import database as whole_database
+from tasks.postgres import connect
+from tests.support.cli import cli_json
+from tests.support.db import counts_in, table_fingerprints
+
+
+def run(url: str, *statements: str | sql.Composable) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def databases(pg) -> set[str]:
+    with psycopg.connect(pg.admin_url) as conn:
+        return {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+
+
+def properties_of(url: str) -> dict:
+    with connect(url) as conn:
+        found = whole_database.read_properties(conn)
+    found["acl"] = sorted(found["acl"], key=lambda a: (a["grantee"] or "", a["privilege"]))
+    return found
+
+
+# --- pure logic ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stored, elements", [
+    ('"$user", public', ["$user", "public"]),
+    ('app, "Odd, ""Name"""', ["app", 'Odd, "Name"']),
+    ("", []),
+])
+def test_list_settings_split_as_postgresql_stores_them(stored, elements):
+    assert whole_database.split_list_setting(stored) == elements
+
+
+# --- row counts: one rule for backup and validation ----------------------------------------
+
+
+@pytest.fixture
+def inherited_db(pg, tricky_db) -> str:
+    """tricky.sql (partitions, odd names) plus a three-level inheritance tree."""
+    run(tricky_db,
+        "CREATE TABLE vehicles (id int PRIMARY KEY, name text)",
+        "CREATE TABLE trucks (payload int) INHERITS (vehicles)",
+        'CREATE TABLE "Sales Data"."Electric Trucks" (battery int) INHERITS (trucks)',
+        "INSERT INTO vehicles VALUES (1, 'car'), (2, 'bike')",
+        "INSERT INTO trucks VALUES (3, 'truck', 10)",
+        """INSERT INTO "Sales Data"."Electric Trucks" VALUES (4, 'e1', 1, 100), (5, 'e2', 2, 200)""")
+    return tricky_db
+
+
+def test_inheritance_and_partitions_back_up_restore_and_verify(capsys, pg, inherited_db, file_repo):
+    backup = cli_json(capsys, "backup", "--db", inherited_db, "--repo", file_repo)
+    counts = backup["row_counts"]
+    # Every row counted once, in the table that stores it.
+    assert (counts["public.vehicles"], counts["public.trucks"], counts['"Sales Data"."Electric Trucks"']) == (2, 1, 2)
+    assert counts["public.measurements_2025_01"] > 0 and "public.measurements" not in counts
+
+    result = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", pg.url(), "--keep")
+    try:
+        assert result["verified"] is True and result["row_counts"] == counts
+        assert table_fingerprints(pg.url(result["temp_database"])) == table_fingerprints(inherited_db)
+    finally:
+        pg.drop_database(result["temp_database"])
+
+
+def test_a_partitioned_table_recovers_with_all_its_partitions(capsys, pg, tricky_db, file_repo):
+    backup = cli_json(capsys, "backup", "--db", tricky_db, "--repo", file_repo)
+    before = table_fingerprints(tricky_db)
+    # Rows lost in every partition, one changed.
+    run(tricky_db, "DELETE FROM public.measurements WHERE id % 4 = 0",
+        "UPDATE public.measurements SET reading = -1 WHERE id = 1")
+
+    result = cli_json(capsys, "recover-table", backup["backup_id"], "--target", tricky_db, "--repo", file_repo,
+                      "--table", "measurements", "--mode", "replace")
+    (entry,) = result["tables"]
+    assert entry["table"] == "public.measurements" and entry["rows_updated"] == 1
+    assert entry["rows_inserted"] == 100
+    assert table_fingerprints(tricky_db) == before
+    assert counts_in(tricky_db) == backup["row_counts"]
+
+
+# --- the database's own properties -----------------------------------------------------------
+
+
+@pytest.fixture
+def roles(pg):
+    """Three roles of this test: the owner, a reader with CONNECT, an outsider without."""
+    tag = uuid.uuid4().hex[:8]
+    names = {"owner": f"app owner {tag}", "reader": f"reader_{tag}", "outsider": f"outsider_{tag}"}
+    run(pg.admin_url, *(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(n)) for n in names.values()))
+    yield names
+    for name in names.values():
+        with psycopg.connect(pg.admin_url, autocommit=True) as conn:
+            for (db,) in conn.execute("SELECT datname FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba"
+                                      " WHERE r.rolname = %s", (name,)).fetchall():
+                pg.drop_database(db)
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def secure(pg, url: str, roles: dict[str, str]) -> None:
+    """Database-level security and settings as production has them."""
+    db = sql.Identifier(url.rsplit("/", 1)[1])
+    run(pg.admin_url,
+        sql.SQL("ALTER DATABASE {} OWNER TO {}").format(db, sql.Identifier(roles["owner"])),
+        sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db),
+        sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, sql.Identifier(roles["reader"])),
+        sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 17").format(db),
+        sql.SQL("ALTER DATABASE {} SET search_path = \"$user\", app, \"Odd, Schema\"").format(db),
+        sql.SQL("ALTER DATABASE {} SET statement_timeout = '5min'").format(db),
+        sql.SQL("ALTER DATABASE {} SET app.tenant = 'it''s'").format(db),
+        sql.SQL("ALTER ROLE {} IN DATABASE {} SET work_mem = '8MB'").format(sql.Identifier(roles["reader"]), db),
+        sql.SQL("COMMENT ON DATABASE {} IS 'fleet, production'").format(db))
+
+
+def can_connect(pg, url: str, role: str) -> bool:
+    try:
+        with psycopg.connect(pg.cluster.url(url.rsplit("/", 1)[1], user=role), connect_timeout=2):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def test_properties_and_grants_survive_a_restore_over_the_live_database(capsys, pg, new_db, roles, file_repo):
+    target = new_db("secured")
+    run(target, "CREATE TABLE orders (id int PRIMARY KEY)", "INSERT INTO orders SELECT generate_series(1, 50)")
+    secure(pg, target, roles)
+    expected = properties_of(target)
+    assert not can_connect(pg, target, roles["outsider"]) and can_connect(pg, target, roles["reader"])
+    backup = cli_json(capsys, "backup", "--db", target, "--repo", file_repo)
+
+    # Whoever lacks CONNECT tries all along the restore, swap included.
+    stop, got_in = threading.Event(), []
+
+    def outsider():
+        while not stop.is_set():
+            if can_connect(pg, target, roles["outsider"]):
+                got_in.append(True)
+
+    probe = threading.Thread(target=outsider)
+    probe.start()
+    try:
+        result = cli_json(capsys, "restore", backup["backup_id"], "--target", target, "--repo", file_repo,
+                          "--no-pre-restore-backup")
+    finally:
+        stop.set()
+        probe.join()
+    assert result["verified"] and result["previous_database"]
+    assert properties_of(target) == expected
+    assert got_in == []
+    pg.drop_database(result["previous_database"])
+
+
+def test_properties_come_with_a_restore_into_a_new_database_and_restore_temp(capsys, pg, new_db, roles,
+                                                                              file_repo):
+    source = new_db("secured")
+    secure(pg, source, roles)
+    expected = properties_of(source)
+    cli_json(capsys, "backup", "--db", source, "--repo", file_repo)
+    target = pg.url(f"copy_{uuid.uuid4().hex[:8]}")
+    try:
+        cli_json(capsys, "restore", "latest", "--target", target, "--repo", file_repo)
+        assert properties_of(target) == expected
+    finally:
+        pg.drop_database(target.rsplit("/", 1)[1])
+    kept = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", pg.url(), "--keep")
+    try:
+        assert properties_of(pg.url(kept["temp_database"])) == expected
+    finally:
+        pg.drop_database(kept["temp_database"])
