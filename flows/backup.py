@@ -56,11 +56,14 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
             snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
             snapshot_at = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
             version = postgres.server_version(conn)
+            major = postgres.server_major(conn)
             wal_lsn = postgres.current_wal_lsn(conn)
             size_hint = postgres.database_size(conn)
             prefix = catalog.backup_prefix(database, backup_id)
             partitioned = postgres.partitioned_tables(conn)
             properties = whole_database.read_properties(conn)
+            references = whole_database.read_role_references(conn, properties)
+            tablespaces = whole_database.read_tablespaces(conn)
             counting = counter.submit(postgres.count_rows, conn)
             try:
                 with Progress(f"backup of {database}", size_hint) as progress:
@@ -75,11 +78,14 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
                         zstd_threads=settings.zstd_threads,
                         secrets=settings.secrets(),
                         progress=lambda read, _written: progress.update(read),
+                        server_major=major,
                     )
             except BaseException:
                 conn.cancel_safe()  # the counts are of no use now: stop them
                 raise
             row_counts = counting.result()
+            role_statements = whole_database.dump_roles(db_url, database, references, major,
+                                                       settings.secrets())
             logger.info("snapshot %s of %s: %d tables, %d rows", snapshot, database,
                         len(row_counts), sum(row_counts.values()))
     return catalog.Manifest(
@@ -104,6 +110,7 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
         data_key=catalog.DUMP,
         partitioned=partitioned,
         database_properties=properties,
+        globals={"roles": references, "role_statements": role_statements, "tablespaces": tablespaces},
     )
 
 

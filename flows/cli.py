@@ -50,14 +50,15 @@ def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
 
     return restore(backup_id=args.backup, target=_url(args.target), repo=args.repo, db=args.db,
                    jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup,
-                   no_acl=args.no_acl)
+                   no_acl=args.no_acl, create_roles=args.create_roles)
 
 
 def cmd_restore_temp(args: argparse.Namespace) -> dict[str, Any]:
     from flows.restore import restore_to_temp
 
     return restore_to_temp(backup_id=args.backup, repo=args.repo, db=args.db, server=_url(args.server),
-                           keep=args.keep, jobs=args.jobs, no_owner=args.no_owner, no_acl=args.no_acl)
+                           keep=args.keep, jobs=args.jobs, no_owner=args.no_owner, no_acl=args.no_acl,
+                           create_roles=args.create_roles)
 
 
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
@@ -513,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--no-pre-restore-backup", action="store_true",
                      help="skip the backup of the current database before replacing it")
     cmd.add_argument("--no-acl", action="store_true", help="do not restore privileges (GRANT/REVOKE)")
+    cmd.add_argument("--create-roles", action="store_true",
+                     help="create the roles the backup needs and the server lacks (without passwords)")
 
     cmd = command("restore-temp", cmd_restore_temp, "restore into a temporary database and validate it",
                   show_restore)
@@ -524,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")
     cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
     cmd.add_argument("--no-acl", action="store_true", help="do not restore privileges (GRANT/REVOKE)")
+    cmd.add_argument("--create-roles", action="store_true",
+                     help="create the roles the backup needs and the server lacks (without passwords)")
 
     cmd = command("rollback", cmd_rollback, "undo the last restore of a database", show_rollback)
     cmd.add_argument("--target", required=True, help="database URL that was restored")

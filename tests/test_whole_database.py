@@ -12,7 +12,8 @@ from psycopg import sql
 
 from tasks import database as whole_database
 from tasks.postgres import connect
-from tests.support.cli import cli_json
+from tests.conftest import FIXTURES
+from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import counts_in, table_fingerprints
 
 
@@ -182,3 +183,105 @@ def test_properties_come_with_a_restore_into_a_new_database_and_restore_temp(cap
         assert properties_of(pg.url(kept["temp_database"])) == expected
     finally:
         pg.drop_database(kept["temp_database"])
+
+
+# --- roles: a fresh server in another region, and PostgreSQL 15 -> 17 ------------------------
+
+
+def roles_on(server, names) -> set[str]:
+    with psycopg.connect(server.admin_url) as conn:
+        return {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (names,))}
+
+
+def test_a_fresh_server_without_the_roles_refuses_then_creates_them(capsys, pg, pg17, new_db, roles, file_repo):
+    """A backup of a PostgreSQL 15 database, restored onto an empty PostgreSQL 17 server."""
+    source = new_db("secured")
+    owner = sql.Identifier(roles["owner"])
+    run(source,
+        sql.SQL("CREATE SCHEMA app AUTHORIZATION {}").format(owner),
+        "CREATE TABLE app.trips (id int PRIMARY KEY, driver text)",
+        "INSERT INTO app.trips SELECT i, 'driver ' || i FROM generate_series(1, 30) i",
+        sql.SQL("ALTER TABLE app.trips OWNER TO {}").format(owner),
+        "ALTER TABLE app.trips ENABLE ROW LEVEL SECURITY",
+        sql.SQL("CREATE POLICY own_trips ON app.trips TO {} USING (driver = current_user)").format(
+            sql.Identifier(roles["reader"])),
+        sql.SQL("GRANT USAGE ON SCHEMA app TO {}").format(sql.Identifier(roles["reader"])),
+        sql.SQL("GRANT SELECT ON app.trips TO {}").format(sql.Identifier(roles["reader"])))
+    secure(pg, source, roles)
+    expected, content = properties_of(source), table_fingerprints(source)
+    cli_json(capsys, "backup", "--db", source, "--repo", file_repo)
+    target = pg17.url(source.rsplit("/", 1)[1])
+    before = databases(pg17)
+
+    code, _out, err = run_cli(capsys, "restore", "latest", "--target", target, "--repo", file_repo)
+    line = error_line(err)
+    assert code == 1 and roles["owner"] in line and roles["reader"] in line and "--create-roles" in line
+    assert roles["outsider"] not in line  # no object refers to it
+    assert databases(pg17) == before and roles_on(pg17, list(roles.values())) == set()
+
+    try:
+        result = cli_json(capsys, "restore", "latest", "--target", target, "--repo", file_repo, "--create-roles")
+        assert result["verified"]
+        assert roles_on(pg17, list(roles.values())) == {roles["owner"], roles["reader"]}
+        assert properties_of(target) == expected and table_fingerprints(target) == content
+        with psycopg.connect(target) as conn:
+            assert conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'trips'").fetchone()[0] \
+                == roles["owner"]
+            assert conn.execute("SELECT has_table_privilege(%s, 'app.trips', 'SELECT')",
+                                (roles["reader"],)).fetchone()[0]
+    finally:
+        pg17.drop_database(target.rsplit("/", 1)[1])
+        for name in (roles["reader"], roles["owner"]):
+            run(pg17.admin_url, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_no_owner_no_acl_restores_onto_a_server_without_the_roles(capsys, pg, pg17, new_db, roles, file_repo):
+    source = new_db("secured")
+    run(source, "CREATE TABLE trips (id int PRIMARY KEY)", "INSERT INTO trips SELECT generate_series(1, 10)",
+        sql.SQL("ALTER TABLE trips OWNER TO {}").format(sql.Identifier(roles["owner"])))
+    secure(pg, source, roles)
+    cli_json(capsys, "backup", "--db", source, "--repo", file_repo)
+    kept = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", pg17.url(), "--keep",
+                    "--no-owner", "--no-acl")
+    try:
+        assert kept["verified"] and kept["row_counts"] == {"public.trips": 10}
+        assert roles_on(pg17, list(roles.values())) == set()
+        restored = properties_of(pg17.url(kept["temp_database"]))
+        assert restored["connection_limit"] == 17 and restored["comment"] == "fleet, production"
+    finally:
+        pg17.drop_database(kept["temp_database"])
+
+
+# --- the core round trips on each supported major version -------------------------------------
+
+
+@pytest.fixture(params=[15, 17], ids=["pg15", "pg17"])
+def server(request):
+    return request.getfixturevalue("pg" if request.param == 15 else "pg17")
+
+
+def test_core_round_trips_on_each_major_version(capsys, server, file_repo):
+    """backup, restore (new database and over the live one), restore-temp, recover-table."""
+    name = f"tricky_{uuid.uuid4().hex[:8]}"
+    source = server.create_database(name)
+    try:
+        server.load_sql(source, FIXTURES / "tricky.sql")
+        content = table_fingerprints(source)
+        backup = cli_json(capsys, "backup", "--db", source, "--repo", file_repo)
+        assert backup["row_counts"] == counts_in(source)
+
+        temp = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", server.url())
+        assert temp["verified"] and temp["row_counts"] == backup["row_counts"]
+
+        run(source, 'DELETE FROM "Sales Data"."Order Items" WHERE "Line No" = 2')
+        cli_json(capsys, "recover-table", "latest", "--target", source, "--repo", file_repo,
+                 "--table", '"Sales Data"."Order Items"')
+        assert table_fingerprints(source) == content
+
+        run(source, "DELETE FROM public.measurements")
+        over = cli_json(capsys, "restore", backup["backup_id"], "--target", source, "--repo", file_repo,
+                        "--no-pre-restore-backup")
+        assert over["verified"] and table_fingerprints(source) == content
+        server.drop_database(over["previous_database"])
+    finally:
+        server.drop_database(name)
