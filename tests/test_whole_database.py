@@ -47,6 +47,40 @@ def test_list_settings_split_as_postgresql_stores_them(stored, elements):
     assert whole_database.split_list_setting(stored) == elements
 
 
+DUMPALL = """--
+-- PostgreSQL database cluster dump
+--
+
+\\restrict abc
+
+SET default_transaction_read_only = off;
+
+CREATE ROLE app;
+ALTER ROLE app WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB LOGIN NOREPLICATION NOBYPASSRLS;
+CREATE ROLE "Fleet; Group";
+ALTER ROLE "Fleet; Group" WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB NOLOGIN NOREPLICATION NOBYPASSRLS;
+COMMENT ON ROLE "Fleet; Group" IS 'drivers;
+and "dispatch"';
+CREATE ROLE unrelated;
+ALTER ROLE unrelated WITH LOGIN;
+GRANT "Fleet; Group" TO app GRANTED BY postgres;
+GRANT app TO unrelated GRANTED BY postgres;
+"""
+
+
+def test_the_roles_script_keeps_the_referenced_roles_and_their_groups():
+    kept = whole_database.roles_script(DUMPALL, {"owner": ["app"], "acl": [], "policy": [], "settings": []})
+    assert kept == [
+        "CREATE ROLE app;",
+        "ALTER ROLE app WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB LOGIN NOREPLICATION NOBYPASSRLS;",
+        'CREATE ROLE "Fleet; Group";',
+        'ALTER ROLE "Fleet; Group" WITH NOSUPERUSER INHERIT NOCREATEROLE NOCREATEDB NOLOGIN NOREPLICATION'
+        " NOBYPASSRLS;",
+        'COMMENT ON ROLE "Fleet; Group" IS \'drivers;\nand "dispatch"\';',
+        'GRANT "Fleet; Group" TO app GRANTED BY postgres;',
+    ]
+
+
 # --- row counts: one rule for backup and validation ----------------------------------------
 
 
