@@ -64,7 +64,8 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
             properties = whole_database.read_properties(conn)
             references = whole_database.read_role_references(conn, properties)
             tablespaces = whole_database.read_tablespaces(conn)
-            counting = counter.submit(postgres.count_rows, conn)
+            digests: dict[str, str] | None = {} if settings.content_digests else None
+            counting = counter.submit(postgres.count_rows, conn, digests)
             try:
                 with Progress(f"backup of {database}", size_hint) as progress:
                     result = stream_dump(
@@ -110,6 +111,7 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
         data_key=catalog.DUMP,
         partitioned=partitioned,
         database_properties=properties,
+        digests=digests or {},
         globals={"roles": references, "role_statements": role_statements, "tablespaces": tablespaces},
     )
 

@@ -88,7 +88,8 @@ def restore_into_new_database(server_url: str, settings: Settings, dbname: str, 
 @task(name="validate restore")
 def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -> dict[str, Any]:
     """great-expectations: every table's row count equals the manifest's."""
-    result = quality.validate_row_counts(postgres.with_database(server_url, dbname), manifest.row_counts)
+    result = quality.validate_row_counts(postgres.with_database(server_url, dbname), manifest.row_counts,
+                                         manifest.digests)
     result.update(backup_id=manifest.backup_id, database=dbname, verified_at=catalog.iso(catalog.utcnow()))
     rows = [[t["table"], t["expected"], t["observed"], "ok" if t["success"] else "FAILED"]
             for t in result["tables"]]

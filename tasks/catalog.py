@@ -113,6 +113,8 @@ class Manifest:
     database_properties: dict[str, Any] | None = None
     # The roles and tablespaces the database refers to (tasks/database.py).
     globals: dict[str, Any] | None = None
+    # Each table's content digest (tasks.postgres.digest_select), taken with the row counts.
+    digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:

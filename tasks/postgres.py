@@ -273,18 +273,60 @@ def user_tables(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
     return [(key, schema, table) for _oid, key, schema, table in conn.execute(_TABLES_SQL)]
 
 
-def table_rows(schema: str, table: str, select: str = "count(*)") -> sql.Composed:
+def table_rows(schema: str, table: str, select: str | sql.Composable = "count(*)") -> sql.Composed:
     """`SELECT <select> FROM ONLY <table> AS t`: the one rule for a table's rows, shared by
     the backup's counts and the restore's validation. Each table counts the rows stored in
     it alone: an inheritance parent without its children, a partition on its own (its
     partitioned parent stores nothing and is not a table here), so every row counts once."""
-    return sql.SQL("SELECT {} FROM ONLY {} AS t").format(sql.SQL(select), table_identifier(schema, table))  # type: ignore[arg-type]
+    chosen = sql.SQL(select) if isinstance(select, str) else select  # type: ignore[arg-type]
+    return sql.SQL("SELECT {} FROM ONLY {} AS t").format(chosen, table_identifier(schema, table))
 
 
-def count_rows(conn: psycopg.Connection) -> dict[str, int]:
+# A row's text depends on these session settings: the backup and the validation (on any
+# server, whatever the database's or the role's own settings) fix them to print rows alike.
+DIGEST_SETTINGS = {"DateStyle": "ISO,MDY", "IntervalStyle": "postgres", "TimeZone": "UTC",
+                   "extra_float_digits": "1", "bytea_output": "hex", "lc_monetary": "C",
+                   "search_path": "pg_catalog"}
+
+
+def digest_select(columns: list[str]) -> sql.Composable:
+    """`rows, digest` of a table's rows: the count, and the sum of a 64-bit hash of each
+    row's text (order-independent, computed by the server). Columns go by name, so that
+    a column order pg_dump does not keep (inherited columns) changes nothing."""
+    row = sql.SQL("ROW({})").format(sql.SQL(", ").join(sql.Identifier("t", c) for c in sorted(columns)))
+    return sql.SQL("count(*) AS rows, coalesce(sum(hashtextextended({}::text, 0)), 0)::text AS digest"
+                   ).format(row)
+
+
+_COLUMNS_SQL = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), array_agg(a.attname::text)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_%'
+GROUP BY 1
+"""
+
+
+def table_columns(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """The columns of every table, keyed as user_tables keys them."""
+    return {key: list(columns) for key, columns in conn.execute(_COLUMNS_SQL)}
+
+
+def count_rows(conn: psycopg.Connection, digests: dict[str, str] | None = None) -> dict[str, int]:
+    """Rows per table; given `digests`, fills it with each table's content digest (one scan
+    for both, with DIGEST_SETTINGS for the rest of the transaction)."""
     counts: dict[str, int] = {}
+    columns = table_columns(conn) if digests is not None else {}
+    if digests is not None:
+        for name, value in DIGEST_SETTINGS.items():
+            conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, value))
     for key, schema, table in user_tables(conn):
-        counts[key] = int(conn.execute(table_rows(schema, table)).fetchone()[0])  # type: ignore[index]
+        if digests is None:
+            counts[key] = int(conn.execute(table_rows(schema, table)).fetchone()[0])  # type: ignore[index]
+            continue
+        rows, digest = conn.execute(table_rows(schema, table, digest_select(columns[key]))).fetchone()  # type: ignore[misc]
+        counts[key], digests[key] = int(rows), digest
     return counts
 
 
