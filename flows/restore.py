@@ -112,8 +112,10 @@ def apply_database_properties(server_url: str, dbname: str, manifest: catalog.Ma
     """The backed-up database's owner, ACL, connection limit, settings and comment, given to
     the restored database while it still has a name of its own (before any swap)."""
     if manifest.database_properties is None:
-        get_run_logger().warning("backup %s predates database properties: %s keeps the defaults",
+        get_run_logger().warning("backup %s predates database properties: %s gets PostgreSQL's defaults",
                                  manifest.backup_id, dbname)
+        with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
+            whole_database.open_to_public(conn, dbname)
         return
     with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
         skipped = whole_database.apply_properties(conn, dbname, manifest.database_properties,

@@ -122,6 +122,11 @@ def close_to_public(conn: psycopg.Connection, dbname: str) -> None:
     conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(dbname)))
 
 
+def open_to_public(conn: psycopg.Connection, dbname: str) -> None:
+    """PostgreSQL's default database ACL, which close_to_public took away."""
+    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC").format(sql.Identifier(dbname)))
+
+
 def existing_roles(conn: psycopg.Connection, names: list[str]) -> set[str]:
     rows = conn.execute("SELECT rolname FROM pg_catalog.pg_roles WHERE rolname = ANY(%s)", (names,))
     return {row[0] for row in rows}
@@ -165,8 +170,8 @@ def apply_properties(conn: psycopg.Connection, dbname: str, properties: dict[str
                 conn.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
                     _privilege(entry["privilege"]), db, _role(entry["grantee"]),
                     sql.SQL(" WITH GRANT OPTION" if entry["grantable"] else "")))
-        else:  # PostgreSQL's default, which close_to_public took away
-            conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC").format(db))
+        else:
+            open_to_public(conn, dbname)
     return skipped
 
 

@@ -265,6 +265,23 @@ def test_properties_come_with_a_restore_into_a_new_database_and_restore_temp(cap
         pg.drop_database(kept["temp_database"])
 
 
+def test_a_backup_without_properties_restores_with_postgresqls_default_acl(capsys, pg, new_db, file_repo):
+    source = new_db("older")
+    run(source, "CREATE TABLE t (id int)")
+    backup = cli_json(capsys, "backup", "--db", source, "--repo", file_repo)
+    repo = open_repository(file_repo)
+    manifest = catalog.find_backup(repo, backup["backup_id"])
+    manifest.database_properties = None  # written by a pgdr that did not record them
+    repo.put_bytes(manifest.manifest_key, manifest.to_json())
+    kept = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", pg.url(), "--keep")
+    try:
+        acl = properties_of(pg.url(kept["temp_database"]))["acl"]
+        public = {a["privilege"] for a in acl if a["grantee"] is None}
+        assert public == {"CONNECT", "TEMPORARY"}
+    finally:
+        pg.drop_database(kept["temp_database"])
+
+
 # --- roles: a fresh server in another region, and PostgreSQL 15 -> 17 ------------------------
 
 
