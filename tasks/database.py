@@ -139,12 +139,7 @@ def apply_properties(conn: psycopg.Connection, dbname: str, properties: dict[str
     settings and comment. A setting of a role this server lacks cannot be applied: it is
     skipped and named in the returned list."""
     db = sql.Identifier(dbname)
-    roles = {s["role"] for s in properties["settings"] if s["role"]}
-    if owner:
-        roles.add(properties["owner"])
-    if acl:
-        roles |= {a["grantee"] for a in properties["acl"] if a["grantee"]}
-    present = existing_roles(conn, sorted(roles))
+    present = existing_roles(conn, sorted({s["role"] for s in properties["settings"] if s["role"]}))
     skipped: list[str] = []
     with conn.transaction():
         if owner:
@@ -163,12 +158,16 @@ def apply_properties(conn: psycopg.Connection, dbname: str, properties: dict[str
             else:
                 skipped.append(f"{setting['name']} of role {setting['role']}")
         if acl:
+            # Without the backed-up owner, its own privileges go to the database's owner here.
+            here = conn.execute("SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_catalog.pg_database"
+                                " WHERE datname = %s", (dbname,)).fetchone()[0]  # type: ignore[index]
             holders = [row[0] for row in conn.execute(_GRANTEES_SQL, (dbname,))]
             conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(
                 db, sql.SQL(", ").join(_role(name) for name in holders)))
             for entry in properties["acl"]:
+                grantee = here if entry["grantee"] == properties["owner"] and not owner else entry["grantee"]
                 conn.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-                    _privilege(entry["privilege"]), db, _role(entry["grantee"]),
+                    _privilege(entry["privilege"]), db, _role(grantee),
                     sql.SQL(" WITH GRANT OPTION" if entry["grantable"] else "")))
         else:
             open_to_public(conn, dbname)
@@ -225,7 +224,9 @@ def read_role_references(conn: psycopg.Connection, properties: dict[str, Any]) -
     for kind, role in conn.execute(_ROLE_REFERENCES_SQL):
         found[kind].add(role)
     found["owner"].add(properties["owner"])
-    found["acl"] |= {a["grantee"] for a in properties["acl"] if a["grantee"]}
+    # The owner's own privileges are the owner's: --no-owner restores them to the new owner.
+    found["acl"] |= {a["grantee"] for a in properties["acl"]
+                     if a["grantee"] not in (None, properties["owner"])}
     found["settings"] |= {s["role"] for s in properties["settings"] if s["role"]}
     return {kind: sorted(r for r in roles if not r.startswith("pg_")) for kind, roles in found.items()}
 
@@ -257,19 +258,25 @@ def statements(script: str) -> list[str]:
     return found
 
 
+def with_groups(script: list[str], roles: set[str]) -> set[str]:
+    """The roles, and the roles they are members of (and theirs), by the script's GRANTs."""
+    found = set(roles)
+    grown = True
+    while grown:
+        grown = False
+        for statement in script:
+            grant = _MEMBERSHIP.match(statement)
+            if grant and unquote(grant[2]) in found and unquote(grant[1]) not in found:
+                found.add(unquote(grant[1]))
+                grown = True
+    return found
+
+
 def roles_script(script: str, references: dict[str, list[str]]) -> list[str]:
     """The statements of `pg_dumpall --roles-only` about the referenced roles and, through
     their memberships, the roles they are members of."""
     parsed = statements(script)
-    wanted = {role for roles in references.values() for role in roles}
-    grown = True
-    while grown:  # memberships bring in their groups, and theirs
-        grown = False
-        for statement in parsed:
-            grant = _MEMBERSHIP.match(statement)
-            if grant and unquote(grant[2]) in wanted and unquote(grant[1]) not in wanted:
-                wanted.add(unquote(grant[1]))
-                grown = True
+    wanted = with_groups(parsed, {role for roles in references.values() for role in roles})
     kept = []
     for statement in parsed:
         subject, grant = _SUBJECT.match(statement), _MEMBERSHIP.match(statement)
@@ -302,11 +309,7 @@ def create_roles(conn: psycopg.Connection, script: list[str], missing: set[str])
     created role cannot log in with one until it is given one), with their memberships.
     Roles the server already has are never altered. One transaction; returns the roles
     created."""
-    absent = set(missing)
-    for statement in script:
-        subject = _SUBJECT.match(statement)
-        if subject and statement.startswith("CREATE ROLE"):
-            absent.add(unquote(subject[1]))
+    absent = with_groups(script, missing)
     absent -= existing_roles(conn, sorted(absent))
     with conn.transaction():
         for statement in script:

@@ -334,21 +334,31 @@ def test_a_fresh_server_without_the_roles_refuses_then_creates_them(capsys, pg, 
             run(pg17.admin_url, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
-def test_no_owner_no_acl_restores_onto_a_server_without_the_roles(capsys, pg, pg17, new_db, roles, file_repo):
+@pytest.mark.parametrize("options", [("--no-owner", "--no-acl"), ("--no-owner", "--create-roles")],
+                         ids=["no-owner-no-acl", "no-owner-create-roles"])
+def test_no_owner_restores_onto_a_server_without_the_owner(options, capsys, pg, pg17, new_db, roles,
+                                                          file_repo):
     source = new_db("secured")
     run(source, "CREATE TABLE trips (id int PRIMARY KEY)", "INSERT INTO trips SELECT generate_series(1, 10)",
         sql.SQL("ALTER TABLE trips OWNER TO {}").format(sql.Identifier(roles["owner"])))
     secure(pg, source, roles)
     cli_json(capsys, "backup", "--db", source, "--repo", file_repo)
     kept = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", pg17.url(), "--keep",
-                    "--no-owner", "--no-acl")
+                    *options)
     try:
         assert kept["verified"] and kept["row_counts"] == {"public.trips": 10}
-        assert roles_on(pg17, list(roles.values())) == set()
         restored = properties_of(pg17.url(kept["temp_database"]))
         assert restored["connection_limit"] == 17 and restored["comment"] == "fleet, production"
+        assert restored["owner"] == "postgres"
+        grantees = {a["grantee"] for a in restored["acl"]}
+        if "--no-acl" in options:
+            assert roles_on(pg17, list(roles.values())) == set() and grantees == {None, "postgres"}
+        else:  # the reader and its CONNECT come back; the owner's privileges go to the owner here
+            assert roles_on(pg17, list(roles.values())) == {roles["reader"]}
+            assert grantees == {"postgres", roles["reader"]}
     finally:
         pg17.drop_database(kept["temp_database"])
+        run(pg17.admin_url, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(roles["reader"])))
 
 
 # --- the core round trips on each supported major version -------------------------------------
