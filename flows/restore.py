@@ -127,12 +127,17 @@ def apply_database_properties(server_url: str, dbname: str, manifest: catalog.Ma
 @task(name="check roles")
 def check_roles(server_url: str, dbname: str, manifest: catalog.Manifest, no_owner: bool, no_acl: bool,
                 create_roles: bool) -> list[str]:
-    """Before anything changes: the server must have every role the backup needs (owners,
-    grantees, policy roles), or create them with `create_roles`. Returns the roles created."""
+    """Before anything changes: the server must have every tablespace the backup uses and
+    every role it needs (owners, grantees, policy roles), or create the roles with
+    `create_roles`. Returns the roles created."""
     if manifest.globals is None:
         return []
     needed = whole_database.needed_roles(manifest.globals["roles"], no_owner=no_owner, no_acl=no_acl)
     with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
+        spaces = whole_database.missing_tablespaces(conn, manifest.globals.get("tablespaces", []))
+        if spaces:
+            raise ConfigError(f"{postgres.host_key(server_url)} lacks the tablespace(s) {', '.join(spaces)} "
+                              f"that backup {manifest.backup_id} uses: create them first (CREATE TABLESPACE)")
         missing = needed - whole_database.existing_roles(conn, sorted(needed))
         if not missing:
             return []

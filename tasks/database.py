@@ -235,6 +235,11 @@ def read_tablespaces(conn: psycopg.Connection) -> list[str]:
     return [row[0] for row in conn.execute(_TABLESPACES_SQL)]
 
 
+def missing_tablespaces(conn: psycopg.Connection, names: list[str]) -> list[str]:
+    rows = conn.execute("SELECT spcname FROM pg_catalog.pg_tablespace WHERE spcname = ANY(%s)", (names,))
+    return sorted(set(names) - {row[0] for row in rows})
+
+
 def unquote(name: str) -> str:
     return name[1:-1].replace('""', '"') if name.startswith('"') else name
 

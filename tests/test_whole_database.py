@@ -12,6 +12,7 @@ from psycopg import sql
 
 from tasks import catalog, quality
 from tasks import database as whole_database
+from tasks.cluster import grant_to_server
 from tasks.postgres import connect
 from tasks.repository import open_repository
 from tests.conftest import FIXTURES
@@ -332,6 +333,28 @@ def test_a_fresh_server_without_the_roles_refuses_then_creates_them(capsys, pg, 
         pg17.drop_database(target.rsplit("/", 1)[1])
         for name in (roles["reader"], roles["owner"]):
             run(pg17.admin_url, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_a_server_without_the_tablespace_refuses_before_anything_changes(capsys, pg, pg17, new_db, file_repo,
+                                                                         tmp_path):
+    location = tmp_path / "fast disk"
+    location.mkdir()
+    grant_to_server(location)
+    space = f"fast_{uuid.uuid4().hex[:8]}"
+    run(pg.admin_url, sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(
+        sql.Identifier(space), sql.Literal(str(location))))
+    source = new_db("spaced")
+    try:
+        run(source, sql.SQL("CREATE TABLE hot (id int) TABLESPACE {}").format(sql.Identifier(space)))
+        cli_json(capsys, "backup", "--db", source, "--repo", file_repo)
+        before = databases(pg17)
+        code, _out, err = run_cli(capsys, "restore-temp", "latest", "--repo", file_repo,
+                                  "--server", pg17.url())
+        assert code == 1 and f"lacks the tablespace(s) {space}" in error_line(err)
+        assert databases(pg17) == before
+    finally:
+        pg.drop_database(source.rsplit("/", 1)[1])
+        run(pg.admin_url, sql.SQL("DROP TABLESPACE {}").format(sql.Identifier(space)))
 
 
 @pytest.mark.parametrize("options", [("--no-owner", "--no-acl"), ("--no-owner", "--create-roles")],
