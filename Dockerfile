@@ -6,8 +6,10 @@
 #     update the ARGs below when Debian ships a security update (apt-cache policy <package>);
 #   - Python packages from requirements.lock (`make lock`), pgdr itself without dependencies.
 # The PostgreSQL client must be at least the servers' major version: pg_dump refuses to dump
-# a newer server. PG_MAJOR 15 comes from Debian; another major needs the PGDG archive
-# (PGDG=1, and PG_CLIENT_VERSION set to one of its versions).
+# a newer server. pgdr runs the client of each server's major version when it is installed,
+# else the newest, and refuses with one line when the newest is older than the server.
+# PG_MAJOR 15 is the newest client Debian bookworm offers; to pin another major (16, 17...)
+# use the PGDG archive (PGDG=1, and PG_CLIENT_VERSION set to one of its versions).
 #
 #   docker build -t pgdr:0.1.0 .
 #   docker build -t pgdr:0.1.0-pg16 --build-arg PGDG=1 --build-arg PG_MAJOR=16 \
@@ -36,9 +38,9 @@ RUN set -eux; \
     apt-get install -y --no-install-recommends "postgresql-client-${PG_MAJOR}=${PG_CLIENT_VERSION}"; \
     rm -rf /var/lib/apt/lists/*
 
-# pgdr finds pg_dump & co. here (tasks.postgres.pg_bin).
-ENV PGDR_PG_BIN=/usr/lib/postgresql/${PG_MAJOR}/bin \
-    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+# pgdr finds pg_dump & co. in /usr/lib/postgresql/<major>/bin by the server's version
+# (tasks.postgres.pg_bin); PGDR_PG_BIN would force one directory for every server.
+ENV PREFECT_SERVER_ANALYTICS_ENABLED=false \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 

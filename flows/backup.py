@@ -29,6 +29,7 @@ from flows.steps import (
     write_manifest,
 )
 from tasks import catalog, crypto, postgres
+from tasks import database as whole_database
 from tasks.audit import audit_record
 from tasks.dump import stream_dump
 from tasks.errors import ConfigError
@@ -56,10 +57,16 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
             snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
             snapshot_at = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
             version = postgres.server_version(conn)
+            major = postgres.server_major(conn)
             wal_lsn = postgres.current_wal_lsn(conn)
             size_hint = postgres.database_size(conn)
             prefix = catalog.backup_prefix(database, backup_id)
-            counting = counter.submit(postgres.count_rows, conn)
+            partitioned = postgres.partitioned_tables(conn)
+            properties = whole_database.read_properties(conn)
+            references = whole_database.read_role_references(conn, properties)
+            tablespaces = whole_database.read_tablespaces(conn)
+            digests: dict[str, str] | None = {} if settings.content_digests else None
+            counting = counter.submit(postgres.count_rows, conn, digests)
             try:
                 with Progress(f"backup of {database}", size_hint) as progress:
                     result = stream_dump(
@@ -73,11 +80,14 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
                         zstd_threads=settings.zstd_threads,
                         secrets=settings.secrets(),
                         progress=lambda read, _written: progress.update(read),
+                        server_major=major,
                     )
             except BaseException:
                 conn.cancel_safe()  # the counts are of no use now: stop them
                 raise
             row_counts = counting.result()
+            role_statements = whole_database.dump_roles(db_url, database, references, major,
+                                                       settings.secrets())
             logger.info("snapshot %s of %s: %d tables, %d rows", snapshot, database,
                         len(row_counts), sum(row_counts.values()))
     return catalog.Manifest(
@@ -100,6 +110,10 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
         wal_lsn_start=wal_lsn,
         source=postgres.display_dsn(db_url),
         data_key=catalog.DUMP,
+        partitioned=partitioned,
+        database_properties=properties,
+        digests=digests or {},
+        globals={"roles": references, "role_statements": role_statements, "tablespaces": tablespaces},
     )
 
 

@@ -59,7 +59,7 @@ def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
     return restore(backup_id=args.backup, target=_url(args.target), repo=args.repo, db=args.db,
                    jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup,
                    encrypt_to=args.encrypt_to, archive_wait_hours=args.archive_wait_hours,
-                   no_wait=args.no_wait)
+                   no_wait=args.no_wait, no_acl=args.no_acl, create_roles=args.create_roles)
 
 
 def _restore_physical(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,7 +81,8 @@ def cmd_restore_temp(args: argparse.Namespace) -> dict[str, Any]:
 
     return restore_to_temp(backup_id=args.backup, repo=args.repo, db=args.db, server=_url(args.server),
                            keep=args.keep, jobs=args.jobs, no_owner=args.no_owner,
-                           archive_wait_hours=args.archive_wait_hours, no_wait=args.no_wait)
+                           archive_wait_hours=args.archive_wait_hours, no_wait=args.no_wait,
+                           no_acl=args.no_acl, create_roles=args.create_roles)
 
 
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,7 +177,8 @@ def cmd_failover(args: argparse.Namespace) -> dict[str, Any]:
         dry_run=args.dry_run, region=args.region, rds_source_instance=args.rds_source_instance,
         rds_target_instance=args.rds_target_instance, rds_from_snapshot=args.rds_from_snapshot,
         rds_instance_class=args.rds_instance_class, rds_subnet_group=args.rds_subnet_group,
-        rds_timeout_minutes=args.rds_timeout_minutes, rds_poll_seconds=args.rds_poll_seconds)
+        rds_timeout_minutes=args.rds_timeout_minutes, rds_poll_seconds=args.rds_poll_seconds,
+        no_owner=args.no_owner, no_acl=args.no_acl, create_roles=args.create_roles)
 
 
 def cmd_drill(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,7 +197,8 @@ def cmd_drill(args: argparse.Namespace) -> dict[str, Any]:
             failover["repo"] = args.failover_repo
     return drill(repo=args.repo, db=args.db, server=_url(args.server), scenario=args.scenario,
                  rto_target_minutes=args.rto_target_minutes, rpo_target_minutes=args.rpo_target_minutes,
-                 health_sql=args.health_sql, failover=failover, last_archived_at=args.last_archived_at)
+                 health_sql=args.health_sql, failover=failover, last_archived_at=args.last_archived_at,
+                 no_acl=args.no_acl, create_roles=args.create_roles)
 
 
 def show_failover(result: dict[str, Any]) -> None:
@@ -628,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient of the pre-restore backup "
                      "(default: PGDR_ENCRYPT_TO, else the restored backup's recipient)")
     _archive_arguments(cmd)
+    _role_arguments(cmd)
 
     cmd = command("restore-temp", cmd_restore_temp, "restore into a temporary database and validate it",
                   show_restore)
@@ -639,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     _archive_arguments(cmd)
     cmd.add_argument("--jobs", type=int, help="pg_restore parallel jobs")
     cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
+    _role_arguments(cmd)
 
     cmd = command("rollback", cmd_rollback, "undo the last restore of a database", show_rollback)
     cmd.add_argument("--target", required=True, help="database URL that was restored")
@@ -660,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--target",
                      help="DR database URL to restore into (RDS: user and database for SQL checks)")
     cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore")
+    cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
+    _role_arguments(cmd)
     _dns_arguments(cmd, required=True)
     cmd.add_argument("--health-sql", action="append", metavar="SQL",
                      help="SQL check on the restored database (fails on error, false or NULL); repeatable")
@@ -679,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--repo", help="repository URL (primary or DR)")
     cmd.add_argument("--db", metavar="NAME", help="database whose newest backup to restore")
     cmd.add_argument("--server", help="server URL for the scratch database (default: DATABASE_URL)")
+    _role_arguments(cmd)
     cmd.add_argument("--scenario", default="database-corruption",
                      help="runbook scenario whose targets apply (database-corruption, accidental-deletion, "
                      "region-failure, ransomware)")
@@ -874,6 +882,11 @@ def _archive_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="a dump in GLACIER/DEEP_ARCHIVE: wait up to H hours for S3 to restore it (12)")
     cmd.add_argument("--no-wait", action="store_true",
                      help="a dump in GLACIER/DEEP_ARCHIVE: request its restore, exit 3 saying when to retry")
+def _role_arguments(cmd: argparse.ArgumentParser) -> None:
+    """What a restore does about roles the server lacks (see README: a whole database)."""
+    cmd.add_argument("--no-acl", action="store_true", help="do not restore privileges (GRANT/REVOKE)")
+    cmd.add_argument("--create-roles", action="store_true",
+                     help="create the roles the backup needs and the server lacks (without passwords)")
 
 
 def _dns_arguments(cmd: argparse.ArgumentParser, required: bool) -> None:

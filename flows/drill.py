@@ -54,7 +54,8 @@ def _dropped(server_url: str, dbname: str) -> bool:
 def drill(repo: str | None = None, db: str | None = None, server: str | None = None,
           scenario: str = drilling.DEFAULT_SCENARIO, rto_target_minutes: float | None = None,
           rpo_target_minutes: float | None = None, health_sql: list[str] | None = None,
-          failover: dict[str, Any] | None = None, last_archived_at: datetime | None = None) -> dict[str, Any]:
+          failover: dict[str, Any] | None = None, last_archived_at: datetime | None = None,
+          no_acl: bool = False, create_roles: bool = False) -> dict[str, Any]:
     """Rehearse a recovery and measure it against the scenario's targets.
 
     `failover`, when given, holds the failover flow's DNS parameters (zone_id,
@@ -82,7 +83,7 @@ def drill(repo: str | None = None, db: str | None = None, server: str | None = N
         with timeline.phase("restore and verify") as phase:
             try:
                 result = restore_and_validate(repo_url, settings, manifest, server_url, scratch[0], None,
-                                              True, by="drill")
+                                              True, by="drill", no_acl=no_acl, create_roles=create_roles)
             except IntegrityError:
                 items["checksum_verified"] = False
                 raise

@@ -129,7 +129,8 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
              rds_source_instance: str | None = None, rds_target_instance: str | None = None,
              rds_from_snapshot: bool = False, rds_instance_class: str | None = None,
              rds_subnet_group: str | None = None, rds_timeout_minutes: float = 60,
-             rds_poll_seconds: float = 30) -> dict[str, Any]:
+             rds_poll_seconds: float = 30, no_owner: bool = False, no_acl: bool = False,
+             create_roles: bool = False) -> dict[str, Any]:
     """Bring the database up in the DR region and point `record_name` at it.
 
     `repo` is the DR repository (default PGDR_REPLICA_REPO, else PGDR_REPO); `target` the
@@ -187,7 +188,8 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
                                    "restore was never tested", repo_url, manifest.backup_id)
             with timeline.phase("restore and verify") as phase:
                 restored = restore(backup_id=manifest.backup_id, target=target_url, repo=repo_url,
-                                   db=manifest.database, pre_restore_backup=False)
+                                   db=manifest.database, pre_restore_backup=False, no_owner=no_owner,
+                                   no_acl=no_acl, create_roles=create_roles)
                 phase.detail = f"{len(restored['row_counts'])} tables match the manifest"
                 summary["row_counts"] = restored["row_counts"]
         with timeline.phase("health checks") as phase:

@@ -217,7 +217,7 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
             **details))
 
     try:
-        wanted = recovery.requested_tables(list(tables or []), manifest.row_counts)
+        wanted = recovery.requested_tables(list(tables or []), manifest.row_counts, manifest.partitioned)
         check_target(target_url, wanted, mode, row_filter)
         try:
             restore_and_validate(repo_url, settings, manifest, target_url, temp_db, jobs, no_owner,

@@ -31,6 +31,7 @@ from flows.steps import (
     transient_only,
 )
 from tasks import catalog, postgres, quality
+from tasks import database as whole_database
 from tasks import restore as restoring
 from tasks.audit import audit_record
 from tasks.crypto import resolve_passphrase
@@ -86,17 +87,20 @@ def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, 
 # Tagged so that operators can cap concurrent restores: `prefect concurrency-limit create pg_restore 2`.
 @task(name="restore into new database", tags=["pg_restore"], timeout_seconds=24 * 3600)
 def restore_into_new_database(server_url: str, settings: Settings, dbname: str, archive: Path,
-                              jobs: int | None, no_owner: bool, of: str | None = None) -> None:
-    """CREATE DATABASE + pg_restore -j; the new database is dropped if anything fails, and
-    tagged as this run's (for `of`), so that the next run drops it if this one is killed."""
+                              jobs: int | None, no_owner: bool, of: str | None = None,
+                              no_acl: bool = False) -> None:
+    """CREATE DATABASE (closed to PUBLIC) + pg_restore -j; the new database is dropped if
+    anything fails, and tagged as this run's (for `of`), so that the next run drops it if
+    this one is killed."""
     with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
         if postgres.database_exists(conn, dbname):
             raise ConfigError(f"database {dbname} already exists")
         postgres.create_database(conn, dbname)
         restoring.tag_as_restoring(conn, dbname, of or dbname)
+        whole_database.close_to_public(conn, dbname)
     try:
         restoring.pg_restore(server_url, dbname, archive, jobs=jobs or settings.restore_jobs,
-                             no_owner=no_owner, secrets=settings.secrets())
+                             no_owner=no_owner, no_acl=no_acl, secrets=settings.secrets())
     except BaseException:
         restoring.drop_quietly(server_url, dbname)
         raise
@@ -105,7 +109,8 @@ def restore_into_new_database(server_url: str, settings: Settings, dbname: str, 
 @task(name="validate restore")
 def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -> dict[str, Any]:
     """great-expectations: every table's row count equals the manifest's."""
-    result = quality.validate_row_counts(postgres.with_database(server_url, dbname), manifest.row_counts)
+    result = quality.validate_row_counts(postgres.with_database(server_url, dbname), manifest.row_counts,
+                                         manifest.digests)
     result.update(backup_id=manifest.backup_id, database=dbname, verified_at=catalog.iso(catalog.utcnow()))
     rows = [[t["table"], t["expected"], t["observed"], "ok" if t["success"] else "FAILED"]
             for t in result["tables"]]
@@ -120,6 +125,53 @@ def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -
         f"Row counts of {dbname} against the manifest of {manifest.backup_id}",
     )
     return result
+
+
+@task(name="apply database properties")
+def apply_database_properties(server_url: str, dbname: str, manifest: catalog.Manifest, no_owner: bool,
+                              no_acl: bool) -> None:
+    """The backed-up database's owner, ACL, connection limit, settings and comment, given to
+    the restored database while it still has a name of its own (before any swap)."""
+    if manifest.database_properties is None:
+        get_run_logger().warning("backup %s predates database properties: %s gets PostgreSQL's defaults",
+                                 manifest.backup_id, dbname)
+        with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
+            whole_database.open_to_public(conn, dbname)
+        return
+    with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
+        skipped = whole_database.apply_properties(conn, dbname, manifest.database_properties,
+                                                  owner=not no_owner, acl=not no_acl, comment=False)
+        # The comment goes into pgdr's tag: the swap (or keeping a temp database) puts it in place.
+        restoring.remember_comment(conn, dbname, manifest.database_properties["comment"])
+    for what in skipped:
+        get_run_logger().warning("setting %s not applied: the role does not exist on this server", what)
+
+
+@task(name="check roles")
+def check_roles(server_url: str, dbname: str, manifest: catalog.Manifest, no_owner: bool, no_acl: bool,
+                create_roles: bool) -> list[str]:
+    """Before anything changes: the server must have every tablespace the backup uses and
+    every role it needs (owners, grantees, policy roles), or create the roles with
+    `create_roles`. Returns the roles created."""
+    if manifest.globals is None:
+        return []
+    needed = whole_database.needed_roles(manifest.globals["roles"], no_owner=no_owner, no_acl=no_acl)
+    with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
+        spaces = whole_database.missing_tablespaces(conn, manifest.globals.get("tablespaces", []))
+        if spaces:
+            raise ConfigError(f"{postgres.host_key(server_url)} lacks the tablespace(s) {', '.join(spaces)} "
+                              f"that backup {manifest.backup_id} uses: create them first (CREATE TABLESPACE)")
+        missing = needed - whole_database.existing_roles(conn, sorted(needed))
+        if not missing:
+            return []
+        if not create_roles:
+            raise ConfigError(
+                f"{postgres.host_key(server_url)} lacks the role(s) {', '.join(sorted(missing))} that backup "
+                f"{manifest.backup_id} needs: pass --create-roles to create them from the backup (without "
+                "passwords), or --no-owner --no-acl to restore without owners and grants")
+        created = whole_database.create_roles(conn, manifest.globals["role_statements"], missing)
+    get_run_logger().info("created role(s) %s from backup %s", ", ".join(created), manifest.backup_id)
+    return created
 
 
 @task(name="record verification", retries=3, retry_delay_seconds=[2, 10, 30])
@@ -168,13 +220,17 @@ def swap_into_place(server_url: str, target: str, incoming: str, manifest: catal
 
 
 def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Manifest, server_url: str,
-                         dbname: str, jobs: int | None, no_owner: bool, by: str,
+                         dbname: str, jobs: int | None, no_owner: bool, by: str, *,
                          archive_wait_hours: float = 12.0, wait: bool = True,
-                         of: str | None = None) -> dict[str, Any]:
+                         of: str | None = None, properties: bool = False, no_acl: bool = False,
+                         create_roles: bool = False) -> dict[str, Any]:
     """Stage, restore into the new database `dbname` (a scratch database for `of`, by
-    default the backup's database), validate; the database is dropped and the local copy
-    removed on any failure (the local copy always). An archived dump is brought back first
-    (bring_back_archived)."""
+    default the backup's database), validate, and (with `properties`) give it the backed-up
+    database's own properties; the database is dropped and the local copy removed on any
+    failure (the local copy always). Nothing starts unless the server has (or, with
+    `create_roles`, was given) every role the backup needs; an archived dump is brought
+    back first (bring_back_archived)."""
+    check_roles(server_url, dbname, manifest, no_owner, no_acl, create_roles)
     bring_back_archived(repo_url, settings, manifest, archive_wait_hours, wait)
     loading = quality.preload()
     directory = restoring.work_directory(settings.work_dir)
@@ -183,7 +239,7 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
         if not quality.cores_spare(jobs or settings.restore_jobs):
             loading.join()  # overlap the download only: pg_restore gets the cores to itself
         restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner,
-                                  of or manifest.database)
+                                  of or manifest.database, no_acl)
     except PgdrError as exc:
         if is_backup_defect(exc):
             record_failed_verification(repo_url, settings, manifest, str(exc), by)
@@ -197,6 +253,8 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
             raise VerificationFailed(
                 f"restored {manifest.backup_id} does not match its manifest: "
                 f"{quality.failure_summary(result)}", result)
+        if properties:
+            apply_database_properties(server_url, dbname, manifest, no_owner, no_acl)
     except BaseException:
         restoring.drop_quietly(server_url, dbname)
         raise
@@ -237,7 +295,8 @@ def _audited(operation: str, kind: str, repo_url: str, settings: Settings, sourc
 def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
             pre_restore_backup: bool = True, encrypt_to: str | None = None,
-            archive_wait_hours: float = 12.0, no_wait: bool = False) -> dict[str, Any]:
+            archive_wait_hours: float = 12.0, no_wait: bool = False, no_acl: bool = False,
+            create_roles: bool = False) -> dict[str, Any]:
     """Restore a backup into `target` (a database URL). A new database is restored
     directly; an existing one is replaced only after the restored copy validated, and is
     kept as `<db>_pre_restore_<ts>` (see rollback). The pre-restore backup is encrypted to
@@ -263,7 +322,8 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
                 # Loaded under a scratch name: the real name appears only once validated.
                 result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
                                               no_owner, by="restore", archive_wait_hours=archive_wait_hours,
-                                              wait=not no_wait, of=target_db)
+                                              wait=not no_wait, of=target_db, properties=True,
+                                              no_acl=no_acl, create_roles=create_roles)
             else:
                 # Before the safety copy: a run that stops to wait for S3 leaves nothing behind.
                 bring_back_archived(repo_url, settings, manifest, archive_wait_hours, not no_wait)
@@ -273,7 +333,8 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
                            encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
                 result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
                                               no_owner, by="restore", archive_wait_hours=archive_wait_hours,
-                                              wait=not no_wait, of=target_db)
+                                              wait=not no_wait, of=target_db, properties=True,
+                                              no_acl=no_acl, create_roles=create_roles)
             try:
                 kept_as = swap_into_place(target_url, target_db, incoming, manifest, replace=exists)
             except BaseException:
@@ -349,7 +410,8 @@ def repair(target: str | None = None) -> dict[str, Any]:
 def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str | None = None,
                     server: str | None = None, keep: bool = False, jobs: int | None = None,
                     no_owner: bool = False, archive_wait_hours: float = 12.0,
-                    no_wait: bool = False) -> dict[str, Any]:
+                    no_wait: bool = False, no_acl: bool = False,
+                    create_roles: bool = False) -> dict[str, Any]:
     """Restore into a throwaway database on `server`, validate it, drop it unless kept
     (an archived dump: as restore)."""
     settings = load_settings()
@@ -363,7 +425,8 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
     try:
         result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, jobs, no_owner,
                                       by="restore-to-temp", archive_wait_hours=archive_wait_hours,
-                                      wait=not no_wait)
+                                      wait=not no_wait, properties=True, no_acl=no_acl,
+                                      create_roles=create_roles)
     except Exception as exc:
         _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "failed",
                  error=str(exc))
@@ -372,7 +435,7 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
         restoring.drop_quietly(server_url, temp_db)
     else:
         with postgres.connect(server_url, dbname=restoring.admin_database(temp_db), autocommit=True) as conn:
-            restoring.set_tag(conn, temp_db, None)  # kept on purpose: not a leftover
+            restoring.untag(conn, temp_db)  # kept on purpose: not a leftover
     _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "success",
              manifest.size_bytes, kept=keep)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)

@@ -111,6 +111,14 @@ class Manifest:
     source: str
     data_key: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # Partitioned tables of the snapshot and the partitions that hold their rows.
+    partitioned: dict[str, list[str]] = field(default_factory=dict)
+    # The database itself (owner, ACL, settings, comment: tasks/database.py), taken in the snapshot.
+    database_properties: dict[str, Any] | None = None
+    # The roles and tablespaces the database refers to (tasks/database.py).
+    globals: dict[str, Any] | None = None
+    # Each table's content digest (tasks.postgres.digest_select), taken with the row counts.
+    digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:

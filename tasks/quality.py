@@ -13,8 +13,6 @@ import os
 import threading
 from typing import Any
 
-from psycopg import sql
-
 from tasks import postgres
 
 
@@ -39,8 +37,10 @@ def cores_spare(restore_jobs: int) -> bool:
     return (os.cpu_count() or 1) > restore_jobs + 1
 
 
-def validate_row_counts(url: str, expected: dict[str, int]) -> dict[str, Any]:
-    """Validate the database at url against the manifest's row counts.
+def validate_row_counts(url: str, expected: dict[str, int],
+                        digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """Validate the database at url against the manifest's row counts and, for the tables
+    `digests` has, content digests (an expectation over the digest query's one row).
 
     Returns {"success", "tables": [{table, expected, observed, success}], "statistics"}; a
     table missing from the database fails its expectation. One scan per table: primary keys
@@ -66,36 +66,49 @@ def validate_row_counts(url: str, expected: dict[str, int]) -> dict[str, Any]:
         port=int(params["port"]) if params.get("port") else None, database="postgres",
     ).render_as_string(hide_password=False)
     connect_args = {"dbname": params.get("dbname")}
+    if digests:  # rows print as they did in the backup's snapshot
+        connect_args["options"] = " ".join(f"-c {k}={v}" for k, v in postgres.DIGEST_SETTINGS.items())
     if password:
         connect_args["password"] = password
     datasource = context.data_sources.add_postgres(
         "restored", connection_string=engine_url, kwargs={"connect_args": connect_args})
-    existing = {key for key, _s, _t in _tables(url)}
+    columns = _columns(url)
     tables = []
     for index, (table, count) in enumerate(sorted(expected.items())):
         entry: dict[str, Any] = {"table": table, "expected": count, "observed": None, "success": False}
         tables.append(entry)
-        if table not in existing:
+        if table not in columns:
             entry["error"] = "table missing from the restored database"
             continue
         schema, name = postgres.parse_table_name(table)
         # A query asset: GX's own table assets mangle mixed-case and quoted names.
-        query = sql.SQL("SELECT 1 AS one FROM {}").format(sql.Identifier(schema, name)).as_string()
+        digest = (digests or {}).get(table)
+        select = postgres.digest_select(columns[table]) if digest else "1 AS one"
+        query = postgres.table_rows(schema, name, select).as_string()
         asset = datasource.add_query_asset(name=f"t{index}", query=query)
         batch = asset.add_batch_definition_whole_table("all rows")
         suite = context.suites.add(gx.ExpectationSuite(name=f"row counts t{index}"))
-        suite.add_expectation(gxe.ExpectTableRowCountToEqual(value=count))
+        if digest:
+            suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="rows", value_set=[count]))
+            suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="digest", value_set=[digest]))
+        else:
+            suite.add_expectation(gxe.ExpectTableRowCountToEqual(value=count))
         validation = context.validation_definitions.add(
             gx.ValidationDefinition(name=f"restore t{index}", data=batch, suite=suite))
         outcome = validation.run()
         entry["success"] = bool(outcome.success)
-        (result,) = outcome.results
-        entry["observed"] = result.result.get("observed_value")
+        if digest:
+            rows, content = outcome.results
+            entry["observed"] = count if rows.success else rows.result["partial_unexpected_list"][0]
+            entry["digest_matches"] = bool(content.success)
+        else:
+            (result,) = outcome.results
+            entry["observed"] = result.result.get("observed_value")
     # GX pools its connections: close them, or the restored database stays "in use".
     datasource.get_engine().dispose()
     # A table the manifest does not count (all of them, for an emptied row_counts) is a
     # manifest that does not describe this backup.
-    for table in sorted(existing - set(expected)):
+    for table in sorted(set(columns) - set(expected)):
         tables.append({"table": table, "expected": None, "observed": None, "success": False,
                        "error": "in the restored database but not in the manifest"})
     failed = [t for t in tables if not t["success"]]
@@ -107,9 +120,11 @@ def validate_row_counts(url: str, expected: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def _tables(url: str) -> list[tuple[str, str, str]]:
+def _columns(url: str) -> dict[str, list[str]]:
+    """The restored database's tables (as user_tables keys them) and their columns."""
     with postgres.connect(url) as conn:
-        return postgres.user_tables(conn)
+        columns = postgres.table_columns(conn)
+        return {key: columns.get(key, []) for key, _schema, _table in postgres.user_tables(conn)}
 
 
 def failure_summary(result: dict[str, Any], limit: int = 3) -> str:
@@ -119,6 +134,9 @@ def failure_summary(result: dict[str, Any], limit: int = 3) -> str:
     for entry in failed[:limit]:
         if entry.get("error"):
             parts.append(f"{entry['table']}: {entry['error']}")
+        elif entry["observed"] == entry["expected"] and entry.get("digest_matches") is False:
+            parts.append(f"{entry['table']}: {entry['observed']} rows as expected, but their content differs "
+                         "from the backup's (digest)")
         else:
             parts.append(f"{entry['table']}: {entry['observed']} rows, expected {entry['expected']}")
     more = f" and {len(failed) - limit} more" if len(failed) > limit else ""

@@ -92,13 +92,15 @@ def _closing_dollar(text: str, start: int) -> int:
     return close + len(tag) - 1
 
 
-def requested_tables(names: list[str], row_counts: dict[str, int]) -> list[tuple[str, str, str]]:
+def requested_tables(names: list[str], row_counts: dict[str, int],
+                     partitioned: dict[str, list[str]] | None = None) -> list[tuple[str, str, str]]:
     """(key, schema, table) of each named table, parsed as SQL would and looked up in the
-    backup's manifest (key is the manifest's spelling); a name that is not a table of the
-    backup is refused before anything runs."""
+    backup's manifest (key is the manifest's spelling); a partitioned table is one table
+    here (its partitions come with it). A name that is not a table of the backup is
+    refused before anything runs."""
     if not names:
         raise ConfigError("name at least one table to recover (--table schema.table)")
-    in_backup = {postgres.parse_table_name(key): key for key in row_counts}
+    in_backup = {postgres.parse_table_name(key): key for key in [*row_counts, *(partitioned or {})]}
     wanted: list[tuple[str, str, str]] = []
     for name in names:
         schema, table = postgres.parse_table_name(name)
@@ -125,10 +127,17 @@ class TableShape:
     primary_key: list[str]
     # Columns the server computes or fills (GENERATED ALWAYS AS (...) STORED): never written.
     generated: set[str] = field(default_factory=set)
+    partitioned: bool = False
 
     @property
     def ident(self) -> sql.Identifier:
         return sql.Identifier(self.schema, self.table)
+
+    @property
+    def own_rows(self) -> sql.Composable:
+        """The table as a source of its own rows: ONLY the table (never an inheritance
+        child's rows), but all of a partitioned table, whose rows live in its partitions."""
+        return self.ident if self.partitioned else sql.SQL("ONLY {}").format(self.ident)
 
 
 
@@ -149,7 +158,7 @@ ORDER BY k.position
 """
 
 _TABLE_OID_SQL = """
-SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind = 'p'
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
 """
@@ -167,14 +176,14 @@ def table_shape(conn: psycopg.Connection, schema: str, table: str) -> TableShape
         columns = conn.execute(_COLUMNS_SQL, {"oid": row[0]}).fetchall()
         key = [r[0] for r in conn.execute(_PRIMARY_KEY_SQL, {"oid": row[0]})]
     return TableShape(schema, table, row[1], [c[0] for c in columns], {c[0]: c[1] for c in columns}, key,
-                      {c[0] for c in columns if c[2]})
+                      {c[0] for c in columns if c[2]}, bool(row[2]))
 
 
 # --- reading the backup's rows (temporary database) ------------------------------------------
 
 
 def _source_query(shape: TableShape, select: sql.Composable, row_filter: str | None) -> sql.Composed:
-    query = sql.SQL("SELECT {} FROM ONLY {}").format(select, shape.ident)
+    query = sql.SQL("SELECT {} FROM {}").format(select, shape.own_rows)
     if row_filter is not None:
         # Checked by check_row_filter: one expression that cannot leave its parentheses.
         query = sql.SQL("{} WHERE ({})").format(query, sql.SQL(row_filter))  # type: ignore[arg-type]
@@ -237,8 +246,8 @@ def create_stage(conn: psycopg.Connection, backup: TableShape, columns: list[str
 
 def count_present(conn: psycopg.Connection, target: TableShape, stage: sql.Identifier) -> int:
     """Staged rows whose primary key the target already holds."""
-    query = sql.SQL("SELECT count(*) FROM {} s WHERE EXISTS (SELECT 1 FROM ONLY {} t WHERE {})").format(
-        stage, target.ident, _key_match(target.primary_key, "t", "s"))
+    query = sql.SQL("SELECT count(*) FROM {} s WHERE EXISTS (SELECT 1 FROM {} t WHERE {})").format(
+        stage, target.own_rows, _key_match(target.primary_key, "t", "s"))
     return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
 
 
@@ -248,9 +257,9 @@ def insert_missing(conn: psycopg.Connection, target: TableShape, stage: sql.Iden
     client inserts meanwhile; any other unique conflict fails the table loudly."""
     query = sql.SQL(
         "INSERT INTO {t} AS t ({cols}) OVERRIDING SYSTEM VALUE SELECT {scols} FROM {stage} s"
-        " WHERE NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {match}) ON CONFLICT ({key}) DO NOTHING"
-    ).format(t=target.ident, cols=_columns(columns), scols=_columns(columns, "s"), stage=stage,
-             match=_key_match(target.primary_key, "t", "s"), key=_columns(target.primary_key))
+        " WHERE NOT EXISTS (SELECT 1 FROM {own} t WHERE {match}) ON CONFLICT ({key}) DO NOTHING"
+    ).format(t=target.ident, own=target.own_rows, cols=_columns(columns), scols=_columns(columns, "s"),
+             stage=stage, match=_key_match(target.primary_key, "t", "s"), key=_columns(target.primary_key))
     return conn.execute(query).rowcount
 
 
@@ -262,10 +271,10 @@ def update_changed(conn: psycopg.Connection, target: TableShape, stage: sql.Iden
     if not values:
         return 0
     query = sql.SQL(
-        "UPDATE ONLY {t} AS t SET ({cols}) = ROW({scols}) FROM {stage} s"
+        "UPDATE {t} AS t SET ({cols}) = ROW({scols}) FROM {stage} s"
         " WHERE {match} AND ROW({tcols})::text IS DISTINCT FROM ROW({scols})::text"
-    ).format(t=target.ident, cols=_columns(values), scols=_columns(values, "s"), tcols=_columns(values, "t"),
-             stage=stage, match=_key_match(target.primary_key, "t", "s"))
+    ).format(t=target.own_rows, cols=_columns(values), scols=_columns(values, "s"),
+             tcols=_columns(values, "t"), stage=stage, match=_key_match(target.primary_key, "t", "s"))
     return conn.execute(query).rowcount
 
 
@@ -275,9 +284,9 @@ def count_changed(conn: psycopg.Connection, target: TableShape, stage: sql.Ident
     if not values:
         return 0
     query = sql.SQL(
-        "SELECT count(*) FROM ONLY {t} AS t JOIN {stage} s ON {match}"
+        "SELECT count(*) FROM {t} AS t JOIN {stage} s ON {match}"
         " WHERE ROW({tcols})::text IS DISTINCT FROM ROW({scols})::text"
-    ).format(t=target.ident, stage=stage, match=_key_match(target.primary_key, "t", "s"),
+    ).format(t=target.own_rows, stage=stage, match=_key_match(target.primary_key, "t", "s"),
              tcols=_columns(values, "t"), scols=_columns(values, "s"))
     return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
 
@@ -290,17 +299,17 @@ def _absent_from_stage(target: TableShape, stage: sql.Identifier) -> sql.Composa
 def count_extra(conn: psycopg.Connection, target: TableShape, stage: sql.Identifier) -> int:
     """Target rows the backup does not hold (replace deletes them)."""
     if not target.primary_key:
-        return int(conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(target.ident))
+        return int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target.own_rows))
                    .fetchone()[0])  # type: ignore[index]
-    query = sql.SQL("SELECT count(*) FROM ONLY {} t WHERE {}").format(
-        target.ident, _absent_from_stage(target, stage))
+    query = sql.SQL("SELECT count(*) FROM {} t WHERE {}").format(
+        target.own_rows, _absent_from_stage(target, stage))
     return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
 
 
 def delete_extra(conn: psycopg.Connection, target: TableShape, stage: sql.Identifier) -> int:
     if not target.primary_key:
-        return conn.execute(sql.SQL("DELETE FROM ONLY {}").format(target.ident)).rowcount
-    query = sql.SQL("DELETE FROM ONLY {} t WHERE {}").format(target.ident, _absent_from_stage(target, stage))
+        return conn.execute(sql.SQL("DELETE FROM {}").format(target.own_rows)).rowcount
+    query = sql.SQL("DELETE FROM {} t WHERE {}").format(target.own_rows, _absent_from_stage(target, stage))
     return conn.execute(query).rowcount
 
 
@@ -327,8 +336,9 @@ def cascading_references(conn: psycopg.Connection, target: TableShape) -> list[s
 
 
 def lock_for_replace(conn: psycopg.Connection, target: TableShape) -> None:
-    """Readers go on; writers wait until the table holds the backup's content."""
-    conn.execute(sql.SQL("LOCK TABLE ONLY {} IN SHARE ROW EXCLUSIVE MODE").format(target.ident))
+    """Readers go on; writers wait until the table holds the backup's content (all of its
+    partitions, for a partitioned table)."""
+    conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target.own_rows))
 
 
 def create_side_table(conn: psycopg.Connection, backup: TableShape, name: str, columns: list[str],
@@ -366,8 +376,8 @@ def advance_sequences(conn: psycopg.Connection, target: TableShape) -> list[dict
     moved = []
     table = target.ident.as_string(conn)
     for column, sequence in conn.execute(_SEQUENCES_SQL, {"table": table}).fetchall():
-        highest = conn.execute(sql.SQL("SELECT max({})::bigint FROM ONLY {}").format(
-            sql.Identifier(column), target.ident)).fetchone()[0]  # type: ignore[index]
+        highest = conn.execute(sql.SQL("SELECT max({})::bigint FROM {}").format(
+            sql.Identifier(column), target.own_rows)).fetchone()[0]  # type: ignore[index]
         current, increment = conn.execute(_SEQUENCE_STATE_SQL, (sequence,)).fetchone()  # type: ignore[misc]
         if highest is not None and increment > 0 and highest > current:
             conn.execute("SELECT pg_catalog.setval(%s, %s, true)", (sequence, highest))

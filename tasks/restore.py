@@ -122,12 +122,16 @@ def wait_until_readable(repo: Repository, key: str, *, wait_hours: float, wait: 
 
 
 def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_owner: bool = False,
-               secrets: list[str] | None = None) -> None:
+               no_acl: bool = False, secrets: list[str] | None = None) -> None:
     """pg_restore -j into dbname; any error, including "errors ignored on restore", fails."""
-    argv = [postgres.pg_bin("pg_restore"), "--exit-on-error", "--no-password", f"--jobs={max(1, jobs)}",
-            f"--dbname={dbname}"]
+    with postgres.connect(server_url, dbname=dbname) as conn:
+        major = postgres.server_major(conn)  # pg_restore of the server's version (or newer)
+    argv = [postgres.pg_bin("pg_restore", major), "--exit-on-error", "--no-password",
+            f"--jobs={max(1, jobs)}", f"--dbname={dbname}"]
     if no_owner:
         argv.append("--no-owner")
+    if no_acl:
+        argv.append("--no-acl")
     argv.append(str(archive))
     with postgres.libpq_env(server_url, dbname=dbname) as env:
         # --dbname is a name, not a connection string: the server comes from PGHOST/PGPORT.
@@ -181,6 +185,17 @@ def pgdr_databases(conn: psycopg.Connection) -> list[tuple[str, dict[str, Any]]]
     """Every database carrying a pgdr tag, with the tag."""
     rows = conn.execute("SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database").fetchall()
     return [(name, tag) for name, comment in rows if (tag := _as_tag(comment)) is not None]
+
+
+def remember_comment(conn: psycopg.Connection, dbname: str, comment: str | None) -> None:
+    """Keep the comment a restored database should have inside its pgdr tag (the comment
+    itself holds the tag until the database takes its name)."""
+    set_tag(conn, dbname, {**(_as_tag(_comment(conn, dbname)) or {}), "comment": comment})
+
+
+def untag(conn: psycopg.Connection, dbname: str) -> None:
+    """No longer pgdr's: the database gets the comment its tag was keeping, or none."""
+    _restore_comment(conn, dbname, (_as_tag(_comment(conn, dbname)) or {}).get("comment"))
 
 
 def tag_as_restoring(conn: psycopg.Connection, dbname: str, of: str) -> None:
@@ -289,17 +304,20 @@ def _finish_swap(conn: psycopg.Connection, incoming: str, plan: dict[str, Any], 
         pause_point("swap-blocked")
         try:
             with conn.transaction():
-                # The operator's own comment stays with the name; pgdr's tags with the data.
-                user_comment = (_as_tag(plan.get("incoming_comment")) or {}).get("comment")
+                # A database's own comment travels with its data, inside pgdr's tag while
+                # the database is set aside or being restored (remember_comment).
+                incoming_tag = _as_tag(plan.get("incoming_comment")) or {}
+                new_comment = incoming_tag.get("comment")
                 if replacing:
                     current = _comment(conn, target)
-                    if _as_tag(current) is None:
-                        user_comment = current
+                    old_comment = current if _as_tag(current) is None else _as_tag(current).get("comment")
+                    if "comment" not in incoming_tag:
+                        new_comment = old_comment
                     postgres.rename_database(conn, target, keep_as)
-                    set_tag(conn, keep_as, {**plan["keep_tag"], "comment": user_comment})
+                    set_tag(conn, keep_as, {**plan["keep_tag"], "comment": old_comment})
                     postgres.allow_connections(conn, keep_as)
                 postgres.rename_database(conn, incoming, target)
-                _restore_comment(conn, target, user_comment)
+                _restore_comment(conn, target, new_comment)
                 postgres.allow_connections(conn, target)
             return
         except psycopg.errors.ObjectInUse:

