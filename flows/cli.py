@@ -125,11 +125,13 @@ def cmd_failover(args: argparse.Namespace) -> dict[str, Any]:
         dry_run=args.dry_run, region=args.region, rds_source_instance=args.rds_source_instance,
         rds_target_instance=args.rds_target_instance, rds_from_snapshot=args.rds_from_snapshot,
         rds_instance_class=args.rds_instance_class, rds_subnet_group=args.rds_subnet_group,
-        rds_timeout_minutes=args.rds_timeout_minutes, rds_poll_seconds=args.rds_poll_seconds)
+        rds_timeout_minutes=args.rds_timeout_minutes, rds_poll_seconds=args.rds_poll_seconds,
+        backup_id=args.backup, max_backup_age_hours=args.max_backup_age_hours, accept_stale=args.accept_stale,
+        force_record_value=args.force_record_value)
 
 
 def cmd_drill(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.drill import drill
+    from flows.drill import drill, process_started_at
 
     failover = None
     if args.with_failover_dry_run:
@@ -144,7 +146,9 @@ def cmd_drill(args: argparse.Namespace) -> dict[str, Any]:
             failover["repo"] = args.failover_repo
     return drill(repo=args.repo, db=args.db, server=_url(args.server), scenario=args.scenario,
                  rto_target_minutes=args.rto_target_minutes, rpo_target_minutes=args.rpo_target_minutes,
-                 health_sql=args.health_sql, failover=failover, last_archived_at=args.last_archived_at)
+                 health_sql=args.health_sql, failover=failover, backup_id=args.backup,
+                 max_backup_age_hours=args.max_backup_age_hours, pitr=args.pitr,
+                 started_at=process_started_at())
 
 
 def show_failover(result: dict[str, Any]) -> None:
@@ -540,9 +544,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore")
     _dns_arguments(cmd, required=True)
     cmd.add_argument("--health-sql", action="append", metavar="SQL",
-                     help="SQL check on the restored database (fails on error, false or NULL); repeatable")
+                     help="SQL check on the restored database (passes only on a first row whose first value "
+                     "is true); repeatable")
     cmd.add_argument("--health-timeout", type=float, default=10.0, help="seconds per health check (10)")
-    cmd.add_argument("--dry-run", action="store_true", help="everything except the DNS switch")
+    cmd.add_argument("--dry-run", action="store_true",
+                     help="change nothing: restore into a scratch database beside the target, check it, drop "
+                     "it, and say what the DNS switch would be (RDS: only checks that need no instance)")
+    cmd.add_argument("--backup", metavar="ID",
+                     help="restore this backup (default: the newest whose checksum holds)")
+    cmd.add_argument("--max-backup-age-hours", type=float, default=26.0,
+                     help="refuse, before any change, a backup older than this (26)")
+    cmd.add_argument("--accept-stale", action="store_true", help="restore a backup older than that anyway")
+    cmd.add_argument("--force-record-value", action="store_true",
+                     help="point the record at --record-value even if it does not name the checked database")
     cmd.add_argument("--rds-source-instance", metavar="ID",
                      help="RDS instance (or automated-backups ARN) to restore instead of a pgdr backup")
     cmd.add_argument("--rds-target-instance", metavar="ID", help="name of the restored RDS instance")
@@ -555,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd = command("drill", cmd_drill, "rehearse a recovery and measure RTO and RPO", show_drill)
     cmd.add_argument("--repo", help="repository URL (primary or DR)")
-    cmd.add_argument("--db", metavar="NAME", help="database whose newest backup to restore")
+    cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore")
     cmd.add_argument("--server", help="server URL for the scratch database (default: DATABASE_URL)")
     cmd.add_argument("--scenario", default="database-corruption",
                      help="runbook scenario whose targets apply (database-corruption, accidental-deletion, "
@@ -563,8 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--rto-target-minutes", type=float, help="override the scenario's RTO target")
     cmd.add_argument("--rpo-target-minutes", type=float, help="override the scenario's RPO target")
     cmd.add_argument("--health-sql", action="append", metavar="SQL", help="SQL check on the restored copy")
-    cmd.add_argument("--last-archived-at", type=_utc_time, metavar="TIME",
-                     help="time of the last archived WAL (ISO 8601 UTC): the RPO of point-in-time recovery")
+    cmd.add_argument("--backup", metavar="ID",
+                     help="restore this backup (default: what a failover would choose)")
+    cmd.add_argument("--max-backup-age-hours", type=float, default=26.0,
+                     help="a failover refuses older backups, so the drill fails on them (26)")
+    cmd.add_argument("--pitr", action="store_true",
+                     help="rehearse point-in-time recovery: newest base backup + WAL replayed to its end "
+                     "(--db names the WAL area); RPO from the last replayed transaction")
     cmd.add_argument("--with-failover-dry-run", action="store_true",
                      help="also run the failover as a dry run (needs the DNS options)")
     cmd.add_argument("--failover-repo", help="DR repository for the failover dry run (default: --repo)")
@@ -727,20 +746,13 @@ def _dns_arguments(cmd: argparse.ArgumentParser, required: bool) -> None:
     cmd.add_argument("--zone-id", required=required, help="Route53 hosted zone id")
     cmd.add_argument("--record-name", required=required, help="DNS name clients connect to")
     cmd.add_argument("--record-type", default="CNAME", help="record type (CNAME)")
-    cmd.add_argument("--record-value", help="the DR database's host name (RDS: default its endpoint)")
+    cmd.add_argument("--record-value",
+                     help="new record value; must name the checked database's host (default: that host; "
+                     "RDS: the new endpoint)")
     cmd.add_argument("--ttl", type=int, default=60, help="record TTL in seconds (60)")
     cmd.add_argument("--health-url", action="append", metavar="URL",
                      help="HTTP URL that must answer 2xx before DNS is switched; repeatable")
     cmd.add_argument("--region", help="AWS region of the DR side (default: AWS_REGION)")
-
-
-def _utc_time(text: str) -> Any:
-    from tasks.catalog import parse_iso
-
-    try:
-        return parse_iso(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
 
 
 # --- plumbing ---------------------------------------------------------------------------
