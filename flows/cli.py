@@ -273,6 +273,31 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                  name=args.name, bucket=args.bucket)
 
 
+def cmd_replicate(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.replicate import replicate
+    from tasks.errors import ConfigError
+
+    if not args.all:
+        raise ConfigError("pass --all to copy every backup, base backup, WAL file, files backup and storage "
+                          "snapshot the replica lacks")
+    return replicate(repo=args.repo, replica_repo=args.replica)
+
+
+def show_replicate(result: dict[str, Any]) -> None:
+    copied = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in result["copied"].items())
+    print(f"Copied to {result['replica']}: {copied}")
+    _show_replica_lag(result["lag"])
+
+
+def _show_replica_lag(lag: dict[str, Any]) -> None:
+    for entry in lag["databases"]:
+        print(f"  {entry['database']}: {entry['missing_backups']} backup(s) and {entry['missing_wal_files']} "
+              f"WAL file(s) not in the replica, lag {entry['lag_seconds'] / 3600:.2f} h")
+    if lag["missing_files_backups"] or lag["missing_storage_snapshots"]:
+        print(f"  {lag['missing_files_backups']} files backup(s) and "
+              f"{lag['missing_storage_snapshots']} storage snapshot(s) not in the replica")
+
+
 def show_prune(result: dict[str, Any]) -> None:
     rows = result["backups"]
     if rows:
@@ -313,8 +338,15 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.status import repository_status
 
     settings = _settings()
-    return repository_status(open_repository(args.repo or settings.repo_url, region=settings.aws_region),
-                             args.db)
+    repo = open_repository(args.repo or settings.repo_url, region=settings.aws_region)
+    result = repository_status(repo, args.db)
+    if settings.replica_repo_url and settings.replica_repo_url.rstrip("/") != repo.url.rstrip("/"):
+        from tasks.catalog import utcnow
+        from tasks.replica import replica_lag
+
+        result["replica"] = replica_lag(repo, open_repository(settings.replica_repo_url,
+                                                              region=settings.aws_region), utcnow())
+    return result
 
 
 def show_status(result: dict[str, Any]) -> None:
@@ -323,6 +355,9 @@ def show_status(result: dict[str, Any]) -> None:
         print(f"No backups in {result['repository']}.")
         return
     verified = {True: "ok", False: "FAILED", None: "never"}
+    if result.get("replica"):
+        print(f"DR copy {result['replica']['replica']}: lag {result['replica']['lag_seconds'] / 3600:.2f} h")
+        _show_replica_lag(result["replica"])
     _print_table(
         ["DATABASE", "LAST BACKUP", "AGE (H)", "SIZE", "LAST VERIFIED (UTC)", "VERIFICATION"],
         [[d["database"], d["last_backup"] or "-", d["age_hours"] if d["age_hours"] is not None else "-",
@@ -366,8 +401,31 @@ def cmd_wal_push(args: argparse.Namespace) -> dict[str, Any]:
     settings, repo, database = _wal_target(args)
     result = wal.push(repo, database, Path(args.path), encrypt_to=args.encrypt_to or settings.encrypt_to,
                       gpg_homedir=settings.gpg_homedir, zstd_level=settings.zstd_level)
+    replicated = _replicate_wal(settings, repo, database, result.name)
     return {"name": result.name, "key": result.key, "stored": result.stored, "size_bytes": result.size,
-            "wal_bytes": result.wal_size, "database": database, "repository": repo.url}
+            "wal_bytes": result.wal_size, "database": database, "repository": repo.url,
+            "replicated": replicated}
+
+
+def _replicate_wal(settings: Any, repo: Any, database: str, name: str) -> bool | None:
+    """Copy the segment just archived to PGDR_REPLICA_REPO. A DR region that cannot be
+    reached must not stall the primary's archiving (pg_wal would fill its disk): it is a
+    warning, `pgdr status` shows the replica's lag and `pgdr replicate --all` fills the gap."""
+    from tasks import replica
+    from tasks.repository import open_repository
+
+    if not settings.replica_repo_url or settings.replica_repo_url == repo.url:
+        return None
+    try:
+        target = open_repository(settings.replica_repo_url, sse=settings.s3_sse,
+                                 kms_key_id=settings.s3_kms_key_id, region=settings.aws_region)
+        replica.copy_wal(repo, target, database, name)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"pgdr: warning: {name} is archived but not copied to the replica: "
+              f"{redact(reason, _secrets())}", file=sys.stderr)
+        return False
+    return True
 
 
 def cmd_wal_fetch(args: argparse.Namespace) -> dict[str, Any]:
@@ -670,6 +728,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--bucket", help="only the storage snapshots of this bucket")
     cmd.add_argument("--tier", help="only this tier (the floors still count every tier)")
     cmd.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+
+    cmd = command("replicate", cmd_replicate, "copy to the DR repository (PGDR_REPLICA_REPO) whatever it "
+                  "lacks", show_replicate)
+    cmd.add_argument("--all", action="store_true",
+                     help="every database backup, base backup, WAL file, files backup and storage snapshot")
+    cmd.add_argument("--repo", help="repository to copy from (default: PGDR_REPO)")
+    cmd.add_argument("--replica", metavar="URL", help="DR repository (default: PGDR_REPLICA_REPO)")
 
     cmd = command("init-repo", cmd_init_repo, "create and harden the S3 bucket of a repository",
                   show_init_repo, runs_flow=False)

@@ -490,7 +490,8 @@ def test_a_drill_that_misses_a_target_fails_notifies_and_reports_to_cloudwatch(c
     (message,) = receiver.messages
     assert (message["flow"], message["status"]) == ("drill", "failed") and "RPO" in message["reason"]
     listed = boto3.client("cloudwatch").list_metrics(Namespace=os.environ["PGDR_CLOUDWATCH_NAMESPACE"])
-    assert {"DrillFailed", "DrillRTOSeconds", "DrillRPOSeconds"} <= {m["MetricName"] for m in listed["Metrics"]}
+    names = {m["MetricName"] for m in listed["Metrics"]}
+    assert {"DrillFailed", "DrillRTOSeconds", "DrillRPOSeconds"} <= names
 
 
 def test_a_dump_drill_takes_its_rpo_from_the_dump_not_from_newer_wal_and_ends_failed(pg, source_db, file_repo,
