@@ -148,6 +148,9 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
     target_url = target or (None if rds_source_instance else settings.db_url)
     if rds_source_instance and not rds_target_instance:
         raise ConfigError("an RDS failover needs the new instance's name: pass --rds-target-instance")
+    if rds_source_instance and not target_url:
+        raise ConfigError("an RDS failover switches DNS only after a health check reached the new instance: "
+                          "pass --target with the user and database to check there")
     if not rds_source_instance and not target_url:
         raise ConfigError("no DR database given: pass --target URL")
     if force_record_value and not record_value:

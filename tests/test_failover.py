@@ -375,24 +375,28 @@ def instances() -> set[str]:
     return {i["DBInstanceIdentifier"] for i in boto3.client("rds").describe_db_instances()["DBInstances"]}
 
 
-def test_rds_dry_run_creates_nothing_and_a_failover_without_a_database_check_keeps_dns(capsys, rds_source,
-                                                                                        zone):
+def test_rds_dry_run_creates_nothing_and_a_failover_without_a_database_check_is_refused(capsys, rds_source,
+                                                                                         zone, source_db):
     restored = f"{rds_source}-dr"
     before = instances()
     for extra in ((), ("--rds-from-snapshot",)):
-        result = cli_json(capsys, *rds_args(zone, rds_source, restored, "--dry-run", *extra))
+        result = cli_json(capsys, *rds_args(zone, rds_source, restored, "--target", source_db, "--dry-run",
+                                            *extra))
         assert instances() == before and served(zone).value == PRIMARY
         assert [p["name"] for p in result["phases"]] == [
             "read dns record", "check rds restore", "health checks (dry run)", "dns switch (dry run)"]
         assert result["phases"][1]["detail"].startswith("would restore")
     assert "snapshot rds:" in result["phases"][1]["detail"]
 
-    # A real failover with no check reaching the new database restores it but keeps DNS.
-    code, out, err = run_cli(capsys, *rds_args(zone, rds_source, restored, "--json"))
-    assert code == 1 and "no health check reached the restored database" in error_line(err)
-    assert json.loads(out)["rds"]["endpoint"]["Address"] and served(zone).value == PRIMARY
-    # Its name is taken now: a dry run says so instead of leaving the real run to fail.
-    code, _, err = run_cli(capsys, *rds_args(zone, rds_source, restored, "--dry-run"))
+    # No check could reach the new instance: refused before anything is created.
+    code, _, err = run_cli(capsys, *rds_args(zone, rds_source, restored))
+    assert code == 1 and "--target" in error_line(err)
+    assert instances() == before and served(zone).value == PRIMARY
+    # A leftover instance of that name: the dry run says so instead of leaving the real run to fail.
+    boto3.client("rds").create_db_instance(
+        DBInstanceIdentifier=restored, Engine="postgres", DBInstanceClass="db.t3.micro", AllocatedStorage=20,
+        MasterUsername="pgdr", MasterUserPassword="not-a-secret-1")
+    code, _, err = run_cli(capsys, *rds_args(zone, rds_source, restored, "--target", source_db, "--dry-run"))
     assert code == 1 and f"an RDS instance named {restored} already exists" in error_line(err)
 
 
