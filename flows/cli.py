@@ -411,11 +411,11 @@ def _replicate_wal(settings: Any, repo: Any, database: str, name: str) -> bool |
     """Copy the segment just archived to PGDR_REPLICA_REPO. A DR region that cannot be
     reached must not stall the primary's archiving (pg_wal would fill its disk): it is a
     warning, `pgdr status` shows the replica's lag and `pgdr replicate --all` fills the gap."""
+    if not settings.replica_repo_url or settings.replica_repo_url == repo.url:
+        return None
     from tasks import replica
     from tasks.repository import open_repository
 
-    if not settings.replica_repo_url or settings.replica_repo_url == repo.url:
-        return None
     try:
         target = open_repository(settings.replica_repo_url, sse=settings.s3_sse,
                                  kms_key_id=settings.s3_kms_key_id, region=settings.aws_region)
