@@ -344,8 +344,11 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         from tasks.catalog import utcnow
         from tasks.replica import replica_lag
 
-        result["replica"] = replica_lag(repo, open_repository(settings.replica_repo_url,
-                                                              region=settings.aws_region), utcnow())
+        try:
+            result["replica"] = replica_lag(repo, open_repository(settings.replica_repo_url,
+                                                                  region=settings.aws_region), utcnow())
+        except PgdrError as exc:  # the primary's status still stands
+            result["replica"] = {"replica": settings.replica_repo_url, "error": str(exc)}
     return result
 
 
@@ -355,9 +358,12 @@ def show_status(result: dict[str, Any]) -> None:
         print(f"No backups in {result['repository']}.")
         return
     verified = {True: "ok", False: "FAILED", None: "never"}
-    if result.get("replica"):
-        print(f"DR copy {result['replica']['replica']}: lag {result['replica']['lag_seconds'] / 3600:.2f} h")
-        _show_replica_lag(result["replica"])
+    replica = result.get("replica")
+    if replica and replica.get("error"):
+        print(f"DR copy {replica['replica']}: UNREACHABLE: {replica['error']}")
+    elif replica:
+        print(f"DR copy {replica['replica']}: lag {replica['lag_seconds'] / 3600:.2f} h")
+        _show_replica_lag(replica)
     _print_table(
         ["DATABASE", "LAST BACKUP", "AGE (H)", "SIZE", "LAST VERIFIED (UTC)", "VERIFICATION"],
         [[d["database"], d["last_backup"] or "-", d["age_hours"] if d["age_hours"] is not None else "-",

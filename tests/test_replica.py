@@ -3,6 +3,7 @@ otherwise take with it, copied, checked and usable from the replica alone."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import boto3
@@ -84,3 +85,23 @@ def test_the_dr_copy_holds_dumps_base_backups_wal_files_and_snapshots(capsys, mo
     (copy,) = list_base_backups(open_repository(replica), base["database"])
     assert copy.backup_id == base["backup_id"]
     open_repository(replica).verify(f"{copy.prefix}/{copy.data_key}", copy.size_bytes, copy.sha256)
+
+
+def test_an_unreachable_replica_never_stalls_wal_archiving_and_the_gap_is_filled_later(capsys, monkeypatch,
+                                                                                       s3_repo, tmp_path):
+    missing = f"pgdr-dr-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("PGDR_REPLICA_REPO", f"s3://{missing}/pgdr")
+    segment = tmp_path / SEGMENT
+    segment.write_bytes(b"\2" * 8192)
+    code, out, err = run_cli(capsys, "wal-push", str(segment), "--repo", s3_repo, "--db", "ledger", "--json")
+    # Archived (PostgreSQL may recycle the segment), and the missing copy said out loud.
+    assert code == 0 and json.loads(out)["replicated"] is False
+    assert f"pgdr: warning: {SEGMENT} is archived but not copied to the replica" in err
+    assert "NoSuchBucket" in cli_json(capsys, "status", "--repo", s3_repo)["replica"]["error"]
+
+    boto3.client("s3").create_bucket(Bucket=missing)
+    assert cli_json(capsys, "status", "--repo", s3_repo)["replica"]["databases"][0]["missing_wal_files"] == 1
+    assert cli_json(capsys, "replicate", "--all", "--repo", s3_repo)["copied"]["wal_files"] == 1
+    code, _, err = run_cli(capsys, "wal-fetch", SEGMENT, str(tmp_path / "fetched"), "--repo",
+                           f"s3://{missing}/pgdr", "--db", "ledger")
+    assert (code, err) == (0, "") and (tmp_path / "fetched").read_bytes() == segment.read_bytes()
