@@ -43,11 +43,12 @@ class FailoverFailed(PgdrError):
 
 @task(name="choose backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def choose_backup(repo_url: str, settings: Settings, database: str | None, backup_id: str | None,
-                  max_age_hours: float, accept_stale: bool) -> choosing.Choice:
+                  max_age_hours: float, accept_stale: bool,
+                  target_database: str | None = None) -> choosing.Choice:
     """The one choice a failover and a drill make (tasks/failover.py)."""
     choice = choosing.choose_backup(open_repo(repo_url, settings), database, catalog.utcnow(),
                                     backup_id=backup_id, max_age_hours=max_age_hours,
-                                    accept_stale=accept_stale)
+                                    accept_stale=accept_stale, target_database=target_database)
     for reason in choice.skipped:
         get_run_logger().warning("skipping %s", reason)
     return choice
@@ -213,7 +214,8 @@ def _database_failover(timeline: Timeline, summary: dict[str, Any], repo_url: st
     new_value = choosing.check_record_value(record_value, postgres.parse_dsn(target_url).get("host"),
                                             force_record_value)
     with timeline.phase("choose backup") as phase:
-        choice = choose_backup(repo_url, settings, db, backup_id, max_age_hours, accept_stale)
+        choice = choose_backup(repo_url, settings, db, backup_id, max_age_hours, accept_stale,
+                               postgres.database_name(target_url))
         manifest = choice.manifest
         summary.update(source=manifest.backup_id, backup_id=manifest.backup_id, selection=choice.evidence,
                        snapshot_at=manifest.snapshot_at, choice=choice.to_dict())

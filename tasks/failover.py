@@ -71,13 +71,14 @@ def check_age(manifest: catalog.Manifest, now: datetime, max_age_hours: float, a
 
 def choose_backup(repository: Repository, database: str | None, now: datetime, *,
                   backup_id: str | None = None, max_age_hours: float = DEFAULT_MAX_BACKUP_AGE_HOURS,
-                  accept_stale: bool = False) -> Choice:
+                  accept_stale: bool = False, target_database: str | None = None) -> Choice:
     """The backup a failover restores (see the module's docstring); `backup_id` pins one,
-    which must still pass its checksum. Nothing is changed anywhere."""
+    which must still pass its checksum. Without `database`, the repository's only one, or
+    the one named like `target_database`. Nothing is changed anywhere."""
     if backup_id:
         candidates = [catalog.find_backup(repository, backup_id, database)]
     else:
-        database = database or catalog.resolve_backup(repository, "latest").database
+        database = database or catalog.resolve_backup(repository, "latest", None, target_database).database
         candidates = [m for m in reversed(catalog.list_backups(repository, database))
                       if m.tier not in NEVER_CHOSEN_TIERS]
         if not candidates:

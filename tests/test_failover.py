@@ -147,6 +147,35 @@ def test_the_record_must_name_the_checked_host_unless_forced():
         choosing.check_record_value(None, "/var/run/postgresql", False)
 
 
+def test_the_choice_skips_damaged_backups_and_safety_copies_and_names_its_database(tmp_path):
+    import hashlib
+
+    repo = open_repository(f"file://{tmp_path}/repo")
+
+    def stored(database: str, minutes_ago: int, tier: str = "daily", damaged: bool = False) -> str:
+        manifest = manifest_at(T0 - timedelta(minutes=minutes_ago), tier)
+        manifest.database, data = database, f"{database} {minutes_ago}".encode()
+        manifest.size_bytes, manifest.sha256 = len(data), hashlib.sha256(data).hexdigest()
+        repo.put_bytes(f"{manifest.prefix}/{manifest.data_key}", b"X" + data[1:] if damaged else data)
+        repo.put_bytes(manifest.manifest_key, manifest.to_json())
+        return manifest.backup_id
+
+    good = stored("fleet", 30)
+    damaged = stored("fleet", 20, damaged=True)
+    stored("fleet", 10, tier="pre-restore")
+    stored("billing", 5)
+    with pytest.raises(PgdrError, match="several databases"):
+        choosing.choose_backup(repo, None, T0)
+    choice = choosing.choose_backup(repo, None, T0, target_database="fleet")
+    assert choice.manifest.backup_id == good and choice.age_seconds == 30 * 60
+    assert [s.split(":")[0] for s in choice.skipped] == [damaged]
+    assert choice.to_dict()["evidence"] == "checksum ok; restore never tested in this repository"
+    with pytest.raises(PgdrError, match="is corrupt"):
+        choosing.choose_backup(repo, "fleet", T0, backup_id=damaged)
+    with pytest.raises(choosing.StaleBackup):
+        choosing.choose_backup(repo, "fleet", T0, max_age_hours=0.25)
+
+
 @pytest.mark.parametrize(("row", "ok"), [((True,), True), ((True, False), True), (None, False),
                                          ((False,), False), ((None,), False), ((1,), False), (("t",), False)])
 def test_a_sql_check_passes_only_on_a_first_value_that_is_true(row, ok):
