@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.backup import TOOL_VERSION
+from flows.prune import replicate_backup
 from flows.steps import (
     FLOW_HOOKS,
     Progress,
@@ -112,6 +113,8 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
         manifest = take_base_backup(db_url, repo_url, settings, database, backup_id, fingerprint,
                                     fast_checkpoint)
         write_manifest(repo_url, settings, manifest)
+        if settings.replica_repo_url:
+            replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "basebackup", type=tier, source=database, destination=repo_url, status="failed",

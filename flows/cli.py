@@ -178,11 +178,13 @@ def cmd_failover(args: argparse.Namespace) -> dict[str, Any]:
         rds_target_instance=args.rds_target_instance, rds_from_snapshot=args.rds_from_snapshot,
         rds_instance_class=args.rds_instance_class, rds_subnet_group=args.rds_subnet_group,
         rds_timeout_minutes=args.rds_timeout_minutes, rds_poll_seconds=args.rds_poll_seconds,
-        no_owner=args.no_owner, no_acl=args.no_acl, create_roles=args.create_roles)
+        no_owner=args.no_owner, no_acl=args.no_acl, create_roles=args.create_roles,
+        backup_id=args.backup, max_backup_age_hours=args.max_backup_age_hours, accept_stale=args.accept_stale,
+        force_record_value=args.force_record_value)
 
 
 def cmd_drill(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.drill import drill
+    from flows.drill import drill, process_started_at
 
     failover = None
     if args.with_failover_dry_run:
@@ -197,8 +199,9 @@ def cmd_drill(args: argparse.Namespace) -> dict[str, Any]:
             failover["repo"] = args.failover_repo
     return drill(repo=args.repo, db=args.db, server=_url(args.server), scenario=args.scenario,
                  rto_target_minutes=args.rto_target_minutes, rpo_target_minutes=args.rpo_target_minutes,
-                 health_sql=args.health_sql, failover=failover, last_archived_at=args.last_archived_at,
-                 no_acl=args.no_acl, create_roles=args.create_roles)
+                 health_sql=args.health_sql, failover=failover, backup_id=args.backup,
+                 max_backup_age_hours=args.max_backup_age_hours, pitr=args.pitr,
+                 started_at=process_started_at(), no_acl=args.no_acl, create_roles=args.create_roles)
 
 
 def show_failover(result: dict[str, Any]) -> None:
@@ -323,6 +326,31 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
                  name=args.name, bucket=args.bucket, server=_url(args.server))
 
 
+def cmd_replicate(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.replicate import replicate
+    from tasks.errors import ConfigError
+
+    if not args.all:
+        raise ConfigError("pass --all to copy every backup, base backup, WAL file, files backup and storage "
+                          "snapshot the replica lacks")
+    return replicate(repo=args.repo, replica_repo=args.replica)
+
+
+def show_replicate(result: dict[str, Any]) -> None:
+    copied = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in result["copied"].items())
+    print(f"Copied to {result['replica']}: {copied}")
+    _show_replica_lag(result["lag"])
+
+
+def _show_replica_lag(lag: dict[str, Any]) -> None:
+    for entry in lag["databases"]:
+        print(f"  {entry['database']}: {entry['missing_backups']} backup(s) and {entry['missing_wal_files']} "
+              f"WAL file(s) not in the replica, lag {entry['lag_seconds'] / 3600:.2f} h")
+    if lag["missing_files_backups"] or lag["missing_storage_snapshots"]:
+        print(f"  {lag['missing_files_backups']} files backup(s) and "
+              f"{lag['missing_storage_snapshots']} storage snapshot(s) not in the replica")
+
+
 def show_prune(result: dict[str, Any]) -> None:
     rows = result["backups"]
     if rows:
@@ -368,8 +396,18 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.status import repository_status
 
     settings = _settings()
-    return repository_status(open_repository(args.repo or settings.repo_url, region=settings.aws_region),
-                             args.db, server_url=args.server or settings.db_url)
+    repo = open_repository(args.repo or settings.repo_url, region=settings.aws_region)
+    result = repository_status(repo, args.db, server_url=args.server or settings.db_url)
+    if settings.replica_repo_url and settings.replica_repo_url.rstrip("/") != repo.url.rstrip("/"):
+        from tasks.catalog import utcnow
+        from tasks.replica import replica_lag
+
+        try:
+            result["replica"] = replica_lag(repo, open_repository(settings.replica_repo_url,
+                                                                  region=settings.aws_region), utcnow())
+        except PgdrError as exc:  # the primary's status still stands
+            result["replica"] = {"replica": settings.replica_repo_url, "error": str(exc)}
+    return result
 
 
 def show_status(result: dict[str, Any]) -> None:
@@ -377,6 +415,12 @@ def show_status(result: dict[str, Any]) -> None:
     if not databases:
         print(f"No backups in {result['repository']}.")
         return
+    replica = result.get("replica")
+    if replica and replica.get("error"):
+        print(f"DR copy {replica['replica']}: UNREACHABLE: {replica['error']}")
+    elif replica:
+        print(f"DR copy {replica['replica']}: lag {replica['lag_seconds'] / 3600:.2f} h")
+        _show_replica_lag(replica)
     _print_table(
         ["DATABASE", "LAST BACKUP", "AGE (H)", "SIZE", "STORAGE", "ITS VERIFICATION", "NEWEST VERIFIED"],
         [[d["database"], d["last_backup"] or "-", d["age_hours"] if d["age_hours"] is not None else "-",
@@ -444,8 +488,31 @@ def cmd_wal_push(args: argparse.Namespace) -> dict[str, Any]:
         result = wal.push_ahead(repo, database, Path(args.path), Path(args.spool), args.jobs, **options)
     else:
         result = wal.push(repo, database, Path(args.path), **options)
+    replicated = _replicate_wal(settings, repo, database, result.name)
     return {"name": result.name, "key": result.key, "stored": result.stored, "size_bytes": result.size,
-            "wal_bytes": result.wal_size, "database": database, "repository": repo.url}
+            "wal_bytes": result.wal_size, "database": database, "repository": repo.url,
+            "replicated": replicated}
+
+
+def _replicate_wal(settings: Any, repo: Any, database: str, name: str) -> bool | None:
+    """Copy the segment just archived to PGDR_REPLICA_REPO. A DR region that cannot be
+    reached must not stall the primary's archiving (pg_wal would fill its disk): it is a
+    warning, `pgdr status` shows the replica's lag and `pgdr replicate --all` fills the gap."""
+    if not settings.replica_repo_url or settings.replica_repo_url == repo.url:
+        return None
+    from tasks import replica
+    from tasks.repository import open_repository
+
+    try:
+        target = open_repository(settings.replica_repo_url, sse=settings.s3_sse,
+                                 kms_key_id=settings.s3_kms_key_id, region=settings.aws_region)
+        replica.copy_wal(repo, target, database, name)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"pgdr: warning: {name} is archived but not copied to the replica: "
+              f"{redact(reason, _secrets())}", file=sys.stderr)
+        return False
+    return True
 
 
 def cmd_wal_fetch(args: argparse.Namespace) -> dict[str, Any]:
@@ -669,9 +736,19 @@ def build_parser() -> argparse.ArgumentParser:
     _role_arguments(cmd)
     _dns_arguments(cmd, required=True)
     cmd.add_argument("--health-sql", action="append", metavar="SQL",
-                     help="SQL check on the restored database (fails on error, false or NULL); repeatable")
+                     help="SQL check on the restored database (passes only on a first row whose first value "
+                     "is true); repeatable")
     cmd.add_argument("--health-timeout", type=float, default=10.0, help="seconds per health check (10)")
-    cmd.add_argument("--dry-run", action="store_true", help="everything except the DNS switch")
+    cmd.add_argument("--dry-run", action="store_true",
+                     help="change nothing: restore into a scratch database beside the target, check it, drop "
+                     "it, and say what the DNS switch would be (RDS: only checks that need no instance)")
+    cmd.add_argument("--backup", metavar="ID",
+                     help="restore this backup (default: the newest whose checksum holds)")
+    cmd.add_argument("--max-backup-age-hours", type=float, default=26.0,
+                     help="refuse, before any change, a backup older than this (26)")
+    cmd.add_argument("--accept-stale", action="store_true", help="restore a backup older than that anyway")
+    cmd.add_argument("--force-record-value", action="store_true",
+                     help="point the record at --record-value even if it does not name the checked database")
     cmd.add_argument("--rds-source-instance", metavar="ID",
                      help="RDS instance (or automated-backups ARN) to restore instead of a pgdr backup")
     cmd.add_argument("--rds-target-instance", metavar="ID", help="name of the restored RDS instance")
@@ -684,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd = command("drill", cmd_drill, "rehearse a recovery and measure RTO and RPO", show_drill)
     cmd.add_argument("--repo", help="repository URL (primary or DR)")
-    cmd.add_argument("--db", metavar="NAME", help="database whose newest backup to restore")
+    cmd.add_argument("--db", metavar="NAME", help="database whose backup to restore")
     cmd.add_argument("--server", help="server URL for the scratch database (default: DATABASE_URL)")
     _role_arguments(cmd)
     cmd.add_argument("--scenario", default="database-corruption",
@@ -693,8 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--rto-target-minutes", type=float, help="override the scenario's RTO target")
     cmd.add_argument("--rpo-target-minutes", type=float, help="override the scenario's RPO target")
     cmd.add_argument("--health-sql", action="append", metavar="SQL", help="SQL check on the restored copy")
-    cmd.add_argument("--last-archived-at", type=_utc_time, metavar="TIME",
-                     help="time of the last archived WAL (ISO 8601 UTC): the RPO of point-in-time recovery")
+    cmd.add_argument("--backup", metavar="ID",
+                     help="restore this backup (default: what a failover would choose)")
+    cmd.add_argument("--max-backup-age-hours", type=float, default=26.0,
+                     help="a failover refuses older backups, so the drill fails on them (26)")
+    cmd.add_argument("--pitr", action="store_true",
+                     help="rehearse point-in-time recovery: newest base backup + WAL replayed to its end "
+                     "(--db names the WAL area); RPO from the last replayed transaction")
     cmd.add_argument("--with-failover-dry-run", action="store_true",
                      help="also run the failover as a dry run (needs the DNS options)")
     cmd.add_argument("--failover-repo", help="DR repository for the failover dry run (default: --repo)")
@@ -784,6 +866,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
     cmd.add_argument("--server", metavar="URL", help="server whose safety databases (<db>_pre_restore_*, "
                      "<db>_rolled_back_*) to prune too (default: DATABASE_URL)")
+
+    cmd = command("replicate", cmd_replicate, "copy to the DR repository (PGDR_REPLICA_REPO) whatever it "
+                  "lacks", show_replicate)
+    cmd.add_argument("--all", action="store_true",
+                     help="every database backup, base backup, WAL file, files backup and storage snapshot")
+    cmd.add_argument("--repo", help="repository to copy from (default: PGDR_REPO)")
+    cmd.add_argument("--replica", metavar="URL", help="DR repository (default: PGDR_REPLICA_REPO)")
 
     cmd = command("init-repo", cmd_init_repo, "create and harden the S3 bucket of a repository",
                   show_init_repo, runs_flow=False)
@@ -893,20 +982,13 @@ def _dns_arguments(cmd: argparse.ArgumentParser, required: bool) -> None:
     cmd.add_argument("--zone-id", required=required, help="Route53 hosted zone id")
     cmd.add_argument("--record-name", required=required, help="DNS name clients connect to")
     cmd.add_argument("--record-type", default="CNAME", help="record type (CNAME)")
-    cmd.add_argument("--record-value", help="the DR database's host name (RDS: default its endpoint)")
+    cmd.add_argument("--record-value",
+                     help="new record value; must name the checked database's host (default: that host; "
+                     "RDS: the new endpoint)")
     cmd.add_argument("--ttl", type=int, default=60, help="record TTL in seconds (60)")
     cmd.add_argument("--health-url", action="append", metavar="URL",
                      help="HTTP URL that must answer 2xx before DNS is switched; repeatable")
     cmd.add_argument("--region", help="AWS region of the DR side (default: AWS_REGION)")
-
-
-def _utc_time(text: str) -> Any:
-    from tasks.catalog import parse_iso
-
-    try:
-        return parse_iso(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
 
 
 # --- plumbing ---------------------------------------------------------------------------

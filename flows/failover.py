@@ -1,14 +1,18 @@
 """Failover: the runbook's scenario 2 (the primary region is lost) as a flow.
 
-read the DNS record -> choose the newest verified backup in the DR repository -> restore
-it into the DR database and verify it (the restore flow) -> health checks -> UPSERT the
-Route53 record and read it back -> audit record, artifact with each phase's timing (the
-total is the achieved RTO).
+read the DNS record -> choose the backup (tasks/failover.py: the newest complete one in
+the DR repository whose checksum holds, refused when too old) -> restore it into the DR
+database and verify it (the restore flow) -> health checks, which must reach the restored
+database -> UPSERT the Route53 record, which must name that database's host, and read it
+back -> audit record, artifact with each phase's timing (the total is the achieved RTO).
 
 With an RDS source, RDS restores the instance in the DR region instead (point in time,
 or from its newest automated snapshot), and the record points at the new endpoint.
 Nothing before the DNS switch changes the record: a failure leaves DNS as it was.
-`dry_run` does everything except the switch and says what it would change.
+
+`dry_run` changes nothing anywhere: the backup is restored into a scratch database beside
+the target (dropped afterwards) and checked there; the target database, the record and
+RDS are left as they were (RDS: no instance is created, only what needs none is checked).
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from psycopg.conninfo import make_conninfo
 
-from flows.restore import restore
+from flows.restore import restore, restore_and_validate
 from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, transient_only
 from tasks import aws, catalog, health, postgres
+from tasks import failover as choosing
+from tasks import restore as restoring
 from tasks.audit import audit_record
 from tasks.drill import Timeline, phases_markdown
-from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
-from tasks.repository import Repository
+from tasks.errors import ConfigError, PgdrError
 from tasks.settings import Settings, load_settings
 
 
@@ -36,28 +41,17 @@ class FailoverFailed(PgdrError):
         self.details = details
 
 
-def choose_backup(repository: Repository, database: str | None) -> tuple[catalog.Manifest, str]:
-    """The newest backup whose restore was verified; without one, the newest whose stored
-    bytes still match their checksum. Returns (manifest, "verified" | "checksum")."""
-    newest = catalog.resolve_backup(repository, "latest", database)
-    backups = catalog.regular_backups(catalog.list_backups(repository, newest.database))[::-1]
-    for manifest in backups:
-        if (catalog.read_verification(repository, manifest) or {}).get("verified") is True:
-            return manifest, "verified"
-    for manifest in backups:
-        try:
-            repository.verify(f"{manifest.prefix}/{manifest.data_key}", manifest.size_bytes, manifest.sha256)
-        except IntegrityError as exc:
-            get_run_logger().warning("skipping %s: %s", manifest.backup_id, exc)
-            continue
-        return manifest, "checksum"
-    raise NotFoundError(f"no backup of {newest.database} in {repository.url} passes its checksum")
-
-
 @task(name="choose backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
-def choose_backup_task(repo_url: str, settings: Settings,
-                       database: str | None) -> tuple[catalog.Manifest, str]:
-    return choose_backup(open_repo(repo_url, settings), database)
+def choose_backup(repo_url: str, settings: Settings, database: str | None, backup_id: str | None,
+                  max_age_hours: float, accept_stale: bool,
+                  target_database: str | None = None) -> choosing.Choice:
+    """The one choice a failover and a drill make (tasks/failover.py)."""
+    choice = choosing.choose_backup(open_repo(repo_url, settings), database, catalog.utcnow(),
+                                    backup_id=backup_id, max_age_hours=max_age_hours,
+                                    accept_stale=accept_stale, target_database=target_database)
+    for reason in choice.skipped:
+        get_run_logger().warning("skipping %s", reason)
+    return choice
 
 
 @task(name="read dns record", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
@@ -68,6 +62,11 @@ def read_dns(zone_id: str, name: str, record_type: str, region: str | None) -> a
 @task(name="switch dns", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def switch_dns(record: aws.DnsRecord, region: str | None, comment: str) -> aws.DnsRecord:
     return aws.upsert_record(aws.client("route53", region), record, comment)
+
+
+@task(name="check rds restore", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def check_rds(source: str, instance: str, region: str | None, from_snapshot: bool) -> str:
+    return aws.check_rds_restore(aws.client("rds", region), source, instance, from_snapshot=from_snapshot)
 
 
 @task(name="restore rds instance")
@@ -98,6 +97,9 @@ def run_health_checks(phase: Any, sql_url: str | None, sql: list[str], urls: lis
     phase.detail = health.summary(results)
     if not all(r["ok"] for r in results):
         raise PgdrError(f"health checks failed: {phase.detail}")
+    if not health.reached_database(results):
+        raise PgdrError("no health check reached the restored database, so nothing proves clients would "
+                        "find it working: give --target (user and database) for the SQL checks")
     return results
 
 
@@ -129,25 +131,32 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
              rds_source_instance: str | None = None, rds_target_instance: str | None = None,
              rds_from_snapshot: bool = False, rds_instance_class: str | None = None,
              rds_subnet_group: str | None = None, rds_timeout_minutes: float = 60,
-             rds_poll_seconds: float = 30, no_owner: bool = False, no_acl: bool = False,
+             rds_poll_seconds: float = 30, backup_id: str | None = None,
+             max_backup_age_hours: float = choosing.DEFAULT_MAX_BACKUP_AGE_HOURS, accept_stale: bool = False,
+             force_record_value: bool = False, no_owner: bool = False, no_acl: bool = False,
              create_roles: bool = False) -> dict[str, Any]:
     """Bring the database up in the DR region and point `record_name` at it.
 
     `repo` is the DR repository (default PGDR_REPLICA_REPO, else PGDR_REPO); `target` the
-    DR database URL to restore into. With `rds_source_instance`, RDS restores the
-    instance as `rds_target_instance` in `region` instead, and the record points at its
-    endpoint unless `record_value` is given; `target` (optional) then names the user and
-    database for the SQL health checks at that endpoint."""
+    DR database URL to restore into; `backup_id` pins the backup (default: the newest
+    complete one whose checksum holds, refused when older than `max_backup_age_hours`
+    unless `accept_stale`). With `rds_source_instance`, RDS restores the instance as
+    `rds_target_instance` in `region` instead; `target` then names the user and database
+    for the SQL health checks at its endpoint. The record points at the host of the
+    database that passed the checks; another `record_value` needs `force_record_value`."""
     settings = load_settings()
     repo_url = repo or settings.replica_repo_url or settings.repo_url
     region = region or settings.aws_region
     target_url = target or (None if rds_source_instance else settings.db_url)
     if rds_source_instance and not rds_target_instance:
         raise ConfigError("an RDS failover needs the new instance's name: pass --rds-target-instance")
+    if rds_source_instance and not target_url:
+        raise ConfigError("an RDS failover switches DNS only after a health check reached the new instance: "
+                          "pass --target with the user and database to check there")
     if not rds_source_instance and not target_url:
         raise ConfigError("no DR database given: pass --target URL")
-    if not rds_source_instance and not record_value:
-        raise ConfigError("no record value given: pass --record-value (the DR database's host name)")
+    if force_record_value and not record_value:
+        raise ConfigError("--force-record-value needs --record-value")
     logger = get_run_logger()
     timeline = Timeline(catalog.utcnow)
     summary: dict[str, Any] = {
@@ -159,46 +168,24 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
         with timeline.phase("read dns record") as phase:
             current = read_dns(zone_id, record_name, record_type, region)
             phase.detail = current.describe() if current else "no such record yet"
-        sql_url = target_url
         if rds_source_instance:
             assert rds_target_instance is not None  # checked above
-            with timeline.phase("rds restore") as phase:
-                started = restore_rds(rds_source_instance, rds_target_instance, region, rds_from_snapshot,
-                                      rds_instance_class, rds_subnet_group)
-                phase.detail = f"{started.method} restore of {started.source} ({started.restored_from})"
-                summary["rds"] = {"instance": started.instance, "method": started.method,
-                                  "restored_from": started.restored_from}
-            with timeline.phase("wait for rds instance") as phase:
-                endpoint = wait_for_rds(rds_target_instance, region, rds_timeout_minutes * 60,
-                                        rds_poll_seconds)
-                phase.detail = f"available at {endpoint['Address']}:{endpoint['Port']}"
-                summary["rds"]["endpoint"] = endpoint
-            record_value = record_value or endpoint["Address"]
-            sql_url = _endpoint_url(target_url, endpoint) if target_url else None
-            summary["target"] = f"{endpoint['Address']}:{endpoint['Port']}"
+            new_value = _rds_failover(timeline, summary, target_url, record_value, force_record_value,
+                                      region, rds_source_instance, rds_target_instance, rds_from_snapshot,
+                                      rds_instance_class, rds_subnet_group, rds_timeout_minutes * 60,
+                                      rds_poll_seconds, health_sql or [], health_urls or [],
+                                      health_timeout_seconds, dry_run)
         else:
             assert target_url is not None  # checked above
-            with timeline.phase("choose backup") as phase:
-                manifest, selection = choose_backup_task(repo_url, settings, db)
-                summary.update(source=manifest.backup_id, backup_id=manifest.backup_id, selection=selection,
-                               snapshot_at=manifest.snapshot_at)
-                phase.detail = f"{manifest.backup_id} ({selection})"
-                if selection != "verified":
-                    logger.warning("no verified backup in %s: using %s, whose checksum verifies but whose "
-                                   "restore was never tested", repo_url, manifest.backup_id)
-            with timeline.phase("restore and verify") as phase:
-                restored = restore(backup_id=manifest.backup_id, target=target_url, repo=repo_url,
-                                   db=manifest.database, pre_restore_backup=False, no_owner=no_owner,
-                                   no_acl=no_acl, create_roles=create_roles)
-                phase.detail = f"{len(restored['row_counts'])} tables match the manifest"
-                summary["row_counts"] = restored["row_counts"]
-        with timeline.phase("health checks") as phase:
-            summary["health"] = run_health_checks(phase, sql_url, health_sql or [], health_urls or [],
-                                                  health_timeout_seconds)
-        assert record_value is not None  # checked above, or the RDS endpoint
-        new = aws.DnsRecord(zone_id, aws.fqdn(record_name), record_type, ttl, record_value)
+            new_value = _database_failover(timeline, summary, repo_url, settings, target_url, db, backup_id,
+                                           max_backup_age_hours, accept_stale, record_value,
+                                           force_record_value, health_sql or [], health_urls or [],
+                                           health_timeout_seconds, dry_run,
+                                           {"no_owner": no_owner, "no_acl": no_acl,
+                                            "create_roles": create_roles})
+        new = aws.DnsRecord(zone_id, aws.fqdn(record_name), record_type, ttl, new_value)
         summary["dns"] = {"zone_id": zone_id, "name": new.name, "type": record_type, "ttl": ttl,
-                          "previous": current.value if current else None, "value": record_value,
+                          "previous": current.value if current else None, "value": new_value,
                           "changed": False}
         with timeline.phase("dns switch (dry run)" if dry_run else "dns switch") as phase:
             before = current.describe() if current else "(no record)"
@@ -218,6 +205,83 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
                    finished_at=catalog.iso(catalog.utcnow()))
     _finish(repo_url, settings, summary, "success")
     return summary
+
+
+def _database_failover(timeline: Timeline, summary: dict[str, Any], repo_url: str, settings: Settings,
+                       target_url: str, db: str | None, backup_id: str | None, max_age_hours: float,
+                       accept_stale: bool, record_value: str | None, force_record_value: bool,
+                       health_sql: list[str], health_urls: list[str], health_timeout: float,
+                       dry_run: bool, roles: dict[str, bool]) -> str:
+    """Choose, restore (a dry run: into a scratch database beside the target), check;
+    returns the value the record gets (checked first: a wrong one changes nothing).
+    `roles`: no_owner, no_acl, create_roles, as restore takes them."""
+    new_value = choosing.check_record_value(record_value, postgres.parse_dsn(target_url).get("host"),
+                                            force_record_value)
+    with timeline.phase("choose backup") as phase:
+        choice = choose_backup(repo_url, settings, db, backup_id, max_age_hours, accept_stale,
+                               postgres.database_name(target_url))
+        manifest = choice.manifest
+        summary.update(source=manifest.backup_id, backup_id=manifest.backup_id, selection=choice.evidence,
+                       snapshot_at=manifest.snapshot_at, choice=choice.to_dict())
+        phase.detail = f"{manifest.backup_id} ({choice.evidence}, {choice.age_seconds / 3600:.1f} h old)"
+    if not dry_run:
+        with timeline.phase("restore and verify") as phase:
+            restored = restore(backup_id=manifest.backup_id, target=target_url, repo=repo_url,
+                               db=manifest.database, pre_restore_backup=False, **roles)
+            phase.detail = f"{len(restored['row_counts'])} tables match the manifest"
+            summary["row_counts"] = restored["row_counts"]
+        with timeline.phase("health checks") as phase:
+            summary["health"] = run_health_checks(phase, target_url, health_sql, health_urls, health_timeout)
+    else:
+        scratch = restoring.derived_name(postgres.database_name(target_url), "failover_dry_run",
+                                         timeline.started)
+        try:
+            with timeline.phase("restore and verify (scratch database)") as phase:
+                result = restore_and_validate(repo_url, settings, manifest, target_url, scratch, None,
+                                              roles["no_owner"], by="failover dry run", properties=True,
+                                              no_acl=roles["no_acl"], create_roles=roles["create_roles"])
+                phase.detail = f"{result['statistics']['evaluated']} tables match the manifest in {scratch}"
+                summary["row_counts"] = {t["table"]: t["observed"] for t in result["tables"]}
+            with timeline.phase("health checks (scratch database)") as phase:
+                summary["health"] = run_health_checks(phase, postgres.with_database(target_url, scratch),
+                                                      health_sql, health_urls, health_timeout)
+        finally:
+            with timeline.phase("drop scratch database") as phase:
+                restoring.drop_quietly(target_url, scratch)
+                phase.detail = scratch
+    return new_value
+
+
+def _rds_failover(timeline: Timeline, summary: dict[str, Any], target_url: str | None,
+                  record_value: str | None, force_record_value: bool, region: str | None, source: str,
+                  instance: str, from_snapshot: bool, instance_class: str | None, subnet_group: str | None,
+                  timeout_seconds: float, poll_seconds: float, health_sql: list[str],
+                  health_urls: list[str], health_timeout: float, dry_run: bool) -> str:
+    """Restore the instance (a dry run: only check that it could be), wait, check;
+    returns the value the record gets."""
+    with timeline.phase("check rds restore") as phase:
+        phase.detail = check_rds(source, instance, region, from_snapshot)
+        summary["rds"] = {"instance": instance, "method": "snapshot" if from_snapshot else "point-in-time"}
+    if dry_run:
+        with timeline.phase("health checks (dry run)") as phase:
+            phase.detail = "not run: a dry run creates no instance to check"
+        if record_value and not force_record_value:
+            raise PgdrError("--record-value for an RDS failover must be the new endpoint, which a dry run "
+                            "does not know: leave it out, or add --force-record-value")
+        return record_value or f"<endpoint of {instance}>"
+    with timeline.phase("rds restore") as phase:
+        started = restore_rds(source, instance, region, from_snapshot, instance_class, subnet_group)
+        phase.detail = f"{started.method} restore of {started.source} ({started.restored_from})"
+        summary["rds"].update(method=started.method, restored_from=started.restored_from)
+    with timeline.phase("wait for rds instance") as phase:
+        endpoint = wait_for_rds(instance, region, timeout_seconds, poll_seconds)
+        phase.detail = f"available at {endpoint['Address']}:{endpoint['Port']}"
+        summary["rds"]["endpoint"] = endpoint
+    summary["target"] = f"{endpoint['Address']}:{endpoint['Port']}"
+    with timeline.phase("health checks") as phase:
+        sql_url = _endpoint_url(target_url, endpoint) if target_url else None
+        summary["health"] = run_health_checks(phase, sql_url, health_sql, health_urls, health_timeout)
+    return choosing.check_record_value(record_value, endpoint["Address"], force_record_value)
 
 
 def _finish(repo_url: str, settings: Settings, summary: dict[str, Any], status: str) -> None:

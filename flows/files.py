@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.backup import TOOL_VERSION
-from flows.prune import prune_after_backup
+from flows.prune import prune_after_backup, replicate_backup
 from flows.steps import (
     FLOW_HOOKS,
     Progress,
@@ -90,6 +90,8 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
         with database_lock(open_repo(repo_url, settings), name, "files-backup", area=retention.FILES):
             manifest = archive_files(list(paths), name, repo_url, settings, backup_id, tier, fingerprint)
             write_manifest(repo_url, settings, manifest)
+        if settings.replica_repo_url:
+            replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "files-backup", type=tier, source=name, destination=repo_url, status="failed",

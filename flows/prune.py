@@ -23,6 +23,7 @@ from tasks.audit import audit_record
 from tasks.errors import PgdrError
 from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
+from tasks.storage import StorageManifest
 
 
 @task(name="prune", task_run_name="prune {area} {name}", retries=2, retry_delay_seconds=[5, 30],
@@ -142,11 +143,16 @@ def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str
 
 @task(name="copy to replica", retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient_only)
 def replicate_backup(repo_url: str, replica_url: str, settings: Settings,
-                     manifest: catalog.Manifest) -> dict[str, Any]:
-    """The DR-region copy of a finished backup, checked against its manifest."""
-    result = replica.copy_backup(open_repo(repo_url, settings), open_repo(replica_url, settings), manifest,
-                                 settings.storage_classes.get(manifest.tier))
-    get_run_logger().info("copied %s to %s (%s)", manifest.backup_id, replica_url, result["method"])
+                     manifest: replica.StoredBackup | StorageManifest) -> dict[str, Any]:
+    """The DR-region copy of a finished backup (database, base or files backup, or storage
+    snapshot), checked against its manifest."""
+    source, target = open_repo(repo_url, settings), open_repo(replica_url, settings)
+    if isinstance(manifest, StorageManifest):
+        result = replica.copy_snapshot(source, target, manifest)
+    else:
+        tier = getattr(manifest, "tier", None)
+        result = replica.copy_backup(source, target, manifest, settings.storage_classes.get(tier or ""))
+    get_run_logger().info("copied %s to %s (%s objects)", manifest.backup_id, replica_url, result["objects"])
     return result
 
 

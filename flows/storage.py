@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.prune import prune_after_backup
+from flows.prune import prune_after_backup, replicate_backup
 from flows.steps import (
     FLOW_HOOKS,
     Stopwatch,
@@ -58,6 +58,8 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
                            area=retention.STORAGE):
             manifest = copy_changed_objects(location.url, repo_url, settings, snapshot_id, tier)
             write_manifest(repo_url, settings, manifest)
+        if settings.replica_repo_url:
+            replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
             "storage-snapshot", type=tier, source=location.url, destination=repo_url, status="failed",

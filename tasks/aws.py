@@ -8,13 +8,17 @@ AWS_ENDPOINT_URL for a test endpoint). Errors become one-line PgdrErrors.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from tasks.errors import ConfigError, NotFoundError, PgdrError
+
+# Functions called with every new Route53/RDS client: how tests act on botocore's event
+# hooks (client.meta.events), as tasks.repository.S3_CLIENT_HOOKS does for S3.
+CLIENT_HOOKS: list[Callable[[Any], None]] = []
 
 
 def client(service: str, region: str | None = None) -> Any:
@@ -25,7 +29,10 @@ def client(service: str, region: str | None = None) -> Any:
     if not os.environ.get("AWS_RETRY_MODE"):
         retries["mode"] = "standard"
     config = Config(retries=retries, connect_timeout=10, read_timeout=60, user_agent_extra="pgdr")
-    return boto3.session.Session().client(service, region_name=region, config=config)
+    made = boto3.session.Session().client(service, region_name=region, config=config)
+    for hook in CLIENT_HOOKS:
+        hook(made)
+    return made
 
 
 @contextmanager
@@ -113,6 +120,33 @@ def latest_automated_snapshot(rds: Any, source_instance: str) -> dict[str, Any]:
     if not snapshots:
         raise NotFoundError(f"no available automated snapshot of {source_instance}")
     return max(snapshots, key=lambda s: s["SnapshotCreateTime"])
+
+
+def check_rds_restore(rds: Any, source_instance: str, new_instance: str, *, from_snapshot: bool) -> str:
+    """What a restore needs, checked without creating anything: the new name is free and
+    the source (or its newest automated snapshot) exists. Returns what a restore would do."""
+    from botocore.exceptions import ClientError
+
+    try:
+        rds.describe_db_instances(DBInstanceIdentifier=new_instance)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "DBInstanceNotFound":
+            with aws_errors(f"describing {new_instance}"):
+                raise
+    else:
+        raise ConfigError(f"an RDS instance named {new_instance} already exists: choose another "
+                          "--rds-target-instance (or delete the leftover instance)")
+    if from_snapshot:
+        snapshot = latest_automated_snapshot(rds, source_instance)
+        return f"would restore {new_instance} from snapshot {snapshot['DBSnapshotIdentifier']}"
+    with aws_errors(f"describing {source_instance}"):
+        if source_instance.startswith("arn:"):
+            rds.describe_db_instance_automated_backups(DBInstanceAutomatedBackupsArn=source_instance)
+            latest = "its latest restorable time"
+        else:
+            found = rds.describe_db_instances(DBInstanceIdentifier=source_instance)["DBInstances"][0]
+            latest = found.get("LatestRestorableTime") or "its latest restorable time"
+    return f"would restore {source_instance} to {latest} as {new_instance}"
 
 
 def restore_rds_instance(rds: Any, source_instance: str, new_instance: str, *, from_snapshot: bool = False,

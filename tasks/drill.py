@@ -34,7 +34,7 @@ SCENARIO_TARGETS: dict[str, Targets] = {
 
 # The runbook's drill checklist, in order: (key, what an operator reads).
 CHECKLIST: tuple[tuple[str, str], ...] = (
-    ("backup_found", "Latest backup found"),
+    ("backup_found", "Backup chosen as a failover would"),
     ("checksum_verified", "Backup checksum verified"),
     ("restored", "Restored into a scratch database"),
     ("row_counts_validated", "Row counts match the manifest"),
@@ -118,12 +118,15 @@ class Timeline:
         return [p.to_dict() for p in self.phases]
 
 
-def restorable_point(snapshot_at: datetime, last_archived_at: datetime | None = None) -> tuple[datetime, str]:
-    """The newest moment a restore can bring back, and where it comes from: the backup's
-    snapshot, or (with point-in-time recovery) the last archived WAL when newer."""
-    if last_archived_at is not None and last_archived_at > snapshot_at:
-        return last_archived_at, "wal-archive"
-    return snapshot_at, "backup-snapshot"
+def restored_point(snapshot_at: datetime, replayed_at: datetime | None = None,
+                   pitr: bool = False) -> tuple[datetime, str]:
+    """The newest moment the drill actually brought back, and what it comes from: the
+    dump's snapshot, or, when it rehearsed point-in-time recovery, the last transaction
+    PostgreSQL replayed from the WAL archive (only a base backup and an unbroken WAL chain
+    get it there; without a replayed transaction, the base backup's own point stands)."""
+    if pitr and replayed_at is not None and replayed_at > snapshot_at:
+        return replayed_at, "replayed-wal"
+    return snapshot_at, "base-backup" if pitr else "backup-snapshot"
 
 
 def rto_seconds(started: datetime, recovered: datetime) -> float:
@@ -194,8 +197,8 @@ def drill_markdown(report: dict[str, Any]) -> str:
         f"- RTO: {_minutes(report['rto_seconds'])}, target {targets['rto_minutes']:g} min: "
         f"{'met' if report['rto_met'] else 'MISSED'}",
         f"- RPO: {_minutes(report['rpo_seconds'])}, target {targets['rpo_minutes']:g} min: "
-        f"{'met' if report['rpo_met'] else 'MISSED'} (newest restorable point "
-        f"{report['restorable_point'] or '-'}, from the {report['rpo_source']})",
+        f"{'met' if report['rpo_met'] else 'MISSED'} (restored point "
+        f"{report['restored_point'] or '-'}, from the {report['rpo_source']})",
         "",
         "### Checklist",
         "",
@@ -211,25 +214,29 @@ def drill_markdown(report: dict[str, Any]) -> str:
 
 
 def drill_report(*, scenario: str, targets: Targets, started: datetime, finished: datetime,
-                 recovered: datetime | None, snapshot_at: datetime | None,
-                 last_archived_at: datetime | None, items: dict[str, bool | None],
+                 disaster_at: datetime | None = None,
+                 recovered: datetime | None, restored: tuple[datetime, str] | None,
+                 items: dict[str, bool | None],
                  phases: list[dict[str, Any]], repository: str, database: str | None,
                  backup_id: str | None, problems: list[str]) -> dict[str, Any]:
-    """The drill's report: RTO from the start to a verified, healthy restore (`recovered`),
-    RPO from the newest restorable point to the start, each against its target, and the
-    checklist with both ticked."""
-    point, source = (restorable_point(snapshot_at, last_archived_at) if snapshot_at else (None, None))
+    """The drill's report: RTO from the start (pgdr's own start-up included) to a verified,
+    healthy restore (`recovered`), RPO from the point it restored (`restored`: see
+    restored_point) to the rehearsed disaster (`disaster_at`, when the drill itself began;
+    default the start), each against its target, and the checklist with both ticked."""
+    point, source = restored or (None, None)
     rto = rto_seconds(started, recovered) if recovered else None
-    rpo = rpo_seconds(started, point) if point else None
+    disaster_at = disaster_at or started
+    rpo = rpo_seconds(disaster_at, point) if point else None
     report: dict[str, Any] = {
         "scenario": scenario,
         "targets": {"rto_minutes": targets.rto_minutes, "rpo_minutes": targets.rpo_minutes},
         "started_at": iso(started),
+        "disaster_at": iso(disaster_at),
         "finished_at": iso(finished),
         "repository": repository,
         "database": database,
         "backup_id": backup_id,
-        "restorable_point": iso(point) if point else None,
+        "restored_point": iso(point) if point else None,
         "rpo_source": source,
         "rto_seconds": None if rto is None else round(rto, 3),
         "rpo_seconds": None if rpo is None else round(rpo, 3),
@@ -243,3 +250,13 @@ def drill_report(*, scenario: str, targets: Targets, started: datetime, finished
     report["ok"] = not report["missed"] and not problems and all(
         item["done"] is not False for item in report["checklist"])
     return report
+
+
+def drill_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """What CloudWatch gets from a drill: DrillFailed always (an alarm on it catches a
+    drill that could not even restore), RTO and RPO when they were measured."""
+    values = {"DrillFailed": 0.0 if report["ok"] else 1.0}
+    for name, key in (("DrillRTOSeconds", "rto_seconds"), ("DrillRPOSeconds", "rpo_seconds")):
+        if report[key] is not None:
+            values[name] = float(report[key])
+    return values

@@ -1,9 +1,10 @@
 """Health checks before clients are sent to a restored database.
 
-SQL: `SELECT 1`, then each operator check, in a read-only transaction that is rolled
-back. A check fails when it errors or when its first value is false or NULL (so
-`SELECT count(*) > 0 FROM vehicles` is the idiom for "has data"). HTTP: GET, a 2xx
-answer within the timeout.
+SQL: `SELECT true` (the database answers), then each operator check, in a read-only
+transaction that is rolled back. Checks fail closed: one passes only when it returns at
+least one row whose first value is boolean true; an error, no rows, false, NULL or any
+other value is a failure (so `SELECT count(*) > 0 FROM vehicles` is the idiom for "has
+data"). HTTP: GET, a 2xx answer within the timeout.
 """
 
 from __future__ import annotations
@@ -17,24 +18,36 @@ import psycopg
 from tasks import postgres
 from tasks.errors import ConfigError, PgdrError
 
+# The built-in first check: the restored database accepts connections and answers.
+REACHES_DATABASE = "SELECT true"
+
+
+def passes(row: tuple[Any, ...] | None) -> bool:
+    """A SQL check's first row passes only when it exists and its first value is true."""
+    return bool(row) and row[0] is True  # type: ignore[index]
+
+
+def reached_database(results: list[dict[str, Any]]) -> bool:
+    """Whether a SQL check passed on the restored database itself."""
+    return any(r["kind"] == "sql" and r["ok"] for r in results)
+
 
 def sql_checks(url: str, checks: list[str], timeout_seconds: float = 30) -> list[dict[str, Any]]:
     results = []
     try:
         conn = postgres.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_seconds)))
     except PgdrError as exc:
-        return [{"check": "SELECT 1", "kind": "sql", "ok": False, "detail": str(exc)}]
+        return [{"check": REACHES_DATABASE, "kind": "sql", "ok": False, "detail": str(exc)}]
     with conn:
         conn.execute("SELECT set_config('statement_timeout', %s, false)", [f"{int(timeout_seconds * 1000)}"])
-        for statement in ["SELECT 1", *checks]:
+        for statement in [REACHES_DATABASE, *checks]:
             entry: dict[str, Any] = {"check": statement, "kind": "sql", "ok": False, "detail": ""}
             try:
                 with conn.transaction(force_rollback=True):
                     conn.execute("SET TRANSACTION READ ONLY")
                     row = conn.execute(statement).fetchone()  # type: ignore[arg-type]
-                value = row[0] if row else None
-                entry["ok"] = row is None or (value is not None and value is not False)
-                entry["detail"] = f"returned {value!r}" if row else "no rows"
+                entry["ok"] = passes(row)
+                entry["detail"] = f"returned {row[0]!r}" if row else "no rows"
             except psycopg.Error as exc:
                 entry["detail"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             results.append(entry)

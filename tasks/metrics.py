@@ -18,6 +18,9 @@ UNITS: dict[str, str] = {
     "BackupDurationSeconds": "Seconds",
     "RestoreDurationSeconds": "Seconds",
     "VerifyFailureCount": "Count",
+    "DrillRTOSeconds": "Seconds",
+    "DrillRPOSeconds": "Seconds",
+    "DrillFailed": "Count",
 }
 
 

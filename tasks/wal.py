@@ -137,6 +137,11 @@ def _read_sidecar(repo: Repository, database: str, name: str) -> dict[str, Any] 
     return record
 
 
+def archived_record(repo: Repository, database: str, name: str) -> dict[str, Any] | None:
+    """The checksum record of an archived WAL file (None when it is not archived)."""
+    return _read_sidecar(repo, database, name)
+
+
 def push(
     repo: Repository,
     database: str,

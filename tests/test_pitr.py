@@ -233,6 +233,23 @@ def test_a_postgresql_17_server_is_backed_up_and_restored_with_its_own_programs(
                 assert conn.execute("SELECT count(*), max(id) FROM trips").fetchone() == (25, 25)
         finally:
             restored.stop()
+def test_a_pitr_drill_replays_the_wal_and_takes_its_rpo_from_the_last_replayed_transaction(capsys, archiving):
+    from flows.drill import drill
+
+    execute(archiving.url, "CREATE TABLE drilled (id int PRIMARY KEY, at timestamptz)")
+    base = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
+    execute(archiving.url, "INSERT INTO drilled SELECT i, clock_timestamp() FROM generate_series(1, 5) i")
+    committed = server_now(archiving.url)
+    switch_and_wait_archived(archiving.url)
+    report = drill(repo=archiving.repo_url, db=DB, pitr=True, rto_target_minutes=60, rpo_target_minutes=60,
+                   health_sql=["SELECT count(*) = 5 FROM drilled"])
+    assert report["ok"] and report["pitr"] and report["backup_id"] == base["backup_id"]
+    assert report["rpo_source"] == "replayed-wal"
+    replayed = datetime.fromisoformat(report["restored_point"].replace("Z", "+00:00"))
+    assert abs((replayed - committed).total_seconds()) < 1
+    ticks = {i["item"]: i["done"] for i in report["checklist"]}
+    assert ticks["restored"] and ticks["health_checks_passed"] and ticks["scratch_dropped"]
+    assert ticks["row_counts_validated"] is None  # a base backup has no row counts to compare
 
 
 def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp_path, server_dir):

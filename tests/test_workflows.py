@@ -68,5 +68,11 @@ def test_pre_deploy_backup_is_a_reusable_workflow():
     assert '--param "tier=pre-deploy"' in commands(called)
 
 
-def test_drill_workflow_can_be_dispatched():
-    assert "workflow_dispatch" in workflow("drill.yml")["on"]
+def test_drill_workflow_can_be_dispatched_and_goes_red_when_the_drill_fails():
+    drill = workflow("drill.yml")
+    assert "workflow_dispatch" in drill["on"]
+    # `--watch` exits non-zero unless the run Completed, and a drill that missed a target
+    # ends Failed (tests/test_failover.py): nothing may swallow that exit status.
+    assert re.search(r'^prefect deployment run "drill/monthly" --watch\b[^|;&]*$', commands(drill), re.M)
+    for job in drill["jobs"].values():
+        assert not job.get("continue-on-error") and not any(s.get("continue-on-error") for s in job["steps"])

@@ -1,0 +1,45 @@
+"""Bring the DR copy up to date: copy every database backup, base backup, WAL file, files
+backup and storage snapshot that PGDR_REPLICA_REPO lacks (backups made before the replica
+was configured, or whose copy failed), then report how far the replica still lags."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, transient_only
+from tasks import catalog, replica
+from tasks.audit import audit_record
+from tasks.errors import ConfigError
+from tasks.settings import Settings, load_settings
+
+
+@task(name="copy what the replica lacks", retries=2, retry_delay_seconds=[30, 120],
+      retry_condition_fn=transient_only)
+def copy_missing(repo_url: str, replica_url: str, settings: Settings) -> dict[str, int]:
+    return replica.copy_everything(open_repo(repo_url, settings), open_repo(replica_url, settings),
+                                   settings.storage_classes)
+
+
+@flow(name="replicate", log_prints=True, **FLOW_HOOKS)
+def replicate(repo: str | None = None, replica_repo: str | None = None) -> dict[str, Any]:
+    """Copy everything `replica_repo` (default PGDR_REPLICA_REPO) lacks from `repo`."""
+    settings = load_settings()
+    repo_url = repo or settings.repo_url
+    replica_url = replica_repo or settings.replica_repo_url
+    if not replica_url:
+        raise ConfigError("no DR copy configured: set PGDR_REPLICA_REPO or pass --replica URL")
+    if replica_url.rstrip("/") == repo_url.rstrip("/"):
+        raise ConfigError("the replica must be another repository than the one it copies")
+    clock = Stopwatch()
+    copied = copy_missing(repo_url, replica_url, settings)
+    lag = replica.replica_lag(open_repo(repo_url, settings), open_repo(replica_url, settings),
+                              catalog.utcnow())
+    get_run_logger().info("copied %s to %s", ", ".join(f"{n} {kind}" for kind, n in copied.items()),
+                          replica_url)
+    record_audit(repo_url, settings, audit_record(
+        "replicate", type="all", source=repo_url, destination=replica_url, status="success",
+        duration_seconds=clock.seconds, copied=copied))
+    return {"repository": repo_url, "replica": replica_url, "copied": copied, "lag": lag,
+            "duration_seconds": round(clock.seconds, 3)}
