@@ -109,7 +109,8 @@ def drill(repo: str | None = None, db: str | None = None, server: str | None = N
         with timeline.phase("failover dry-run") as phase:
             try:
                 outcome = failover_flow(**{"repo": repo_url, **failover, "dry_run": True,
-                                           "target": postgres.with_database(server_url, scratch[1])})
+                                           "target": postgres.strip_password(
+                                               postgres.with_database(server_url, scratch[1]))})
                 items["failover_dry_run_ok"] = True
                 phase.detail = next(p["detail"] for p in outcome["phases"] if p["name"].startswith("dns"))
             except PgdrError as exc:

@@ -186,7 +186,8 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
                     logger.warning("no verified backup in %s: using %s, whose checksum verifies but whose "
                                    "restore was never tested", repo_url, manifest.backup_id)
             with timeline.phase("restore and verify") as phase:
-                restored = restore(backup_id=manifest.backup_id, target=target_url, repo=repo_url,
+                restored = restore(backup_id=manifest.backup_id, target=postgres.strip_password(target_url),
+                                   repo=repo_url,
                                    db=manifest.database, pre_restore_backup=False)
                 phase.detail = f"{len(restored['row_counts'])} tables match the manifest"
                 summary["row_counts"] = restored["row_counts"]

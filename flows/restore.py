@@ -198,7 +198,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
                                           by="restore")
         else:
             if pre_restore_backup:
-                backup(db=target_url, repo=repo_url, tier="pre-restore")
+                backup(db=postgres.strip_password(target_url), repo=repo_url, tier="pre-restore")
             incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
             result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs, no_owner,
                                           by="restore")
