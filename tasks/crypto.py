@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, PgdrError
 from tasks.process import run
 
 
@@ -50,26 +53,54 @@ def encrypt_command(fingerprint: str, homedir: str | None = None) -> list[str]:
             "--recipient", fingerprint, "--encrypt"]
 
 
+# What a private home takes from the keyring: the keys, never the agent or its sockets.
+_KEYRING = ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d")
+# The per-run agent forgets a passphrase as soon as it has used it.
+_AGENT_CONF = "default-cache-ttl 0\nmax-cache-ttl 0\nallow-loopback-pinentry\n"
+PRIVATE_HOME_PREFIX = "pgdr-gpg-"
+
+
+@contextmanager
+def private_home(homedir: str | None = None) -> Iterator[str]:
+    """A GnuPG home for one run: links to the keyring of `homedir` (default GNUPGHOME or
+    ~/.gnupg) and its own gpg-agent, which caches nothing and is stopped, with the home
+    removed, when the run ends. An agent the operator runs for the keyring, with whatever
+    it has cached, is never asked: only the passphrase given to pgdr decrypts."""
+    keyring = Path(homedir or os.environ.get("GNUPGHOME") or Path.home() / ".gnupg")
+    # Under /tmp: the agent's socket lives in the home, and socket paths are short.
+    home = tempfile.mkdtemp(prefix=PRIVATE_HOME_PREFIX, dir="/tmp")
+    try:
+        for name in _KEYRING:
+            if (keyring / name).exists():
+                os.symlink(keyring.resolve() / name, Path(home, name))
+        Path(home, "gpg-agent.conf").write_text(_AGENT_CONF)
+        yield home
+    finally:
+        with suppress(PgdrError):
+            run(["gpgconf", "--homedir", home, "--kill", "gpg-agent"], timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 @contextmanager
 def decrypt_command(homedir: str | None = None, passphrase: str | None = None
                     ) -> Iterator[tuple[list[str], tuple[int, ...]]]:
-    """(argv, fds to pass) for decrypting stdin to stdout. The passphrase is written to a
-    pipe whose read end gpg inherits."""
-    argv = [*_base(homedir), "--decrypt"]
-    if passphrase is None:
-        yield argv, ()
-        return
-    read_fd, write_fd = os.pipe()
-    try:
-        os.write(write_fd, passphrase.encode() + b"\n")
-        os.close(write_fd)
-        write_fd = -1
-        yield [*argv[:-1], "--pinentry-mode", "loopback", "--passphrase-fd", str(read_fd),
-               "--decrypt"], (read_fd,)
-    finally:
-        os.close(read_fd)
-        if write_fd >= 0:
+    """(argv, fds to pass) for decrypting stdin to stdout, in a private home (see
+    private_home). The passphrase is written to a pipe whose read end gpg inherits."""
+    with private_home(homedir) as home:
+        argv = [*_base(home), "--pinentry-mode", "loopback", "--no-symkey-cache"]
+        if passphrase is None:
+            yield [*argv, "--decrypt"], ()
+            return
+        read_fd, write_fd = os.pipe()
+        try:
+            os.write(write_fd, passphrase.encode() + b"\n")
             os.close(write_fd)
+            write_fd = -1
+            yield [*argv, "--passphrase-fd", str(read_fd), "--decrypt"], (read_fd,)
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
 
 
 def resolve_passphrase(passphrase: str | None, block_name: str | None) -> str | None:

@@ -4,8 +4,15 @@ gpg-agent, the environment of child processes."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import threading
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 import boto3
 import psycopg
@@ -17,8 +24,11 @@ from flows.backup import backup
 from flows.drill import drill
 from flows.failover import failover
 from flows.restore import restore
-from tasks import aws
-from tests.support.secrets import PG_SECRET_PASSWORD, PG_SECRET_ROLE
+from tasks import aws, crypto
+from tests.support.cli import cli_json, error_line, run_cli
+from tests.support.fake_pg_dump import broken_pg_bin
+from tests.support.gpg import make_gpg_home
+from tests.support.secrets import AWS_SECRET_ACCESS_KEY, PG_SECRET_PASSWORD, PG_SECRET_ROLE
 
 NAME = "db.secrets-test.example.com"
 
@@ -81,3 +91,109 @@ def test_no_password_reaches_any_flow_run_however_the_database_is_configured(
     assert PG_SECRET_ROLE in text  # the targets are there, as URLs without their password
     for secret in secrets:
         assert secret not in text, "a password reached a flow run's parameters"
+
+
+# --- gpg-agent and the environment of children ----------------------------------------------
+
+
+def _parent_of(pid: str) -> int | None:
+    try:
+        stat = Path("/proc", pid, "stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def pgdr_children() -> dict[int, tuple[str, bytes]]:
+    """(cmdline, environ) of every live descendant of this process, and of every gpg-agent
+    of a private pgdr home (an agent leaves its parent when it starts)."""
+    parents = {int(e.name): _parent_of(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()}
+    found = {}
+    for pid in parents:
+        ancestor, mine = parents.get(pid), False
+        while ancestor and not mine:
+            mine, ancestor = ancestor == os.getpid(), parents.get(ancestor)
+        try:
+            cmdline = Path("/proc", str(pid), "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if mine or (crypto.PRIVATE_HOME_PREFIX in cmdline and "gpg-agent" in cmdline):
+                found[pid] = (cmdline, Path("/proc", str(pid), "environ").read_bytes())
+        except OSError:
+            continue
+    return found
+
+
+@contextmanager
+def watching_children() -> Iterator[dict[int, tuple[str, bytes]]]:
+    seen: dict[int, tuple[str, bytes]] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(pgdr_children())
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def pgdr_agents() -> list[str]:
+    return [cmd for cmd, _ in pgdr_children().values() if "gpg-agent" in cmd]
+
+
+def test_children_get_no_secret_in_their_environment(capsys, pg, new_db, file_repo, gpg, secrets, tmp_path,
+                                                     monkeypatch):
+    db = new_db("childenv")
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+    # Every secret pgdr may hold, in pgdr's environment.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET_ACCESS_KEY)
+    monkeypatch.setenv("PGDR_GPG_PASSPHRASE", gpg.passphrase)
+    monkeypatch.setenv("PGPASSWORD", PG_SECRET_PASSWORD)
+    monkeypatch.setenv("PGDR_GNUPGHOME", gpg.homedir)
+    # pg_dump pauses after its first bytes: every child of the backup is alive meanwhile.
+    monkeypatch.setenv("PGDR_PG_BIN", str(broken_pg_bin(tmp_path / "bin", limit=1, then="pause")))
+    with watching_children() as seen:
+        made = cli_json(capsys, "backup", "--db", pg.secret_url(db.rsplit("/", 1)[1]), "--repo", file_repo,
+                        "--encrypt-to", gpg.protected_fingerprint)
+        cli_json(capsys, "restore-temp", made["backup_id"], "--repo", file_repo, "--server", pg.admin_url)
+
+    programs = {Path(cmd.split()[0]).name for cmd, _ in seen.values() if cmd}
+    assert {"pg_dump", "zstd", "gpg"} <= programs, programs
+    for cmdline, environ in seen.values():
+        names = {line.split(b"=", 1)[0].decode() for line in environ.split(b"\0") if line}
+        assert not names & {"AWS_SECRET_ACCESS_KEY", "PGDR_GPG_PASSPHRASE", "PGPASSWORD"}, cmdline
+        for secret in secrets:
+            assert secret.encode() not in environ, f"a secret in the environment of {cmdline}"
+
+
+def test_only_the_given_passphrase_decrypts_and_no_agent_stays(capsys, pg, new_db, file_repo, monkeypatch):
+    # An operator's keyring, with gpg-agent's default caching (10 minutes).
+    keyring = make_gpg_home()
+    try:
+        Path(keyring.homedir, "gpg-agent.conf").write_text("allow-loopback-pinentry\n")
+        subprocess.run(["gpgconf", "--homedir", keyring.homedir, "--kill", "all"], check=True)
+        db = new_db("agent")
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 100) g")
+        monkeypatch.setenv("PGDR_GNUPGHOME", keyring.homedir)
+        made = cli_json(capsys, "backup", "--db", db, "--repo", file_repo, "--encrypt-to",
+                        keyring.protected_fingerprint)
+        restore_temp = ["restore-temp", made["backup_id"], "--repo", file_repo, "--server", pg.admin_url]
+
+        monkeypatch.setenv("PGDR_GPG_PASSPHRASE", keyring.passphrase)
+        assert cli_json(capsys, *restore_temp)["verified"] is True
+        monkeypatch.setenv("PGDR_GPG_PASSPHRASE", "wrong-" + keyring.passphrase)
+        code, _, err = run_cli(capsys, *restore_temp)
+        assert code == 1 and "gpg" in error_line(err), err
+        monkeypatch.delenv("PGDR_GPG_PASSPHRASE")
+        code, _, err = run_cli(capsys, *restore_temp)
+        assert code == 1 and "gpg" in error_line(err), err
+        assert pgdr_agents() == []
+        assert not list(Path("/tmp").glob(crypto.PRIVATE_HOME_PREFIX + "*"))
+    finally:
+        keyring.close()
