@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -141,8 +141,16 @@ def watching_children() -> Iterator[dict[int, tuple[str, bytes]]]:
         watcher.join()
 
 
-def pgdr_agents() -> list[str]:
-    return [cmd for cmd, _ in pgdr_children().values() if "gpg-agent" in cmd]
+def gpg_agents(homedir: str) -> list[str]:
+    """Running gpg-agents of pgdr's runs (private homes, or this process's children) or of
+    the keyring `homedir`."""
+    agents = [cmd for cmd, _ in pgdr_children().values() if "gpg-agent" in cmd]
+    for entry in Path("/proc").iterdir():
+        with suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if entry.name.isdigit() and "gpg-agent" in cmdline and homedir in cmdline:
+                agents.append(cmdline)
+    return agents
 
 
 def test_children_get_no_secret_in_their_environment(capsys, pg, new_db, file_repo, gpg, secrets, tmp_path,
@@ -193,7 +201,7 @@ def test_only_the_given_passphrase_decrypts_and_no_agent_stays(capsys, pg, new_d
         monkeypatch.delenv("PGDR_GPG_PASSPHRASE")
         code, _, err = run_cli(capsys, *restore_temp)
         assert code == 1 and "gpg" in error_line(err), err
-        assert pgdr_agents() == []
+        assert gpg_agents(keyring.homedir) == []
         assert not list(Path("/tmp").glob(crypto.PRIVATE_HOME_PREFIX + "*"))
     finally:
         keyring.close()
