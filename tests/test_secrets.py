@@ -24,7 +24,8 @@ from flows.backup import backup
 from flows.drill import drill
 from flows.failover import failover
 from flows.restore import restore
-from tasks import aws, crypto
+from tasks import aws, crypto, postgres
+from tasks.errors import PgdrError
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.fake_pg_dump import broken_pg_bin
 from tests.support.gpg import make_gpg_home
@@ -205,3 +206,21 @@ def test_only_the_given_passphrase_decrypts_and_no_agent_stays(capsys, pg, new_d
         assert not list(Path("/tmp").glob(crypto.PRIVATE_HOME_PREFIX + "*"))
     finally:
         keyring.close()
+
+
+def test_a_run_handed_a_url_without_password_finds_the_configured_one(pg, monkeypatch):
+    """A subflow or a run on a worker gets the target without its password: it comes from
+    DATABASE_URL (or DB_PASSWORD) where the connection is made."""
+    bare = pg.cluster.url("postgres", user=PG_SECRET_ROLE)
+    monkeypatch.setattr(postgres, "_PASSWORDS", {})  # nothing remembered from a URL in this process
+    monkeypatch.delenv("DB_PASSWORD", raising=False)
+    monkeypatch.setenv("DATABASE_URL", pg.secret_url("postgres"))
+    with postgres.connect(bare) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (PG_SECRET_ROLE,)
+    monkeypatch.setenv("DATABASE_URL", pg.cluster.url("postgres", user=PG_SECRET_ROLE, password="wrong"))
+    with pytest.raises(PgdrError, match="password authentication failed"):
+        postgres.connect(bare)
+    monkeypatch.delenv("DATABASE_URL")
+    monkeypatch.setenv("DB_PASSWORD", PG_SECRET_PASSWORD)
+    with postgres.connect(bare) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (PG_SECRET_ROLE,)
