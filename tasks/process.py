@@ -30,11 +30,13 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-# What a child may see of pgdr's environment: where programs are, locale and time zone,
-# home and temporary directories, libpq's own settings and gpg's home. Never a secret (AWS
-# keys, the gpg passphrase, a webhook URL), nor PGPASSWORD or PGSERVICE, which could give a
-# child another password or server than the one pgdr named.
-_INHERITED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "GNUPGHOME"})
+# What a child may see of pgdr's environment: where programs and libraries are, locale and
+# time zone, home and temporary directories, libpq's own settings (Kerberos' for GSSAPI
+# logins) and gpg's home. Never a secret (AWS keys, the gpg passphrase, a webhook URL), nor
+# PGPASSWORD or PGSERVICE, which could give a child another password or server than the one
+# pgdr named.
+_INHERITED = frozenset({"PATH", "LD_LIBRARY_PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ",
+                        "TMPDIR", "GNUPGHOME", "KRB5CCNAME", "KRB5_CONFIG"})
 _LIBPQ_SETTINGS = frozenset({
     "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSFILE", "PGOPTIONS", "PGAPPNAME",
     "PGSSLMODE", "PGREQUIRESSL", "PGSSLCOMPRESSION", "PGSSLCERT", "PGSSLKEY", "PGSSLROOTCERT", "PGSSLCRL",
