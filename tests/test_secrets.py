@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -203,7 +204,7 @@ def test_only_the_given_passphrase_decrypts_and_no_agent_stays(capsys, pg, new_d
         code, _, err = run_cli(capsys, *restore_temp)
         assert code == 1 and "gpg" in error_line(err), err
         assert gpg_agents(keyring.homedir) == []
-        assert not list(Path("/tmp").glob(crypto.PRIVATE_HOME_PREFIX + "*"))
+        assert not [home for home in Path("/tmp").glob(crypto.PRIVATE_HOME_PREFIX + "*") if home.is_dir()]
     finally:
         keyring.close()
 
@@ -224,3 +225,29 @@ def test_a_run_handed_a_url_without_password_finds_the_configured_one(pg, monkey
     monkeypatch.setenv("DB_PASSWORD", PG_SECRET_PASSWORD)
     with postgres.connect(bare) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (PG_SECRET_ROLE,)
+
+
+def test_the_agent_of_a_killed_run_is_stopped_when_the_next_one_starts(gpg):
+    started = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, time
+from tasks import crypto
+with crypto.private_home({gpg.homedir!r}) as home:
+    subprocess.run(["gpg-connect-agent", "--homedir", home, "/bye"], check=True, capture_output=True)
+    print(home, flush=True)
+    time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        home = started.stdout.readline().strip()
+        assert home and gpg_agents(home), "the run's agent did not start"
+    finally:
+        started.kill()
+        started.wait()
+    assert Path(home).is_dir() and gpg_agents(home)  # what a kill leaves behind
+
+    with crypto.private_home(gpg.homedir) as fresh:
+        assert Path(fresh).is_dir()
+    assert not Path(home).exists()
+    deadline = time.monotonic() + 10
+    while gpg_agents(home) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gpg_agents(home) == []
