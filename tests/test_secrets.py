@@ -251,3 +251,14 @@ with crypto.private_home({gpg.homedir!r}) as home:
     while gpg_agents(home) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert gpg_agents(home) == []
+
+
+def test_fleet_children_get_urls_without_password(pg, secrets):
+    from flows.fleet import _child_parameters
+    from tasks.fleet import Member
+
+    member = Member.of(pg.secret_url("fleet"))
+    for action in ("backup", "verify"):
+        parameters = json.dumps(_child_parameters(action, member, None, "daily", pg.secret_url("postgres")))
+        assert PG_SECRET_ROLE in parameters
+        assert not [secret for secret in secrets if secret in parameters], action
