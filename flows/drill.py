@@ -137,9 +137,9 @@ def drill(repo: str | None = None, db: str | None = None, server: str | None = N
         assert server_url is not None and rehearsal.database is not None
         with timeline.phase("failover dry-run") as phase:
             try:
-                outcome = failover_flow(**{
-                    "repo": repo_url, "target": postgres.with_database(server_url, rehearsal.database),
-                    "max_backup_age_hours": max_backup_age_hours, **failover, "dry_run": True})
+                dr_target = postgres.strip_password(postgres.with_database(server_url, rehearsal.database))
+                outcome = failover_flow(**{"repo": repo_url, "max_backup_age_hours": max_backup_age_hours,
+                                           **failover, "dry_run": True, "target": dr_target})
                 items["failover_dry_run_ok"] = True
                 phase.detail = next(p["detail"] for p in outcome["phases"] if p["name"].startswith("dns"))
             except PgdrError as exc:

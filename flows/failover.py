@@ -226,8 +226,8 @@ def _database_failover(timeline: Timeline, summary: dict[str, Any], repo_url: st
         phase.detail = f"{manifest.backup_id} ({choice.evidence}, {choice.age_seconds / 3600:.1f} h old)"
     if not dry_run:
         with timeline.phase("restore and verify") as phase:
-            restored = restore(backup_id=manifest.backup_id, target=target_url, repo=repo_url,
-                               db=manifest.database, pre_restore_backup=False, **roles)
+            restored = restore(backup_id=manifest.backup_id, target=postgres.strip_password(target_url),
+                               repo=repo_url, db=manifest.database, pre_restore_backup=False, **roles)
             phase.detail = f"{len(restored['row_counts'])} tables match the manifest"
             summary["row_counts"] = restored["row_counts"]
         with timeline.phase("health checks") as phase:

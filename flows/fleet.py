@@ -35,7 +35,7 @@ from flows.steps import (
     record_audit,
     transient_only,
 )
-from tasks import catalog
+from tasks import catalog, postgres
 from tasks import fleet as fleets
 from tasks.audit import audit_record
 from tasks.errors import ConfigError, FailedWithReport, PgdrError
@@ -92,7 +92,8 @@ def _child_parameters(action: str, member: fleets.Member, repo: str | None, tier
                       verify_server: str | None) -> dict[str, Any]:
     if action == "backup":
         return {"db": member.url, "repo": repo, "tier": tier}
-    return {"db": member.database, "repo": repo, "server": verify_server}
+    return {"db": member.database, "repo": repo,
+            "server": postgres.strip_password(verify_server) if verify_server else None}
 
 
 def _run_here(action: str, parameters: dict[str, Any]) -> State:

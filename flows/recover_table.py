@@ -61,8 +61,9 @@ def check_target(target_url: str, wanted: list[tuple[str, str, str]], mode: str,
 def recover_one(target_url: str, temp_url: str, key: str, schema: str, table: str, mode: str,
                 row_filter: str | None, dry_run: bool, backup_id: str, moment: datetime) -> dict[str, Any]:
     """One table, one transaction on the target (rolled back in a dry run)."""
-    with postgres.connect(temp_url) as source, postgres.connect(target_url) as target:
-        source.read_only = True  # the operator's filter runs here, and may not write
+    # The operator's filter runs only on the temporary copy, read-only, with least privilege.
+    with recovery.filter_reader(temp_url, schema, table, row_filter) as source, \
+            postgres.connect(target_url) as target:
         backup = recovery.table_shape(source, schema, table)
         current = recovery.table_shape(target, schema, table)
         if backup is None:

@@ -329,7 +329,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
                 bring_back_archived(repo_url, settings, manifest, archive_wait_hours, not no_wait)
                 before = restoring.rows_written(target_url, target_db)
                 if pre_restore_backup:
-                    backup(db=target_url, repo=repo_url, tier="pre-restore",
+                    backup(db=postgres.strip_password(target_url), repo=repo_url, tier="pre-restore",
                            encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
                 result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
                                               no_owner, by="restore", archive_wait_hours=archive_wait_hours,

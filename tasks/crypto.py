@@ -7,12 +7,16 @@ A passphrase, when the restore key has one, reaches gpg through a pipe, never ar
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, PgdrError
 from tasks.process import run
 
 
@@ -50,28 +54,104 @@ def encrypt_command(fingerprint: str, homedir: str | None = None) -> list[str]:
             "--recipient", fingerprint, "--encrypt"]
 
 
+# What a private home takes from the keyring: the keys, never the agent or its sockets.
+_KEYRING = ("pubring.kbx", "pubring.gpg", "trustdb.gpg", "private-keys-v1.d")
+# The per-run agent forgets a passphrase as soon as it has used it.
+_AGENT_CONF = "default-cache-ttl 0\nmax-cache-ttl 0\nallow-loopback-pinentry\n"
+PRIVATE_HOME_PREFIX = "pgdr-gpg-"
+
+
+# Not $TMPDIR: the agent's socket lives in the home, and socket paths are short. Only homes
+# of this user are ever swept, and no link is followed.
+_HOMES_ROOT = Path("/tmp")  # noqa: S108
+
+
+def _stop_agent_and_remove(home: Path) -> None:
+    with suppress(PgdrError):
+        run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], timeout=30)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _locked(path: Path) -> int | None:
+    """An fd holding an exclusive lock on path, or None when someone else holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    if os.fstat(fd).st_uid != os.getuid():
+        os.close(fd)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextmanager
+def _new_home() -> Iterator[Path]:
+    """A new private home, locked while it is in use. Homes whose lock is free belong to
+    runs that were killed: their agents are stopped and the homes removed first. Creating
+    and sweeping happen under one lock, so a home is never swept before its run locks it."""
+    fd = os.open(_HOMES_ROOT / f"{PRIVATE_HOME_PREFIX}lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in _HOMES_ROOT.glob(f"{PRIVATE_HOME_PREFIX}*"):
+            if not stale.is_dir() or stale.is_symlink():
+                continue
+            with suppress(OSError):
+                stale_fd = _locked(stale)
+                if stale_fd is not None:
+                    _stop_agent_and_remove(stale)
+                    os.close(stale_fd)
+        home = Path(tempfile.mkdtemp(prefix=PRIVATE_HOME_PREFIX, dir=_HOMES_ROOT))
+        home_fd = _locked(home)
+    finally:
+        os.close(fd)
+    try:
+        yield home
+    finally:
+        _stop_agent_and_remove(home)
+        if home_fd is not None:
+            os.close(home_fd)
+
+
+@contextmanager
+def private_home(homedir: str | None = None) -> Iterator[str]:
+    """A GnuPG home for one run: links to the keyring of `homedir` (default GNUPGHOME or
+    ~/.gnupg) and its own gpg-agent, which caches nothing and is stopped, with the home
+    removed, when the run ends (or, after a kill, when the next one starts). An agent the
+    operator runs for the keyring, with whatever it has cached, is never asked: only the
+    passphrase given to pgdr decrypts."""
+    keyring = Path(homedir or os.environ.get("GNUPGHOME") or Path.home() / ".gnupg")
+    with _new_home() as home:
+        for name in _KEYRING:
+            if (keyring / name).exists():
+                os.symlink(keyring.resolve() / name, home / name)
+        (home / "gpg-agent.conf").write_text(_AGENT_CONF)
+        yield str(home)
+
+
 @contextmanager
 def decrypt_command(homedir: str | None = None, passphrase: str | None = None
                     ) -> Iterator[tuple[list[str], tuple[int, ...]]]:
-    """(argv, fds to pass) for decrypting stdin to stdout. The passphrase is written to a
-    pipe whose read end gpg inherits."""
-    # Not quiet: --quiet drops the line that says why ("Bad passphrase"), keeping only
-    # the consequence ("No secret key").
-    argv = [*_base(homedir, quiet=False), "--decrypt"]
-    if passphrase is None:
-        yield argv, ()
-        return
-    read_fd, write_fd = os.pipe()
-    try:
-        os.write(write_fd, passphrase.encode() + b"\n")
-        os.close(write_fd)
-        write_fd = -1
-        yield [*argv[:-1], "--pinentry-mode", "loopback", "--passphrase-fd", str(read_fd),
-               "--decrypt"], (read_fd,)
-    finally:
-        os.close(read_fd)
-        if write_fd >= 0:
+    """(argv, fds to pass) for decrypting stdin to stdout, in a private home (see
+    private_home). The passphrase is written to a pipe whose read end gpg inherits."""
+    with private_home(homedir) as home:
+        # Not quiet: --quiet drops the line that says why ("Bad passphrase"), keeping only
+        # the consequence ("No secret key").
+        argv = [*_base(home, quiet=False), "--pinentry-mode", "loopback", "--no-symkey-cache"]
+        if passphrase is None:
+            yield [*argv, "--decrypt"], ()
+            return
+        read_fd, write_fd = os.pipe()
+        try:
+            os.write(write_fd, passphrase.encode() + b"\n")
             os.close(write_fd)
+            write_fd = -1
+            yield [*argv, "--passphrase-fd", str(read_fd), "--decrypt"], (read_fd,)
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
 
 
 def resolve_passphrase(passphrase: str | None, block_name: str | None) -> str | None:

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psycopg
@@ -87,12 +87,27 @@ def strip_password(url: str) -> str:
     return make_conninfo("", **params)
 
 
+def _configured_password(params: dict[str, str]) -> str | None:
+    """The password configured for this server and user: DATABASE_URL's (environment or
+    .env), else the runbook's DB_PASSWORD. This is how a flow run that was handed a URL
+    without password (a subflow, a run on a worker) finds it."""
+    from tasks.settings import load_settings
+
+    with suppress(ConfigError):
+        configured = load_settings().db_url
+        if configured:
+            given = parse_dsn(configured)
+            if given.get("password") and _server_key(given) == _server_key(params):
+                return given["password"]
+    return os.environ.get("DB_PASSWORD")
+
+
 def _with_password(params: dict[str, str]) -> dict[str, str]:
     """Fill in a password the URL lacks: one given earlier in this process, else the
-    runbook's DB_PASSWORD (libpq's own ~/.pgpass still applies after that)."""
+    configured one (libpq's own ~/.pgpass still applies after that)."""
     if "password" in params:
         return params
-    password = _PASSWORDS.get(_server_key(params)) or os.environ.get("DB_PASSWORD")
+    password = _PASSWORDS.get(_server_key(params)) or _configured_password(params)
     return {**params, "password": password} if password else params
 
 

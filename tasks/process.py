@@ -43,10 +43,32 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+# What a child may see of pgdr's environment: where programs and libraries are, locale and
+# time zone, home and temporary directories, libpq's own settings (Kerberos' for GSSAPI
+# logins) and gpg's home. Never a secret (AWS keys, the gpg passphrase, a webhook URL), nor
+# PGPASSWORD or PGSERVICE, which could give a child another password or server than the one
+# pgdr named.
+_INHERITED = frozenset({"PATH", "LD_LIBRARY_PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ",
+                        "TMPDIR", "GNUPGHOME", "KRB5CCNAME", "KRB5_CONFIG"})
+_LIBPQ_SETTINGS = frozenset({
+    "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSFILE", "PGOPTIONS", "PGAPPNAME",
+    "PGSSLMODE", "PGREQUIRESSL", "PGSSLCOMPRESSION", "PGSSLCERT", "PGSSLKEY", "PGSSLROOTCERT", "PGSSLCRL",
+    "PGSSLCRLDIR", "PGSSLSNI", "PGREQUIREPEER", "PGSSLMINPROTOCOLVERSION", "PGSSLMAXPROTOCOLVERSION",
+    "PGGSSENCMODE", "PGKRBSRVNAME", "PGGSSLIB", "PGCONNECT_TIMEOUT", "PGCLIENTENCODING",
+    "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS", "PGCHANNELBINDING", "PGREQUIREAUTH", "PGDATESTYLE",
+    "PGTZ", "PGGEQO", "PGSYSCONFDIR", "PGLOCALEDIR",
+})
+
+
+def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of environ a child gets (see _INHERITED and _LIBPQ_SETTINGS)."""
+    return {k: v for k, v in environ.items()
+            if k in _INHERITED or k in _LIBPQ_SETTINGS or k.startswith("LC_")}
+
+
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child: ours, plus extra, minus libpq variables that could
-    silently point a child at another server than the one we named."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "PGSERVICE")}
+    """The environment for a child: what it needs of ours, plus extra."""
+    env = inherited_env(os.environ)
     env.update(extra or {})
     return env
 

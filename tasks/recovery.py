@@ -9,6 +9,10 @@ temporary database, never in a statement on the target.
 
 from __future__ import annotations
 
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +21,7 @@ from psycopg import sql
 
 from tasks import postgres
 from tasks.errors import ConfigError, PgdrError
+from tasks.settings import load_settings
 
 MODES = ("missing-rows", "replace", "side-table")
 STAGE = "pgdr_recovery_stage"
@@ -200,6 +205,138 @@ def count_source_rows(conn: psycopg.Connection, shape: TableShape, row_filter: s
     except psycopg.Error as exc:
         conn.rollback()
         raise ConfigError(f"the row filter does not work on {shape.name}: {_first_line(exc)}") from None
+
+
+# --- the operator's row filter, with least privilege ------------------------------------------
+
+FILTER_ROLE_PREFIX = "pgdr_filter_"
+# Built-in functions that are only STABLE but that filters on time and text need; every
+# other function a filter calls must be built in and IMMUTABLE.
+_STABLE_ALLOWED = frozenset({
+    "now", "statement_timestamp", "transaction_timestamp", "age", "date", "date_part", "date_trunc",
+    "extract", "make_timestamptz", "timestamp", "timestamptz", "timestamptz_pl_interval",
+    "timestamptz_mi_interval", "interval_pl_timestamptz", "to_char", "to_date", "to_timestamp",
+    "to_number", "concat", "concat_ws", "format", "overlaps", "array_to_string", "anytextcat",
+    "textanycat", "quote_literal", "quote_nullable",
+})
+_CROSS_TYPE_COMPARISON = re.compile(
+    r"(date|timestamp|timestamptz)_(eq|ne|lt|le|gt|ge)_(date|timestamp|timestamptz)")
+_FIRST_NORMAL_OID = 16384  # below it: objects built into PostgreSQL, never user-defined
+# Function and operator references in a parse tree as the server prints it (debug_print_parse).
+_FUNCTION_REFS = re.compile(r":\w*(?:funcid|fnoid) (\d+)")
+_OPERATOR_REFS = re.compile(r":opno (\d+)|:opnos \(o ([\d ]+)\)")
+
+_CALLED_SQL = """
+SELECT p.oid, p.oid::regprocedure::text, p.proname, p.provolatile
+FROM pg_catalog.pg_proc p
+WHERE p.oid = ANY(%(functions)s)
+   OR p.oid IN (SELECT o.oprcode FROM pg_catalog.pg_operator o WHERE o.oid = ANY(%(operators)s))
+"""
+
+
+def allowed_function(oid: int, name: str, volatility: str) -> bool:
+    """A filter may call built-in functions that only compute (IMMUTABLE), and a few
+    built-in STABLE ones for time and text; nothing that signals, reads files or settings,
+    changes state, or was defined by a user."""
+    if oid >= _FIRST_NORMAL_OID:
+        return False
+    return volatility == "i" or (volatility == "s" and (
+        name in _STABLE_ALLOWED or _CROSS_TYPE_COMPARISON.fullmatch(name) is not None))
+
+
+def _parse_tree(conn: psycopg.Connection, query: sql.Composed) -> str:
+    """The server's own parse of query (names resolved, nothing planned or run), as the
+    text debug_print_parse sends: the Parse message alone never executes anything."""
+    trees: list[str] = []
+
+    def collect(diag: psycopg.errors.Diagnostic) -> None:
+        if (diag.message_primary or "").startswith("parse tree"):
+            trees.append(diag.message_detail or "")
+
+    conn.add_notice_handler(collect)
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL debug_print_parse = on")
+            conn.execute("SET LOCAL client_min_messages = log")
+            result = conn.pgconn.prepare(b"", query.as_bytes(conn))
+            error = result.error_message.decode("utf-8", "replace").strip()
+            if error:
+                raise ConfigError(error.splitlines()[0].removeprefix("ERROR:").strip())
+    finally:
+        conn.remove_notice_handler(collect)
+    return "\n".join(trees)
+
+
+def refuse_unsafe_filter(conn: psycopg.Connection, shape: TableShape, row_filter: str) -> None:
+    """Refuse, before it runs, a filter that calls a function outside the allow-list."""
+    try:
+        tree = _parse_tree(conn, _source_query(shape, sql.SQL("1"), row_filter))
+    except ConfigError as exc:
+        raise ConfigError(f"the row filter does not work on {shape.name}: {exc}") from None
+    if not tree:
+        raise PgdrError("the server did not show how it parses the row filter: refusing to run it")
+    functions = sorted({int(oid) for oid in _FUNCTION_REFS.findall(tree) if oid != "0"})
+    operators = sorted({int(oid) for one, many in _OPERATOR_REFS.findall(tree)
+                        for oid in (one + " " + many).split()})
+    called = conn.execute(_CALLED_SQL, {"functions": functions, "operators": operators}).fetchall()
+    conn.rollback()
+    refused = sorted(signature for oid, signature, name, volatility in called
+                     if not allowed_function(oid, name, volatility))
+    if refused:
+        raise ConfigError(f"the row filter does not work on {shape.name}: it calls {', '.join(refused)}; "
+                          "a filter may call only built-in immutable functions (and now(), date_trunc() "
+                          "and the like)")
+
+
+def _create_filter_role(conn: psycopg.Connection, role: str, shape: TableShape) -> None:
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(shape.schema),
+                                                                          sql.Identifier(role)))
+            conn.execute(sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(shape.ident, sql.Identifier(role)))
+    except psycopg.Error as exc:
+        raise ConfigError(f"a row filter runs as a role made for it, which the connecting user cannot create "
+                          f"(it needs CREATEROLE): {_first_line(exc)}") from None
+
+
+def drop_filter_role(url: str, role: str) -> None:
+    """Drop the filter's role and what it was granted (in the temporary copy)."""
+    with postgres.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@contextmanager
+def filter_reader(temp_url: str, schema: str, table: str, row_filter: str | None,
+                  timeout_seconds: int | None = None) -> Iterator[psycopg.Connection]:
+    """A read-only connection to the temporary copy, to read the backup's rows from.
+
+    With a row filter, the filter is first refused if it calls a function outside the
+    allow-list; then the connection switches to a role made for this table only (SELECT on
+    it, nothing else: no superuser, no pg_signal_backend, no pg_read_server_files) with a
+    statement timeout, and the role is dropped afterwards."""
+    with postgres.connect(temp_url) as source:
+        shape = table_shape(source, schema, table) if row_filter is not None else None
+        if shape is None:
+            source.read_only = True
+            yield source
+            return
+        assert row_filter is not None
+        refuse_unsafe_filter(source, shape, row_filter)
+        role = FILTER_ROLE_PREFIX + secrets.token_hex(6)
+        _create_filter_role(source, role, shape)
+        try:
+            timeout = timeout_seconds or load_settings().filter_timeout_seconds
+            source.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            source.execute("SELECT pg_catalog.set_config('statement_timeout', %s, false)", (f"{timeout}s",))
+            source.commit()
+            source.read_only = True
+            yield source
+        finally:
+            source.close()
+            drop_filter_role(temp_url, role)
 
 
 def stream_rows(source: psycopg.Connection, target: psycopg.Connection, shape: TableShape,

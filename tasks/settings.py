@@ -93,6 +93,8 @@ class Settings:
     keep_safety_databases_days: int = 7
     # A digest of every table's content in the backup's snapshot, checked after each restore.
     content_digests: bool = True
+    # Statement timeout of a recover-table row filter (--where), in seconds.
+    filter_timeout_seconds: int = 900
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
@@ -184,6 +186,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         host_limit=_int(merged, "PGDR_HOST_LIMIT", 2),
         keep_safety_databases_days=_int(merged, "PGDR_KEEP_SAFETY_DATABASES_DAYS", 7),
         content_digests=merged.get("PGDR_CONTENT_DIGESTS", "1").lower() not in ("0", "false", "no"),
+        filter_timeout_seconds=_int(merged, "PGDR_WHERE_TIMEOUT_SECONDS", 900),
     )
 
 

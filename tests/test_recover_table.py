@@ -268,3 +268,75 @@ def test_the_filter_cannot_run_a_second_statement_even_past_the_syntax_check(ord
                                   "note = $q$ -- ) ; $q$", "(id < 3) OR (id > 5)"])
 def test_filters_with_separators_inside_literals_are_accepted(text):
     assert recovery.check_row_filter(text) == text
+
+
+# --- the row filter runs with least privilege -------------------------------------------------
+
+
+@pytest.fixture
+def victims(pg, orders, new_db):
+    """Two idle sessions a filter must not touch: one on the production target, one on
+    another database of the server. Yields their backend pids."""
+    other = new_db("bystander")
+    sessions = [psycopg.connect(orders, autocommit=True), psycopg.connect(other, autocommit=True)]
+    yield [s.info.backend_pid for s in sessions]
+    for session in sessions:
+        assert session.execute("SELECT 1").fetchone() == (1,), "a victim session was ended"
+        session.close()
+
+
+def filter_roles(pg) -> list[str]:
+    query = "SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)"
+    return [r[0] for r in sql_rows(pg.admin_url, query, (recovery.FILTER_ROLE_PREFIX,))]
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_filter_cannot_end_sessions_on_the_server(dry_run, capsys, pg, orders, victims, file_repo):
+    cli_json(capsys, "backup", "--db", orders, "--repo", file_repo)
+    before, before_dbs = table_fingerprints(orders), databases(pg)
+    attack = " OR ".join(f"pg_catalog.pg_terminate_backend({pid})" for pid in victims)
+
+    code, out, err = run_cli(capsys, "recover-table", "latest", "--target", orders, "--repo", file_repo,
+                             "--table", "orders", "--where", f"id > 0 AND ({attack})",
+                             *(["--dry-run"] if dry_run else []))
+
+    assert code == 1 and out == ""
+    assert "calls pg_terminate_backend(integer,bigint)" in error_line(err)
+    assert table_fingerprints(orders) == before and databases(pg) == before_dbs
+    assert filter_roles(pg) == []
+
+
+def test_a_filter_cannot_probe_server_files(capsys, pg, orders, file_repo):
+    cli_json(capsys, "backup", "--db", orders, "--repo", file_repo)
+    code, _out, err = run_cli(capsys, "recover-table", "latest", "--target", orders, "--repo", file_repo,
+                              "--table", "orders", "--where",
+                              "length(pg_read_file('/etc/hostname')) > 0 AND id < 10", "--dry-run")
+    assert code == 1 and "calls pg_read_file(text)" in error_line(err)
+    assert filter_roles(pg) == []
+
+
+def test_a_filter_runs_as_a_role_that_may_only_read_its_table(pg, orders, victims):
+    """The second wall, on its own: even a call that passed the allow-list would run as a
+    role with SELECT on the one table, read-only, under a statement timeout."""
+    with recovery.filter_reader(orders, "public", "orders", "id < 10", timeout_seconds=7) as conn:
+        role, superuser = conn.execute("SELECT current_user, rolsuper FROM pg_roles"
+                                       " WHERE rolname = current_user").fetchone()
+        assert role.startswith(recovery.FILTER_ROLE_PREFIX) and superuser is False
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("7s",)
+        assert conn.execute("SELECT count(*) FROM orders WHERE id < 10").fetchone() == (9,)
+        for refused in [f"SELECT pg_terminate_backend({victims[0]})", "SELECT pg_read_file('/etc/hostname')",
+                        "SELECT count(*) FROM shipments", "CREATE TABLE public.x ()"]:
+            with pytest.raises(psycopg.Error):
+                conn.execute(refused)
+            conn.rollback()
+    assert filter_roles(pg) == []
+
+
+@pytest.mark.parametrize("text", ["id < 10 AND note LIKE 'original%'", "total::numeric(10, 2) > 1.5",
+                                  "coalesce(note, '') ~ '^orig' AND customer IN (1, 2, 3)",
+                                  "now() - interval '1 day' < now() AND lower(note) <> upper(note)"])
+def test_ordinary_filters_pass_the_allow_list(text, orders):
+    with psycopg.connect(orders) as conn:
+        shape = recovery.table_shape(conn, "public", "orders")
+        recovery.refuse_unsafe_filter(conn, shape, text)
+        assert recovery.count_source_rows(conn, shape, text) >= 0
