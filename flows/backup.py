@@ -23,8 +23,8 @@ from flows.steps import (
     publish_table,
     record_audit,
     record_failure,
+    retrying,
     server_slot,
-    transient_only,
     write_manifest,
 )
 from tasks import catalog, crypto, postgres
@@ -37,7 +37,7 @@ from tasks.settings import Settings, check_tier, load_settings
 TOOL_VERSION = "pgdr 0.1.0"
 
 
-@task(name="dump database", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+@task(name="dump database", **retrying(2, 15),
       timeout_seconds=24 * 3600, tags=["pg_dump"])
 def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str, tier: str,
                   encrypt_fingerprint: str | None) -> catalog.Manifest:

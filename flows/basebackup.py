@@ -20,7 +20,7 @@ from flows.steps import (
     open_repo,
     record_audit,
     record_failure,
-    transient_only,
+    retrying,
     write_manifest,
 )
 from tasks import catalog, crypto, postgres
@@ -30,7 +30,7 @@ from tasks.errors import ConfigError
 from tasks.settings import Settings, load_settings
 
 
-@task(name="base backup", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+@task(name="base backup", **retrying(2, 15),
       timeout_seconds=24 * 3600, tags=["pg_basebackup"])
 def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: str, backup_id: str,
                      encrypt_fingerprint: str | None, fast_checkpoint: bool) -> BaseManifest:

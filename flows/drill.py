@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from flows.failover import failover as failover_flow
 from flows.failover import run_health_checks
 from flows.restore import VerificationFailed, restore_and_validate
-from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, transient_only
+from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, retrying
 from tasks import catalog, postgres, wal
 from tasks import drill as drilling
 from tasks import restore as restoring
@@ -30,8 +30,7 @@ from tasks.errors import ConfigError, IntegrityError, PgdrError
 from tasks.settings import Settings, load_settings
 
 
-@task(name="write drill report", retries=3, retry_delay_seconds=[2, 10, 30],
-      retry_condition_fn=transient_only)
+@task(name="write drill report", **retrying(3, 2))
 def write_report(repo_url: str, settings: Settings, key: str, report: dict[str, Any]) -> str:
     open_repo(repo_url, settings).put_bytes(key, json.dumps(report, indent=2, sort_keys=True).encode())
     return key

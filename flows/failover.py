@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from psycopg.conninfo import make_conninfo
 
 from flows.restore import restore
-from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, transient_only
+from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, retrying
 from tasks import aws, catalog, health, postgres
 from tasks.audit import audit_record
 from tasks.drill import Timeline, phases_markdown
@@ -54,18 +54,18 @@ def choose_backup(repository: Repository, database: str | None) -> tuple[catalog
     raise NotFoundError(f"no backup of {newest.database} in {repository.url} passes its checksum")
 
 
-@task(name="choose backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="choose backup", **retrying(2, 5))
 def choose_backup_task(repo_url: str, settings: Settings,
                        database: str | None) -> tuple[catalog.Manifest, str]:
     return choose_backup(open_repo(repo_url, settings), database)
 
 
-@task(name="read dns record", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="read dns record", **retrying(2, 5))
 def read_dns(zone_id: str, name: str, record_type: str, region: str | None) -> aws.DnsRecord | None:
     return aws.read_record(aws.client("route53", region), zone_id, name, record_type)
 
 
-@task(name="switch dns", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="switch dns", **retrying(2, 5))
 def switch_dns(record: aws.DnsRecord, region: str | None, comment: str) -> aws.DnsRecord:
     return aws.upsert_record(aws.client("route53", region), record, comment)
 

@@ -23,7 +23,7 @@ from flows.steps import (
     open_repo,
     record_audit,
     record_failure,
-    transient_only,
+    retrying,
     write_manifest,
 )
 from tasks import catalog, crypto, retention
@@ -35,7 +35,7 @@ from tasks.restore import work_directory
 from tasks.settings import Settings, check_tier, load_settings
 
 
-@task(name="archive files", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+@task(name="archive files", **retrying(2, 15),
       timeout_seconds=12 * 3600)
 def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings, backup_id: str,
                   tier: str, encrypt_fingerprint: str | None) -> filing.FilesManifest:
@@ -112,12 +112,12 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
     }
 
 
-@task(name="find files backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="find files backup", **retrying(2, 5))
 def find_files_backup(repo_url: str, settings: Settings, selector: str, name: str) -> filing.FilesManifest:
     return filing.find_file_backup(open_repo(repo_url, settings), selector, name)
 
 
-@task(name="restore files", retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(name="restore files", **retrying(2, 10))
 def restore_files_into(repo_url: str, settings: Settings, manifest: filing.FilesManifest, dest: str,
                        overwrite: bool) -> filing.Restored:
     work = work_directory(settings.work_dir)

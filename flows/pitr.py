@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, record_failure, transient_only
+from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, record_failure, retrying
 from tasks import pitr as pitr_steps
 from tasks.audit import audit_record
 from tasks.basebackup import (
@@ -30,8 +30,7 @@ from tasks.errors import ConfigError
 from tasks.settings import Settings, load_settings
 
 
-@task(name="restore base backup", retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=transient_only)
+@task(name="restore base backup", **retrying(2, 10))
 def unpack_base_backup(repo_url: str, settings: Settings, manifest: BaseManifest, datadir: str) -> str:
     restore_base_backup(open_repo(repo_url, settings), manifest, Path(datadir),
                         gpg_homedir=settings.gpg_homedir, passphrase=settings.gpg_passphrase,

@@ -14,15 +14,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, transient_only
+from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, retrying
 from tasks import catalog, replica, retention
 from tasks.audit import audit_record
 from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
 
-@task(name="prune", task_run_name="prune {area} {name}", retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=transient_only)
+@task(name="prune", task_run_name="prune {area} {name}", **retrying(2, 5))
 def prune_set(repo_url: str, settings: Settings, area: str, name: str, tier: str | None,
               dry_run: bool) -> list[dict[str, Any]]:
     """Retention for one database, files-backup name or snapshotted bucket."""
@@ -83,7 +82,7 @@ def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str
     return {"ok": not failed, "repository": repo_url, "dry_run": dry_run, "counts": counts, "backups": rows}
 
 
-@task(name="copy to replica", retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient_only)
+@task(name="copy to replica", **retrying(3, 5))
 def replicate_backup(repo_url: str, replica_url: str, settings: Settings,
                      manifest: catalog.Manifest) -> dict[str, Any]:
     """The DR-region copy of a finished backup, checked against its manifest."""

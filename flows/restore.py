@@ -24,7 +24,7 @@ from flows.steps import (
     publish_metrics,
     record_audit,
     record_failure,
-    transient_only,
+    retrying,
 )
 from tasks import catalog, postgres, quality
 from tasks import restore as restoring
@@ -39,7 +39,7 @@ class VerificationFailed(FailedWithReport):
     """The restored database does not hold what the backup's manifest says."""
 
 
-@task(name="find backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="find backup", **retrying(2, 5))
 def find_backup(repo_url: str, settings: Settings, selector: str, database: str | None,
                 target_database: str | None = None) -> catalog.Manifest:
     manifest = catalog.resolve_backup(open_repo(repo_url, settings), selector, database, target_database)
@@ -48,7 +48,7 @@ def find_backup(repo_url: str, settings: Settings, selector: str, database: str 
     return manifest
 
 
-@task(name="stage backup", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_only)
+@task(name="stage backup", **retrying(2, 5))
 def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, directory: Path) -> Path:
     """Verify the stored bytes' checksum while decoding them into one local file; nothing
     reaches PostgreSQL unless the checksum matched."""
@@ -102,7 +102,7 @@ def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -
     return result
 
 
-@task(name="record verification", retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="record verification", **retrying(3, 2))
 def record_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
                         result: dict[str, Any], by: str) -> None:
     """Append the result to verified.json beside the manifest (never rewriting the manifest)."""

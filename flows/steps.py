@@ -7,6 +7,7 @@ timeouts, tags, artifacts and progress live here.
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,9 +33,10 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.logging.loggers import flow_run_logger
 from prefect.settings import get_current_settings
+from prefect.tasks import exponential_backoff
 
 from tasks import audit, fleet, notify
-from tasks.errors import PgdrError
+from tasks.errors import PgdrError, is_transient
 from tasks.metrics import put_metrics
 from tasks.process import redact
 from tasks.repository import Repository, open_repository
@@ -115,15 +117,29 @@ def _quietly(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry unexpected errors (network, S3), not PgdrErrors: those are permanent and
-    clearly explained, and a retry would only delay the message."""
+    """Retry what may succeed when tried again (tasks.errors.is_transient: a dropped
+    connection, a throttled or briefly failing S3, a PostgreSQL shutting down), never a
+    permanent error (bad credentials, a missing bucket or database, bad input, a checksum
+    mismatch) nor a bug: retrying those only delays the message."""
     try:
         state.result()
-    except PgdrError:
-        return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return is_transient(exc)
     return False
+
+
+# Multiplies every retry delay: tests shorten them; an operator may lengthen them. Read at
+# import, because Prefect fixes a task's delays when the task is defined.
+_RETRY_DELAY_FACTOR = float(os.environ.get("PGDR_RETRY_DELAY_FACTOR", "1"))
+
+
+def retrying(times: int, first_delay: float) -> dict[str, Any]:
+    """Task options: retry transient failures `times` times, the first after about
+    first_delay seconds, doubling each time, with jitter so that runs that failed together
+    do not retry together. Prefect logs each retry with its error and delay."""
+    return {"retries": times,
+            "retry_delay_seconds": exponential_backoff(first_delay * _RETRY_DELAY_FACTOR),
+            "retry_jitter_factor": 0.5, "retry_condition_fn": transient_only}
 
 
 def open_repo(url: str, settings: Settings) -> Repository:
@@ -131,7 +147,7 @@ def open_repo(url: str, settings: Settings) -> Repository:
                            region=settings.aws_region)
 
 
-@task(name="write manifest", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient_only)
+@task(name="write manifest", **retrying(3, 2))
 def write_manifest(repo_url: str, settings: Settings, manifest: StoredManifest) -> str:
     """The completion marker of a backup, files backup, base backup or storage snapshot:
     written last, so that nothing without one is ever taken for complete."""
@@ -139,7 +155,7 @@ def write_manifest(repo_url: str, settings: Settings, manifest: StoredManifest) 
     return manifest.manifest_key
 
 
-@task(name="record audit", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient_only)
+@task(name="record audit", **retrying(3, 2))
 def record_audit(repo_url: str, settings: Settings, record: dict[str, Any]) -> str:
     """The runbook's audit record in the repository, and a Prefect event."""
     key = audit.write_audit(open_repo(repo_url, settings), record)

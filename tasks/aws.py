@@ -14,18 +14,34 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tasks.errors import ConfigError, NotFoundError, PgdrError
+from tasks.errors import ConfigError, NotFoundError, PgdrError, TransientError, is_transient
+
+# One AWS request gives up within about four minutes: at most 4 attempts of at most
+# 10 s to connect and 45 s without a byte of answer, with standard backoff between them.
+# A stalled endpoint fails the step and says so; it does not eat the backup window.
+REQUEST_ATTEMPTS = 4
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 45
 
 
-def client(service: str, region: str | None = None) -> Any:
-    import boto3
+def client_config() -> Any:
+    """botocore's configuration for every pgdr client: standard retries (5xx, throttling,
+    resets) and the time budget above, unless AWS_RETRY_MODE / AWS_MAX_ATTEMPTS say otherwise."""
     from botocore.config import Config
 
     retries: dict[str, Any] = {}
     if not os.environ.get("AWS_RETRY_MODE"):
         retries["mode"] = "standard"
-    config = Config(retries=retries, connect_timeout=10, read_timeout=60, user_agent_extra="pgdr")
-    return boto3.session.Session().client(service, region_name=region, config=config)
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = REQUEST_ATTEMPTS
+    return Config(retries=retries, connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+                  user_agent_extra="pgdr")
+
+
+def client(service: str, region: str | None = None) -> Any:
+    import boto3
+
+    return boto3.session.Session().client(service, region_name=region, config=client_config())
 
 
 @contextmanager
@@ -38,9 +54,9 @@ def aws_errors(action: str) -> Iterator[None]:
     except ClientError as exc:
         error = exc.response.get("Error", {})
         message = f"{error.get('Code', 'error')}: {error.get('Message', '')}".rstrip(": ")
-        raise PgdrError(f"{action} failed: {message}") from None
+        raise (TransientError if is_transient(exc) else PgdrError)(f"{action} failed: {message}") from None
     except BotoCoreError as exc:
-        raise PgdrError(f"{action} failed: {exc}") from None
+        raise (TransientError if is_transient(exc) else PgdrError)(f"{action} failed: {exc}") from None
 
 
 # --- Route53 ----------------------------------------------------------------------------
