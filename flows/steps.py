@@ -174,9 +174,10 @@ def record_audit(repo_url: str, settings: Settings, record: dict[str, Any]) -> s
 
 def record_failure(repo_url: str, settings: Settings, record: dict[str, Any]) -> None:
     """Audit a failed operation without hiding why it failed: if even the audit record
-    cannot be written (the repository may be the problem), say so in the log."""
+    cannot be written (the repository may be the problem), say so in the log. One attempt:
+    when the store is what failed, retrying its audit record only delays the message."""
     try:
-        record_audit(repo_url, settings, record)
+        record_audit.with_options(retries=0)(repo_url, settings, record)
     except Exception as exc:
         get_run_logger().warning("could not write the audit record of this failure: %s", exc)
 

@@ -29,13 +29,17 @@ def client_config() -> Any:
     resets) and the time budget above, unless AWS_RETRY_MODE / AWS_MAX_ATTEMPTS say otherwise."""
     from botocore.config import Config
 
+    from tasks.watchdog import stall_seconds
+
     retries: dict[str, Any] = {}
     if not os.environ.get("AWS_RETRY_MODE"):
         retries["mode"] = "standard"
     if not os.environ.get("AWS_MAX_ATTEMPTS"):
         retries["max_attempts"] = REQUEST_ATTEMPTS
-    return Config(retries=retries, connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-                  user_agent_extra="pgdr")
+    # A request that receives nothing for the stall budget has stalled too.
+    read_timeout = min(READ_TIMEOUT, stall_seconds())
+    return Config(retries=retries, connect_timeout=min(CONNECT_TIMEOUT, read_timeout),
+                  read_timeout=read_timeout, user_agent_extra="pgdr")
 
 
 def client(service: str, region: str | None = None) -> Any:

@@ -87,6 +87,8 @@ class Settings:
     fleet_servers: tuple[str, ...] = ()
     # How many pgdr runs may work on one PostgreSQL server at once (fleet runs).
     host_limit: int = 2
+    # A data stream that moves no byte for this long fails, naming the side that stalled.
+    stall_seconds: int = 300
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
@@ -175,6 +177,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         fleet_databases=_list(merged, "PGDR_FLEET_DATABASES"),
         fleet_servers=_list(merged, "PGDR_FLEET_SERVERS"),
         host_limit=_int(merged, "PGDR_HOST_LIMIT", 2),
+        stall_seconds=_int(merged, "PGDR_STALL_SECONDS", 300),
     )
 
 
