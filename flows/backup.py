@@ -24,6 +24,7 @@ from flows.steps import (
     record_audit,
     record_failure,
     retrying,
+    run_name,
     server_slot,
     write_manifest,
 )
@@ -120,7 +121,7 @@ def _artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "db"
 
 
-@flow(name="backup", log_prints=True, **FLOW_HOOKS)
+@flow(name="backup", flow_run_name=run_name("backup-{db|$db}-{tier}"), log_prints=True, **FLOW_HOOKS)
 def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
            encrypt_to: str | None = None) -> dict[str, Any]:
     """Back up one database into the repository; returns the backup's summary."""

@@ -21,6 +21,7 @@ from flows.steps import (
     record_audit,
     record_failure,
     retrying,
+    run_name,
     write_manifest,
 )
 from tasks import catalog, crypto, postgres
@@ -83,7 +84,7 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
     )
 
 
-@flow(name="basebackup", log_prints=True, **FLOW_HOOKS)
+@flow(name="basebackup", flow_run_name=run_name("basebackup-{db|$db}"), log_prints=True, **FLOW_HOOKS)
 def basebackup(db: str | None = None, repo: str | None = None, name: str | None = None,
                encrypt_to: str | None = None, fast_checkpoint: bool = True) -> dict[str, Any]:
     """Take a physical base backup of the server behind `db` for point-in-time recovery.

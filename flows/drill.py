@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from flows.failover import failover as failover_flow
 from flows.failover import run_health_checks
 from flows.restore import VerificationFailed, restore_and_validate
-from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, retrying
+from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, retrying, run_name
 from tasks import catalog, postgres, wal
 from tasks import drill as drilling
 from tasks import restore as restoring
@@ -49,7 +49,7 @@ def _dropped(server_url: str, dbname: str) -> bool:
         return not postgres.database_exists(conn, dbname)
 
 
-@flow(name="drill", log_prints=True, **FLOW_HOOKS)
+@flow(name="drill", flow_run_name=run_name("drill-{db|$db}"), log_prints=True, **FLOW_HOOKS)
 def drill(repo: str | None = None, db: str | None = None, server: str | None = None,
           scenario: str = drilling.DEFAULT_SCENARIO, rto_target_minutes: float | None = None,
           rpo_target_minutes: float | None = None, health_sql: list[str] | None = None,

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from psycopg.conninfo import make_conninfo
 
 from flows.restore import restore
-from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, retrying
+from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, retrying, run_name
 from tasks import aws, catalog, health, postgres
 from tasks.audit import audit_record
 from tasks.drill import Timeline, phases_markdown
@@ -121,7 +121,8 @@ def _markdown(summary: dict[str, Any]) -> str:
             + phases_markdown(summary["phases"]) + "\n")
 
 
-@flow(name="failover", log_prints=True, **FLOW_HOOKS)
+@flow(name="failover", flow_run_name=run_name("failover-{db|target|$db}-to-{record_name}"),
+      log_prints=True, **FLOW_HOOKS)
 def failover(zone_id: str, record_name: str, record_value: str | None = None, record_type: str = "CNAME",
              ttl: int = 60, repo: str | None = None, target: str | None = None, db: str | None = None,
              health_urls: list[str] | None = None, health_sql: list[str] | None = None,

@@ -24,6 +24,7 @@ from flows.steps import (
     record_audit,
     record_failure,
     retrying,
+    run_name,
     write_manifest,
 )
 from tasks import catalog, crypto, retention
@@ -72,7 +73,7 @@ def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings
     )
 
 
-@flow(name="files", log_prints=True, **FLOW_HOOKS)
+@flow(name="files", flow_run_name=run_name("files-{name}-{tier}"), log_prints=True, **FLOW_HOOKS)
 def files(paths: list[str], name: str, repo: str | None = None, tier: str = "manual",
           encrypt_to: str | None = None) -> dict[str, Any]:
     """Back up named paths (directories or files) as one archive; returns its summary."""
@@ -132,7 +133,8 @@ def restore_files_into(repo_url: str, settings: Settings, manifest: filing.Files
         shutil.rmtree(work, ignore_errors=True)
 
 
-@flow(name="restore-files", log_prints=True, **FLOW_HOOKS)
+@flow(name="restore-files", flow_run_name=run_name("restore-files-{name}-into-{dest}"),
+      log_prints=True, **FLOW_HOOKS)
 def restore_files(backup_id: str, name: str, dest: str, repo: str | None = None,
                   overwrite: bool = False) -> dict[str, Any]:
     """Restore a files backup (an id, or latest) into the directory dest."""

@@ -34,6 +34,7 @@ from flows.steps import (
     publish_table,
     record_audit,
     retrying,
+    run_name,
 )
 from tasks import catalog
 from tasks import fleet as fleets
@@ -153,7 +154,7 @@ def run_member(action: str, member: fleets.Member, parameters: dict[str, Any], d
     return fleets.outcome_row(member, ok=ok, seconds=clock.seconds, result=result, reason=reason, run=run_id)
 
 
-@flow(name="fleet", log_prints=True, **FLOW_HOOKS)
+@flow(name="fleet", flow_run_name=run_name("fleet-{action}-{tier}"), log_prints=True, **FLOW_HOOKS)
 def fleet(action: str = "backup", databases: list[str] | None = None, servers: list[str] | None = None,
           include: list[str] | None = None, exclude: list[str] | None = None, tier: str = "daily",
           repo: str | None = None, host_limit: int | None = None, max_parallel: int = 8,

@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, retrying
+from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, retrying, run_name
 from tasks import catalog, replica, retention
 from tasks.audit import audit_record
 from tasks.locks import database_lock
@@ -37,7 +37,7 @@ def prune_set(repo_url: str, settings: Settings, area: str, name: str, tier: str
         return run()
 
 
-@flow(name="prune", log_prints=True, **FLOW_HOOKS)
+@flow(name="prune", flow_run_name=run_name("prune-{db|name|bucket|all}"), log_prints=True, **FLOW_HOOKS)
 def prune(repo: str | None = None, db: str | None = None, tier: str | None = None,
           dry_run: bool = False, area: str | None = None, name: str | None = None,
           bucket: str | None = None) -> dict[str, Any]:

@@ -17,7 +17,15 @@ import psycopg
 from prefect import flow, get_run_logger, task
 
 from flows.restore import find_backup, restore_and_validate
-from flows.steps import FLOW_HOOKS, Stopwatch, markdown_table, publish_markdown, record_audit, record_failure
+from flows.steps import (
+    FLOW_HOOKS,
+    Stopwatch,
+    markdown_table,
+    publish_markdown,
+    record_audit,
+    record_failure,
+    run_name,
+)
 from tasks import catalog, postgres, recovery
 from tasks import restore as restoring
 from tasks.audit import audit_record
@@ -175,7 +183,8 @@ def _shown(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-@flow(name="recover-table", log_prints=True, **FLOW_HOOKS)
+@flow(name="recover-table", flow_run_name=run_name("recover-table-{tables}-into-{target|$db}"),
+      log_prints=True, **FLOW_HOOKS)
 def recover_table(backup_id: str = "latest", target: str | None = None, tables: list[str] | None = None,
                   mode: str = "missing-rows", where: str | None = None, dry_run: bool = False,
                   repo: str | None = None, db: str | None = None, jobs: int | None = None,

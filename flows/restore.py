@@ -25,6 +25,7 @@ from flows.steps import (
     record_audit,
     record_failure,
     retrying,
+    run_name,
 )
 from tasks import catalog, postgres, quality
 from tasks import restore as restoring
@@ -174,7 +175,8 @@ def _audited(operation: str, kind: str, repo_url: str, settings: Settings, sourc
         duration_seconds=clock.seconds, **details))
 
 
-@flow(name="restore", log_prints=True, **FLOW_HOOKS)
+@flow(name="restore", flow_run_name=run_name("restore-{db|target|$db}-into-{target|$db}"),
+      log_prints=True, **FLOW_HOOKS)
 def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
             pre_restore_backup: bool = True) -> dict[str, Any]:
@@ -213,7 +215,8 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     return _restored(manifest, result, target_url, clock, previous_database=kept_as)
 
 
-@flow(name="restore-to-temp", log_prints=True, **FLOW_HOOKS)
+@flow(name="restore-to-temp", flow_run_name=run_name("restore-to-temp-{db|backup_id}"),
+      log_prints=True, **FLOW_HOOKS)
 def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str | None = None,
                     server: str | None = None, keep: bool = False, jobs: int | None = None,
                     no_owner: bool = False) -> dict[str, Any]:
@@ -242,7 +245,7 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
                      temp_database=temp_db, kept=keep)
 
 
-@flow(name="rollback", log_prints=True, **FLOW_HOOKS)
+@flow(name="rollback", flow_run_name=run_name("rollback-{target|$db}"), log_prints=True, **FLOW_HOOKS)
 def rollback(target: str | None = None, repo: str | None = None) -> dict[str, Any]:
     """Undo the last restore of `target`: its pre-restore database takes the name back."""
     settings = load_settings()

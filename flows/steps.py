@@ -7,7 +7,9 @@ timeouts, tags, artifacts and progress live here.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -288,6 +290,8 @@ def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
     ok = state.is_completed()
     if not notify.configured(settings) or (ok and not settings.notify_on_success):
         return
+    if flow_run.parent_task_run_id is not None:
+        return  # a subflow (failover's restore, a fleet member): the run that called it reports
     logger = flow_run_logger(flow_run, flow)
     try:
         notice = notify.Notice(
@@ -298,6 +302,64 @@ def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
         notify.send(notice, settings)
     except Exception as exc:
         logger.warning("could not send the notification: %s", redact(str(exc), settings.secrets()))
+
+
+# --- run names ------------------------------------------------------------------------------
+
+
+def _name_part(value: Any) -> str:
+    """A parameter as a piece of a run name: a PostgreSQL URL or DSN as its database name
+    (a URL may hold a password), a list as its items, at most 40 characters."""
+    from tasks.postgres import database_name
+
+    if isinstance(value, list | tuple):
+        return "+".join(_name_part(item) for item in value[:3]) + ("+..." if len(value) > 3 else "")
+    text = str(value)
+    if text.startswith(("postgres://", "postgresql://")) or "dbname=" in text:
+        text = database_name(text)
+    return text[:40]
+
+
+def name_from(template: str, parameters: dict[str, Any], configured_db: Callable[[], str | None]) -> str:
+    """The run name that `template` gives these parameters: `{a|b|word}` is the first of
+    parameters a, b that is set, else the word (not a parameter); `$db` is the configured
+    database."""
+    def field(match: re.Match[str]) -> str:
+        for choice in match.group(1).split("|"):
+            if choice == "$db":
+                value = configured_db()
+            else:
+                value = parameters.get(choice) if choice in parameters else choice
+            if value not in (None, "", [], ()):
+                return _name_part(value)
+        return "default"
+    return re.sub(r"\{([^}]+)\}", field, template)
+
+
+def run_name(template: str) -> Callable[[], str]:
+    """`@flow(flow_run_name=run_name("backup-{db|$db}-{tier}"))`: the runs list of the Prefect
+    UI says which database and tier a run was about."""
+    def name() -> str:
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        parameters: dict[str, Any] = {}
+        if context is not None:
+            defaults = inspect.signature(context.flow.fn).parameters.values()
+            parameters = {p.name: p.default for p in defaults if p.default is not inspect.Parameter.empty}
+            parameters.update(context.parameters or {})
+        return name_from(template, parameters, _configured_database)
+    return name
+
+
+def _configured_database() -> str | None:
+    from tasks.postgres import database_name
+
+    try:
+        db_url = load_settings().db_url
+    except PgdrError:
+        return None
+    return database_name(db_url) if db_url else None
 
 
 # Every flow takes these: `@flow(name=..., **FLOW_HOOKS)`.

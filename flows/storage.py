@@ -20,6 +20,7 @@ from flows.steps import (
     record_audit,
     record_failure,
     retrying,
+    run_name,
     write_manifest,
 )
 from tasks import catalog, retention
@@ -41,7 +42,8 @@ def copy_changed_objects(source_url: str, repo_url: str, settings: Settings, sna
     return manifest
 
 
-@flow(name="storage-snapshot", log_prints=True, **FLOW_HOOKS)
+@flow(name="storage-snapshot", flow_run_name=run_name("storage-snapshot-{source}"),
+      log_prints=True, **FLOW_HOOKS)
 def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual") -> dict[str, Any]:
     """Snapshot s3://bucket[/prefix] into the (S3) repository; returns its summary."""
     settings = load_settings()
@@ -91,7 +93,8 @@ def copy_objects_back(repo_url: str, settings: Settings, manifest: snapshots.Sto
                                       snapshots.parse_s3_url(dest_url), overwrite=overwrite)
 
 
-@flow(name="storage-restore", log_prints=True, **FLOW_HOOKS)
+@flow(name="storage-restore", flow_run_name=run_name("storage-restore-{snapshot}-into-{bucket|dest}"),
+      log_prints=True, **FLOW_HOOKS)
 def storage_restore(snapshot: str, dest: str, bucket: str | None = None, repo: str | None = None,
                     overwrite: bool = False) -> dict[str, Any]:
     """Copy every object of a snapshot (an id, or latest) into s3://bucket[/prefix]."""
