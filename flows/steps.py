@@ -160,6 +160,7 @@ def write_manifest(repo_url: str, settings: Settings, manifest: StoredManifest) 
 @task(name="record audit", **retrying(3, 2))
 def record_audit(repo_url: str, settings: Settings, record: dict[str, Any]) -> str:
     """The runbook's audit record in the repository, and a Prefect event."""
+    record = {**record, **_run_origin(record["user"])}
     key = audit.write_audit(open_repo(repo_url, settings), record)
     try:
         from prefect.events import emit_event
@@ -172,6 +173,27 @@ def record_audit(repo_url: str, settings: Settings, record: dict[str, Any]) -> s
     except Exception as exc:  # an event is a convenience; the record is stored
         get_run_logger().warning("could not emit the audit event: %s", exc)
     return key
+
+
+def _run_origin(os_user: str) -> dict[str, str]:
+    """Who started the flow run this runs in (its top run's, for a subflow), as the Prefect
+    API says: {"started_by": how, "user": who, "os_user": the user this process runs as}."""
+    from prefect.runtime import flow_run as current
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(current.root_flow_run_id or current.id)
+            deployment = None
+            if run.deployment_id:
+                found = client.read_deployment(run.deployment_id)
+                deployment = f"{client.read_flow(found.flow_id).name}/{found.name}"
+    except Exception:  # no API, or no run: the record keeps the OS user
+        return {}
+    created_by = run.created_by
+    how, who = audit.started_by(created_by.type if created_by else None,
+                                created_by.display_value if created_by else None,
+                                deployment, bool(run.auto_scheduled), os_user)
+    return {"started_by": how, "user": who, "os_user": os_user}
 
 
 def record_failure(repo_url: str, settings: Settings, record: dict[str, Any]) -> None:

@@ -3,7 +3,9 @@ failure, audit records that say who and from where."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 from typing import Any
 
 from prefect import get_client
@@ -11,7 +13,7 @@ from prefect import get_client
 from flows.backup import backup
 from flows.restore import restore
 from flows.steps import name_from
-from tasks import catalog
+from tasks import audit, catalog
 from tasks.repository import open_repository
 from tests.support.cli import cli_json, run_cli
 from tests.test_failover import dr_target, failover_args, source_db, zone  # noqa: F401 - fixtures
@@ -56,3 +58,23 @@ def test_a_failed_failover_notifies_once(capsys, monkeypatch, receiver, pg, sour
     code, _out, _err = run_cli(capsys, *failover_args(s3_repo, dr_target, zone))
     assert code == 1
     assert [m["flow"] for m in receiver.messages] == ["failover"]
+
+
+def test_audit_records_say_who_started_the_run_and_from_which_address(capsys, fleet_db, file_repo):
+    cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo)
+    repo = open_repository(file_repo)
+    records = [json.loads(repo.get_bytes(o.key)) for o in repo.list("audit/")]
+    (record,) = [r for r in records if r["operation"] == "backup"]
+    assert record["started_by"] == "cli" and record["user"] == audit.current_user() == record["os_user"]
+    assert ipaddress.ip_address(record["ip_address"])
+    assert record["host"] == socket.gethostname()
+
+
+def test_who_started_a_run_follows_what_the_api_says():
+    assert audit.started_by("AUTOMATION", "pgdr: retry", "backup/daily", False, "root") == \
+        ("automation", "automation pgdr: retry")
+    assert audit.started_by(None, None, "backup/daily", True, "root") == \
+        ("schedule", "schedule of deployment backup/daily")
+    assert audit.started_by(None, None, "backup/daily", False, "root") == \
+        ("deployment", "deployment backup/daily")
+    assert audit.started_by(None, None, None, False, "alice") == ("cli", "alice")
