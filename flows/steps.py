@@ -315,6 +315,14 @@ def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
     if flow_run.parent_task_run_id is not None:
         return  # a subflow (failover's restore, a fleet member): the run that called it reports
     logger = flow_run_logger(flow_run, flow)
+    if not ok and flow_run.deployment_id is not None:
+        from deployments.automations import server_notifies_failures
+
+        try:
+            if server_notifies_failures():
+                return  # `pgdr automations apply` made the server the one that tells
+        except Exception as exc:
+            logger.warning("could not ask the server for its automations: %s", exc)
     try:
         notice = notify.Notice(
             flow=flow.name, ok=ok, database=_database_of(dict(flow_run.parameters or {}), settings),
