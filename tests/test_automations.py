@@ -60,8 +60,8 @@ def test_automations_apply_is_idempotent(capsys, monkeypatch, receiver):  # noqa
         assert no_backup.trigger.expect == {"prefect.flow-run.Completed"}
 
 
-def test_a_worker_killed_mid_backup_is_notified_once_by_the_server(
-        capsys, monkeypatch, receiver, fleet_db, file_repo, tmp_path):  # noqa: F811
+def test_deployment_runs_that_fail_or_whose_worker_dies_are_notified_once_by_the_server(
+        capsys, monkeypatch, receiver, pg, fleet_db, file_repo, tmp_path):  # noqa: F811
     monkeypatch.setenv("PGDR_NOTIFY_URL", receiver.url)
     cli_json(capsys, "automations", "apply", "--zombie-after", "40")
     asyncio.run(_pool())
@@ -71,6 +71,17 @@ def test_a_worker_killed_mid_backup_is_notified_once_by_the_server(
                      PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
     with process_worker(POOL, tmp_path, env) as log:
         worker_pid = _worker_pid(tmp_path)
+        # A run that fails in a live worker: its own hook leaves the message to the server.
+        failed = run_deployment("backup/manual", parameters={"db": pg.url("no_such_db"), "repo": file_repo},
+                                timeout=240, as_subflow=False)
+        assert failed.state.type == StateType.FAILED, log.read_text()[-3000:]
+        _wait_for(lambda: receiver.messages, 60, "the notification of the failed run")
+        time.sleep(5)  # a second notification would come now
+        assert len(receiver.messages) == 1, receiver.messages
+        (message,) = receiver.messages
+        assert message["source"] == "prefect-automation" and "FAILED" in message["subject"]
+        receiver.messages.clear()
+
         run = run_deployment("backup/manual", parameters={"db": fleet_db, "repo": file_repo}, timeout=0,
                              as_subflow=False)
         _wait_for(lambda: any(str(bin_dir) in _cmdline(pid) for pid in pgdr_processes_below(worker_pid)),
