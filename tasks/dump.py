@@ -211,20 +211,32 @@ def fetch_dump(
                 open(destination, "wb") as out:
             commands = ([gpg_argv] if encrypted else []) + [["zstd", "-d", "-q", "-c"]]
             with Pipeline(commands, stdin=subprocess.PIPE, stdout=out, pass_fds=fds,
-                          secrets=(secrets or []) + ([passphrase] if passphrase else [])) as decode:
-                last_report = time.monotonic()
-                broken = False
-                for chunk in repo.get_stream(key):
-                    digest.update(chunk)
-                    received += len(chunk)
-                    if not broken:
-                        try:
-                            decode.stdin.write(chunk)  # type: ignore[union-attr]
-                        except BrokenPipeError:
-                            broken = True  # keep reading: the checksum says why
-                    if progress and time.monotonic() - last_report >= 1.0:
-                        progress(received, destination.stat().st_size)
-                        last_report = time.monotonic()
+                          secrets=(secrets or []) + ([passphrase] if passphrase else [])) as decode, \
+                    StallWatchdog("download", stall_seconds(), decode.kill) as watchdog:
+
+                def receive() -> None:
+                    nonlocal received
+                    last_report = time.monotonic()
+                    broken = False
+                    chunks = iter(repo.get_stream(key))
+                    while True:
+                        with watchdog.waiting("store"):
+                            chunk = next(chunks, None)
+                        if chunk is None:
+                            break
+                        digest.update(chunk)
+                        received += len(chunk)
+                        if not broken:
+                            try:
+                                with watchdog.waiting("encoder"):
+                                    decode.stdin.write(chunk)  # type: ignore[union-attr]
+                            except BrokenPipeError:
+                                broken = True  # keep reading: the checksum says why
+                        if progress and time.monotonic() - last_report >= 1.0:
+                            progress(received, destination.stat().st_size)
+                            last_report = time.monotonic()
+
+                watchdog.run(receive)
                 with contextlib.suppress(BrokenPipeError):
                     decode.stdin.close()  # type: ignore[union-attr]
                 if received != size or digest.hexdigest() != sha256:

@@ -6,15 +6,19 @@ never answers, with the stall budget (PGDR_STALL_SECONDS) set low.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tasks import catalog
+from tasks.repository import open_repository
 from tasks.watchdog import blame
-from tests.support.cli import error_line, run_cli
+from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.fake_pg_dump import broken_pg_bin
 from tests.test_backup import assert_nothing_left
 
@@ -86,3 +90,33 @@ def test_the_side_to_blame_is_the_one_that_holds_the_others_up():
     assert blame(["encoder", "database"]) == "database"  # the encoder starves
     assert blame(["encoder", "encoder"]) == "encoder"  # it neither reads nor writes
     assert blame([]) == "encoder"  # nobody waits on anyone: the encoder is busy forever
+
+
+def test_a_download_that_stops_arriving_fails_naming_the_store(capsys, pg, fleet_db, file_repo, monkeypatch):
+    """The stored dump becomes a pipe that sends a few bytes and then nothing (a hung mount)."""
+    backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo)
+    repo = open_repository(file_repo)
+    manifest = catalog.find_backup(repo, backup["backup_id"])
+    stored = Path(repo.root) / manifest.prefix / manifest.data_key
+    stored.unlink()
+    os.mkfifo(stored)
+    release = threading.Event()
+
+    def write_a_little_then_hang() -> None:
+        with open(stored, "wb") as pipe:
+            pipe.write(b"\x28\xb5\x2f\xfd")
+            pipe.flush()
+            release.wait(120)
+
+    writer = threading.Thread(target=write_a_little_then_hang, daemon=True)
+    writer.start()
+    monkeypatch.setenv("PGDR_STALL_SECONDS", "2")
+    started = time.monotonic()
+    try:
+        code, _out, err = run_cli(capsys, "restore-temp", backup["backup_id"], "--repo", file_repo,
+                                  "--server", pg.admin_url)
+    finally:
+        release.set()
+        writer.join()
+    assert code == 1 and time.monotonic() - started < 60
+    assert "the store stalled: no byte of the download moved for 2 s" in error_line(err)
