@@ -38,7 +38,13 @@ _TERMINAL = ["prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.f
 _PGDR_RUN = {"prefect.resource.role": "flow", "prefect.resource.name": PGDR_FLOWS}
 
 
-def definitions(block_document_id: Any, zombie_after: timedelta) -> list[Any]:
+def _duration(span: timedelta) -> str:
+    seconds = span.total_seconds()
+    return f"{seconds / 3600:g} hours" if seconds % 3600 == 0 else f"{seconds:g} s"
+
+
+def definitions(block_document_id: Any, zombie_after: timedelta,
+                no_backup_within: timedelta = NO_BACKUP_WITHIN) -> list[Any]:
     """The automations, as Prefect objects (what `apply` sends to the server)."""
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState, SendNotification
@@ -81,10 +87,10 @@ def definitions(block_document_id: Any, zombie_after: timedelta) -> list[Any]:
                                {"prefect.resource.role": "deployment"}],
                 after={"prefect.flow-run.Completed"}, expect={"prefect.flow-run.Completed"},
                 for_each={"related:deployment:prefect.resource.id"}, posture=Posture.Proactive,
-                threshold=1, within=NO_BACKUP_WITHIN),
-            actions=[notify("pgdr: no successful backup for 26 hours",
-                            "A backup deployment has not completed a run for 26 hours since its last "
-                            "success: look at the runs of the backup flow.")],
+                threshold=1, within=no_backup_within),
+            actions=[notify(f"pgdr: no successful backup for {_duration(no_backup_within)}",
+                            f"A backup deployment has not completed a run for {_duration(no_backup_within)} "
+                            "since its last success: look at the runs of the backup flow.")],
         ),
     ]
 
@@ -112,14 +118,15 @@ def zombie_after_default() -> timedelta:
     return timedelta(seconds=3 * (get_current_settings().flows.heartbeat_frequency or 180))
 
 
-def apply(settings: Settings, zombie_after: timedelta | None = None) -> dict[str, Any]:
+def apply(settings: Settings, zombie_after: timedelta | None = None,
+          no_backup_within: timedelta = NO_BACKUP_WITHIN) -> dict[str, Any]:
     """Create or replace every automation on the Prefect server (PREFECT_API_URL)."""
     from prefect import get_client
 
     block_id = notification_block_id(settings)
     applied = []
     with get_client(sync_client=True) as client:
-        for automation in definitions(block_id, zombie_after or zombie_after_default()):
+        for automation in definitions(block_id, zombie_after or zombie_after_default(), no_backup_within):
             for existing in client.read_automations_by_name(automation.name):
                 client.delete_automation(existing.id)
             applied.append({"name": automation.name, "id": str(client.create_automation(automation))})

@@ -11,7 +11,9 @@ import asyncio
 import os
 import signal
 import time
+from datetime import timedelta
 
+import psycopg
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
@@ -19,6 +21,7 @@ from prefect.deployments import run_deployment
 
 from deployments import automations
 from deployments.register import register
+from tasks.settings import load_settings
 from tests.support.cli import cli_json
 from tests.support.fake_pg_dump import broken_pg_bin
 from tests.support.worker import process_worker, worker_env
@@ -61,9 +64,14 @@ def test_automations_apply_is_idempotent(capsys, monkeypatch, receiver):  # noqa
 
 
 def test_deployment_runs_that_fail_or_whose_worker_dies_are_notified_once_by_the_server(
-        capsys, monkeypatch, receiver, pg, fleet_db, file_repo, tmp_path):  # noqa: F811
+        capsys, monkeypatch, receiver, pg, fleet_db, new_db, file_repo, tmp_path):  # noqa: F811
+    """Also: no successful backup within the window (26 hours; 20 s here) alerts once."""
     monkeypatch.setenv("PGDR_NOTIFY_URL", receiver.url)
-    cli_json(capsys, "automations", "apply", "--zombie-after", "40")
+    automations.apply(load_settings(), zombie_after=timedelta(seconds=40),
+                      no_backup_within=timedelta(seconds=20))
+    tiny = new_db("tiny")  # its dump is smaller than what the hanging pg_dump lets through
+    with psycopg.connect(tiny, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int)")
     asyncio.run(_pool())
     register(["backup/manual"], work_pool=POOL)
     bin_dir = broken_pg_bin(tmp_path / "bin", limit=64 * 1024, then="hang")
@@ -81,6 +89,9 @@ def test_deployment_runs_that_fail_or_whose_worker_dies_are_notified_once_by_the
         (message,) = receiver.messages
         assert message["source"] == "prefect-automation" and "FAILED" in message["subject"]
         receiver.messages.clear()
+        completed = run_deployment("backup/manual", parameters={"db": tiny, "repo": file_repo},
+                                   timeout=240, as_subflow=False)
+        assert completed.state.type == StateType.COMPLETED, log.read_text()[-3000:]
 
         run = run_deployment("backup/manual", parameters={"db": fleet_db, "repo": file_repo}, timeout=0,
                              as_subflow=False)
@@ -91,12 +102,13 @@ def test_deployment_runs_that_fail_or_whose_worker_dies_are_notified_once_by_the
             os.kill(pid, signal.SIGKILL)
         assert _state(run.id) == StateType.RUNNING
         _wait_for(lambda: _state(run.id) == StateType.CRASHED, 180, "the server to mark the run Crashed")
-        _wait_for(lambda: receiver.messages, 60, "the notification")
-        time.sleep(5)  # a second notification would come now
-    (message,) = receiver.messages
-    assert message["source"] == "prefect-automation"
-    assert "backup" in message["subject"] and "CRASHED" in message["subject"]
-    assert "no heartbeat" in message["text"]
+        _wait_for(lambda: len(receiver.messages) >= 2, 60, f"two notifications: {receiver.messages}")
+        time.sleep(5)  # a third notification would come now
+    crashed, overdue = sorted(receiver.messages, key=lambda m: "no successful backup" in m["subject"])
+    assert "backup" in crashed["subject"] and "CRASHED" in crashed["subject"]
+    assert "no heartbeat" in crashed["text"]
+    assert overdue["subject"] == "pgdr: no successful backup for 20 s"
+    assert {m["source"] for m in receiver.messages} == {"prefect-automation"}
 
 
 def _cmdline(pid: int) -> str:
