@@ -24,8 +24,9 @@ from flows.steps import (
     publish_table,
     record_audit,
     record_failure,
+    retrying,
+    run_name,
     server_slot,
-    transient_only,
     write_manifest,
 )
 from tasks import catalog, crypto, postgres
@@ -39,7 +40,7 @@ from tasks.settings import Settings, check_tier, load_settings
 TOOL_VERSION = "pgdr 0.1.0"
 
 
-@task(name="dump database", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+@task(name="dump database", **retrying(2, 15),
       timeout_seconds=24 * 3600, tags=["pg_dump"])
 def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str, tier: str,
                   encrypt_fingerprint: str | None) -> catalog.Manifest:
@@ -130,7 +131,7 @@ def publish_backup_artifact(manifest: catalog.Manifest, seconds: float) -> None:
     )
 
 
-@flow(name="backup", log_prints=True, **FLOW_HOOKS)
+@flow(name="backup", flow_run_name=run_name("backup-{db|$db}-{tier}"), log_prints=True, **FLOW_HOOKS)
 def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
            encrypt_to: str | None = None) -> dict[str, Any]:
     """Back up one database into the repository; returns the backup's summary."""

@@ -21,7 +21,8 @@ from flows.steps import (
     open_repo,
     record_audit,
     record_failure,
-    transient_only,
+    retrying,
+    run_name,
     write_manifest,
 )
 from tasks import catalog, crypto, postgres
@@ -32,7 +33,7 @@ from tasks.errors import ConfigError
 from tasks.settings import Settings, load_settings
 
 
-@task(name="base backup", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+@task(name="base backup", **retrying(2, 15),
       timeout_seconds=24 * 3600, tags=["pg_basebackup"])
 def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: str, backup_id: str,
                      encrypt_fingerprint: str | None, fast_checkpoint: bool) -> BaseManifest:
@@ -86,7 +87,7 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
     )
 
 
-@flow(name="basebackup", log_prints=True, **FLOW_HOOKS)
+@flow(name="basebackup", flow_run_name=run_name("basebackup-{db|$db}"), log_prints=True, **FLOW_HOOKS)
 def basebackup(db: str | None = None, repo: str | None = None, name: str | None = None,
                encrypt_to: str | None = None, fast_checkpoint: bool = True,
                tier: str = "hot") -> dict[str, Any]:

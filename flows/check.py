@@ -11,14 +11,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.steps import FLOW_HOOKS, open_repo
+from flows.steps import FLOW_HOOKS, open_repo, run_name
 from tasks import postgres
 from tasks.errors import ConfigError, FailedWithReport
 from tasks.pitr import check_archiving
 from tasks.settings import load_settings
 
 
-@flow(name="check", log_prints=True, **FLOW_HOOKS)
+@flow(name="check", flow_run_name=run_name("check-{name|db|$db}"), log_prints=True, **FLOW_HOOKS)
 def check(db: str | None = None, repo: str | None = None, name: str | None = None,
           timeout_seconds: float = 60.0, max_base_age_hours: float = 26.0) -> dict[str, Any]:
     """Check the WAL archiving of the server behind `db` into the area `name` (default:

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +392,18 @@ def show_init_repo(result: dict[str, Any]) -> None:
     print(f"  object lock              {locked}")
     for warning in result["warnings"]:
         print(f"  warning: {warning}")
+def cmd_automations(args: argparse.Namespace) -> dict[str, Any]:
+    from deployments import automations
+
+    after = timedelta(seconds=args.zombie_after) if args.zombie_after else None
+    return automations.apply(_settings(), zombie_after=after)
+
+
+def show_automations(result: dict[str, Any]) -> None:
+    for automation in result["automations"]:
+        print(f"applied {automation['name']} ({automation['id']})")
+
+
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.repository import open_repository
     from tasks.status import repository_status
@@ -873,6 +886,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="every database backup, base backup, WAL file, files backup and storage snapshot")
     cmd.add_argument("--repo", help="repository to copy from (default: PGDR_REPO)")
     cmd.add_argument("--replica", metavar="URL", help="DR repository (default: PGDR_REPLICA_REPO)")
+
+    cmd = command("automations", cmd_automations, "apply the server-side alerts (failed or crashed runs, "
+                  "dead workers, no backup for 26 hours) to the Prefect server", show_automations,
+                  runs_flow=False)
+    cmd.add_argument("action", choices=["apply"], help="create or replace every pgdr automation")
+    cmd.add_argument("--zombie-after", type=float, metavar="SECONDS",
+                     help="mark a run Crashed after this long without a heartbeat "
+                          "(default: 3 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY)")
 
     cmd = command("init-repo", cmd_init_repo, "create and harden the S3 bucket of a repository",
                   show_init_repo, runs_flow=False)

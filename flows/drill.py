@@ -37,7 +37,8 @@ from flows.steps import (
     publish_markdown,
     publish_metrics,
     record_failure,
-    transient_only,
+    retrying,
+    run_name,
 )
 from tasks import catalog, postgres
 from tasks import drill as drilling
@@ -54,8 +55,7 @@ class DrillFailed(FailedWithReport):
     """A drill that missed a target or failed a step; `details` is its report."""
 
 
-@task(name="write drill report", retries=3, retry_delay_seconds=[2, 10, 30],
-      retry_condition_fn=transient_only)
+@task(name="write drill report", **retrying(3, 2))
 def write_report(repo_url: str, settings: Settings, key: str, report: dict[str, Any]) -> str:
     open_repo(repo_url, settings).put_bytes(key, json.dumps(report, indent=2, sort_keys=True).encode())
     return key
@@ -95,7 +95,7 @@ def _drill_start(started_at: datetime | None, flow_start: datetime) -> datetime:
     return min(started_at, flow_start) if started_at else flow_start
 
 
-@flow(name="drill", log_prints=True, **FLOW_HOOKS)
+@flow(name="drill", flow_run_name=run_name("drill-{db|$db}"), log_prints=True, **FLOW_HOOKS)
 def drill(repo: str | None = None, db: str | None = None, server: str | None = None,
           scenario: str = drilling.DEFAULT_SCENARIO, rto_target_minutes: float | None = None,
           rpo_target_minutes: float | None = None, health_sql: list[str] | None = None,

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from psycopg.conninfo import make_conninfo
 
 from flows.restore import restore, restore_and_validate
-from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, transient_only
+from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, retrying, run_name
 from tasks import aws, catalog, health, postgres
 from tasks import failover as choosing
 from tasks import restore as restoring
@@ -41,7 +41,7 @@ class FailoverFailed(PgdrError):
         self.details = details
 
 
-@task(name="choose backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="choose backup", **retrying(2, 5))
 def choose_backup(repo_url: str, settings: Settings, database: str | None, backup_id: str | None,
                   max_age_hours: float, accept_stale: bool,
                   target_database: str | None = None) -> choosing.Choice:
@@ -54,17 +54,17 @@ def choose_backup(repo_url: str, settings: Settings, database: str | None, backu
     return choice
 
 
-@task(name="read dns record", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="read dns record", **retrying(2, 5))
 def read_dns(zone_id: str, name: str, record_type: str, region: str | None) -> aws.DnsRecord | None:
     return aws.read_record(aws.client("route53", region), zone_id, name, record_type)
 
 
-@task(name="switch dns", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="switch dns", **retrying(2, 5))
 def switch_dns(record: aws.DnsRecord, region: str | None, comment: str) -> aws.DnsRecord:
     return aws.upsert_record(aws.client("route53", region), record, comment)
 
 
-@task(name="check rds restore", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="check rds restore", **retrying(2, 5))
 def check_rds(source: str, instance: str, region: str | None, from_snapshot: bool) -> str:
     return aws.check_rds_restore(aws.client("rds", region), source, instance, from_snapshot=from_snapshot)
 
@@ -123,7 +123,8 @@ def _markdown(summary: dict[str, Any]) -> str:
             + phases_markdown(summary["phases"]) + "\n")
 
 
-@flow(name="failover", log_prints=True, **FLOW_HOOKS)
+@flow(name="failover", flow_run_name=run_name("failover-{db|target|$db}-to-{record_name}"),
+      log_prints=True, **FLOW_HOOKS)
 def failover(zone_id: str, record_name: str, record_value: str | None = None, record_type: str = "CNAME",
              ttl: int = 60, repo: str | None = None, target: str | None = None, db: str | None = None,
              health_urls: list[str] | None = None, health_sql: list[str] | None = None,

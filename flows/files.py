@@ -23,7 +23,8 @@ from flows.steps import (
     open_repo,
     record_audit,
     record_failure,
-    transient_only,
+    retrying,
+    run_name,
     write_manifest,
 )
 from tasks import catalog, crypto, retention
@@ -35,7 +36,7 @@ from tasks.restore import work_directory
 from tasks.settings import Settings, check_tier, load_settings
 
 
-@task(name="archive files", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+@task(name="archive files", **retrying(2, 15),
       timeout_seconds=12 * 3600)
 def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings, backup_id: str,
                   tier: str, encrypt_fingerprint: str | None) -> filing.FilesManifest:
@@ -72,7 +73,7 @@ def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings
     )
 
 
-@flow(name="files", log_prints=True, **FLOW_HOOKS)
+@flow(name="files", flow_run_name=run_name("files-{name}-{tier}"), log_prints=True, **FLOW_HOOKS)
 def files(paths: list[str], name: str, repo: str | None = None, tier: str = "manual",
           encrypt_to: str | None = None) -> dict[str, Any]:
     """Back up named paths (directories or files) as one archive; returns its summary."""
@@ -114,12 +115,12 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
     }
 
 
-@task(name="find files backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="find files backup", **retrying(2, 5))
 def find_files_backup(repo_url: str, settings: Settings, selector: str, name: str) -> filing.FilesManifest:
     return filing.find_file_backup(open_repo(repo_url, settings), selector, name)
 
 
-@task(name="restore files", retries=1, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(name="restore files", **retrying(2, 10))
 def restore_files_into(repo_url: str, settings: Settings, manifest: filing.FilesManifest, dest: str,
                        overwrite: bool) -> filing.Restored:
     work = work_directory(settings.work_dir)
@@ -134,7 +135,8 @@ def restore_files_into(repo_url: str, settings: Settings, manifest: filing.Files
         shutil.rmtree(work, ignore_errors=True)
 
 
-@flow(name="restore-files", log_prints=True, **FLOW_HOOKS)
+@flow(name="restore-files", flow_run_name=run_name("restore-files-{name}-into-{dest}"),
+      log_prints=True, **FLOW_HOOKS)
 def restore_files(backup_id: str, name: str, dest: str, repo: str | None = None,
                   overwrite: bool = False) -> dict[str, Any]:
     """Restore a files backup (an id, or latest) into the directory dest."""

@@ -33,7 +33,8 @@ from flows.steps import (
     open_repo,
     publish_table,
     record_audit,
-    transient_only,
+    retrying,
+    run_name,
 )
 from tasks import catalog, postgres
 from tasks import fleet as fleets
@@ -47,7 +48,7 @@ DEPLOYMENTS = {"backup": "backup/fleet", "verify": "verify/fleet"}
 CLOCK_SKEW = timedelta(minutes=5)
 
 
-@task(name="list fleet", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_only)
+@task(name="list fleet", **retrying(2, 5))
 def list_fleet(databases: list[str], servers: list[str], include: list[str],
                exclude: list[str]) -> list[fleets.Member]:
     members = fleets.members_of(databases, servers, include, exclude)
@@ -56,7 +57,7 @@ def list_fleet(databases: list[str], servers: list[str], include: list[str],
     return members
 
 
-@task(name="set server limits", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only)
+@task(name="set server limits", **retrying(2, 2))
 def set_server_limits(hosts: list[str], limit: int | None, default: int) -> dict[str, int]:
     """Each server's global concurrency limit: created with `default` slots when missing,
     set to `limit` (and enabled) when one is given, else left as an operator set it."""
@@ -154,7 +155,7 @@ def run_member(action: str, member: fleets.Member, parameters: dict[str, Any], d
     return fleets.outcome_row(member, ok=ok, seconds=clock.seconds, result=result, reason=reason, run=run_id)
 
 
-@flow(name="fleet", log_prints=True, **FLOW_HOOKS)
+@flow(name="fleet", flow_run_name=run_name("fleet-{action}-{tier}"), log_prints=True, **FLOW_HOOKS)
 def fleet(action: str = "backup", databases: list[str] | None = None, servers: list[str] | None = None,
           include: list[str] | None = None, exclude: list[str] | None = None, tier: str = "daily",
           repo: str | None = None, host_limit: int | None = None, max_parallel: int = 8,

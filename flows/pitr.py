@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, record_failure, transient_only
+from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, record_failure, retrying, run_name
 from tasks import pitr as pitr_steps
 from tasks.audit import audit_record
 from tasks.basebackup import (
@@ -30,8 +30,7 @@ from tasks.errors import ConfigError
 from tasks.settings import Settings, load_settings
 
 
-@task(name="restore base backup", retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=transient_only)
+@task(name="restore base backup", **retrying(2, 10))
 def unpack_base_backup(repo_url: str, settings: Settings, manifest: BaseManifest, datadir: str) -> str:
     restore_base_backup(open_repo(repo_url, settings), manifest, Path(datadir),
                         gpg_homedir=settings.gpg_homedir, passphrase=settings.gpg_passphrase,
@@ -49,7 +48,7 @@ def recover_to_target(datadir: str, port: int, target: pitr_steps.Target, recove
     return pitr_steps.recover(LocalCluster(path, port, bin_dir=programs_for(server_version)), target, timeout)
 
 
-@flow(name="pitr", log_prints=True, **FLOW_HOOKS)
+@flow(name="pitr", flow_run_name=run_name("pitr-{db|$db}-into-{datadir}"), log_prints=True, **FLOW_HOOKS)
 def pitr(
     datadir: str,
     repo: str | None = None,
@@ -114,7 +113,8 @@ def pitr(
     }
 
 
-@flow(name="pitr-rds", log_prints=True, **FLOW_HOOKS)
+@flow(name="pitr-rds", flow_run_name=run_name("pitr-rds-{source_instance}-into-{target_instance}"),
+      log_prints=True, **FLOW_HOOKS)
 def rds_point_in_time_recovery(source_instance: str, target_instance: str,
                                target_time: datetime | None = None,
                                instance_class: str | None = None) -> dict[str, Any]:

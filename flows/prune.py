@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from prefect import flow, get_run_logger, task
 
-from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, transient_only
+from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, retrying, run_name
 from tasks import catalog, postgres, replica, retention
 from tasks import restore as restoring
 from tasks.audit import audit_record
@@ -26,8 +26,7 @@ from tasks.settings import Settings, check_tier, load_settings
 from tasks.storage import StorageManifest
 
 
-@task(name="prune", task_run_name="prune {area} {name}", retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=transient_only)
+@task(name="prune", task_run_name="prune {area} {name}", **retrying(2, 5))
 def prune_set(repo_url: str, settings: Settings, area: str, name: str, tier: str | None,
               dry_run: bool) -> list[dict[str, Any]]:
     """Retention for one database, files-backup name or snapshotted bucket."""
@@ -43,7 +42,7 @@ def prune_set(repo_url: str, settings: Settings, area: str, name: str, tier: str
         return run()
 
 
-@task(name="prune safety databases", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="prune safety databases", **retrying(2, 5))
 def prune_safety_databases(server_url: str, settings: Settings, of: str | None,
                            dry_run: bool) -> list[dict[str, Any]]:
     """Drop the databases restores and rollbacks set aside on the server (of one target, or
@@ -67,7 +66,7 @@ def prune_safety_databases(server_url: str, settings: Settings, of: str | None,
     return rows
 
 
-@flow(name="prune", log_prints=True, **FLOW_HOOKS)
+@flow(name="prune", flow_run_name=run_name("prune-{db|name|bucket|all}"), log_prints=True, **FLOW_HOOKS)
 def prune(repo: str | None = None, db: str | None = None, tier: str | None = None,
           dry_run: bool = False, area: str | None = None, name: str | None = None,
           bucket: str | None = None, server: str | None = None) -> dict[str, Any]:
@@ -141,7 +140,7 @@ def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str
     return {"ok": not failed, "repository": repo_url, "dry_run": dry_run, "counts": counts, "backups": rows}
 
 
-@task(name="copy to replica", retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient_only)
+@task(name="copy to replica", **retrying(3, 5))
 def replicate_backup(repo_url: str, replica_url: str, settings: Settings,
                      manifest: replica.StoredBackup | StorageManifest) -> dict[str, Any]:
     """The DR-region copy of a finished backup (database, base or files backup, or storage

@@ -24,6 +24,7 @@ from flows.steps import (
     publish_markdown,
     record_audit,
     record_failure,
+    run_name,
 )
 from tasks import catalog, postgres, recovery
 from tasks import restore as restoring
@@ -183,7 +184,8 @@ def _shown(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-@flow(name="recover-table", log_prints=True, **FLOW_HOOKS)
+@flow(name="recover-table", flow_run_name=run_name("recover-table-{tables}-into-{target|$db}"),
+      log_prints=True, **FLOW_HOOKS)
 def recover_table(backup_id: str = "latest", target: str | None = None, tables: list[str] | None = None,
                   mode: str = "missing-rows", where: str | None = None, dry_run: bool = False,
                   repo: str | None = None, db: str | None = None, jobs: int | None = None,

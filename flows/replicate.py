@@ -8,21 +8,20 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, transient_only
+from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, retrying, run_name
 from tasks import catalog, replica
 from tasks.audit import audit_record
 from tasks.errors import ConfigError
 from tasks.settings import Settings, load_settings
 
 
-@task(name="copy what the replica lacks", retries=2, retry_delay_seconds=[30, 120],
-      retry_condition_fn=transient_only)
+@task(name="copy what the replica lacks", **retrying(2, 30))
 def copy_missing(repo_url: str, replica_url: str, settings: Settings) -> dict[str, int]:
     return replica.copy_everything(open_repo(repo_url, settings), open_repo(replica_url, settings),
                                    settings.storage_classes)
 
 
-@flow(name="replicate", log_prints=True, **FLOW_HOOKS)
+@flow(name="replicate", flow_run_name=run_name("replicate-all"), log_prints=True, **FLOW_HOOKS)
 def replicate(repo: str | None = None, replica_repo: str | None = None) -> dict[str, Any]:
     """Copy everything `replica_repo` (default PGDR_REPLICA_REPO) lacks from `repo`."""
     settings = load_settings()

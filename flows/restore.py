@@ -28,7 +28,8 @@ from flows.steps import (
     publish_metrics,
     record_audit,
     record_failure,
-    transient_only,
+    retrying,
+    run_name,
 )
 from tasks import catalog, postgres, quality
 from tasks import database as whole_database
@@ -48,7 +49,7 @@ class VerificationFailed(FailedWithReport):
     """The restored database does not hold what the backup's manifest says."""
 
 
-@task(name="find backup", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="find backup", **retrying(2, 5))
 def find_backup(repo_url: str, settings: Settings, selector: str, database: str | None,
                 target_database: str | None = None) -> catalog.Manifest:
     manifest = catalog.resolve_backup(open_repo(repo_url, settings), selector, database, target_database)
@@ -67,7 +68,7 @@ def bring_back_archived(repo_url: str, settings: Settings, manifest: catalog.Man
         wait=wait, report=get_run_logger().warning)
 
 
-@task(name="stage backup", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_only)
+@task(name="stage backup", **retrying(2, 5))
 def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, directory: Path) -> Path:
     """Verify the stored bytes' checksum while decoding them into one local file; nothing
     reaches PostgreSQL unless the checksum matched."""
@@ -174,7 +175,7 @@ def check_roles(server_url: str, dbname: str, manifest: catalog.Manifest, no_own
     return created
 
 
-@task(name="record verification", retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="record verification", **retrying(3, 2))
 def record_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
                         result: dict[str, Any], by: str) -> None:
     """Append the result to verified.json beside the manifest (never rewriting the manifest)."""
@@ -188,7 +189,7 @@ def record_verification(repo_url: str, settings: Settings, manifest: catalog.Man
     catalog.append_verification(repo, manifest, entry)
 
 
-@task(name="record failed verification", retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="record failed verification", **retrying(3, 2))
 def record_failed_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
                                reason: str, by: str) -> None:
     """A backup whose bytes or restore failed is recorded as failed, with the reason, exactly
@@ -291,7 +292,8 @@ def _audited(operation: str, kind: str, repo_url: str, settings: Settings, sourc
         duration_seconds=clock.seconds, **details))
 
 
-@flow(name="restore", log_prints=True, **FLOW_HOOKS)
+@flow(name="restore", flow_run_name=run_name("restore-{db|target|$db}-into-{target|$db}"),
+      log_prints=True, **FLOW_HOOKS)
 def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
             pre_restore_backup: bool = True, encrypt_to: str | None = None,
@@ -394,7 +396,7 @@ def repair_target(target_url: str, target_db: str) -> list[str]:
     return done
 
 
-@flow(name="repair", log_prints=True, **FLOW_HOOKS)
+@flow(name="repair", flow_run_name=run_name("repair-{target|$db}"), log_prints=True, **FLOW_HOOKS)
 def repair(target: str | None = None) -> dict[str, Any]:
     """Finish or clean up what a killed restore or rollback left on `target`'s server."""
     settings = load_settings()
@@ -406,7 +408,8 @@ def repair(target: str | None = None) -> dict[str, Any]:
     return {"target": postgres.display_dsn(target_url), "repaired": done}
 
 
-@flow(name="restore-to-temp", log_prints=True, **FLOW_HOOKS)
+@flow(name="restore-to-temp", flow_run_name=run_name("restore-to-temp-{db|backup_id}"),
+      log_prints=True, **FLOW_HOOKS)
 def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str | None = None,
                     server: str | None = None, keep: bool = False, jobs: int | None = None,
                     no_owner: bool = False, archive_wait_hours: float = 12.0,
@@ -443,7 +446,7 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
                      temp_database=temp_db, kept=keep)
 
 
-@flow(name="rollback", log_prints=True, **FLOW_HOOKS)
+@flow(name="rollback", flow_run_name=run_name("rollback-{target|$db}"), log_prints=True, **FLOW_HOOKS)
 def rollback(target: str | None = None, repo: str | None = None) -> dict[str, Any]:
     """Undo the last restore of `target`: its pre-restore database takes the name back."""
     settings = load_settings()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import inspect
+import os
 import re
 import threading
 import time
@@ -34,9 +36,10 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.logging.loggers import flow_run_logger
 from prefect.settings import get_current_settings
+from prefect.tasks import exponential_backoff
 
 from tasks import audit, fleet, notify
-from tasks.errors import PgdrError
+from tasks.errors import PgdrError, is_transient
 from tasks.metrics import put_metrics
 from tasks.process import redact
 from tasks.repository import Repository, open_repository
@@ -117,15 +120,29 @@ def _quietly(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry unexpected errors (network, S3), not PgdrErrors: those are permanent and
-    clearly explained, and a retry would only delay the message."""
+    """Retry what may succeed when tried again (tasks.errors.is_transient: a dropped
+    connection, a throttled or briefly failing S3, a PostgreSQL shutting down), never a
+    permanent error (bad credentials, a missing bucket or database, bad input, a checksum
+    mismatch) nor a bug: retrying those only delays the message."""
     try:
         state.result()
-    except PgdrError:
-        return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return is_transient(exc)
     return False
+
+
+# Multiplies every retry delay: tests shorten them; an operator may lengthen them. Read at
+# import, because Prefect fixes a task's delays when the task is defined.
+_RETRY_DELAY_FACTOR = float(os.environ.get("PGDR_RETRY_DELAY_FACTOR", "1"))
+
+
+def retrying(times: int, first_delay: float) -> dict[str, Any]:
+    """Task options: retry transient failures `times` times, the first after about
+    first_delay seconds, doubling each time, with jitter so that runs that failed together
+    do not retry together. Prefect logs each retry with its error and delay."""
+    return {"retries": times,
+            "retry_delay_seconds": exponential_backoff(first_delay * _RETRY_DELAY_FACTOR),
+            "retry_jitter_factor": 0.5, "retry_condition_fn": transient_only}
 
 
 def open_repo(url: str, settings: Settings) -> Repository:
@@ -133,7 +150,7 @@ def open_repo(url: str, settings: Settings) -> Repository:
                            region=settings.aws_region)
 
 
-@task(name="write manifest", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient_only)
+@task(name="write manifest", **retrying(3, 2))
 def write_manifest(repo_url: str, settings: Settings, manifest: StoredManifest) -> str:
     """The completion marker of a backup, files backup, base backup or storage snapshot:
     written last, so that nothing without one is ever taken for complete."""
@@ -141,9 +158,10 @@ def write_manifest(repo_url: str, settings: Settings, manifest: StoredManifest) 
     return manifest.manifest_key
 
 
-@task(name="record audit", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=transient_only)
+@task(name="record audit", **retrying(3, 2))
 def record_audit(repo_url: str, settings: Settings, record: dict[str, Any]) -> str:
     """The runbook's audit record in the repository, and a Prefect event."""
+    record = {**record, **_run_origin(record["user"])}
     key = audit.write_audit(open_repo(repo_url, settings), record)
     try:
         from prefect.events import emit_event
@@ -158,11 +176,33 @@ def record_audit(repo_url: str, settings: Settings, record: dict[str, Any]) -> s
     return key
 
 
+def _run_origin(os_user: str) -> dict[str, str]:
+    """Who started the flow run this runs in (its top run's, for a subflow), as the Prefect
+    API says: {"started_by": how, "user": who, "os_user": the user this process runs as}."""
+    from prefect.runtime import flow_run as current
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(current.root_flow_run_id or current.id)
+            deployment = None
+            if run.deployment_id:
+                found = client.read_deployment(run.deployment_id)
+                deployment = f"{client.read_flow(found.flow_id).name}/{found.name}"
+    except Exception:  # no API, or no run: the record keeps the OS user
+        return {}
+    created_by = run.created_by
+    how, who = audit.started_by(created_by.type if created_by else None,
+                                created_by.display_value if created_by else None,
+                                deployment, bool(run.auto_scheduled), os_user)
+    return {"started_by": how, "user": who, "os_user": os_user}
+
+
 def record_failure(repo_url: str, settings: Settings, record: dict[str, Any]) -> None:
     """Audit a failed operation without hiding why it failed: if even the audit record
-    cannot be written (the repository may be the problem), say so in the log."""
+    cannot be written (the repository may be the problem), say so in the log. One attempt:
+    when the store is what failed, retrying its audit record only delays the message."""
     try:
-        record_audit(repo_url, settings, record)
+        record_audit.with_options(retries=0)(repo_url, settings, record)
     except Exception as exc:
         get_run_logger().warning("could not write the audit record of this failure: %s", exc)
 
@@ -284,7 +324,17 @@ def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
     ok = state.is_completed()
     if not notify.configured(settings) or (ok and not settings.notify_on_success):
         return
+    if flow_run.parent_task_run_id is not None:
+        return  # a subflow (failover's restore, a fleet member): the run that called it reports
     logger = flow_run_logger(flow_run, flow)
+    if not ok and flow_run.deployment_id is not None:
+        from deployments.automations import server_notifies_failures
+
+        try:
+            if server_notifies_failures():
+                return  # `pgdr automations apply` made the server the one that tells
+        except Exception as exc:
+            logger.warning("could not ask the server for its automations: %s", exc)
     try:
         notice = notify.Notice(
             flow=flow.name, ok=ok, database=_database_of(dict(flow_run.parameters or {}), settings),
@@ -294,6 +344,64 @@ def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
         notify.send(notice, settings)
     except Exception as exc:
         logger.warning("could not send the notification: %s", redact(str(exc), settings.secrets()))
+
+
+# --- run names ------------------------------------------------------------------------------
+
+
+def _name_part(value: Any) -> str:
+    """A parameter as a piece of a run name: a PostgreSQL URL or DSN as its database name
+    (a URL may hold a password), a list as its items, at most 40 characters."""
+    from tasks.postgres import database_name
+
+    if isinstance(value, list | tuple):
+        return "+".join(_name_part(item) for item in value[:3]) + ("+..." if len(value) > 3 else "")
+    text = str(value)
+    if text.startswith(("postgres://", "postgresql://")) or "dbname=" in text:
+        text = database_name(text)
+    return text[:40]
+
+
+def name_from(template: str, parameters: dict[str, Any], configured_db: Callable[[], str | None]) -> str:
+    """The run name that `template` gives these parameters: `{a|b|word}` is the first of
+    parameters a, b that is set, else the word (not a parameter); `$db` is the configured
+    database."""
+    def field(match: re.Match[str]) -> str:
+        for choice in match.group(1).split("|"):
+            if choice == "$db":
+                value = configured_db()
+            else:
+                value = parameters.get(choice) if choice in parameters else choice
+            if value not in (None, "", [], ()):
+                return _name_part(value)
+        return "default"
+    return re.sub(r"\{([^}]+)\}", field, template)
+
+
+def run_name(template: str) -> Callable[[], str]:
+    """`@flow(flow_run_name=run_name("backup-{db|$db}-{tier}"))`: the runs list of the Prefect
+    UI says which database and tier a run was about."""
+    def name() -> str:
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        parameters: dict[str, Any] = {}
+        if context is not None:
+            defaults = inspect.signature(context.flow.fn).parameters.values()
+            parameters = {p.name: p.default for p in defaults if p.default is not inspect.Parameter.empty}
+            parameters.update(context.parameters or {})
+        return name_from(template, parameters, _configured_database)
+    return name
+
+
+def _configured_database() -> str | None:
+    from tasks.postgres import database_name
+
+    try:
+        db_url = load_settings().db_url
+    except PgdrError:
+        return None
+    return database_name(db_url) if db_url else None
 
 
 # Every flow takes these: `@flow(name=..., **FLOW_HOOKS)`.

@@ -19,7 +19,8 @@ from flows.steps import (
     open_repo,
     record_audit,
     record_failure,
-    transient_only,
+    retrying,
+    run_name,
     write_manifest,
 )
 from tasks import catalog, retention
@@ -29,7 +30,7 @@ from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
 
-@task(name="copy changed objects", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+@task(name="copy changed objects", **retrying(2, 15),
       timeout_seconds=24 * 3600)
 def copy_changed_objects(source_url: str, repo_url: str, settings: Settings, snapshot_id: str,
                          tier: str) -> snapshots.StorageManifest:
@@ -41,7 +42,8 @@ def copy_changed_objects(source_url: str, repo_url: str, settings: Settings, sna
     return manifest
 
 
-@flow(name="storage-snapshot", log_prints=True, **FLOW_HOOKS)
+@flow(name="storage-snapshot", flow_run_name=run_name("storage-snapshot-{source}"),
+      log_prints=True, **FLOW_HOOKS)
 def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual") -> dict[str, Any]:
     """Snapshot s3://bucket[/prefix] into the (S3) repository; returns its summary."""
     settings = load_settings()
@@ -79,13 +81,13 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
     }
 
 
-@task(name="find storage snapshot", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(name="find storage snapshot", **retrying(2, 5))
 def find_storage_snapshot(repo_url: str, settings: Settings, selector: str,
                           bucket: str | None) -> snapshots.StorageManifest:
     return snapshots.find_snapshot(open_repo(repo_url, settings), selector, bucket)
 
 
-@task(name="copy objects back", retries=1, retry_delay_seconds=30, retry_condition_fn=transient_only,
+@task(name="copy objects back", **retrying(2, 15),
       timeout_seconds=24 * 3600)
 def copy_objects_back(repo_url: str, settings: Settings, manifest: snapshots.StorageManifest, dest_url: str,
                       overwrite: bool) -> int:
@@ -93,7 +95,8 @@ def copy_objects_back(repo_url: str, settings: Settings, manifest: snapshots.Sto
                                       snapshots.parse_s3_url(dest_url), overwrite=overwrite)
 
 
-@flow(name="storage-restore", log_prints=True, **FLOW_HOOKS)
+@flow(name="storage-restore", flow_run_name=run_name("storage-restore-{snapshot}-into-{bucket|dest}"),
+      log_prints=True, **FLOW_HOOKS)
 def storage_restore(snapshot: str, dest: str, bucket: str | None = None, repo: str | None = None,
                     overwrite: bool = False) -> dict[str, Any]:
     """Copy every object of a snapshot (an id, or latest) into s3://bucket[/prefix]."""

@@ -20,6 +20,7 @@ from flows.steps import (
     publish_markdown,
     publish_metrics,
     record_audit,
+    run_name,
     server_slot,
 )
 from tasks import catalog
@@ -33,7 +34,7 @@ def backup_age_hours(manifest: catalog.Manifest, now: Any) -> float:
     return (now - catalog.backup_time(manifest)).total_seconds() / 3600
 
 
-@flow(name="verify", log_prints=True, **FLOW_HOOKS)
+@flow(name="verify", flow_run_name=run_name("verify-{db|all}"), log_prints=True, **FLOW_HOOKS)
 def verify(repo: str | None = None, db: str | None = None, max_age_hours: float = 26.0,
            server: str | None = None) -> dict[str, Any]:
     """Check the latest backup of every database (and that every manifest can be read);

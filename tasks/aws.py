@@ -14,22 +14,42 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tasks.errors import ConfigError, NotFoundError, PgdrError
+from tasks.errors import ConfigError, NotFoundError, PgdrError, TransientError, is_transient
+
+# One AWS request gives up within about four minutes: at most 4 attempts of at most
+# 10 s to connect and 45 s without a byte of answer, with standard backoff between them.
+# A stalled endpoint fails the step and says so; it does not eat the backup window.
+REQUEST_ATTEMPTS = 4
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 45
 
 # Functions called with every new Route53/RDS client: how tests act on botocore's event
 # hooks (client.meta.events), as tasks.repository.S3_CLIENT_HOOKS does for S3.
 CLIENT_HOOKS: list[Callable[[Any], None]] = []
 
 
-def client(service: str, region: str | None = None) -> Any:
-    import boto3
+def client_config() -> Any:
+    """botocore's configuration for every pgdr client: standard retries (5xx, throttling,
+    resets) and the time budget above, unless AWS_RETRY_MODE / AWS_MAX_ATTEMPTS say otherwise."""
     from botocore.config import Config
+
+    from tasks.watchdog import stall_seconds
 
     retries: dict[str, Any] = {}
     if not os.environ.get("AWS_RETRY_MODE"):
         retries["mode"] = "standard"
-    config = Config(retries=retries, connect_timeout=10, read_timeout=60, user_agent_extra="pgdr")
-    made = boto3.session.Session().client(service, region_name=region, config=config)
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = REQUEST_ATTEMPTS
+    # A request that receives nothing for the stall budget has stalled too.
+    read_timeout = min(READ_TIMEOUT, stall_seconds())
+    return Config(retries=retries, connect_timeout=min(CONNECT_TIMEOUT, read_timeout),
+                  read_timeout=read_timeout, user_agent_extra="pgdr")
+
+
+def client(service: str, region: str | None = None) -> Any:
+    import boto3
+
+    made = boto3.session.Session().client(service, region_name=region, config=client_config())
     for hook in CLIENT_HOOKS:
         hook(made)
     return made
@@ -45,9 +65,9 @@ def aws_errors(action: str) -> Iterator[None]:
     except ClientError as exc:
         error = exc.response.get("Error", {})
         message = f"{error.get('Code', 'error')}: {error.get('Message', '')}".rstrip(": ")
-        raise PgdrError(f"{action} failed: {message}") from None
+        raise (TransientError if is_transient(exc) else PgdrError)(f"{action} failed: {message}") from None
     except BotoCoreError as exc:
-        raise PgdrError(f"{action} failed: {exc}") from None
+        raise (TransientError if is_transient(exc) else PgdrError)(f"{action} failed: {exc}") from None
 
 
 # --- Route53 ----------------------------------------------------------------------------

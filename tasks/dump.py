@@ -24,6 +24,7 @@ from tasks.errors import IntegrityError, PgdrError
 from tasks.postgres import libpq_env, pg_bin
 from tasks.process import Pipeline
 from tasks.repository import READ_CHUNK, PutResult, Repository
+from tasks.watchdog import StallWatchdog, stall_seconds
 
 Progress = Callable[[int, int], None]
 """Called about once a second with (bytes read so far, bytes written so far)."""
@@ -71,14 +72,24 @@ def stream_encoded(
     """Run feed in a thread, writing into the encoder, and store the encoder's output at
     repo/key. Nothing is stored unless the feed and every encoder command succeeded.
     Returns what was stored and the number of raw bytes fed."""
-    with Pipeline(encode, stdin=subprocess.PIPE, secrets=secrets or []) as encoder:
-        feeder = _Feeder(feed, encoder, what, on_broken)
+    def stop() -> None:  # on a stall: end every process, so that every thread ends
+        encoder.kill()
+        if on_broken:
+            on_broken()
+
+    with Pipeline(encode, stdin=subprocess.PIPE, secrets=secrets or []) as encoder, \
+            StallWatchdog(what, stall_seconds(), stop) as watchdog:
+        feeder = _Feeder(feed, encoder, what, on_broken, watchdog)
         feeder.start()
 
         def stored_bytes() -> Iterator[bytes]:
             written = 0
             last_report = time.monotonic()
-            while chunk := encoder.stdout.read1(READ_CHUNK):  # type: ignore[union-attr]
+            while True:
+                with watchdog.waiting("encoder"):
+                    chunk = encoder.stdout.read1(READ_CHUNK)  # type: ignore[union-attr]
+                if not chunk:
+                    break
                 written += len(chunk)
                 if progress and time.monotonic() - last_report >= 1.0:
                     progress(feeder.bytes, written)
@@ -87,13 +98,18 @@ def stream_encoded(
             # End of stream: only a stream whose every producer succeeded may be stored.
             feeder.join()
             encoder.wait()
+            watchdog.check()
             if feeder.error:
                 raise feeder.error
             if progress:
                 progress(feeder.bytes, written)
 
-        stored = repo.put_stream(key, stored_bytes(), storage_class=storage_class,
-                                 size_hint=size_hint)
+        def store() -> PutResult:
+            with watchdog.waiting("store"):
+                return repo.put_stream(key, stored_bytes(), storage_class=storage_class,
+                                       size_hint=size_hint)
+
+        stored = watchdog.run(store)
     return stored, feeder.bytes
 
 
@@ -123,7 +139,11 @@ def stream_dump(
 
         def relay(sink: _Feeder) -> None:
             reader = dump.stdout
-            while chunk := reader.read1(READ_CHUNK):  # type: ignore[union-attr]
+            while True:
+                with sink.waiting("database"):
+                    chunk = reader.read1(READ_CHUNK)  # type: ignore[union-attr]
+                if not chunk:
+                    break
                 sink.write(chunk)
             dump.wait()
 
@@ -141,17 +161,19 @@ class _Feeder(threading.Thread):
     the end of the stream, where it stops the upload from completing."""
 
     def __init__(self, feed: Feed, sink: Pipeline, what: str,
-                 on_broken: Callable[[], None] | None) -> None:
+                 on_broken: Callable[[], None] | None, watchdog: StallWatchdog) -> None:
         super().__init__(daemon=True)
         self.feed = feed
         self.sink = sink
         self.what = what
         self.on_broken = on_broken
+        self.waiting = watchdog.waiting  # a feed marks its own waits: `with sink.waiting("database")`
         self.bytes = 0
         self.error: BaseException | None = None
 
     def write(self, data: bytes) -> int:
-        self.sink.stdin.write(data)  # type: ignore[union-attr]
+        with self.waiting("encoder"):
+            self.sink.stdin.write(data)  # type: ignore[union-attr]
         self.bytes += len(data)
         return len(data)
 
@@ -193,20 +215,32 @@ def fetch_dump(
                 open(destination, "wb") as out:
             commands = ([gpg_argv] if encrypted else []) + [["zstd", "-d", "-q", "-c"]]
             with Pipeline(commands, stdin=subprocess.PIPE, stdout=out, pass_fds=fds,
-                          secrets=(secrets or []) + ([passphrase] if passphrase else [])) as decode:
-                last_report = time.monotonic()
-                broken = False
-                for chunk in repo.get_stream_parallel(key, streams):
-                    digest.update(chunk)
-                    received += len(chunk)
-                    if not broken:
-                        try:
-                            decode.stdin.write(chunk)  # type: ignore[union-attr]
-                        except BrokenPipeError:
-                            broken = True  # keep reading: the checksum says why
-                    if progress and time.monotonic() - last_report >= 1.0:
-                        progress(received, destination.stat().st_size)
-                        last_report = time.monotonic()
+                          secrets=(secrets or []) + ([passphrase] if passphrase else [])) as decode, \
+                    StallWatchdog("download", stall_seconds(), decode.kill) as watchdog:
+
+                def receive() -> None:
+                    nonlocal received
+                    last_report = time.monotonic()
+                    broken = False
+                    chunks = iter(repo.get_stream_parallel(key, streams))
+                    while True:
+                        with watchdog.waiting("store"):
+                            chunk = next(chunks, None)
+                        if chunk is None:
+                            break
+                        digest.update(chunk)
+                        received += len(chunk)
+                        if not broken:
+                            try:
+                                with watchdog.waiting("encoder"):
+                                    decode.stdin.write(chunk)  # type: ignore[union-attr]
+                            except BrokenPipeError:
+                                broken = True  # keep reading: the checksum says why
+                        if progress and time.monotonic() - last_report >= 1.0:
+                            progress(received, destination.stat().st_size)
+                            last_report = time.monotonic()
+
+                watchdog.run(receive)
                 with contextlib.suppress(BrokenPipeError):
                     decode.stdin.close()  # type: ignore[union-attr]
                 if received != size or digest.hexdigest() != sha256:

@@ -38,7 +38,11 @@ AREA = "files"
 ARCHIVE = "archive.tar.zst"
 FORMAT = "tar-pax"
 # Files that hold credentials: never stored unless the archive is encrypted.
-SECRET_PATTERNS = (".env", "*.env", "*.tfstate", "*.tfstate.backup", "*.pem", "*.key", "id_rsa*")
+SECRET_PATTERNS = (".env", "*.env", ".env.*", "*.tfstate", "*.tfstate.backup", "*.tfvars", "*.tfvars.json",
+                   "*.pem", "*.key", "id_rsa*", "id_ed25519*", "id_ecdsa*", "credentials", "*.p12", "*.pfx",
+                   "*.jks", "kubeconfig", "*secret*", ".pgpass", ".netrc")
+# Names that look like a secret's but are encrypted already, or a template of one.
+NOT_SECRET_SUFFIXES = (".gpg", ".asc", ".age", ".example", ".sample", ".template", ".dist")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _MAX_LINK_DEPTH = 40
 # Restored modes never carry set-uid/set-gid: a backup must not be a way to plant them.
@@ -245,10 +249,13 @@ def secret_patterns(extra: Sequence[str] = ()) -> list[str]:
 
 
 def first_secret(entries: Sequence[Entry], patterns: Sequence[str]) -> str | None:
-    """The first file whose name matches a secret pattern (matched on the file's name)."""
+    """The first file whose name matches a secret pattern (matched on the file's name,
+    ignoring case: `Credentials`, `PROD.ENV`), unless it is encrypted or a template."""
     for entry in entries:
-        base = entry.path.rsplit("/", 1)[-1]
-        if entry.type == "file" and any(fnmatch.fnmatchcase(base, p) for p in patterns):
+        base = entry.path.rsplit("/", 1)[-1].lower()
+        if entry.type != "file" or base.endswith(NOT_SECRET_SUFFIXES):
+            continue
+        if any(fnmatch.fnmatchcase(base, p.lower()) for p in patterns):
             return entry.path
     return None
 

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tasks.errors import ConfigError, PgdrError
+from tasks.errors import ConfigError, PgdrError, TransientError, is_transient
 from tasks.process import private_directory, redact, run, sweep_dead_runs
 
 PASSFILE_PREFIX = "pgdr-pass-"
@@ -162,7 +162,8 @@ def connect(url: str, *, dbname: str | None = None, autocommit: bool = False,
     except psycopg.Error as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         message = redact(first_line, [password_of(target) or ""])
-        raise PgdrError(f"cannot connect to {display_dsn(target)}: {message}") from None
+        error = TransientError if is_transient(exc) else PgdrError
+        raise error(f"cannot connect to {display_dsn(target)}: {message}") from None
 
 
 @contextmanager

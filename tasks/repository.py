@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
+from tasks.errors import (
+    ConfigError,
+    IntegrityError,
+    NotFoundError,
+    PgdrError,
+    TransientError,
+    is_transient,
+)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -460,9 +467,10 @@ class S3Repository(Repository):
                 raise NotFoundError(f"{self._rel(kwargs.get('Key', ''))} is not in the repository") from None
             if code == "NoSuchBucket":
                 raise PgdrError(f"bucket {self.bucket} does not exist") from None
-            raise PgdrError(f"S3 {operation} failed: {code} {error.get('Message', '')}".strip()) from None
+            message = f"S3 {operation} failed: {code} {error.get('Message', '')}".strip()
+            raise _s3_error(exc, message) from None
         except BotoCoreError as exc:
-            raise PgdrError(f"S3 {operation} failed: {exc}") from None
+            raise _s3_error(exc, f"S3 {operation} failed: {exc}") from None
 
     def get_stream(self, key: str) -> Iterator[bytes]:
         full_key = self._key(key)
@@ -490,7 +498,8 @@ class S3Repository(Repository):
             except (BotoCoreError, HTTPError, PgdrError, OSError):
                 resumes += 1
                 if resumes > 5:
-                    raise PgdrError(f"reading {self._rel(full_key)} failed after {offset} bytes") from None
+                    raise TransientError(
+                        f"reading {self._rel(full_key)} failed after {offset} bytes") from None
                 response = self._s3("get_object", Bucket=self.bucket, Key=full_key,
                                      Range=f"bytes={offset}-", IfMatch=etag)
 
@@ -555,7 +564,7 @@ class S3Repository(Repository):
                     yield ObjectInfo(self._rel(item["Key"]), int(item["Size"]), item["LastModified"],
                                      item.get("StorageClass"))
         except Exception as exc:
-            raise PgdrError(f"cannot list {self.url}: {_short(exc)}") from None
+            raise _s3_error(exc, f"cannot list {self.url}: {_short(exc)}") from None
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
@@ -568,7 +577,7 @@ class S3Repository(Repository):
                 for common in page.get("CommonPrefixes", []):
                     names.append(common["Prefix"][len(full):].rstrip("/"))
         except Exception as exc:
-            raise PgdrError(f"cannot list {self.url}: {_short(exc)}") from None
+            raise _s3_error(exc, f"cannot list {self.url}: {_short(exc)}") from None
         return sorted(names)
 
     def delete(self, key: str) -> None:
@@ -606,7 +615,7 @@ class S3Repository(Repository):
             self.client.copy({"Bucket": source.bucket, "Key": source._key(key)}, self.bucket, self._key(key),
                              ExtraArgs=self._write_args(storage_class), SourceClient=source.client)
         except (ClientError, BotoCoreError) as exc:
-            raise PgdrError(f"S3 copy of {key} to {self.url} failed: {_short(exc)}") from None
+            raise _s3_error(exc, f"S3 copy of {key} to {self.url} failed: {_short(exc)}") from None
 
     def archive_state(self, key: str) -> tuple[str | None, str]:
         response = self._s3("head_object", Bucket=self.bucket, Key=self._key(key))
@@ -683,6 +692,12 @@ class _PartUploader:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _s3_error(exc: BaseException, message: str) -> PgdrError:
+    """The one-line error for a failed S3 call: a TransientError when another try may
+    succeed (5xx, throttling, a dropped or timed-out connection), else permanent."""
+    return TransientError(message) if is_transient(exc) else PgdrError(message)
+
+
 def _short(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -704,19 +719,14 @@ def _model_loader() -> Any:
 
 
 def s3_client(region: str | None = None) -> Any:
-    """A boto3 S3 client from the standard chain, with adaptive retries (503 SlowDown,
-    resets) unless AWS_MAX_ATTEMPTS / AWS_RETRY_MODE say otherwise."""
+    """A boto3 S3 client from the standard chain, with pgdr's retries and time budget
+    (tasks.aws.client_config)."""
     import boto3
     import botocore.session
-    from botocore.config import Config
 
-    retries: dict[str, Any] = {}
-    if not os.environ.get("AWS_RETRY_MODE"):
-        retries["mode"] = "standard"
-    if not os.environ.get("AWS_MAX_ATTEMPTS"):
-        retries["max_attempts"] = 8
-    config = Config(retries=retries, connect_timeout=10, read_timeout=120,
-                    user_agent_extra="pgdr")
+    from tasks.aws import client_config
+
+    config = client_config()
     core = botocore.session.get_session()
     core.register_component("data_loader", _model_loader())
     client = boto3.session.Session(botocore_session=core).client("s3", region_name=region, config=config)

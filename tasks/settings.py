@@ -95,6 +95,8 @@ class Settings:
     content_digests: bool = True
     # Statement timeout of a recover-table row filter (--where), in seconds.
     filter_timeout_seconds: int = 900
+    # A data stream that moves no byte for this long fails, naming the side that stalled.
+    stall_seconds: int = 300
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
@@ -187,6 +189,7 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         keep_safety_databases_days=_int(merged, "PGDR_KEEP_SAFETY_DATABASES_DAYS", 7),
         content_digests=merged.get("PGDR_CONTENT_DIGESTS", "1").lower() not in ("0", "false", "no"),
         filter_timeout_seconds=_int(merged, "PGDR_WHERE_TIMEOUT_SECONDS", 900),
+        stall_seconds=_int(merged, "PGDR_STALL_SECONDS", 300),
     )
 
 

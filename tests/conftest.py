@@ -18,6 +18,8 @@ atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Retry delays of seconds, not minutes (read when flows.steps is imported).
+os.environ.setdefault("PGDR_RETRY_DELAY_FACTOR", "0.01")
 
 import boto3  # noqa: E402
 import pytest  # noqa: E402

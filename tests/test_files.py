@@ -202,10 +202,11 @@ def test_symlink_pointing_outside_the_backed_up_paths_is_refused(tmp_path):
 def test_secret_patterns_match_file_names():
     patterns = filing.secret_patterns()
     names = [".env", "prod.env", "terraform.tfstate", "terraform.tfstate.backup", "tls.pem", "tls.key",
-             "id_rsa", "id_rsa.pub"]
+             "id_rsa", "id_rsa.pub", ".env.production", "credentials", "terraform.tfvars", "cert.p12",
+             "cert.pfx", "keystore.jks", "kubeconfig", "client_secret.json", "Secrets.yaml", "PROD.ENV"]
     for name in names:
         assert filing.first_secret([filing.Entry(f"a/{name}", "file", "0600", 0)], patterns) == f"a/{name}"
-    for name in [".env.gpg", "env.example", "keys", "app.yaml"]:
+    for name in [".env.gpg", "env.example", ".env.example", "secrets.yaml.asc", "keys", "app.yaml"]:
         assert filing.first_secret([filing.Entry(f"a/{name}", "file", "0600", 0)], patterns) is None
 
 

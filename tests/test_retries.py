@@ -1,0 +1,164 @@
+"""Retries retry what may succeed when tried again, and nothing else.
+
+Faults in real components: a real HTTP S3 endpoint answering 503 or 403 (botocore event
+hooks), a real PostgreSQL whose backend serving pg_dump is terminated mid-dump.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from tasks import catalog
+from tasks import repository as repository_module
+from tasks.errors import (
+    PgdrError,
+    TransientError,
+    is_transient,
+    transient_pg_message,
+    transient_s3_error,
+)
+from tasks.process import CommandError
+from tasks.repository import open_repository
+from tests.support.cli import cli_json, error_line, run_cli
+from tests.test_backup import assert_nothing_left
+from tests.test_faults import fake_response
+
+UNAVAILABLE = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+               b"<Message>Service is unable to handle request.</Message></Error>")
+ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                 b"<Message>Access Denied</Message></Error>")
+
+
+@pytest.fixture
+def dump_puts(monkeypatch):
+    """`dump_puts(status, body, times)`: the next `times` S3 writes of a dump.pgdr get this
+    answer; `dump_puts.attempts` counts every write of a dump.pgdr that reached the wire."""
+    plan: dict = {"left": 0}
+
+    def install(client):
+        def before_send(request, **kwargs):
+            operation = kwargs["event_name"].rsplit(".", 1)[-1]
+            if operation not in ("PutObject", "CreateMultipartUpload") or "/dump.pgdr" not in request.url:
+                return None
+            add.attempts += 1
+            if plan["left"] != 0:
+                plan["left"] -= 1
+                return fake_response(plan["status"], plan["body"])
+            return None
+
+        client.meta.events.register("before-send.s3", before_send)
+
+    monkeypatch.setattr(repository_module, "S3_CLIENT_HOOKS", [install])
+    # One HTTP attempt per request: what botocore's own retries would hide is the task's to retry.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+
+    def add(status: int, body: bytes, times: int = -1) -> None:
+        plan.update(status=status, body=body, left=times)
+
+    add.attempts = 0
+    return add
+
+
+def test_a_backup_whose_s3_put_fails_twice_with_503_completes_through_a_retry(
+        capsys, fleet_db, s3_repo, dump_puts):
+    dump_puts(503, UNAVAILABLE, times=2)
+    backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", s3_repo)
+    assert dump_puts.attempts == 3
+    repo = open_repository(s3_repo)
+    backups = catalog.list_backups(repo)
+    assert [b.backup_id for b in backups] == [backup["backup_id"]]  # one backup, not three
+    manifest = backups[0]
+    repo.verify(f"{manifest.prefix}/{manifest.data_key}", manifest.size_bytes, manifest.sha256)
+    assert [o.key for o in repo.list("fleet/") if o.key.endswith("dump.pgdr")] == \
+        [f"{manifest.prefix}/{manifest.data_key}"]
+    assert repo.incomplete_uploads("") == []
+
+
+def test_a_permanent_s3_error_is_not_retried(capsys, fleet_db, s3_repo, dump_puts):
+    dump_puts(403, ACCESS_DENIED)
+    code, out, err = run_cli(capsys, "backup", "--db", fleet_db, "--repo", s3_repo, "--json")
+    assert code == 1 and out == ""
+    assert "AccessDenied" in error_line(err)
+    assert dump_puts.attempts == 1
+    assert_nothing_left(s3_repo)
+
+
+def test_a_dump_whose_server_connection_is_terminated_is_retried_into_one_backup(
+        capsys, pg, new_db, file_repo):
+    url = new_db("retry")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE readings (id int PRIMARY KEY, value text)")
+        conn.execute("INSERT INTO readings SELECT i, md5(i::text) FROM generate_series(1, 5000) i")
+    database = url.rsplit("/", 1)[1]
+    terminated: list[int] = []
+
+    def terminate_pg_dump_once_it_waits(holder: psycopg.Connection) -> None:
+        # pg_dump waits on the lock held below: terminate its backend, then let the retry run.
+        with psycopg.connect(pg.admin_url, autocommit=True) as admin:
+            deadline = time.monotonic() + 120
+            while not terminated and time.monotonic() < deadline:
+                row = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+                    " AND query LIKE 'LOCK TABLE%%'", (database,)).fetchone()
+                if row:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+                    terminated.append(row[0])
+                else:
+                    time.sleep(0.05)
+        holder.rollback()
+
+    holder = psycopg.connect(url)
+    holder.execute("LOCK TABLE readings IN ACCESS EXCLUSIVE MODE")
+    killer = threading.Thread(target=terminate_pg_dump_once_it_waits, args=(holder,))
+    killer.start()
+    try:
+        backup = cli_json(capsys, "backup", "--db", url, "--repo", file_repo)
+    finally:
+        killer.join()
+        holder.close()
+    assert len(terminated) == 1
+    assert backup["row_counts"] == {"public.readings": 5000}
+    repo = open_repository(file_repo)
+    assert [b.backup_id for b in catalog.list_backups(repo)] == [backup["backup_id"]]
+    assert len([o for o in repo.list(f"{database}/") if o.key.endswith("dump.pgdr")]) == 1
+    assert repo.incomplete_uploads("") == []
+
+
+# --- what is transient: plain functions -----------------------------------------------------
+
+
+def test_pg_dump_that_lost_its_server_is_transient_and_one_that_was_refused_is_not():
+    lost = CommandError("pg_dump", 1, [
+        'pg_dump: error: Dumping the contents of table "readings" failed: PQgetCopyData() failed.',
+        "pg_dump: detail: Error message from server: FATAL:  terminating connection due to "
+        "administrator command",
+        "pg_dump: detail: Command was: COPY public.readings (id, value) TO stdout;"])
+    denied = CommandError("pg_dump", 1, [
+        "pg_dump: error: query failed: ERROR:  permission denied for table readings"])
+    assert is_transient(lost) and not is_transient(denied)
+
+
+def test_library_errors_are_judged_by_what_they_are_and_bugs_are_never_retried():
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    assert is_transient(TransientError("x")) and not is_transient(PgdrError("x"))
+    assert not is_transient(KeyError("manifest"))
+    assert is_transient(psycopg.errors.AdminShutdown("terminating connection"))
+    assert is_transient(psycopg.OperationalError("consuming input failed: server closed the "
+                                                 "connection unexpectedly"))
+    assert not is_transient(psycopg.errors.InsufficientPrivilege("permission denied"))
+    assert not is_transient(psycopg.OperationalError(
+        'connection failed: FATAL:  password authentication failed for user "x"'))
+    assert is_transient(EndpointConnectionError(endpoint_url="http://s3"))
+    assert not is_transient(NoCredentialsError())
+    slow = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}},
+                       "PutObject")
+    bucket = ClientError({"Error": {"Code": "NoSuchBucket"},
+                          "ResponseMetadata": {"HTTPStatusCode": 404}}, "PutObject")
+    assert is_transient(slow) and not is_transient(bucket)
+    assert transient_s3_error("", 500) and not transient_s3_error("InvalidArgument", 400)
+    assert not transient_pg_message('FATAL:  database "nope" does not exist')
