@@ -22,7 +22,7 @@ from pathlib import Path
 from tasks import crypto
 from tasks.errors import IntegrityError, PgdrError
 from tasks.postgres import libpq_env, pg_bin
-from tasks.process import Pipeline
+from tasks.process import CommandError, Pipeline
 from tasks.repository import READ_CHUNK, PutResult, Repository
 
 Progress = Callable[[int, int], None]
@@ -75,26 +75,34 @@ def stream_encoded(
         feeder = _Feeder(feed, encoder, what, on_broken)
         feeder.start()
 
-        def stored_bytes() -> Iterator[bytes]:
-            written = 0
-            last_report = time.monotonic()
-            while chunk := encoder.stdout.read1(READ_CHUNK):  # type: ignore[union-attr]
-                written += len(chunk)
-                if progress and time.monotonic() - last_report >= 1.0:
-                    progress(feeder.bytes, written)
-                    last_report = time.monotonic()
-                yield chunk
-            # End of stream: only a stream whose every producer succeeded may be stored.
+        def finish() -> None:
             feeder.join()
             encoder.wait()
             if feeder.error:
                 raise feeder.error
-            if progress:
-                progress(feeder.bytes, written)
 
-        stored = repo.put_stream(key, stored_bytes(), storage_class=storage_class,
-                                 size_hint=size_hint)
+        stored = repo.put_stream(key, _stored_chunks(encoder, lambda: feeder.bytes, finish, progress),
+                                 storage_class=storage_class, size_hint=size_hint)
     return stored, feeder.bytes
+
+
+def _stored_chunks(encoder: Pipeline, raw_bytes: Callable[[], int], finish: Callable[[], None],
+                   progress: Progress | None) -> Iterator[bytes]:
+    """The encoder's output as it comes, to be hashed and stored: the one place where the
+    bytes of a stream are counted (raw bytes in, stored bytes out) and progress reported.
+    At the end of the stream, `finish` raises unless every producer succeeded: only then
+    may the stream be stored."""
+    written = 0
+    last_report = time.monotonic()
+    while chunk := encoder.stdout.read1(READ_CHUNK):  # type: ignore[union-attr]
+        written += len(chunk)
+        if progress and time.monotonic() - last_report >= 1.0:
+            progress(raw_bytes(), written)
+            last_report = time.monotonic()
+        yield chunk
+    finish()
+    if progress:
+        progress(raw_bytes(), written)
 
 
 def stream_dump(
@@ -112,25 +120,37 @@ def stream_dump(
     secrets: list[str] | None = None,
     progress: Progress | None = None,
 ) -> DumpResult:
-    """Dump the database into repo/key; fails (and stores nothing) if any step fails."""
+    """Dump the database into repo/key; fails (and stores nothing) if any step fails.
+
+    pg_dump writes into zstd through an OS pipe: the raw archive never passes through
+    Python, which only hashes and stores the encoded bytes. The raw size is what the
+    kernel counted pg_dump writing."""
     dump_argv = [pg_bin("pg_dump"), "--format=custom", "--compress=0", "--no-password"]
     if snapshot:
         dump_argv.append(f"--snapshot={snapshot}")
+    encode = encode_commands(encrypt_to, gpg_homedir, zstd_level, zstd_threads)
     with libpq_env(db_url) as env, \
-            Pipeline([dump_argv], env=env, secrets=secrets or []) as dump:
+            Pipeline([dump_argv], env=env, secrets=secrets or []) as dump, \
+            Pipeline(encode, stdin=dump.stdout, secrets=secrets or []) as encoder:
+        # zstd alone holds the read end: if it stops, pg_dump gets a broken pipe, not a hang.
+        dump.stdout.close()  # type: ignore[union-attr]
+        dumped = 0
 
-        def relay(sink: _Feeder) -> None:
-            reader = dump.stdout
-            while chunk := reader.read1(READ_CHUNK):  # type: ignore[union-attr]
-                sink.write(chunk)
-            dump.wait()
+        def raw_bytes() -> int:
+            return dump.bytes_written(0) or 0
 
-        stored, dumped = stream_encoded(
-            relay, repo, key,
-            encode=encode_commands(encrypt_to, gpg_homedir, zstd_level, zstd_threads),
-            what="dump", on_broken=dump.kill, storage_class=storage_class, size_hint=size_hint,
-            secrets=secrets, progress=progress,
-        )
+        def finish() -> None:
+            nonlocal dumped
+            dumped = dump.bytes_written(0, final=True) or 0
+            try:
+                dump.wait()
+            except CommandError as exc:
+                encoder.wait()  # an encoder that failed first is the real cause
+                raise exc from None
+            encoder.wait()
+
+        stored = repo.put_stream(key, _stored_chunks(encoder, raw_bytes, finish, progress),
+                                 storage_class=storage_class, size_hint=size_hint)
     return DumpResult(stored, dumped)
 
 
