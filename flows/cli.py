@@ -59,7 +59,7 @@ def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
     return restore(backup_id=args.backup, target=_url(args.target), repo=args.repo, db=args.db,
                    jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup,
                    encrypt_to=args.encrypt_to, archive_wait_hours=args.archive_wait_hours,
-                   no_wait=args.no_wait)
+                   no_wait=args.no_wait, tables=args.table)
 
 
 def _restore_physical(args: argparse.Namespace) -> dict[str, Any]:
@@ -604,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient of the pre-restore backup "
                      "(default: PGDR_ENCRYPT_TO, else the restored backup's recipient)")
     _archive_arguments(cmd)
+    cmd.add_argument("--table", action="append", metavar="T",
+                     help="restore only this table's rows (and its partitions'), with the backup's whole "
+                     "schema, into a new database; repeat for several")
 
     cmd = command("restore-temp", cmd_restore_temp, "restore into a temporary database and validate it",
                   show_restore)

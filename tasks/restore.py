@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -102,13 +102,14 @@ def wait_until_readable(repo: Repository, key: str, *, wait_hours: float, wait: 
 
 
 def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_owner: bool = False,
-               secrets: list[str] | None = None) -> None:
-    """pg_restore -j into dbname; any error, including "errors ignored on restore", fails."""
+               secrets: list[str] | None = None, options: Sequence[str] = ()) -> None:
+    """pg_restore -j into dbname; any error, including "errors ignored on restore", fails.
+    `options` choose what to restore (--section, --use-list)."""
     argv = [postgres.pg_bin("pg_restore"), "--exit-on-error", "--no-password", f"--jobs={max(1, jobs)}",
             f"--dbname={dbname}"]
     if no_owner:
         argv.append("--no-owner")
-    argv.append(str(archive))
+    argv += [*options, str(archive)]
     with postgres.libpq_env(server_url, dbname=dbname) as env:
         # --dbname is a name, not a connection string: the server comes from PGHOST/PGPORT.
         output = run(argv, env=env, secrets=secrets or [])
