@@ -3,9 +3,11 @@ passes through pgdr's Python process, and its size is still known exactly."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -95,3 +97,36 @@ def test_a_compressor_that_dies_midway_is_named_and_nothing_is_stored(fleet_db, 
     with pytest.raises(CommandError, match=r"^zstd exited with status 3"):
         stream_dump(fleet_db, repo, "fleet/dump.pgdr", snapshot=None)
     assert not [path for path in (tmp_path / "repo").rglob("*") if path.is_file()]
+
+
+def test_the_pgdr_process_exits_fast_with_its_status_its_output_and_its_run_records(fleet_db, file_repo):
+    """`pgdr` skips the interpreter's teardown once Prefect's exit handlers ran: the exit
+    status, the JSON on stdout and the run's last logs must all still be there."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "INFO"}
+    command = [sys.executable, "-m", "flows.cli"]
+    done = subprocess.run([*command, "backup", "--db", fleet_db, "--repo", file_repo, "--json"], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["database"] == "fleet"
+    with get_client(sync_client=True) as client:
+        # This test's repository is its own: one run used it.
+        [run] = [r for r in client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=50)
+                 if r.parameters.get("repo") == file_repo]
+        assert run.state.is_completed()
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        steps = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    # The engine's very last records of the run reached the server: its log, and the final
+    # state of every step (sent as events).
+    assert any("Finished in state Completed" in log.message for log in logs)
+    assert steps and all(step.state and step.state.is_completed() for step in steps), \
+        [(step.name, step.state_type) for step in steps]
+
+    failed = subprocess.run([*command, "list", "--repo", "nowhere://at/all", "--json"], env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.startswith("pgdr: error: ") and "Traceback" not in failed.stderr
