@@ -12,7 +12,9 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,15 @@ from bench import pgbackrest
 from bench.environment import BUCKET, EMPTY_DB, SOURCE_DB, BenchEnvironment
 from bench.measure import MB, BenchError, Measurement, measure
 from tasks.cluster import grant_to_server
-from tasks.postgres import pg_bin
+from tasks.postgres import pg_bin, table_identifier, user_tables
 
 S3COPY = Path(__file__).with_name("s3copy.py")
 OLD_KEY = "old/fleet.sql.gz"
 OLD_RESTORE_DB = "bench_old_restore"
 BARE_RESTORE_DB = "bench_bare_restore"
+# The catalog case: a repository with many backups of a few databases.
+CATALOG_BUCKET = "pgdr-bench-catalog"
+CATALOG_DATABASES = 5
 # The sample's small table recover-table brings back (1,668 rows at 1 GB).
 RECOVER_TABLE = "public.drivers"
 
@@ -74,6 +79,7 @@ class Cases:
         self.download = bench.work / "fleet-downloaded.sql.gz"
         self.pipe_file = bench.work / "fleet.dump.zst"
         self.default_file = bench.work / "fleet-default.dump"
+        self.catalog_backups = 0
 
     def _shell_env(self, **extra: str) -> dict[str, str]:
         return {**self.bench.env(), "PG_DUMP": pg_bin("pg_dump"), "PSQL": pg_bin("psql"),
@@ -107,6 +113,16 @@ class Cases:
                 str(self.pipe_file)]
         measurement = self._run("plain_pipe", argv, self._shell_env())
         return Result(measurement, self.pipe_file.stat().st_size)
+
+    def row_counts(self) -> Result:
+        """What the snapshot's row counts cost, apart: pgdr's own count query for every table
+        (one scan each), through psql. pgdr runs them while pg_dump streams the same snapshot."""
+        with psycopg.connect(self.bench.url(SOURCE_DB)) as conn:
+            count = sql.SQL("SELECT count(*) FROM ONLY {};\n")
+            script = "".join(count.format(table_identifier(schema, table)).as_string(conn)
+                             for _key, schema, table in user_tables(conn))
+        argv = [pg_bin("psql"), "-X", "-q", "-At", f"--dbname={self.bench.url(SOURCE_DB)}", "-c", script]
+        return Result(self._run("row_counts", argv, self.bench.env()))
 
     def pg_dump_default(self) -> Result:
         argv = [pg_bin("pg_dump"), "-Fc", f"--dbname={self.bench.url(SOURCE_DB)}", "-f",
@@ -191,6 +207,58 @@ class Cases:
         measurement = self._run("pgdr_recover_table", argv, self.bench.env())
         summary = json.loads(measurement.stdout)
         return Result(measurement, reported_seconds=summary["duration_seconds"])
+
+    def prepare_catalog(self, backups: int) -> None:
+        """A repository of `backups` backups of CATALOG_DATABASES databases (their manifests,
+        an hour apart), in a bucket of its own (not measured)."""
+        import boto3
+
+        from tasks import catalog
+        from tasks.repository import open_repository
+
+        env = self.bench.base_env
+        boto3.session.Session().client(
+            "s3", endpoint_url=self.bench.s3_endpoint, region_name=env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket=CATALOG_BUCKET)
+        # pgdr's own repository code writes them, pointed at the bench's endpoint like the commands.
+        os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                               "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        repo = open_repository(self.catalog_url)
+        now = catalog.utcnow()
+        row_counts = {f"public.{table}": 1000 * n for n, table in enumerate(
+            ("vehicles", "drivers", "dispatches", "gps_points", "audit_logs"), 1)}
+
+        def put(number: int) -> None:
+            moment = catalog.iso(now - timedelta(hours=number))
+            manifest = catalog.Manifest(
+                backup_id=catalog.new_backup_id(now - timedelta(hours=number), "daily"),
+                database=f"fleet{number % CATALOG_DATABASES}", tier="daily", started_at=moment,
+                finished_at=moment, snapshot_at=moment, server_version="15.20", tool_version="pgdr bench",
+                format="pg_dump-custom", compression="zstd-3", encryption=None, size_bytes=2**27,
+                dump_bytes=2**29, sha256="0" * 64, row_counts=row_counts, wal_lsn_start="0/3000028",
+                source="bench", data_key=catalog.DUMP)
+            repo.put_bytes(manifest.manifest_key, manifest.to_json())
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, range(backups)))
+        self.catalog_backups = backups
+
+    @property
+    def catalog_url(self) -> str:
+        return f"s3://{CATALOG_BUCKET}/pgdr"
+
+    def catalog_list(self) -> Result:
+        argv = [self.pgdr, "list", "--repo", self.catalog_url, "--json"]
+        measurement = self._run("catalog_list", argv, self.bench.env())
+        if len(json.loads(measurement.stdout)["backups"]) != self.catalog_backups:
+            raise BenchError(f"pgdr list did not list the catalog's {self.catalog_backups} backups")
+        return Result(measurement)
+
+    def catalog_status(self) -> Result:
+        """`status`: the latest backup of every database of the catalog."""
+        argv = [self.pgdr, "status", "--repo", self.catalog_url, "--json"]
+        return Result(self._run("catalog_status", argv, self.bench.env()))
 
     def clean_up(self) -> None:
         """Between rounds: drop restored databases, empty the bucket, remove downloads."""

@@ -14,6 +14,7 @@ from bench.measure import MB
 # name -> what it measures, in the order the table shows them.
 CASES = {
     "raw_dump": "pg_dump -Fc -Z0 > /dev/null (the read)",
+    "row_counts": "the snapshot's row counts alone: count(*) of every table (psql)",
     "plain_pipe": "pg_dump -Fc -Z0 | zstd -3 -T<cores> > file (the plain pipe)",
     "pg_dump_default": "pg_dump -Fc -f file (zlib, pg_dump's default)",
     "old_backup": "old: pg_dump | gzip > file; upload (boto3)",
@@ -26,6 +27,8 @@ CASES = {
     "pgbackrest_restore": "pgBackRest restore + server start",
     "pgdr_restore_temp": "pgdr restore-temp (checksum + row counts)",
     "pgdr_recover_table": "pgdr recover-table of one small table",
+    "catalog_list": "pgdr list, S3 repository of BENCH_CATALOG_BACKUPS backups of 5 databases",
+    "catalog_status": "pgdr status (latest of each database), same repository",
     "empty_backup": "pgdr backup, empty db, Prefect server running",
     "empty_backup_no_server": "pgdr backup, empty db, temporary Prefect server",
 }
@@ -64,6 +67,8 @@ def summarize(db_mb: float, rounds: list[dict[str, Result]], machine: dict[str, 
         "restore_vs_bare": runs["pgdr_restore_temp"] / runs["bare_restore"],
         "empty_backup_seconds": runs["empty_backup"],
         "recover_table_vs_restore": runs["pgdr_recover_table"] / runs["pgdr_restore_temp"],
+        "catalog_list_seconds": runs["catalog_list"],
+        "catalog_status_seconds": runs["catalog_status"],
         "s3_backup_vs_file_backup": runs["pgdr_backup"] / runs["pgdr_backup_file"],
         "backup_cpu_vs_pipe": cpu["pgdr_backup_file"] / max(cpu["plain_pipe"], 1e-3),
         "backup_vs_raw_dump": runs["pgdr_backup"] / runs["raw_dump"],
@@ -72,7 +77,8 @@ def summarize(db_mb: float, rounds: list[dict[str, Result]], machine: dict[str, 
         "prefect_fixed_cost_no_server_vs_server": runs["empty_backup_no_server"] / runs["empty_backup"],
     }
     # Not empty_backup_no_server: most of its memory is the temporary Prefect server it starts.
-    pgdr_peak = max(mb for name, mb in peak.items() if name.startswith("pgdr_") or name == "empty_backup")
+    pgdr_peak = max(mb for name, mb in peak.items()
+                    if name.startswith(("pgdr_", "catalog_")) or name == "empty_backup")
     targets = [
         Target("backup_vs_pipe", "pgdr backup (file repository) within 1.15x of the plain pipe",
                ratios["backup_vs_pipe"], 1.15),
@@ -82,6 +88,10 @@ def summarize(db_mb: float, rounds: list[dict[str, Result]], machine: dict[str, 
                ratios["restore_vs_bare"], 1.2),
         Target("empty_backup_seconds", "empty backup, Prefect server running, within 1.5 s",
                ratios["empty_backup_seconds"], 1.5),
+        Target("catalog_list_seconds", "list over the catalog's backups within 2 s",
+               ratios["catalog_list_seconds"], 2.0),
+        Target("catalog_status_seconds", "latest of every database (status) within 2 s",
+               ratios["catalog_status_seconds"], 2.0),
         Target("pgdr_peak_rss_mb", f"every pgdr case under {PEAK_MB} MB peak memory", pgdr_peak, PEAK_MB),
     ]
     return {

@@ -15,13 +15,15 @@ from bench.report import CASES
 ROOT = Path(__file__).resolve().parents[1]
 BACKUPS = {"raw_dump", "plain_pipe", "pg_dump_default", "old_backup", "pgbackrest_backup", "pgdr_backup_file",
            "pgdr_backup", "pgdr_backup_encrypted"}
-RATIOS = {"backup_vs_pipe", "backup_vs_pgbackrest", "restore_vs_bare", "empty_backup_seconds"}
+RATIOS = {"backup_vs_pipe", "backup_vs_pgbackrest", "restore_vs_bare", "empty_backup_seconds",
+          "catalog_list_seconds"}
 
 
 @pytest.mark.slow
 def test_bench_runs_every_case_and_writes_results(tmp_path: Path) -> None:
     results = tmp_path / "latest.json"
-    env = {**os.environ, "BENCH_MB": "20", "BENCH_RUNS": "1", "BENCH_RESULTS": str(results)}
+    env = {**os.environ, "BENCH_MB": "20", "BENCH_RUNS": "1", "BENCH_RESULTS": str(results),
+           "BENCH_CATALOG_BACKUPS": "40"}
     proc = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
