@@ -1,5 +1,7 @@
 """`python -m bench`: BENCH_MB (1000), BENCH_RUNS (3), BENCH_RESULTS (bench/results/latest.json),
-BENCH_JOBS (pg_restore jobs for both restores: pgdr's default, min(4, nproc))."""
+BENCH_JOBS (pg_restore jobs for both restores: pgdr's default, min(4, nproc)),
+BENCH_CATALOG_BACKUPS (2000: backups in the catalog cases' repository). zstd threads
+of the plain pipe and pgBackRest's process-max are the number of cores."""
 
 from __future__ import annotations
 
@@ -35,17 +37,27 @@ def one_round(cases: Cases, number: int, total: int) -> dict[str, Result]:
     def step(name: str, result: Result) -> Result:
         results[name] = result
         m = result.measurement
-        say(f"round {number}/{total}: {name} {m.seconds:.1f} s, peak {m.peak_rss_mb:.0f} MB")
+        say(f"round {number}/{total}: {name} {m.seconds:.1f} s, {m.cpu_seconds:.1f} CPU s, "
+            f"peak {m.peak_rss_mb:.0f} MB")
         return result
 
     step("raw_dump", cases.raw_dump())
+    step("row_counts", cases.row_counts())
+    step("plain_pipe", cases.plain_pipe())
+    step("pg_dump_default", cases.pg_dump_default())
     step("old_backup", cases.old_backup())
-    backup, summary = cases.pgdr_backup(encrypted=False)
+    step("pgbackrest_backup", cases.pgbackrest_backup())
+    step("pgdr_backup_file", cases.pgdr_backup(file_repo=True)[0])
+    backup, summary = cases.pgdr_backup()
     step("pgdr_backup", backup)
     step("pgdr_backup_encrypted", cases.pgdr_backup(encrypted=True)[0])
     step("old_restore", cases.old_restore())
     step("bare_restore", cases.bare_restore())
+    step("pgbackrest_restore", cases.pgbackrest_restore())
     step("pgdr_restore_temp", cases.pgdr_restore_temp(summary["backup_id"]))
+    step("pgdr_recover_table", cases.pgdr_recover_table(summary["backup_id"]))
+    step("catalog_list", cases.catalog_list())
+    step("catalog_status", cases.catalog_status())
     step("empty_backup", cases.empty_backup(prefect_server=True))
     step("empty_backup_no_server", cases.empty_backup(prefect_server=False))
     cases.clean_up()
@@ -71,15 +83,19 @@ def machine_info(bench: BenchEnvironment) -> dict[str, Any]:
 def main() -> int:
     size_mb = _int_env("BENCH_MB", 1000)
     rounds = _int_env("BENCH_RUNS", 3)
-    jobs = _int_env("BENCH_JOBS", min(4, os.cpu_count() or 1))
+    catalog_backups = _int_env("BENCH_CATALOG_BACKUPS", 2000)
+    cores = os.cpu_count() or 1
+    jobs = _int_env("BENCH_JOBS", min(4, cores))
     results_path = Path(os.environ.get("BENCH_RESULTS") or DEFAULT_RESULTS)
     try:
-        with bench_environment(size_mb) as bench:
+        with bench_environment(size_mb, cores) as bench:
             machine = machine_info(bench)
-            cases = Cases(bench, jobs)
+            cases = Cases(bench, jobs, cores)
             db_mb = database_mb(bench)
             say(f"database {db_mb:.0f} MB; dump {cases.prepare() / 2**20:.0f} MB; {rounds} round(s), "
                 f"pg_restore --jobs={jobs}")
+            say(f"writing the manifests of {catalog_backups} backups for the catalog cases")
+            cases.prepare_catalog(catalog_backups)
             collected = [one_round(cases, n + 1, rounds) for n in range(rounds)]
             machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
             machine["restore_jobs"] = jobs

@@ -8,22 +8,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from bench import pgbackrest
 from bench.environment import BUCKET, EMPTY_DB, SOURCE_DB, BenchEnvironment
 from bench.measure import MB, BenchError, Measurement, measure
-from tasks.postgres import pg_bin
+from tasks.cluster import grant_to_server
+from tasks.postgres import pg_bin, table_identifier, user_tables
 
 S3COPY = Path(__file__).with_name("s3copy.py")
 OLD_KEY = "old/fleet.sql.gz"
 OLD_RESTORE_DB = "bench_old_restore"
 BARE_RESTORE_DB = "bench_bare_restore"
+# The catalog case: a repository with many backups of a few databases.
+CATALOG_BUCKET = "pgdr-bench-catalog"
+CATALOG_DATABASES = 5
+# The sample's small table recover-table brings back (1,668 rows at 1 GB).
+RECOVER_TABLE = "public.drivers"
 
 # The runbook's backup.sh: a plain-SQL dump through gzip into a file, then `aws s3 cp`.
 _OLD_BACKUP = """set -euo pipefail
@@ -35,6 +47,10 @@ _OLD_RESTORE = """set -euo pipefail
 "$PYTHON" "$S3COPY" get "$BUCKET" "$1" "$2"
 "$PSQL" -X -q --dbname="$3" -c "CREATE DATABASE $4"
 gunzip -c "$2" | "$PSQL" -X -q -v ON_ERROR_STOP=1 --dbname="$5" > /dev/null
+"""
+# The plain pipe a user would write: pg_dump's archive through zstd into a file.
+_PLAIN_PIPE = """set -euo pipefail
+"$PG_DUMP" -Fc -Z0 --dbname="$1" | zstd -3 -T"$2" -q -c > "$3"
 """
 _BARE_RESTORE = """set -euo pipefail
 "$PSQL" -X -q --dbname="$1" -c "CREATE DATABASE $2"
@@ -53,13 +69,17 @@ class Result:
 class Cases:
     """One benchmark round's commands against one BenchEnvironment."""
 
-    def __init__(self, bench: BenchEnvironment, jobs: int) -> None:
+    def __init__(self, bench: BenchEnvironment, jobs: int, cores: int) -> None:
         self.bench = bench
         self.jobs = jobs
+        self.cores = cores
         self.pgdr = str(Path(sys.executable).with_name("pgdr"))
         self.local_dump = bench.work / "fleet.dump"
         self.old_file = bench.work / "fleet.sql.gz"
         self.download = bench.work / "fleet-downloaded.sql.gz"
+        self.pipe_file = bench.work / "fleet.dump.zst"
+        self.default_file = bench.work / "fleet-default.dump"
+        self.catalog_backups = 0
 
     def _shell_env(self, **extra: str) -> dict[str, str]:
         return {**self.bench.env(), "PG_DUMP": pg_bin("pg_dump"), "PSQL": pg_bin("psql"),
@@ -88,12 +108,66 @@ class Cases:
         measurement = self._run("old_backup", argv, self._shell_env())
         return Result(measurement, self.old_file.stat().st_size)
 
-    def pgdr_backup(self, *, encrypted: bool) -> tuple[Result, dict[str, Any]]:
-        argv = [self.pgdr, "backup", "--db", self.bench.url(SOURCE_DB), "--repo", self.bench.repo_url,
-                "--json"]
+    def plain_pipe(self) -> Result:
+        argv = ["bash", "-c", _PLAIN_PIPE, "plain-pipe", self.bench.url(SOURCE_DB), str(self.cores),
+                str(self.pipe_file)]
+        measurement = self._run("plain_pipe", argv, self._shell_env())
+        return Result(measurement, self.pipe_file.stat().st_size)
+
+    def row_counts(self) -> Result:
+        """What the snapshot's row counts cost, apart: pgdr's own count query for every table
+        (one scan each), through psql. pgdr runs them while pg_dump streams the same snapshot."""
+        with psycopg.connect(self.bench.url(SOURCE_DB)) as conn:
+            count = sql.SQL("SELECT count(*) FROM ONLY {};\n")
+            script = "".join(count.format(table_identifier(schema, table)).as_string(conn)
+                             for _key, schema, table in user_tables(conn))
+        argv = [pg_bin("psql"), "-X", "-q", "-At", f"--dbname={self.bench.url(SOURCE_DB)}", "-c", script]
+        return Result(self._run("row_counts", argv, self.bench.env()))
+
+    def pg_dump_default(self) -> Result:
+        argv = [pg_bin("pg_dump"), "-Fc", f"--dbname={self.bench.url(SOURCE_DB)}", "-f",
+                str(self.default_file)]
+        measurement = self._run("pg_dump_default", argv, self.bench.env())
+        return Result(measurement, self.default_file.stat().st_size)
+
+    def pgbackrest_backup(self) -> Result:
+        rest = self.bench.pgbackrest
+        rest.set_archive_command(rest.archive_command)
+        try:
+            measurement = self._run("pgbackrest_backup", rest.command("--type=full", "backup"),
+                                    self.bench.env())
+        finally:
+            rest.set_archive_command(pgbackrest.CLUSTER_SETTINGS["archive_command"])
+        info = json.loads(subprocess.run(rest.command("--output=json", "info"), capture_output=True,
+                                         check=True).stdout)
+        stored = info[0]["backup"][-1]["info"]["repository"]["size"]
+        return Result(measurement, int(stored))
+
+    def pgbackrest_restore(self) -> Result:
+        """pgBackRest's restore of its latest backup into a new directory, and the server
+        started on it (until it accepts connections); stopped and removed afterwards."""
+        rest = self.bench.pgbackrest
+        restored = rest.restored_cluster()
+        restored.datadir.mkdir()
+        grant_to_server(restored.datadir)
+        try:
+            measurement = self._run("pgbackrest_restore", rest.command(
+                f"--pg1-path={restored.datadir}", "--archive-mode=off", "restore"), self.bench.env())
+            start = time.monotonic()
+            restored.start()
+            started = time.monotonic() - start
+        finally:
+            restored.destroy()
+        return Result(Measurement(measurement.seconds + started, measurement.peak_rss_mb, "",
+                                  measurement.cpu_seconds))
+
+    def pgdr_backup(self, *, encrypted: bool = False, file_repo: bool = False
+                    ) -> tuple[Result, dict[str, Any]]:
+        repo = self.bench.file_repo_url if file_repo else self.bench.repo_url
+        argv = [self.pgdr, "backup", "--db", self.bench.url(SOURCE_DB), "--repo", repo, "--json"]
         if encrypted:
             argv += ["--encrypt-to", self.bench.gpg.fingerprint]
-        label = "pgdr_backup_encrypted" if encrypted else "pgdr_backup"
+        label = "pgdr_backup_file" if file_repo else "pgdr_backup_encrypted" if encrypted else "pgdr_backup"
         measurement = self._run(label, argv, self.bench.env(gpg=encrypted))
         summary = json.loads(measurement.stdout)
         return Result(measurement, int(summary["size_bytes"]), summary["duration_seconds"]), summary
@@ -124,6 +198,68 @@ class Cases:
             raise BenchError("pgdr restore-temp did not verify the restored database")
         return Result(measurement, reported_seconds=summary["duration_seconds"])
 
+    def pgdr_recover_table(self, backup_id: str) -> Result:
+        """recover-table of one small table (RECOVER_TABLE) from the whole backup, missing-rows
+        mode into the source database (nothing is missing: the cost is the recovery's)."""
+        argv = [self.pgdr, "recover-table", backup_id, "--target", self.bench.url(SOURCE_DB), "--table",
+                RECOVER_TABLE, "--repo", self.bench.repo_url, "--db", SOURCE_DB, "--jobs", str(self.jobs),
+                "--json"]
+        measurement = self._run("pgdr_recover_table", argv, self.bench.env())
+        summary = json.loads(measurement.stdout)
+        return Result(measurement, reported_seconds=summary["duration_seconds"])
+
+    def prepare_catalog(self, backups: int) -> None:
+        """A repository of `backups` backups of CATALOG_DATABASES databases (their manifests,
+        an hour apart), in a bucket of its own (not measured)."""
+        import boto3
+
+        from tasks import catalog
+        from tasks.repository import open_repository
+
+        env = self.bench.base_env
+        boto3.session.Session().client(
+            "s3", endpoint_url=self.bench.s3_endpoint, region_name=env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket=CATALOG_BUCKET)
+        # pgdr's own repository code writes them, pointed at the bench's endpoint like the commands.
+        os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                               "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        repo = open_repository(self.catalog_url)
+        now = catalog.utcnow()
+        row_counts = {f"public.{table}": 1000 * n for n, table in enumerate(
+            ("vehicles", "drivers", "dispatches", "gps_points", "audit_logs"), 1)}
+
+        def put(number: int) -> None:
+            moment = catalog.iso(now - timedelta(hours=number))
+            manifest = catalog.Manifest(
+                backup_id=catalog.new_backup_id(now - timedelta(hours=number), "daily"),
+                database=f"fleet{number % CATALOG_DATABASES}", tier="daily", started_at=moment,
+                finished_at=moment, snapshot_at=moment, server_version="15.20", tool_version="pgdr bench",
+                format="pg_dump-custom", compression="zstd-3", encryption=None, size_bytes=2**27,
+                dump_bytes=2**29, sha256="0" * 64, row_counts=row_counts, wal_lsn_start="0/3000028",
+                source="bench", data_key=catalog.DUMP)
+            repo.put_bytes(manifest.manifest_key, manifest.to_json())
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, range(backups)))
+        self.catalog_backups = backups
+
+    @property
+    def catalog_url(self) -> str:
+        return f"s3://{CATALOG_BUCKET}/pgdr"
+
+    def catalog_list(self) -> Result:
+        argv = [self.pgdr, "list", "--repo", self.catalog_url, "--json"]
+        measurement = self._run("catalog_list", argv, self.bench.env())
+        if len(json.loads(measurement.stdout)["backups"]) != self.catalog_backups:
+            raise BenchError(f"pgdr list did not list the catalog's {self.catalog_backups} backups")
+        return Result(measurement)
+
+    def catalog_status(self) -> Result:
+        """`status`: the latest backup of every database of the catalog."""
+        argv = [self.pgdr, "status", "--repo", self.catalog_url, "--json"]
+        return Result(self._run("catalog_status", argv, self.bench.env()))
+
     def clean_up(self) -> None:
         """Between rounds: drop restored databases, empty the bucket, remove downloads."""
         import boto3
@@ -138,8 +274,9 @@ class Cases:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
             for item in page.get("Contents", []):
                 s3.delete_object(Bucket=BUCKET, Key=item["Key"])
-        for path in (self.old_file, self.download):
+        for path in (self.old_file, self.download, self.pipe_file, self.default_file):
             path.unlink(missing_ok=True)
+        shutil.rmtree(self.bench.file_repo, ignore_errors=True)
 
 
 def database_mb(bench: BenchEnvironment) -> float:

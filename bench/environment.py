@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psycopg
 
+from bench import pgbackrest
 from tasks.cluster import LocalCluster, free_port
 from tasks.sample_data import create_fleet_database
 from tests.support.gpg import GpgHome, make_gpg_home
@@ -42,6 +43,7 @@ class BenchEnvironment:
     s3_endpoint: str
     gpg: GpgHome
     prefect_api_url: str
+    pgbackrest: pgbackrest.PgBackRest
     base_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -54,6 +56,14 @@ class BenchEnvironment:
     @property
     def repo_url(self) -> str:
         return f"s3://{BUCKET}/pgdr"
+
+    @property
+    def file_repo(self) -> Path:
+        return self.work / "file-repo"
+
+    @property
+    def file_repo_url(self) -> str:
+        return self.file_repo.as_uri()
 
     def env(self, *, prefect_server: bool = True, gpg: bool = False) -> dict[str, str]:
         """The environment of a measured command. Without prefect_server, a pgdr command
@@ -135,7 +145,7 @@ def _prefect_server(env: dict[str, str], logs: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def bench_environment(size_mb: int) -> Iterator[BenchEnvironment]:
+def bench_environment(size_mb: int, cores: int) -> Iterator[BenchEnvironment]:
     import boto3
 
     with contextlib.ExitStack() as stack:
@@ -144,7 +154,7 @@ def bench_environment(size_mb: int) -> Iterator[BenchEnvironment]:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         (work / "logs").mkdir()
         say(f"work directory {work}")
-        cluster = stack.enter_context(LocalCluster.create(work / "pg"))
+        cluster = stack.enter_context(LocalCluster.create(work / "pg", settings=pgbackrest.CLUSTER_SETTINGS))
         say(f"building the {size_mb} MB sample fleet database (PostgreSQL on port {cluster.port})")
         create_fleet_database(cluster.url(), SOURCE_DB, size_mb)
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
@@ -155,11 +165,13 @@ def bench_environment(size_mb: int) -> Iterator[BenchEnvironment]:
             "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
             aws_secret_access_key=base_env["AWS_SECRET_ACCESS_KEY"])
         s3.create_bucket(Bucket=BUCKET)
+        say("configuring a pgBackRest stanza on that cluster")
+        rest = pgbackrest.configure(work, cluster, cores)
         gpg = make_gpg_home()
         stack.callback(gpg.close)
         say("starting a local Prefect server")
         api = stack.enter_context(_prefect_server(base_env, work / "logs"))
-        yield BenchEnvironment(work, cluster, endpoint, gpg, api, base_env)
+        yield BenchEnvironment(work, cluster, endpoint, gpg, api, rest, base_env)
 
 
 def say(message: str) -> None:

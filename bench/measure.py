@@ -1,4 +1,9 @@
-"""Wall time and peak memory of a command's whole process tree.
+"""Wall time, CPU time and peak memory of a command's whole process tree.
+
+CPU time is user + system seconds of the command and of every descendant it waited for
+(what wait4 reports for it: the kernel adds each reaped child's time to its parent). A
+daemon a command starts (PostgreSQL's postmaster from pg_ctl) and PostgreSQL backends
+serving the command are not its descendants, so their CPU is not counted.
 
 A thread samples the resident set size of the process and of all its descendants every
 ~50 ms (from /proc) and keeps the largest sum. resource.getrusage cannot do this: its
@@ -29,6 +34,7 @@ class Measurement:
     seconds: float
     peak_rss_mb: float
     stdout: str
+    cpu_seconds: float = 0.0
 
 
 def _children_by_parent() -> dict[int, list[int]]:
@@ -93,7 +99,8 @@ def measure(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, logs: Pat
         sampler = _PeakSampler(proc.pid)
         sampler.start()
         try:
-            returncode = proc.wait()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = returncode = os.waitstatus_to_exitcode(status)
         finally:
             seconds = time.monotonic() - start
             peak = sampler.stop()
@@ -101,4 +108,4 @@ def measure(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, logs: Pat
         tail = " | ".join(err_path.read_text(errors="replace").strip().splitlines()[-5:])
         raise BenchError(f"{label} exited with status {returncode}: {tail}")
     text = "" if stdout else out_path.read_text(errors="replace")
-    return Measurement(seconds, peak / MB, text)
+    return Measurement(seconds, peak / MB, text, usage.ru_utime + usage.ru_stime)

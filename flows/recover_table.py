@@ -1,10 +1,11 @@
 """Selective table recovery: the runbook's "someone deleted rows" scenario.
 
 resolve backup -> refuse unknown tables and unusable filters -> check the target's tables
--> restore into a temporary database on the target's server (validated) -> per table, in
-one transaction: COPY the backup's rows into a staging table on the target and merge
-them (missing-rows, replace) or load them beside the original (side-table) -> drop the
-temporary database (always) -> audit, artifact.
+-> restore the named tables only (the backup's schema, their rows) into a temporary
+database on the target's server (validated) -> per table, in one transaction: COPY the
+backup's rows into a staging table on the target and merge them (missing-rows, replace)
+or load them beside the original (side-table) -> drop the temporary database (always)
+-> audit, artifact.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
         check_target(target_url, wanted, mode, row_filter)
         try:
             restore_and_validate(repo_url, settings, manifest, target_url, temp_db, jobs, no_owner,
-                                 by="recover-table")
+                                 by="recover-table", tables=[(schema, table) for _, schema, table in wanted])
             temp_url = postgres.with_database(target_url, temp_db)
             for key, schema, table in wanted:
                 try:

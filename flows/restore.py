@@ -31,7 +31,7 @@ from flows.steps import (
     retrying,
     run_name,
 )
-from tasks import catalog, postgres, quality
+from tasks import catalog, postgres, quality, recovery, selective
 from tasks import database as whole_database
 from tasks import restore as restoring
 from tasks.audit import audit_record
@@ -89,10 +89,12 @@ def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, 
 @task(name="restore into new database", tags=["pg_restore"], timeout_seconds=24 * 3600)
 def restore_into_new_database(server_url: str, settings: Settings, dbname: str, archive: Path,
                               jobs: int | None, no_owner: bool, of: str | None = None,
-                              no_acl: bool = False) -> None:
+                              no_acl: bool = False, tables: list[selective.Relation] | None = None
+                              ) -> set[selective.Relation] | None:
     """CREATE DATABASE (closed to PUBLIC) + pg_restore -j; the new database is dropped if
     anything fails, and tagged as this run's (for `of`), so that the next run drops it if
-    this one is killed."""
+    this one is killed. With `tables`, only their rows (and their partitions'), in the
+    backup's schema: returns the tables whose rows were restored (None: the whole backup)."""
     with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
         if postgres.database_exists(conn, dbname):
             raise ConfigError(f"database {dbname} already exists")
@@ -100,18 +102,26 @@ def restore_into_new_database(server_url: str, settings: Settings, dbname: str, 
         restoring.tag_as_restoring(conn, dbname, of or dbname)
         whole_database.close_to_public(conn, dbname)
     try:
+        if tables:
+            return selective.restore_tables(server_url, dbname, archive, tables,
+                                            jobs=jobs or settings.restore_jobs, no_owner=no_owner,
+                                            secrets=settings.secrets())
         restoring.pg_restore(server_url, dbname, archive, jobs=jobs or settings.restore_jobs,
                              no_owner=no_owner, no_acl=no_acl, secrets=settings.secrets())
     except BaseException:
         restoring.drop_quietly(server_url, dbname)
         raise
+    return None
 
 
 @task(name="validate restore")
-def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest) -> dict[str, Any]:
-    """great-expectations: every table's row count equals the manifest's."""
-    result = quality.validate_row_counts(postgres.with_database(server_url, dbname), manifest.row_counts,
-                                         manifest.digests)
+def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest,
+                     row_counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """great-expectations: every table's row count and content digest equals the manifest's
+    (or, for a restore of some tables, `row_counts`: the manifest's for those)."""
+    expected = manifest.row_counts if row_counts is None else row_counts
+    result = quality.validate_row_counts(postgres.with_database(server_url, dbname), expected,
+                                         manifest.digests, known_tables=manifest.row_counts)
     result.update(backup_id=manifest.backup_id, database=dbname, verified_at=catalog.iso(catalog.utcnow()))
     rows = [[t["table"], t["expected"], t["observed"], "ok" if t["success"] else "FAILED"]
             for t in result["tables"]]
@@ -224,13 +234,15 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
                          dbname: str, jobs: int | None, no_owner: bool, by: str, *,
                          archive_wait_hours: float = 12.0, wait: bool = True,
                          of: str | None = None, properties: bool = False, no_acl: bool = False,
-                         create_roles: bool = False) -> dict[str, Any]:
+                         create_roles: bool = False,
+                         tables: list[selective.Relation] | None = None) -> dict[str, Any]:
     """Stage, restore into the new database `dbname` (a scratch database for `of`, by
-    default the backup's database), validate, and (with `properties`) give it the backed-up
-    database's own properties; the database is dropped and the local copy removed on any
-    failure (the local copy always). Nothing starts unless the server has (or, with
-    `create_roles`, was given) every role the backup needs; an archived dump is brought
-    back first (bring_back_archived)."""
+    default the backup's database; the whole backup, or only `tables`), validate, and (with
+    `properties`) give it the backed-up database's own properties; the database is dropped
+    and the local copy removed on any failure (the local copy always). Nothing starts unless
+    the server has (or, with `create_roles`, was given) every role the backup needs; an
+    archived dump is brought back first (bring_back_archived). Only a whole restore counts
+    as a verification of the backup."""
     check_roles(server_url, dbname, manifest, no_owner, no_acl, create_roles)
     bring_back_archived(repo_url, settings, manifest, archive_wait_hours, wait)
     loading = quality.preload()
@@ -239,8 +251,8 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
         archive = stage_backup(repo_url, settings, manifest, directory)
         if not quality.cores_spare(jobs or settings.restore_jobs):
             loading.join()  # overlap the download only: pg_restore gets the cores to itself
-        restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner,
-                                  of or manifest.database, no_acl)
+        restored = restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner,
+                                             of or manifest.database, no_acl, tables)
     except PgdrError as exc:
         if is_backup_defect(exc):
             record_failed_verification(repo_url, settings, manifest, str(exc), by)
@@ -248,8 +260,12 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     try:
-        result = validate_restore(server_url, dbname, manifest)
-        record_verification(repo_url, settings, manifest, result, by)
+        if restored is None:
+            result = validate_restore(server_url, dbname, manifest)
+            record_verification(repo_url, settings, manifest, result, by)
+        else:
+            result = validate_restore(server_url, dbname, manifest, selective.row_counts_of(
+                manifest.row_counts, restored))
         if not result["success"]:
             raise VerificationFailed(
                 f"restored {manifest.backup_id} does not match its manifest: "
@@ -298,13 +314,14 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
             pre_restore_backup: bool = True, encrypt_to: str | None = None,
             archive_wait_hours: float = 12.0, no_wait: bool = False, no_acl: bool = False,
-            create_roles: bool = False) -> dict[str, Any]:
+            create_roles: bool = False, tables: list[str] | None = None) -> dict[str, Any]:
     """Restore a backup into `target` (a database URL). A new database is restored
     directly; an existing one is replaced only after the restored copy validated, and is
     kept as `<db>_pre_restore_<ts>` (see rollback). The pre-restore backup is encrypted to
     `encrypt_to`, else PGDR_ENCRYPT_TO, else the restored backup's own recipient. A dump in
     an archive storage class is restored by S3 first, waited for up to archive_wait_hours
-    (or, with no_wait, the run stops with when to retry)."""
+    (or, with no_wait, the run stops with when to retry). With `tables`, only those
+    tables' rows are restored, and only into a new database."""
     settings = load_settings()
     target_url = target or settings.db_url
     if not target_url:
@@ -317,6 +334,13 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
         manifest = find_backup(repo_url, settings, backup_id, db, target_db)
         with postgres.connect(target_url, dbname=restoring.admin_database(target_db)) as conn:
             exists = postgres.database_exists(conn, target_db)
+        selected = None
+        if tables:
+            if exists:
+                raise ConfigError(f"database {target_db} exists: --table restores into a new database only "
+                                  "(use recover-table to bring tables back into an existing one)")
+            selected = [(schema, table) for _key, schema, table
+                        in recovery.requested_tables(tables, manifest.row_counts, manifest.partitioned)]
         kept_as = written = None
         try:
             incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
@@ -325,7 +349,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
                 result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
                                               no_owner, by="restore", archive_wait_hours=archive_wait_hours,
                                               wait=not no_wait, of=target_db, properties=True,
-                                              no_acl=no_acl, create_roles=create_roles)
+                                              no_acl=no_acl, create_roles=create_roles, tables=selected)
             else:
                 # Before the safety copy: a run that stops to wait for S3 leaves nothing behind.
                 bring_back_archived(repo_url, settings, manifest, archive_wait_hours, not no_wait)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote
 
-from tasks.errors import ConfigError, IntegrityError, NotFoundError
+from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
 from tasks.repository import Repository, validate_key
 from tasks.settings import check_tier
 
@@ -263,6 +264,7 @@ def scan_backups(repo: Repository, database: str | None = None) -> Catalog:
     """Every complete backup (it has a manifest) and, apart, those whose manifest cannot be
     read: one damaged manifest never hides the rest."""
     manifests, damaged, classes = [], [], {}
+    found: list[tuple[str, str, str]] = []  # (database, tier, manifest key)
     for db in [database] if database else list_databases(repo):
         db_prefix = database_component(db) + "/"
         for tier in repo.list_dirs(db_prefix):
@@ -271,18 +273,39 @@ def scan_backups(repo: Repository, database: str | None = None) -> Catalog:
             for info in repo.list(f"{db_prefix}{tier}/"):
                 if info.key.endswith("/" + DUMP):
                     classes[info.key.split("/")[-2]] = info.storage_class
-                if not info.key.endswith("/" + MANIFEST):
-                    continue
-                try:
-                    manifests.append(read_manifest(repo, info.key))
-                except (ConfigError, IntegrityError) as exc:
-                    damaged.append(DamagedBackup(db, info.key.split("/")[-2], tier, info.key, str(exc)))
+                if info.key.endswith("/" + MANIFEST):
+                    found.append((db, tier, info.key))
+    for (db, tier, key), read in zip(found, read_manifests(repo, [key for _, _, key in found]), strict=True):
+        if isinstance(read, PgdrError):
+            damaged.append(DamagedBackup(db, key.split("/")[-2], tier, key, str(read)))
+        else:
+            manifests.append(read)
     return Catalog(sorted(manifests, key=backup_order), sorted(damaged, key=lambda d: d.key), classes)
 
 
 def list_backups(repo: Repository, database: str | None = None) -> list[Manifest]:
     """Every complete backup with a readable manifest, oldest first."""
     return scan_backups(repo, database).backups
+
+
+MANIFEST_READERS = 16
+
+
+def read_manifests(repo: Repository, keys: list[str]) -> list[Manifest | PgdrError]:
+    """The manifests at keys (the error in place of a damaged or misplaced one), read
+    concurrently: on S3 each read is a round trip, and a repository holds thousands of
+    backups."""
+
+    def read(key: str) -> Manifest | PgdrError:
+        try:
+            return read_manifest(repo, key)
+        except (ConfigError, IntegrityError) as exc:
+            return exc
+
+    if len(keys) < 2:
+        return [read(key) for key in keys]
+    with ThreadPoolExecutor(min(MANIFEST_READERS, len(keys)), thread_name_prefix="manifests") as pool:
+        return list(pool.map(read, keys))
 
 
 def backups_since(repo: Repository, database: str, tier: str, since: datetime) -> list[Manifest]:

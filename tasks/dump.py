@@ -22,7 +22,7 @@ from pathlib import Path
 from tasks import crypto
 from tasks.errors import IntegrityError, PgdrError
 from tasks.postgres import libpq_env, pg_bin
-from tasks.process import Pipeline
+from tasks.process import CommandError, Pipeline
 from tasks.repository import READ_CHUNK, PutResult, Repository
 from tasks.watchdog import StallWatchdog, stall_seconds
 
@@ -82,35 +82,50 @@ def stream_encoded(
         feeder = _Feeder(feed, encoder, what, on_broken, watchdog)
         feeder.start()
 
-        def stored_bytes() -> Iterator[bytes]:
-            written = 0
-            last_report = time.monotonic()
-            while True:
-                with watchdog.waiting("encoder"):
-                    chunk = encoder.stdout.read1(READ_CHUNK)  # type: ignore[union-attr]
-                if not chunk:
-                    break
-                written += len(chunk)
-                if progress and time.monotonic() - last_report >= 1.0:
-                    progress(feeder.bytes, written)
-                    last_report = time.monotonic()
-                yield chunk
-            # End of stream: only a stream whose every producer succeeded may be stored.
+        def finish() -> None:
             feeder.join()
             encoder.wait()
             watchdog.check()
             if feeder.error:
                 raise feeder.error
-            if progress:
-                progress(feeder.bytes, written)
 
-        def store() -> PutResult:
-            with watchdog.waiting("store"):
-                return repo.put_stream(key, stored_bytes(), storage_class=storage_class,
-                                       size_hint=size_hint)
-
-        stored = watchdog.run(store)
+        stored = _store(repo, key, _stored_chunks(encoder, lambda: feeder.bytes, finish, progress,
+                                                  watchdog, "encoder"),
+                        watchdog, storage_class, size_hint)
     return stored, feeder.bytes
+
+
+def _stored_chunks(encoder: Pipeline, raw_bytes: Callable[[], int], finish: Callable[[], None],
+                   progress: Progress | None, watchdog: StallWatchdog, waits_on: str) -> Iterator[bytes]:
+    """The encoder's output as it comes, to be hashed and stored: the one place where the
+    bytes of a stream are counted (raw in, stored out) and progress reported; each read is
+    a wait on `waits_on` for the stall watchdog. At the end of the stream, `finish` raises
+    unless every producer succeeded: only then may the stream be stored."""
+    written = 0
+    last_report = time.monotonic()
+    while True:
+        with watchdog.waiting(waits_on):
+            chunk = encoder.stdout.read1(READ_CHUNK)  # type: ignore[union-attr]
+        if not chunk:
+            break
+        written += len(chunk)
+        if progress and time.monotonic() - last_report >= 1.0:
+            progress(raw_bytes(), written)
+            last_report = time.monotonic()
+        yield chunk
+    finish()
+    if progress:
+        progress(raw_bytes(), written)
+
+
+def _store(repo: Repository, key: str, chunks: Iterator[bytes], watchdog: StallWatchdog,
+           storage_class: str | None, size_hint: int | None) -> PutResult:
+    """repo.put_stream in a thread the watchdog can abandon if the store stalls."""
+    def store() -> PutResult:
+        with watchdog.waiting("store"):
+            return repo.put_stream(key, chunks, storage_class=storage_class, size_hint=size_hint)
+
+    return watchdog.run(store)
 
 
 def stream_dump(
@@ -130,29 +145,46 @@ def stream_dump(
     server_major: int | None = None,
 ) -> DumpResult:
     """Dump the database into repo/key; fails (and stores nothing) if any step fails.
-    pg_dump is the one of the server's major version (pg_bin)."""
+    pg_dump is the one of the server's major version (pg_bin).
+
+    pg_dump writes into zstd through an OS pipe: the raw archive never passes through
+    Python, which only hashes and stores the encoded bytes. The raw size is what the
+    kernel counted pg_dump writing. Waiting for zstd's output is waiting for the database:
+    zstd only stops when pg_dump does."""
     dump_argv = [pg_bin("pg_dump", server_major), "--format=custom", "--compress=0", "--no-password"]
     if snapshot:
         dump_argv.append(f"--snapshot={snapshot}")
+    encode = encode_commands(encrypt_to, gpg_homedir, zstd_level, zstd_threads)
+
+    def stop() -> None:  # on a stall: end every process, so that every thread ends
+        dump.kill()
+        encoder.kill()
+
     with libpq_env(db_url) as env, \
-            Pipeline([dump_argv], env=env, secrets=secrets or []) as dump:
+            Pipeline([dump_argv], env=env, secrets=secrets or []) as dump, \
+            Pipeline(encode, stdin=dump.stdout, secrets=secrets or []) as encoder, \
+            StallWatchdog("dump", stall_seconds(), stop) as watchdog:
+        # zstd alone holds the read end: if it stops, pg_dump gets a broken pipe, not a hang.
+        dump.stdout.close()  # type: ignore[union-attr]
+        dumped = 0
 
-        def relay(sink: _Feeder) -> None:
-            reader = dump.stdout
-            while True:
-                with sink.waiting("database"):
-                    chunk = reader.read1(READ_CHUNK)  # type: ignore[union-attr]
-                if not chunk:
-                    break
-                sink.write(chunk)
-            dump.wait()
+        def raw_bytes() -> int:
+            return dump.bytes_written(0) or 0
 
-        stored, dumped = stream_encoded(
-            relay, repo, key,
-            encode=encode_commands(encrypt_to, gpg_homedir, zstd_level, zstd_threads),
-            what="dump", on_broken=dump.kill, storage_class=storage_class, size_hint=size_hint,
-            secrets=secrets, progress=progress,
-        )
+        def finish() -> None:
+            nonlocal dumped
+            dumped = dump.bytes_written(0, final=True) or 0
+            try:
+                dump.wait()
+            except CommandError:
+                watchdog.check()  # a stall explains why pg_dump was killed
+                encoder.wait()  # an encoder that failed first is the real cause
+                raise
+            encoder.wait()
+            watchdog.check()
+
+        stored = _store(repo, key, _stored_chunks(encoder, raw_bytes, finish, progress, watchdog, "database"),
+                        watchdog, storage_class, size_hint)
     return DumpResult(stored, dumped)
 
 

@@ -302,6 +302,24 @@ class Pipeline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
 
+    def bytes_written(self, index: int, *, final: bool = False) -> int | None:
+        """Bytes command `index` has written so far (its stdout and its stderr), as the
+        kernel counts them (Linux /proc/<pid>/io): bytes that flow from one command to the
+        next through an OS pipe, never through this process. With final, first wait until
+        the command has exited (without reaping it, so that its count stays readable).
+        None where the system does not say."""
+        pid = self.processes[index].pid
+        try:
+            if final:
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            with open(f"/proc/{pid}/io", "rb") as handle:
+                for line in handle:
+                    if line.startswith(b"wchar:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError, AttributeError):  # not Linux, or already reaped
+            return None
+        return None
+
     def wait(self, timeout: float | None = None) -> None:
         """Wait for every command; raise CommandError for the one that really failed."""
         for proc in self.processes:

@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -122,8 +122,9 @@ def wait_until_readable(repo: Repository, key: str, *, wait_hours: float, wait: 
 
 
 def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_owner: bool = False,
-               no_acl: bool = False, secrets: list[str] | None = None) -> None:
-    """pg_restore -j into dbname; any error, including "errors ignored on restore", fails."""
+               no_acl: bool = False, secrets: list[str] | None = None, options: Sequence[str] = ()) -> None:
+    """pg_restore -j into dbname; any error, including "errors ignored on restore", fails.
+    `options` choose what to restore (--section, --use-list)."""
     with postgres.connect(server_url, dbname=dbname) as conn:
         major = postgres.server_major(conn)  # pg_restore of the server's version (or newer)
     argv = [postgres.pg_bin("pg_restore", major), "--exit-on-error", "--no-password",
@@ -132,7 +133,7 @@ def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_own
         argv.append("--no-owner")
     if no_acl:
         argv.append("--no-acl")
-    argv.append(str(archive))
+    argv += [*options, str(archive)]
     with postgres.libpq_env(server_url, dbname=dbname) as env:
         # --dbname is a name, not a connection string: the server comes from PGHOST/PGPORT.
         output = run(argv, env=env, secrets=secrets or [])
