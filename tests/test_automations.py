@@ -14,6 +14,7 @@ import time
 from datetime import timedelta
 
 import psycopg
+import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
@@ -39,6 +40,17 @@ async def _pool() -> None:
 def _state(run_id) -> StateType:
     with get_client(sync_client=True) as client:
         return client.read_flow_run(run_id).state.type
+
+
+@pytest.fixture(autouse=True)
+def _no_automations_after():
+    """The session's server is shared: automations applied here must not judge (or mute the
+    hooks of) the runs of later tests."""
+    yield
+    with get_client(sync_client=True) as client:
+        for name in (automations.ZOMBIE, automations.FAILED, automations.NO_BACKUP):
+            for existing in client.read_automations_by_name(name):
+                client.delete_automation(existing.id)
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
