@@ -43,6 +43,7 @@ def one_round(cases: Cases, number: int, total: int) -> dict[str, Result]:
 
     step("raw_dump", cases.raw_dump())
     step("row_counts", cases.row_counts())
+    step("content_digests", cases.content_digests())
     step("plain_pipe", cases.plain_pipe())
     step("pg_dump_default", cases.pg_dump_default())
     step("old_backup", cases.old_backup())

@@ -25,7 +25,14 @@ from bench import pgbackrest
 from bench.environment import BUCKET, EMPTY_DB, SOURCE_DB, BenchEnvironment
 from bench.measure import MB, BenchError, Measurement, measure
 from tasks.cluster import grant_to_server
-from tasks.postgres import pg_bin, table_identifier, user_tables
+from tasks.postgres import (
+    DIGEST_SETTINGS,
+    digest_select,
+    pg_bin,
+    table_columns,
+    table_rows,
+    user_tables,
+)
 
 S3COPY = Path(__file__).with_name("s3copy.py")
 OLD_KEY = "old/fleet.sql.gz"
@@ -117,12 +124,21 @@ class Cases:
     def row_counts(self) -> Result:
         """What the snapshot's row counts cost, apart: pgdr's own count query for every table
         (one scan each), through psql. pgdr runs them while pg_dump streams the same snapshot."""
+        return self._scan_tables("row_counts", lambda _columns: sql.SQL("count(*)"))
+
+    def content_digests(self) -> Result:
+        """The same scan with each table's content digest (pgdr's default): what the digest
+        adds to the row counts, apart."""
+        return self._scan_tables("content_digests", digest_select, DIGEST_SETTINGS)
+
+    def _scan_tables(self, name: str, select: Any, settings: dict[str, str] | None = None) -> Result:
         with psycopg.connect(self.bench.url(SOURCE_DB)) as conn:
-            count = sql.SQL("SELECT count(*) FROM ONLY {};\n")
-            script = "".join(count.format(table_identifier(schema, table)).as_string(conn)
-                             for _key, schema, table in user_tables(conn))
+            columns = table_columns(conn)
+            script = "".join(f"SET {setting} = '{value}';\n" for setting, value in (settings or {}).items())
+            script += "".join(table_rows(schema, table, select(columns[key])).as_string(conn) + ";\n"
+                              for key, schema, table in user_tables(conn))
         argv = [pg_bin("psql"), "-X", "-q", "-At", f"--dbname={self.bench.url(SOURCE_DB)}", "-c", script]
-        return Result(self._run("row_counts", argv, self.bench.env()))
+        return Result(self._run(name, argv, self.bench.env()))
 
     def pg_dump_default(self) -> Result:
         argv = [pg_bin("pg_dump"), "-Fc", f"--dbname={self.bench.url(SOURCE_DB)}", "-f",

@@ -15,6 +15,7 @@ from bench.measure import MB
 CASES = {
     "raw_dump": "pg_dump -Fc -Z0 > /dev/null (the read)",
     "row_counts": "the snapshot's row counts alone: count(*) of every table (psql)",
+    "content_digests": "row counts with content digests (pgdr's default) of every table (psql)",
     "plain_pipe": "pg_dump -Fc -Z0 | zstd -3 -T<cores> > file (the plain pipe)",
     "pg_dump_default": "pg_dump -Fc -f file (zlib, pg_dump's default)",
     "old_backup": "old: pg_dump | gzip > file; upload (boto3)",
@@ -70,6 +71,9 @@ def summarize(db_mb: float, rounds: list[dict[str, Result]], machine: dict[str, 
         "catalog_list_seconds": runs["catalog_list"],
         "catalog_status_seconds": runs["catalog_status"],
         "s3_backup_vs_file_backup": runs["pgdr_backup"] / runs["pgdr_backup_file"],
+        # The snapshot's scan runs beside pg_dump: above 1, the backup waits for the digests.
+        "digest_scan_vs_dump": runs["content_digests"] / runs["raw_dump"],
+        "digest_scan_vs_counts": runs["content_digests"] / max(runs["row_counts"], 1e-3),
         "backup_cpu_vs_pipe": cpu["pgdr_backup_file"] / max(cpu["plain_pipe"], 1e-3),
         "backup_vs_raw_dump": runs["pgdr_backup"] / runs["raw_dump"],
         "backup_vs_old": runs["old_backup"] / runs["pgdr_backup"],

@@ -167,3 +167,10 @@ def gpg() -> Iterator[GpgHome]:
 def secrets() -> tuple[str, ...]:
     """Every secret the fixtures use (and its URL-encoded form): none may ever leak."""
     return ALL_SECRETS
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The automations tests run last: once the session's server has evaluated their
+    triggers (a worker killed mid-run, a 20 s "no backup" window), its trigger service keeps
+    it busy enough that other tests' API calls wait for minutes."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_automations.py"))
