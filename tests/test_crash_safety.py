@@ -348,3 +348,27 @@ def test_a_restore_stopped_after_stopping_writes_leaves_the_target_open_as_befor
     assert limit_and_comment(pg, name) == (50, "the fleet's orders")  # exactly as before
     assert table_fingerprints(target) == old
     assert cli_json(capsys, "repair", "--target", target)["repaired"] == []
+
+
+def test_a_failed_restore_with_stop_writes_first_leaves_the_target_open_as_before(capsys, pg, writer_role,
+                                                                                 restored_scene, file_repo):
+    from tasks import catalog
+    from tasks.repository import open_repository
+    from tests.test_restore import corrupt
+
+    target, backup_id, old, _new = restored_scene
+    name = target.rsplit("/", 1)[1]
+    writer_url = stoppable_scene(pg, target)
+    # Run as an ordinary role, it stops before changing anything: pg_dump could not connect.
+    code, _out, err = run_cli(capsys, "restore", backup_id, "--target", writer_url, "--repo", file_repo,
+                              "--stop-writes-first")
+    assert code == 1 and "needs a superuser" in error_line(err)
+    assert limit_and_comment(pg, name) == (50, "the fleet's orders")
+    # A dump that fails its checksum, found after writes were stopped and the pre-restore backup taken.
+    corrupt(file_repo, catalog.find_backup(open_repository(file_repo), backup_id), "flip")
+    code, _out, err = run_cli(capsys, "restore", backup_id, "--target", target, "--repo", file_repo,
+                              "--stop-writes-first")
+    assert code == 1 and "corrupt" in error_line(err)
+    assert accepts_connections(writer_url)
+    assert limit_and_comment(pg, name) == (50, "the fleet's orders")  # exactly as before
+    assert table_fingerprints(target) == old
