@@ -62,7 +62,7 @@ def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
                    jobs=args.jobs, no_owner=args.no_owner, pre_restore_backup=not args.no_pre_restore_backup,
                    encrypt_to=args.encrypt_to, archive_wait_hours=args.archive_wait_hours,
                    no_wait=args.no_wait, no_acl=args.no_acl, create_roles=args.create_roles,
-                   tables=args.table)
+                   tables=args.table, stop_writes_first=args.stop_writes_first)
 
 
 def _restore_physical(args: argparse.Namespace) -> dict[str, Any]:
@@ -122,7 +122,9 @@ def show_restore(result: dict[str, Any]) -> None:
     if result.get("previous_database"):
         print(f"  previous database kept as {result['previous_database']} (pgdr rollback undoes this)")
     written = result.get("written_after_pre_restore_backup")
-    if written and written["rows"]:
+    if written and written.get("stopped_writes_first"):
+        print(f"  writes were stopped before the pre-restore backup: {written['rows']} rows written after it")
+    elif written and written["rows"]:
         print(f"  {written['rows']} rows were written to the old database after its pre-restore backup "
               f"began: they are only in {written['only_in']}")
     if result.get("temp_database") and not result.get("kept"):
@@ -710,6 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--no-owner", action="store_true", help="do not restore object ownership")
     cmd.add_argument("--no-pre-restore-backup", action="store_true",
                      help="skip the backup of the current database before replacing it")
+    cmd.add_argument("--stop-writes-first", action="store_true",
+                     help="refuse new connections to the existing target and end its sessions before "
+                     "the pre-restore backup, until the swap (downtime rather than divergence; needs a "
+                     "superuser, whose own sessions are not refused)")
     cmd.add_argument("--encrypt-to", metavar="KEYID", help="gpg recipient of the pre-restore backup "
                      "(default: PGDR_ENCRYPT_TO, else the restored backup's recipient)")
     _archive_arguments(cmd)

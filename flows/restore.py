@@ -314,14 +314,18 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
             db: str | None = None, jobs: int | None = None, no_owner: bool = False,
             pre_restore_backup: bool = True, encrypt_to: str | None = None,
             archive_wait_hours: float = 12.0, no_wait: bool = False, no_acl: bool = False,
-            create_roles: bool = False, tables: list[str] | None = None) -> dict[str, Any]:
+            create_roles: bool = False, tables: list[str] | None = None,
+            stop_writes_first: bool = False) -> dict[str, Any]:
     """Restore a backup into `target` (a database URL). A new database is restored
     directly; an existing one is replaced only after the restored copy validated, and is
     kept as `<db>_pre_restore_<ts>` (see rollback). The pre-restore backup is encrypted to
     `encrypt_to`, else PGDR_ENCRYPT_TO, else the restored backup's own recipient. A dump in
     an archive storage class is restored by S3 first, waited for up to archive_wait_hours
     (or, with no_wait, the run stops with when to retry). With `tables`, only those
-    tables' rows are restored, and only into a new database."""
+    tables' rows are restored, and only into a new database. With stop_writes_first, an
+    existing target refuses new connections (but pgdr's, a superuser's) and its sessions end
+    before the pre-restore backup, until the swap or a failure: downtime rather than writes
+    that only the old database holds."""
     settings = load_settings()
     target_url = target or settings.db_url
     if not target_url:
@@ -353,6 +357,8 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
             else:
                 # Before the safety copy: a run that stops to wait for S3 leaves nothing behind.
                 bring_back_archived(repo_url, settings, manifest, archive_wait_hours, not no_wait)
+                if stop_writes_first:
+                    stop_writes(target_url, target_db)
                 before = restoring.rows_written(target_url, target_db)
                 if pre_restore_backup:
                     backup(db=postgres.strip_password(target_url), repo=repo_url, tier="pre-restore",
@@ -369,10 +375,16 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
             restoring.pause_point("swapped")
             if kept_as and pre_restore_backup:
                 written = writes_since_pre_restore_backup(target_url, target_db, kept_as, before)
+                if written is not None:
+                    written["stopped_writes_first"] = stop_writes_first
         except Exception as exc:
             _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
                      error=str(exc))
             raise
+        finally:
+            if stop_writes_first and exists:
+                # Not swapped in (a failure, a SIGTERM): the old database takes connections again.
+                restoring.allow_writes_again(target_url, target_db)
     _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "success",
              manifest.size_bytes, previous_database=kept_as, written_after_pre_restore_backup=written)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
@@ -408,6 +420,15 @@ def writes_since_pre_restore_backup(target_url: str, target_db: str, kept_as: st
         get_run_logger().warning("%d rows were written to %s after its pre-restore backup began: they are "
                                  "only in %s", rows, target_db, kept_as)
     return {"rows": rows, "only_in": kept_as}
+
+
+@task(name="stop writes")
+def stop_writes(target_url: str, target_db: str) -> None:
+    """--stop-writes-first: new connections refused, sessions ended, before the pre-restore
+    backup (the restore's end, a failure or the next pgdr opens the target again)."""
+    restoring.stop_writes(target_url, target_db)
+    get_run_logger().warning("%s refuses new connections until the restore ends", target_db)
+    restoring.pause_point("writes-stopped")
 
 
 @task(name="repair target")

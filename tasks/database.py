@@ -58,6 +58,11 @@ _DATABASE_PRIVILEGES = ("CONNECT", "CREATE", "TEMPORARY")
 def read_properties(conn: psycopg.Connection) -> dict[str, Any]:
     """The connected database's own properties, as the manifest stores them."""
     owner, limit, comment, acl = conn.execute(_PROPERTIES_SQL).fetchone()  # type: ignore[misc]
+    from tasks.restore import stopped_writes_tag
+
+    if (stopped := stopped_writes_tag(comment)) is not None:
+        # --stop-writes-first is closing it for a restore: its own limit and comment are in the tag.
+        limit, comment = stopped["connection_limit"], stopped["comment"]
     settings = []
     for role, setting in conn.execute(_SETTINGS_SQL):
         name, _, value = setting.partition("=")

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 
 from tasks import postgres
-from tasks.errors import NotReadyYet, PgdrError
+from tasks.errors import ConfigError, NotReadyYet, PgdrError
 from tasks.process import (
     private_directory,
     run,
@@ -148,6 +148,8 @@ def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_own
 #   swapping     validated, about to take `of`'s name (the plan: keep_as, its tag, the owner)
 #   pre-restore  the database a restore replaced (rollback takes it back)
 #   rolled-back  the restored database a rollback set aside
+#   stopped-writes  on the target itself: --stop-writes-first set its connection limit to 0
+#                (its own limit and comment kept in the tag) for a run (host, pid)
 # The swap itself (both renames, both tags, connections allowed again) is one transaction;
 # the only state between is "swapping" with connections refused, and repair_target
 # finishes it. So a target never stays closed once pgdr, or the next pgdr, has run.
@@ -155,9 +157,11 @@ def pg_restore(server_url: str, dbname: str, archive: Path, *, jobs: int, no_own
 RESTORING = "restoring"
 SWAPPING = "swapping"
 PRE_RESTORE = "pre-restore"
+STOPPED_WRITES = "stopped-writes"
 # A run on another host is presumed gone only after this long (a swap takes seconds; the
 # restore step's own timeout is a day).
-OTHER_HOST_GRACE = {SWAPPING: timedelta(minutes=10), RESTORING: timedelta(hours=25)}
+OTHER_HOST_GRACE = {SWAPPING: timedelta(minutes=10), RESTORING: timedelta(hours=25),
+                    STOPPED_WRITES: timedelta(hours=25)}
 
 
 def set_tag(conn: psycopg.Connection, dbname: str, tag: dict[str, Any] | None) -> None:
@@ -316,6 +320,7 @@ def _finish_swap(conn: psycopg.Connection, incoming: str, plan: dict[str, Any], 
                         new_comment = old_comment
                     postgres.rename_database(conn, target, keep_as)
                     set_tag(conn, keep_as, {**plan["keep_tag"], "comment": old_comment})
+                    _give_back_connection_limit(conn, keep_as, _as_tag(current))
                     postgres.allow_connections(conn, keep_as)
                 postgres.rename_database(conn, incoming, target)
                 _restore_comment(conn, target, new_comment)
@@ -344,10 +349,65 @@ def _undo_swap(server_url: str, incoming: str, plan: dict[str, Any]) -> None:
             _restore_comment(conn, incoming, plan.get("incoming_comment"))
 
 
+def stop_writes(server_url: str, target: str) -> None:
+    """--stop-writes-first: refuse new connections to `target` and end the current ones, so
+    that nothing is written to it from now on. CONNECTION LIMIT 0 refuses every role but the
+    superusers (ALLOW_CONNECTIONS false would refuse pg_dump as well), so pgdr must connect
+    as one. The target's own limit and comment are kept in a tag naming this run, in the
+    same transaction: allow_writes_again, the swap or the next pgdr puts them back."""
+    from psycopg import sql
+
+    with postgres.connect(server_url, dbname=admin_database(target), autocommit=True) as conn:
+        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+            raise ConfigError("--stop-writes-first needs a superuser in --target: CONNECTION LIMIT 0 "
+                              "refuses every other role, including the one the pre-restore backup uses")
+        with conn.transaction():
+            limit = conn.execute("SELECT datconnlimit FROM pg_database WHERE datname = %s",
+                                 (target,)).fetchone()[0]
+            set_tag(conn, target, {"pgdr": STOPPED_WRITES, "of": target, "connection_limit": limit,
+                                   "comment": _comment(conn, target), "at": iso_now(), **this_run()})
+            conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(sql.Identifier(target)))
+        # Waits (up to 10 s each) for the sessions to end: their last writes are then counted.
+        conn.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+                     " WHERE datname = %s AND pid <> pg_backend_pid()", (target,))
+
+
+def stopped_writes_tag(comment: str | None) -> dict[str, Any] | None:
+    """The tag stop_writes put on a database (its own limit and comment inside), if any."""
+    tag = _as_tag(comment)
+    return tag if tag is not None and tag.get("pgdr") == STOPPED_WRITES else None
+
+
+def _give_back_connection_limit(conn: psycopg.Connection, dbname: str, tag: dict[str, Any] | None) -> None:
+    from psycopg import sql
+
+    if tag is not None and tag.get("pgdr") == STOPPED_WRITES:
+        conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
+            sql.Identifier(dbname), sql.Literal(int(tag["connection_limit"]))))
+
+
+def allow_writes_again(server_url: str, target: str) -> bool:
+    """Undo stop_writes: `target` gets its own connection limit and comment back (in one
+    transaction). False when it was not stopped (e.g. the swap already gave them back)."""
+    with postgres.connect(server_url, dbname=admin_database(target), autocommit=True) as conn:
+        return _allow_writes_again(conn, target)
+
+
+def _allow_writes_again(conn: psycopg.Connection, target: str) -> bool:
+    with conn.transaction():
+        tag = stopped_writes_tag(_comment(conn, target))
+        if tag is None:
+            return False
+        _give_back_connection_limit(conn, target, tag)
+        _restore_comment(conn, target, tag.get("comment"))
+    return True
+
+
 def repair_target(server_url: str, target: str) -> list[str]:
     """Bring `target` out of whatever state a killed pgdr left it in: finish an interrupted
     swap (the incoming database had been validated), drop databases that runs now gone were
-    loading. Returns one line per thing done."""
+    loading, let a target whose writes a run now gone had stopped accept connections again.
+    Returns one line per thing done."""
     done = []
     with postgres.connect(server_url, dbname=admin_database(target), autocommit=True) as conn:
         for name, tag in pgdr_databases(conn):
@@ -360,6 +420,9 @@ def repair_target(server_url: str, target: str) -> list[str]:
             elif tag["pgdr"] == RESTORING:
                 postgres.drop_database(conn, name)
                 done.append(f"dropped {name}, left over by a killed restore of {target}")
+        stopped = stopped_writes_tag(_comment(conn, target))
+        if stopped is not None and _owner_gone(stopped) and _allow_writes_again(conn, target):
+            done.append(f"{target} accepts connections again (a killed restore had stopped writes to it)")
     return done
 
 
@@ -376,7 +439,8 @@ def sweep_leftover_databases(server_url: str) -> list[str]:
     done = []
     with postgres.connect(server_url, dbname="postgres", autocommit=True) as conn:
         targets = {tag["of"] for name, tag in pgdr_databases(conn)
-                   if tag.get("pgdr") in (RESTORING, SWAPPING) and isinstance(tag.get("of"), str)}
+                   if tag.get("pgdr") in (RESTORING, SWAPPING, STOPPED_WRITES)
+                   and isinstance(tag.get("of"), str)}
     for target in sorted(targets):
         done += repair_target(server_url, target)
     return done

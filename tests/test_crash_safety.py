@@ -4,6 +4,7 @@ finished or removed by the next command."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -240,3 +241,134 @@ def test_the_report_says_how_many_rows_were_written_after_the_pre_restore_backup
     missed = in_kept - pre_restore.row_counts["public.orders"]  # rows neither backed up nor restored
     assert missed > 0 and written["only_in"] == kept
     assert missed <= written["rows"] <= len(inserted)
+
+
+# --- --stop-writes-first: downtime rather than divergence -----------------------------------
+
+WRITER = "pgdr_sw_writer"
+
+
+@pytest.fixture
+def writer_role(pg):
+    """An ordinary login role (CONNECTION LIMIT 0 refuses every role but the superusers)."""
+    with psycopg.connect(pg.admin_url, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {WRITER}")
+        conn.execute(f"CREATE ROLE {WRITER} LOGIN")
+    yield WRITER
+    with psycopg.connect(pg.admin_url, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE {WRITER}")
+
+
+def stoppable_scene(pg, target: str) -> str:
+    """The target with a connection limit of its own and its table writable by PUBLIC (no
+    grant that ties the writer role to a database); the writer's URL."""
+    name = target.rsplit("/", 1)[1]
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {name} CONNECTION LIMIT 50")
+        conn.execute("GRANT SELECT, INSERT ON orders TO PUBLIC")
+    return pg.cluster.url(name, user=WRITER)
+
+
+def limit_and_comment(pg, name: str) -> tuple[int, str | None]:
+    with psycopg.connect(pg.admin_url) as conn:
+        return conn.execute("SELECT datconnlimit, shobj_description(oid, 'pg_database') FROM pg_database"
+                            " WHERE datname = %s", (name,)).fetchone()
+
+
+def test_stop_writes_first_refuses_writers_before_the_pre_restore_backup(capsys, pg, writer_role,
+                                                                          restored_scene, file_repo):
+    from tasks import catalog
+    from tasks.repository import open_repository
+
+    target, backup_id, _old, new = restored_scene
+    writer_url = stoppable_scene(pg, target)
+    stop, inserted, refused = threading.Event(), [], []
+
+    def writer() -> None:  # reconnects whenever it is cut off, as an application would
+        while not stop.is_set():
+            try:
+                with psycopg.connect(writer_url, autocommit=True, connect_timeout=5) as conn:
+                    while not stop.is_set():
+                        conn.execute("INSERT INTO orders VALUES (%s, 'during the restore')",
+                                     (1000 + len(inserted),))
+                        inserted.append(1)
+                        time.sleep(0.005)
+            except psycopg.Error as exc:  # refused; once swapped, the restored table is not PUBLIC's
+                refused.append(str(exc))
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while len(inserted) < 20:  # the application is writing when the restore begins
+            time.sleep(0.01)
+        result = cli_json(capsys, "restore", backup_id, "--target", target, "--repo", file_repo,
+                          "--stop-writes-first")
+    finally:
+        stop.set()
+        thread.join()
+    kept = result["previous_database"]
+    assert result["written_after_pre_restore_backup"] == {"rows": 0, "only_in": kept,
+                                                          "stopped_writes_first": True}
+    assert any("too many connections" in line for line in refused)
+    (pre_restore,) = [m for m in catalog.list_backups(open_repository(file_repo)) if m.tier == "pre-restore"]
+    with psycopg.connect(pg.url(kept)) as conn:
+        in_kept = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+    assert in_kept == pre_restore.row_counts["public.orders"]  # nothing landed after its snapshot
+    # The old database keeps its own limit and comment, and so does its pre-restore backup.
+    limit, tag = limit_and_comment(pg, kept)
+    assert limit == 50 and json.loads(tag)["comment"] == "the fleet's orders"
+    assert pre_restore.database_properties["connection_limit"] == 50
+    assert pre_restore.database_properties["comment"] == "the fleet's orders"
+    assert table_fingerprints(target) == new and accepts_connections(writer_url)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_restore_stopped_after_stopping_writes_leaves_the_target_open_as_before(
+        sig, capsys, pg, writer_role, restored_scene, file_repo, tmp_path):
+    target, backup_id, old, _new = restored_scene
+    name = target.rsplit("/", 1)[1]
+    writer_url = stoppable_scene(pg, target)
+    proc, lines = start_pgdr(tmp_path, "restore", backup_id, "--target", target, "--repo", file_repo,
+                             "--stop-writes-first", PGDR_DEBUG_PAUSE_AT="writes-stopped")
+    wait_for(lambda: "pgdr: paused at writes-stopped" in lines, "paused at writes-stopped", proc, lines)
+    with pytest.raises(psycopg.OperationalError, match="too many connections"):
+        psycopg.connect(writer_url, connect_timeout=5)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        with pytest.raises(psycopg.OperationalError, match="too many connections"):
+            psycopg.connect(writer_url, connect_timeout=5)
+        repaired = cli_json(capsys, "repair", "--target", target)["repaired"]
+        assert any("accepts connections again" in line for line in repaired)
+    assert accepts_connections(writer_url)
+    assert limit_and_comment(pg, name) == (50, "the fleet's orders")  # exactly as before
+    assert table_fingerprints(target) == old
+    assert cli_json(capsys, "repair", "--target", target)["repaired"] == []
+
+
+def test_a_failed_restore_with_stop_writes_first_leaves_the_target_open_as_before(capsys, pg, writer_role,
+                                                                                 restored_scene, file_repo):
+    from tasks import catalog
+    from tasks.repository import open_repository
+    from tests.test_restore import corrupt
+
+    target, backup_id, old, _new = restored_scene
+    name = target.rsplit("/", 1)[1]
+    writer_url = stoppable_scene(pg, target)
+    # Run as an ordinary role, it stops before changing anything: pg_dump could not connect.
+    code, _out, err = run_cli(capsys, "restore", backup_id, "--target", writer_url, "--repo", file_repo,
+                              "--stop-writes-first")
+    assert code == 1 and "needs a superuser" in error_line(err)
+    assert limit_and_comment(pg, name) == (50, "the fleet's orders")
+    # A dump that fails its checksum, found after writes were stopped and the pre-restore backup taken.
+    corrupt(file_repo, catalog.find_backup(open_repository(file_repo), backup_id), "flip")
+    code, _out, err = run_cli(capsys, "restore", backup_id, "--target", target, "--repo", file_repo,
+                              "--stop-writes-first")
+    assert code == 1 and "corrupt" in error_line(err)
+    assert accepts_connections(writer_url)
+    assert limit_and_comment(pg, name) == (50, "the fleet's orders")  # exactly as before
+    assert table_fingerprints(target) == old
