@@ -334,8 +334,10 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()
     with one_at_a_time(repo_url, settings, target_url, "restore"):
-        repaired = repair_target(target_url, target_db)
+        # The backup first: a wrong id or an empty repository is refused before the target
+        # is touched; then what a killed run left on the target is repaired.
         manifest = find_backup(repo_url, settings, backup_id, db, target_db)
+        repaired = repair_target(target_url, target_db)
         with postgres.connect(target_url, dbname=restoring.admin_database(target_db)) as conn:
             exists = postgres.database_exists(conn, target_db)
         selected = None
