@@ -78,7 +78,8 @@ def restore_tables(server_url: str, dbname: str, archive: Path, tables: Sequence
                          options=["--section=pre-data"])
     with postgres.connect(postgres.with_database(server_url, dbname)) as conn:
         family = table_family(conn, tables)
-    pg_restore = postgres.pg_bin("pg_restore")
+        # pg_restore of the server's version: an older one cannot read a newer archive.
+        pg_restore = postgres.pg_bin("pg_restore", postgres.server_major(conn))
     by_schema: dict[str, list[str]] = {}
     for schema, name in sorted(family):
         by_schema.setdefault(schema, []).extend(["-t", name])

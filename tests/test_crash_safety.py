@@ -218,12 +218,13 @@ def test_the_report_says_how_many_rows_were_written_after_the_pre_restore_backup
     def writer() -> None:
         with psycopg.connect(target, autocommit=True) as conn:
             while not stop.is_set():
+                # Counted before it is sent: an insert cut off by the swap may still have committed.
+                inserted.append(1)
                 try:
                     conn.execute("INSERT INTO orders VALUES (%s, 'during the restore')",
                                  (1000 + len(inserted),))
                 except psycopg.Error:
                     return  # terminated by the swap
-                inserted.append(1)
                 time.sleep(0.005)
 
     thread = threading.Thread(target=writer)

@@ -153,9 +153,9 @@ def test_a_digest_catches_a_changed_value_that_the_counts_miss(capsys, pg, trick
     cli_json(capsys, "backup", "--db", tricky_db, "--repo", file_repo)
     validate = quality.validate_row_counts
 
-    def changed_before_validation(url, expected, digests=None):
+    def changed_before_validation(url, expected, digests=None, **options):
         run(url, """UPDATE "Sales Data"."Customers" SET "Full Name" = 'Mallory' WHERE "Customer ID" = 7""")
-        return validate(url, expected, digests)
+        return validate(url, expected, digests, **options)
 
     monkeypatch.setattr(quality, "validate_row_counts", changed_before_validation)
     before = databases(pg)
