@@ -15,17 +15,16 @@ import os
 import re
 import shutil
 import tarfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tasks import crypto
 from tasks.catalog import database_component, parse_backup_id, parse_iso
-from tasks.dump import fetch_dump, zstd_command
+from tasks.dump import fetch_dump
 from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
+from tasks.pipeline import NO_STALL_BUDGET, Encoder, encode_commands
 from tasks.postgres import libpq_env, pg_bin
 from tasks.process import Pipeline
 from tasks.repository import READ_CHUNK, PutResult, Repository, validate_key
@@ -155,24 +154,16 @@ def stream_basebackup(
     program = str(bin_dir / "pg_basebackup") if bin_dir else pg_bin("pg_basebackup")
     argv = [program, "-D", "-", "-Ft", "-X", "fetch", "--verbose", "--no-password",
             "--label", label, "--checkpoint", "fast" if fast_checkpoint else "spread"]
-    commands = [argv, zstd_command(zstd_level, zstd_threads)]
-    if encrypt_to:
-        commands.append(crypto.encrypt_command(encrypt_to, gpg_homedir))
-    with libpq_env(db_url) as env, Pipeline(commands, env=env, secrets=secrets or []) as pipeline:
-
-        def stored_bytes() -> Iterator[bytes]:
-            written = 0
-            last_report = time.monotonic()
-            while chunk := pipeline.stdout.read1(READ_CHUNK):  # type: ignore[union-attr]
-                written += len(chunk)
-                if progress and time.monotonic() - last_report >= 1.0:
-                    progress(written)
-                    last_report = time.monotonic()
-                yield chunk
-            pipeline.wait()  # only a stream whose every command succeeded is stored
-
-        stored = repo.put_stream(key, stored_bytes())
-    log = "\n".join(pipeline.stderr_lines(0))
+    encode = encode_commands(encrypt_to, gpg_homedir, zstd_level, zstd_threads)
+    # No stall budget: pg_basebackup is rightly silent while a spread checkpoint runs.
+    with libpq_env(db_url) as env, Pipeline([argv], env=env, secrets=secrets or []) as backup, \
+            Encoder(encode, stdin=backup.stdout, what="base backup", secrets=secrets or [],
+                    on_stall=backup.kill, stall_budget=NO_STALL_BUDGET) as encoder:
+        backup.stdout.close()  # type: ignore[union-attr]
+        stored = encoder.store(repo, key, raw_bytes=lambda: backup.bytes_written(0) or 0,
+                               finish=backup.wait, waits_on="database",
+                               progress=(lambda _raw, written: progress(written)) if progress else None)
+    log = "\n".join(backup.stderr_lines(0))
     start, end = _START.search(log), _END.search(log)
     if not start or not end:
         raise PgdrError("pg_basebackup did not report its WAL start and end points")

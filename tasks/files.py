@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from tasks import catalog
-from tasks.dump import Progress, encode_commands, fetch_dump, stream_encoded
+from tasks.dump import fetch_dump
 from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
+from tasks.pipeline import Progress, encode_commands, stream_encoded
 from tasks.repository import READ_CHUNK, PutResult, Repository, validate_key
 
 AREA = "files"
