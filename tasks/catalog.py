@@ -123,7 +123,10 @@ class StoredManifest:
     def belongs_at(self, prefix: str) -> bool:
         """Whether the manifest describes the backup at prefix (one moved or copied over
         another backup's, or another database's, must never be trusted)."""
-        return self.manifest_key == f"{prefix}/{MANIFEST}"
+        try:
+            return self.manifest_key == f"{prefix}/{MANIFEST}"
+        except PgdrError:  # names that make no key describe no backup
+            return False
 
     def check(self) -> None:
         """ConfigError unless what names the backup is valid."""

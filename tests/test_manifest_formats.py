@@ -206,3 +206,8 @@ def test_retention_lists_every_kind_alike_and_never_trusts_a_moved_manifest(tmp_
         (prefix, backup_id.split("-")[1], backup_id)]
     assert sorted(readable[0].keys) == sorted([f"{prefix}/data", key])
     assert [s.prefix for s in unreadable] == [moved]
+
+
+def test_a_manifest_whose_names_make_no_key_belongs_nowhere():
+    manifest = StorageManifest.from_json(STORAGE.replace('"bucket": "uploads"', '"bucket": "A_B"').encode())
+    assert not manifest.belongs_at(STORAGE_KEY.rsplit("/", 1)[0])
