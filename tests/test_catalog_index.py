@@ -209,6 +209,27 @@ def test_concurrent_writers_lose_no_entry(repo_url):
         m.backup_id for m in catalog.list_backups(repo, "busy"))
 
 
+def test_a_writer_that_lost_the_race_reads_again_and_keeps_the_winners_entry(repo_url, monkeypatch):
+    first, second = open_repository(repo_url), open_repository(repo_url)
+    now = catalog.utcnow()
+    mine = fake_backup(first, "busy", "daily", now - timedelta(hours=1))
+    write = first.put_if_tag
+    theirs = []
+
+    def another_backup_meanwhile(key: str, data: bytes, tag: str | None) -> bool:
+        # Between this writer's read of the index and its write, another backup lands and
+        # writes the index first.
+        if not theirs:
+            theirs.append(fake_backup(second, "busy", "daily", now))
+            assert catalog.refresh_index(second, "busy")
+        return write(key, data, tag)
+
+    monkeypatch.setattr(first, "put_if_tag", another_backup_meanwhile)
+    assert catalog.refresh_index(first, "busy")
+    assert sorted(e.backup_id for e in catalog.read_index(first, "busy").entries.values()) == sorted(
+        [mine.backup_id, theirs[0].backup_id])
+
+
 def test_a_conditional_write_refuses_a_replaced_version(repo_url):
     repo = open_repository(repo_url)
     assert repo.put_if_tag("x/index.json", b"one", None)
