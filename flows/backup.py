@@ -33,7 +33,7 @@ from tasks import catalog, crypto, postgres
 from tasks import database as whole_database
 from tasks.audit import audit_record
 from tasks.dump import stream_dump
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, PgdrError
 from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
@@ -118,6 +118,18 @@ def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str
     )
 
 
+def index_backup(repo_url: str, settings: Settings, database: str) -> None:
+    """Add the new backup to its database's catalog index, after its manifest and under its
+    database's lock. The index only spares readers work (they list the keys and read what it
+    lacks): the backup is complete without it, so a failure here is a warning."""
+    try:
+        if not catalog.refresh_index(open_repo(repo_url, settings), database):
+            get_run_logger().warning("the catalog index of %s was replaced by other writers %d times: "
+                                     "not updated", database, catalog.INDEX_WRITE_ATTEMPTS)
+    except PgdrError as exc:
+        get_run_logger().warning("the catalog index of %s was not updated: %s", database, exc)
+
+
 def publish_backup_artifact(manifest: catalog.Manifest, seconds: float) -> None:
     rate = manifest.dump_bytes / seconds if seconds else 0
     rows = [{"table": table, "rows": count} for table, count in manifest.row_counts.items()]
@@ -153,6 +165,7 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         with server_slot(db_url), database_lock(open_repo(repo_url, settings), database, "backup"):
             manifest = dump_database(db_url, repo_url, settings, backup_id, tier, fingerprint)
             write_manifest(repo_url, settings, manifest)
+            index_backup(repo_url, settings, database)
         if settings.replica_repo_url:
             replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
     except Exception as exc:

@@ -43,7 +43,7 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = _settings()
     repo = open_repository(args.repo or settings.repo_url, region=settings.aws_region)
-    found = catalog.scan_backups(repo, args.db)
+    found = catalog.scan_catalog(repo, args.db)
     backups = [{**m.summary(), "safety_copy": catalog.is_safety_copy(m),
                 "storage_class": found.storage_classes.get(m.backup_id)} for m in found.backups]
     return {"repository": repo.url, "backups": backups, "damaged": [d.summary() for d in found.damaged]}

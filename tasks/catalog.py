@@ -7,9 +7,13 @@ so the manifest is never rewritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import secrets
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,7 +21,7 @@ from typing import Any, ClassVar, Self
 from urllib.parse import quote, unquote
 
 from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
-from tasks.repository import Repository, validate_key
+from tasks.repository import ObjectInfo, Repository, validate_key
 from tasks.settings import check_tier
 
 MANIFEST = "manifest.json"
@@ -155,8 +159,51 @@ class StoredManifest:
         return self.manifest_key
 
 
+class _Located:
+    """Where a backup's objects are, and its times, from its database, id and timestamps:
+    shared by a manifest and the catalog's summary of one."""
+
+    backup_id: str
+    database: str
+    tier: str
+    finished_at: str
+    snapshot_at: str
+    size_bytes: int
+    encrypted: bool
+
+    @property
+    def prefix(self) -> str:
+        return backup_prefix(self.database, self.backup_id)
+
+    @property
+    def manifest_key(self) -> str:
+        return f"{self.prefix}/{MANIFEST}"
+
+    @property
+    def verified_key(self) -> str:
+        return f"{self.prefix}/{VERIFIED}"
+
+    @property
+    def finished(self) -> datetime:
+        return parse_iso(self.finished_at)
+
+    @property
+    def snapshot(self) -> datetime:
+        return parse_iso(self.snapshot_at)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id,
+            "database": self.database,
+            "tier": self.tier,
+            "finished_at": self.finished_at,
+            "size_bytes": self.size_bytes,
+            "encrypted": self.encrypted,
+        }
+
+
 @dataclass
-class Manifest(StoredManifest):
+class Manifest(_Located, StoredManifest):
     backup_id: str
     database: str
     tier: str
@@ -186,26 +233,8 @@ class Manifest(StoredManifest):
     digests: dict[str, str] = field(default_factory=dict)
 
     @property
-    def prefix(self) -> str:
-        return backup_prefix(self.database, self.backup_id)
-
-    @property
-    def verified_key(self) -> str:
-        return f"{self.prefix}/{VERIFIED}"
-
-    @property
-    def snapshot(self) -> datetime:
-        return parse_iso(self.snapshot_at)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "backup_id": self.backup_id,
-            "database": self.database,
-            "tier": self.tier,
-            "finished_at": self.finished_at,
-            "size_bytes": self.size_bytes,
-            "encrypted": self.encryption is not None,
-        }
+    def encrypted(self) -> bool:
+        return self.encryption is not None
 
 
 def backup_time(manifest: Any) -> datetime:
@@ -273,8 +302,13 @@ def read_manifest(repo: Repository, key: str) -> Manifest:
     """The manifest stored at key: ConfigError naming the key when it cannot be read, and
     IntegrityError unless it describes that very location (a manifest copied over another
     backup's, or another database's, must never be trusted)."""
+    return manifest_at(key, repo.get_bytes(key))
+
+
+def manifest_at(key: str, data: bytes) -> Manifest:
+    """The manifest in data, read from key: read_manifest's checks."""
     try:
-        manifest = Manifest.read(repo, key)
+        manifest = Manifest.from_json(data)
     except ConfigError as exc:
         raise ConfigError(f"damaged manifest {key}: {exc}") from None
     data_key = manifest.data_key
@@ -295,34 +329,65 @@ def list_databases(repo: Repository) -> list[str]:
 @dataclass
 class Catalog:
     """What a listing of the repository found: complete backups (oldest first), damaged
-    ones, and the storage class of each backup's data (None where the store has none)."""
+    ones, the storage class of each backup's data (None where the store has none), and the
+    keys of the verification records that exist."""
 
-    backups: list[Manifest]
+    backups: list[Any]
     damaged: list[DamagedBackup]
     storage_classes: dict[str, str | None]
+    verified: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Listing:
+    """The keys of one database's backups: manifests (tier, object), data storage classes,
+    verification records."""
+
+    manifests: list[tuple[str, ObjectInfo]]
+    storage_classes: dict[str, str | None]
+    verified: set[str]
+
+
+def _list_database(repo: Repository, database: str) -> _Listing:
+    listing = _Listing([], {}, set())
+    db_prefix = database_component(database) + "/"
+    for tier in repo.list_dirs(db_prefix):
+        if tier in NON_TIER_AREAS:
+            continue
+        for info in repo.list(f"{db_prefix}{tier}/"):
+            if info.key.endswith("/" + DUMP):
+                listing.storage_classes[info.key.split("/")[-2]] = info.storage_class
+            elif info.key.endswith("/" + MANIFEST):
+                listing.manifests.append((tier, info))
+            elif info.key.endswith("/" + VERIFIED):
+                listing.verified.add(info.key)
+    return listing
+
+
+def _damaged(database: str, tier: str, key: str, error: PgdrError) -> DamagedBackup:
+    return DamagedBackup(database, key.split("/")[-2], tier, key, str(error))
+
+
+def _catalog(found: list[Any], damaged: list[DamagedBackup], listings: list[_Listing]) -> Catalog:
+    return Catalog(sorted(found, key=backup_order), sorted(damaged, key=lambda d: d.key),
+                   {k: v for listing in listings for k, v in listing.storage_classes.items()},
+                   {k for listing in listings for k in listing.verified})
 
 
 def scan_backups(repo: Repository, database: str | None = None) -> Catalog:
-    """Every complete backup (it has a manifest) and, apart, those whose manifest cannot be
-    read: one damaged manifest never hides the rest."""
-    manifests, damaged, classes = [], [], {}
-    found: list[tuple[str, str, str]] = []  # (database, tier, manifest key)
+    """Every complete backup (it has a manifest), each manifest read whole, and, apart,
+    those whose manifest cannot be read: one damaged manifest never hides the rest."""
+    manifests, damaged, listings = [], [], []
     for db in [database] if database else list_databases(repo):
-        db_prefix = database_component(db) + "/"
-        for tier in repo.list_dirs(db_prefix):
-            if tier in NON_TIER_AREAS:
-                continue
-            for info in repo.list(f"{db_prefix}{tier}/"):
-                if info.key.endswith("/" + DUMP):
-                    classes[info.key.split("/")[-2]] = info.storage_class
-                if info.key.endswith("/" + MANIFEST):
-                    found.append((db, tier, info.key))
-    for (db, tier, key), read in zip(found, read_manifests(repo, [key for _, _, key in found]), strict=True):
-        if isinstance(read, PgdrError):
-            damaged.append(DamagedBackup(db, key.split("/")[-2], tier, key, str(read)))
-        else:
-            manifests.append(read)
-    return Catalog(sorted(manifests, key=backup_order), sorted(damaged, key=lambda d: d.key), classes)
+        listing = _list_database(repo, db)
+        listings.append(listing)
+        keys = [info.key for _, info in listing.manifests]
+        for (tier, info), read in zip(listing.manifests, read_manifests(repo, keys), strict=True):
+            if isinstance(read, PgdrError):
+                damaged.append(_damaged(db, tier, info.key, read))
+            else:
+                manifests.append(read)
+    return _catalog(manifests, damaged, listings)
 
 
 def list_backups(repo: Repository, database: str | None = None) -> list[Manifest]:
@@ -333,10 +398,17 @@ def list_backups(repo: Repository, database: str | None = None) -> list[Manifest
 MANIFEST_READERS = 16
 
 
+def _read_concurrently(read: Callable[[str], Any], keys: list[str]) -> list[Any]:
+    """read(key) of every key, on S3 many at once: each read is a round trip."""
+    if len(keys) < 2:
+        return [read(key) for key in keys]
+    with ThreadPoolExecutor(min(MANIFEST_READERS, len(keys)), thread_name_prefix="manifests") as pool:
+        return list(pool.map(read, keys))
+
+
 def read_manifests(repo: Repository, keys: list[str]) -> list[Manifest | PgdrError]:
     """The manifests at keys (the error in place of a damaged or misplaced one), read
-    concurrently: on S3 each read is a round trip, and a repository holds thousands of
-    backups."""
+    concurrently."""
 
     def read(key: str) -> Manifest | PgdrError:
         try:
@@ -344,10 +416,7 @@ def read_manifests(repo: Repository, keys: list[str]) -> list[Manifest | PgdrErr
         except (ConfigError, IntegrityError) as exc:
             return exc
 
-    if len(keys) < 2:
-        return [read(key) for key in keys]
-    with ThreadPoolExecutor(min(MANIFEST_READERS, len(keys)), thread_name_prefix="manifests") as pool:
-        return list(pool.map(read, keys))
+    return _read_concurrently(read, keys)
 
 
 def backups_since(repo: Repository, database: str, tier: str, since: datetime) -> list[Manifest]:
@@ -365,6 +434,162 @@ def backups_since(repo: Repository, database: str, tier: str, since: datetime) -
     return sorted(found, key=backup_order)
 
 
+# --- the catalog index ----------------------------------------------------------------------
+#
+# `<database>/index.json` holds a summary of each manifest a backup of the database saw,
+# bound to the version of the manifest object it was made from (its tag: S3 ETag, file
+# inode and mtime). It only saves reads: a listing of the keys always decides what exists,
+# an entry is used only while its manifest is still that very version (otherwise the
+# manifest is read), an entry whose manifest is gone is ignored, and an index that cannot
+# be read is ignored whole. Restoring or verifying reads the manifest itself.
+
+INDEX = "index.json"
+INDEX_FORMAT = "pgdr-catalog-index-1"
+INDEX_WRITE_ATTEMPTS = 10
+
+
+def index_key(database: str) -> str:
+    return validate_key(f"{database_component(database)}/{INDEX}")
+
+
+@dataclass(frozen=True)
+class BackupEntry(_Located):
+    """A complete backup as the catalog lists it: its manifest's summary, and which version
+    of the manifest (object tag, sha256 of its bytes) it was taken from."""
+
+    backup_id: str
+    database: str
+    tier: str
+    started_at: str
+    finished_at: str
+    snapshot_at: str
+    size_bytes: int
+    dump_bytes: int
+    encrypted: bool
+    manifest_sha256: str
+    manifest_tag: str
+
+    @classmethod
+    def of(cls, manifest: Manifest, data: bytes, tag: str) -> BackupEntry:
+        """The entry of the manifest whose bytes are data, stored as version tag."""
+        return cls(manifest.backup_id, manifest.database, manifest.tier, manifest.started_at,
+                   manifest.finished_at, manifest.snapshot_at, manifest.size_bytes, manifest.dump_bytes,
+                   manifest.encrypted, hashlib.sha256(data).hexdigest(), tag)
+
+    @classmethod
+    def from_index(cls, raw: dict[str, Any], database: str) -> BackupEntry:
+        """One entry of an index: ValueError unless it is well formed and of this database."""
+        entry = cls(**raw)
+        types = {name: int if name.endswith("_bytes") else bool if name == "encrypted" else str
+                 for name in cls.__dataclass_fields__}
+        if any(type(getattr(entry, name)) is not kind for name, kind in types.items()):
+            raise ValueError("an entry's field has the wrong type")
+        if entry.database != database or parse_backup_id(entry.backup_id).tier != entry.tier:
+            raise ValueError(f"entry {entry.backup_id} does not belong to this index")
+        backup_order(entry)  # its times parse
+        return entry
+
+
+@dataclass
+class _Index:
+    entries: dict[str, BackupEntry]  # by manifest key
+    tag: str | None  # the index object's version; None: there is none
+    readable: bool
+
+
+def read_index(repo: Repository, database: str) -> _Index:
+    """The database's index; empty when there is none, and ignored whole when damaged."""
+    try:
+        data, tag = repo.get_tagged(index_key(database))
+    except NotFoundError:
+        return _Index({}, None, True)
+    try:
+        raw = json.loads(data)
+        if raw["format"] != INDEX_FORMAT or raw["database"] != database:
+            raise ValueError("not this database's index")
+        entries = [BackupEntry.from_index(item, database) for item in raw["backups"]]
+    except (ValueError, TypeError, KeyError, AttributeError, PgdrError):
+        return _Index({}, tag, False)
+    return _Index({entry.manifest_key: entry for entry in entries}, tag, True)
+
+
+def _index_bytes(database: str, entries: list[BackupEntry]) -> bytes:
+    return json.dumps({"format": INDEX_FORMAT, "database": database,
+                       "backups": [asdict(e) for e in sorted(entries, key=lambda e: e.manifest_key)]},
+                      separators=(",", ":"), sort_keys=True).encode()
+
+
+def read_entry(repo: Repository, key: str) -> tuple[Manifest, BackupEntry]:
+    """The manifest at key (read_manifest's checks) and its entry."""
+    data, tag = repo.get_tagged(key)
+    manifest = manifest_at(key, data)
+    return manifest, BackupEntry.of(manifest, data, tag or "")
+
+
+@dataclass
+class _DatabaseCatalog:
+    entries: list[BackupEntry]
+    damaged: list[DamagedBackup]
+    listing: _Listing
+    index: _Index
+
+
+def _catalog_of(repo: Repository, database: str) -> _DatabaseCatalog:
+    """One database's backups: its keys listed, the index read, and only the manifests the
+    index does not hold (in that version) read."""
+    listing = _list_database(repo, database)
+    index = read_index(repo, database)
+    entries, unread = [], []
+    for tier, info in listing.manifests:
+        entry = index.entries.get(info.key)
+        if entry is not None and info.tag is not None and entry.manifest_tag == info.tag:
+            entries.append(entry)
+        else:
+            unread.append((tier, info.key))
+
+    def read(key: str) -> BackupEntry | PgdrError:
+        try:
+            return read_entry(repo, key)[1]
+        except (ConfigError, IntegrityError) as exc:
+            return exc
+
+    damaged = []
+    for (tier, key), read_back in zip(unread, _read_concurrently(read, [k for _, k in unread]), strict=True):
+        if isinstance(read_back, PgdrError):
+            damaged.append(_damaged(database, tier, key, read_back))
+        else:
+            entries.append(read_back)
+    return _DatabaseCatalog(entries, damaged, listing, index)
+
+
+def scan_catalog(repo: Repository, database: str | None = None) -> Catalog:
+    """scan_backups with BackupEntry summaries in place of whole manifests, from the index
+    where it holds them: the same backups and damaged ones, in the same order."""
+    entries, damaged, listings = [], [], []
+    for db in [database] if database else list_databases(repo):
+        found = _catalog_of(repo, db)
+        entries += found.entries
+        damaged += found.damaged
+        listings.append(found.listing)
+    return _catalog(entries, damaged, listings)
+
+
+def refresh_index(repo: Repository, database: str) -> bool:
+    """Bring the database's index up to date with its manifests (after a backup wrote one, or
+    to rebuild a damaged index): entries of every readable manifest, none of a gone one. A
+    conditional write: when another writer replaced the index meanwhile, read again and
+    retry, so that no writer's entry is lost. False when every attempt lost that race."""
+    for attempt in range(INDEX_WRITE_ATTEMPTS):
+        if attempt:
+            time.sleep(random.uniform(0, 0.05 * attempt))  # writers that collided do not collide again
+        found = _catalog_of(repo, database)
+        if found.index.readable and set(found.index.entries.values()) == set(found.entries):
+            return True
+        if repo.put_if_tag(index_key(database), _index_bytes(database, found.entries), found.index.tag):
+            return True
+    return False
+
+
 def find_backup(repo: Repository, backup_id: str, database: str | None = None) -> Manifest:
     parse_backup_id(backup_id)
     databases = [database] if database else list_databases(repo)
@@ -373,6 +598,28 @@ def find_backup(repo: Repository, backup_id: str, database: str | None = None) -
         if repo.head(key):
             return read_manifest(repo, key)
     raise NotFoundError(f"backup {backup_id} not found in {repo.url}")
+
+
+def _confirmed_latest(repo: Repository, backups: list[BackupEntry]) -> Manifest | None:
+    """newest_regular_backup of entries, read from its manifest, when the manifests agree
+    with their entries: the newest one's, and those of any backup started later by its id
+    (so that no entry can put an older backup before a newer one). None when any
+    disagrees or cannot be read: then every manifest decides."""
+    latest = newest_regular_backup(backups)
+    if latest is None:
+        return None
+    started = parse_backup_id(latest.backup_id).started
+    later = [e for e in regular_backups(backups) if parse_backup_id(e.backup_id).started > started]
+    manifest = None
+    for entry in [latest, *later]:
+        try:
+            read, real = read_entry(repo, entry.manifest_key)
+        except (ConfigError, IntegrityError, NotFoundError):
+            return None
+        if real != entry:
+            return None
+        manifest = manifest or read
+    return manifest
 
 
 def resolve_backup(repo: Repository, selector: str, database: str | None = None,
@@ -394,15 +641,15 @@ def resolve_backup(repo: Repository, selector: str, database: str | None = None,
             raise ConfigError(
                 f"several databases in {repo.url} ({', '.join(databases)}): name one with --db"
             )
-    backups = list_backups(repo, database)
-    latest = newest_regular_backup(backups)
+    backups = scan_catalog(repo, database).backups
+    latest = _confirmed_latest(repo, backups) or newest_regular_backup(list_backups(repo, database))
     if latest is None:
         only = " other than safety copies (restore one by its id)" if backups else ""
         raise NotFoundError(f"no backups of {database}{only} in {repo.url}")
     return latest
 
 
-def read_verification(repo: Repository, manifest: Manifest) -> dict[str, Any] | None:
+def read_verification(repo: Repository, manifest: Manifest | BackupEntry) -> dict[str, Any] | None:
     if not repo.head(manifest.verified_key):
         return None
     return json.loads(repo.get_bytes(manifest.verified_key))

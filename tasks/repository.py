@@ -9,6 +9,7 @@ an S3 multipart upload is completed or aborted).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -92,6 +93,9 @@ class ObjectInfo:
     size: int
     modified: datetime
     storage_class: str | None = None
+    # Changes whenever the object is written again (S3: its ETag; a file: its inode and
+    # mtime, as every write renames a new file into place): what the catalog index binds to.
+    tag: str | None = None
 
 
 # Storage classes whose objects S3 must restore (RestoreObject, hours) before they can be read.
@@ -156,6 +160,15 @@ class Repository(ABC):
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create the object only if no object has the key (atomically): False if one has."""
+        raise ConfigError(f"{self.url} does not support conditional writes")
+
+    def get_tagged(self, key: str) -> tuple[bytes, str | None]:
+        """The object's bytes and the tag of that very version; NotFoundError when absent."""
+        raise ConfigError(f"{self.url} does not support tagged reads")
+
+    def put_if_tag(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Replace the object only while it is still the version `tag` names (None: only
+        while there is none), atomically: False when another writer came first."""
         raise ConfigError(f"{self.url} does not support conditional writes")
 
     def lock_status(self, key: str) -> str | None:
@@ -235,6 +248,10 @@ def write_atomically(destination: Path, chunks: Iterable[bytes]) -> None:
     _sync_directory(destination.parent)
 
 
+def _file_tag(stat: os.stat_result) -> str:
+    return f"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{stat.st_size:x}"
+
+
 def _sync_directory(directory: Path) -> None:
     """fsync a directory: the names created or renamed in it survive a crash."""
     dir_fd = os.open(directory, os.O_RDONLY)
@@ -295,7 +312,7 @@ class FileRepository(Repository):
             stat = self._path(key).stat()
         except FileNotFoundError:
             return None
-        return ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
+        return ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC), tag=_file_tag(stat))
 
     def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
@@ -318,7 +335,8 @@ class FileRepository(Repository):
                 stat = path.stat()
             except FileNotFoundError:
                 continue  # deleted while we listed
-            yield ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
+            yield ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC),
+                             tag=_file_tag(stat))
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
@@ -369,6 +387,33 @@ class FileRepository(Repository):
             partial.unlink(missing_ok=True)
         _sync_directory(path.parent)
         return True
+
+    def get_tagged(self, key: str) -> tuple[bytes, str | None]:
+        try:
+            with open(self._path(key), "rb") as handle:
+                # The open file is the version read, whatever is renamed over its name meanwhile.
+                return handle.read(), _file_tag(os.fstat(handle.fileno()))
+        except FileNotFoundError:
+            raise NotFoundError(f"{key} is not in the repository") from None
+
+    def put_if_tag(self, key: str, data: bytes, tag: str | None) -> bool:
+        # Compare and replace under an exclusive lock on the directory: writers of the key
+        # on this host (or sharing this file system's locks) take turns.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            try:
+                current = _file_tag(path.stat())
+            except FileNotFoundError:
+                current = None
+            if current != tag:
+                return False
+            write_atomically(path, [data])
+            return True
+        finally:
+            os.close(dir_fd)  # releases the lock
 
 
 # --- S3 -------------------------------------------------------------------------------------
@@ -552,7 +597,7 @@ class S3Repository(Repository):
         except NotFoundError:
             return None
         return ObjectInfo(key, int(response["ContentLength"]), response["LastModified"],
-                          response.get("StorageClass", "STANDARD"))
+                          response.get("StorageClass", "STANDARD"), response.get("ETag"))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
@@ -562,7 +607,7 @@ class S3Repository(Repository):
             for page in pages:
                 for item in page.get("Contents", []):
                     yield ObjectInfo(self._rel(item["Key"]), int(item["Size"]), item["LastModified"],
-                                     item.get("StorageClass"))
+                                     item.get("StorageClass"), item.get("ETag"))
         except Exception as exc:
             raise _s3_error(exc, f"cannot list {self.url}: {_short(exc)}") from None
 
@@ -604,6 +649,22 @@ class S3Repository(Repository):
         response = self._s3("put_object", tolerate=("PreconditionFailed", "ConditionalRequestConflict"),
                             Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
                             **self._write_args(None))
+        return response is not None
+
+    def get_tagged(self, key: str) -> tuple[bytes, str | None]:
+        response = self._s3("get_object", Bucket=self.bucket, Key=self._key(key))
+        return b"".join(self._read(self._key(key), response)), response.get("ETag")
+
+    def put_if_tag(self, key: str, data: bytes, tag: str | None) -> bool:
+        # 412: another version is there now; 409: a concurrent conditional write won the
+        # race; 404: the version was deleted meanwhile.
+        condition = {"IfMatch": tag} if tag else {"IfNoneMatch": "*"}
+        try:
+            response = self._s3("put_object", tolerate=("PreconditionFailed", "ConditionalRequestConflict"),
+                                Bucket=self.bucket, Key=self._key(key), Body=data, **condition,
+                                **self._write_args(None))
+        except NotFoundError:
+            return False
         return response is not None
 
     def copy_from(self, source: S3Repository, key: str, *, storage_class: str | None = None) -> None:

@@ -14,7 +14,10 @@ from tasks.repository import Repository
 _VERIFICATION_LOOKBACK = 10
 
 
-def _state(repo: Repository, manifest: catalog.Manifest) -> tuple[str, str | None, str | None]:
+def _state(repo: Repository, found: catalog.Catalog,
+           manifest: catalog.BackupEntry) -> tuple[str, str | None, str | None]:
+    if manifest.verified_key not in found.verified:
+        return catalog.NEVER_STATE, None, None  # the listing has no record: nothing to read
     try:
         return catalog.verification_state(catalog.read_verification(repo, manifest))
     except ValueError:
@@ -22,7 +25,7 @@ def _state(repo: Repository, manifest: catalog.Manifest) -> tuple[str, str | Non
 
 
 def database_status(repo: Repository, database: str, now: datetime) -> dict[str, Any]:
-    found = catalog.scan_backups(repo, database)
+    found = catalog.scan_catalog(repo, database)
     backups = found.backups
     entry: dict[str, Any] = {"database": database, "backups": len(backups), "last_backup": None,
                              "tier": None, "finished_at": None, "age_hours": None, "size_bytes": None,
@@ -33,14 +36,14 @@ def database_status(repo: Repository, database: str, now: datetime) -> dict[str,
     latest = catalog.newest_regular_backup(backups)
     if latest is None:
         return entry
-    state, when, reason = _state(repo, latest)
+    state, when, reason = _state(repo, found, latest)
     entry.update(last_backup=latest.backup_id, tier=latest.tier, finished_at=latest.finished_at,
                  age_hours=round((now - catalog.backup_time(latest)).total_seconds() / 3600, 2),
                  size_bytes=latest.size_bytes, storage_class=found.storage_classes.get(latest.backup_id),
                  last_backup_state=state, last_backup_reason=reason, last_backup_verified_at=when,
                  verified={catalog.VERIFIED_STATE: True, catalog.FAILED_STATE: False}.get(state))
     for manifest in reversed(catalog.regular_backups(backups)[-_VERIFICATION_LOOKBACK:]):
-        state, when, _reason = _state(repo, manifest)
+        state, when, _reason = _state(repo, found, manifest)
         if state == catalog.VERIFIED_STATE:
             entry.update(verified_at=when, verified_backup=manifest.backup_id)
             break
