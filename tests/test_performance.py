@@ -130,3 +130,20 @@ def test_the_pgdr_process_exits_fast_with_its_status_its_output_and_its_run_reco
                             capture_output=True, text=True, timeout=120, check=False)
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.startswith("pgdr: error: ") and "Traceback" not in failed.stderr
+
+
+def test_great_expectations_loads_without_its_distribution_tests_dependencies_until_used():
+    """The validation's import leaves scipy.stats and altair unexecuted (DEFERRED_IMPORTS: about
+    60 MB of a restore's peak memory); an expectation that needs them still gets them."""
+    probe = """
+import sys
+from tasks import quality
+quality.defer_unused_imports()
+import great_expectations.expectations
+print(sorted(name for name in ("scipy.stats._stats_py", "altair.vegalite") if name in sys.modules))
+from scipy import stats
+print(stats.entropy([0.5, 0.5]) > 0, "scipy.stats._stats_py" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          check=True, cwd=Path(__file__).parent.parent)
+    assert done.stdout.split("\n")[:2] == ["[]", "True True"], done.stdout + done.stderr
