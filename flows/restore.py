@@ -190,10 +190,13 @@ def record_verification(repo_url: str, settings: Settings, manifest: catalog.Man
                         result: dict[str, Any], by: str) -> None:
     """Append the result to verified.json beside the manifest (never rewriting the manifest)."""
     repo = open_repo(repo_url, settings)
+    # Which manifest was verified, byte for byte (the bytes this run read and restored from):
+    # a manifest replaced later is not this one.
+    manifest_sha256 = (manifest.read_sha256
+                       or hashlib.sha256(repo.get_bytes(manifest.manifest_key)).hexdigest())
     entry = {"by": by, "success": result["success"], "at": result["verified_at"],
              "statistics": result["statistics"], "tables": result["tables"],
-             # Which manifest was verified, byte for byte: a manifest replaced later is not this one.
-             "manifest_sha256": hashlib.sha256(repo.get_bytes(manifest.manifest_key)).hexdigest()}
+             "manifest_sha256": manifest_sha256}
     if not result["success"]:
         entry["reason"] = f"row counts differ: {quality.failure_summary(result)}"
     catalog.append_verification(repo, manifest, entry)

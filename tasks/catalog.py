@@ -7,6 +7,7 @@ so the manifest is never rewritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -185,6 +186,12 @@ class Manifest(StoredManifest):
     # Each table's content digest (tasks.postgres.digest_select), taken with the row counts.
     digests: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The sha256 of the stored bytes this manifest was read from (from_json), not a field:
+        # a verification names the manifest it verified without reading it again. None for a
+        # manifest built in memory.
+        self.read_sha256: str | None = None
+
     @property
     def prefix(self) -> str:
         return backup_prefix(self.database, self.backup_id)
@@ -196,6 +203,12 @@ class Manifest(StoredManifest):
     @property
     def snapshot(self) -> datetime:
         return parse_iso(self.snapshot_at)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Self:
+        manifest = super().from_json(data)
+        manifest.read_sha256 = hashlib.sha256(data).hexdigest()
+        return manifest
 
     def summary(self) -> dict[str, Any]:
         return {
