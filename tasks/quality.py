@@ -1,8 +1,8 @@
 """Proof that a restore is right: a great-expectations validation of the restored database.
 
 For every table in the manifest, ExpectTableRowCountToEqual the row count the backup's
-snapshot had, and ExpectColumnValuesToNotBeNull on its primary key columns. Each table
-is a query asset built with psycopg.sql, so any name (mixed case, spaces, quotes) works.
+snapshot had, and its content digest equal to the manifest's (computed once by pgdr). Each
+table is a query asset built with psycopg.sql, so any name (mixed case, spaces, quotes) works.
 """
 
 from __future__ import annotations
