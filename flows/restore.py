@@ -116,12 +116,13 @@ def restore_into_new_database(server_url: str, settings: Settings, dbname: str, 
 
 @task(name="validate restore")
 def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest,
-                     row_counts: dict[str, int] | None = None) -> dict[str, Any]:
-    """great-expectations: every table's row count and content digest equals the manifest's
-    (or, for a restore of some tables, `row_counts`: the manifest's for those)."""
+                     row_counts: dict[str, int] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """great-expectations: every table's row count equals the manifest's (or, for a restore
+    of some tables, `row_counts`: the manifest's for those); and so does its content digest
+    (computed on `jobs` connections)."""
     expected = manifest.row_counts if row_counts is None else row_counts
     result = quality.validate_row_counts(postgres.with_database(server_url, dbname), expected,
-                                         manifest.digests, known_tables=manifest.row_counts)
+                                         manifest.digests, known_tables=manifest.row_counts, jobs=jobs)
     result.update(backup_id=manifest.backup_id, database=dbname, verified_at=catalog.iso(catalog.utcnow()))
     rows = [[t["table"], t["expected"], t["observed"], "ok" if t["success"] else "FAILED"]
             for t in result["tables"]]
@@ -190,10 +191,13 @@ def record_verification(repo_url: str, settings: Settings, manifest: catalog.Man
                         result: dict[str, Any], by: str) -> None:
     """Append the result to verified.json beside the manifest (never rewriting the manifest)."""
     repo = open_repo(repo_url, settings)
+    # Which manifest was verified, byte for byte (the bytes this run read and restored from):
+    # a manifest replaced later is not this one.
+    manifest_sha256 = (manifest.read_sha256
+                       or hashlib.sha256(repo.get_bytes(manifest.manifest_key)).hexdigest())
     entry = {"by": by, "success": result["success"], "at": result["verified_at"],
              "statistics": result["statistics"], "tables": result["tables"],
-             # Which manifest was verified, byte for byte: a manifest replaced later is not this one.
-             "manifest_sha256": hashlib.sha256(repo.get_bytes(manifest.manifest_key)).hexdigest()}
+             "manifest_sha256": manifest_sha256}
     if not result["success"]:
         entry["reason"] = f"row counts differ: {quality.failure_summary(result)}"
     catalog.append_verification(repo, manifest, entry)
@@ -261,11 +265,11 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
         shutil.rmtree(directory, ignore_errors=True)
     try:
         if restored is None:
-            result = validate_restore(server_url, dbname, manifest)
+            result = validate_restore(server_url, dbname, manifest, jobs=jobs or settings.restore_jobs)
             record_verification(repo_url, settings, manifest, result, by)
         else:
             result = validate_restore(server_url, dbname, manifest, selective.row_counts_of(
-                manifest.row_counts, restored))
+                manifest.row_counts, restored), jobs=jobs or settings.restore_jobs)
         if not result["success"]:
             raise VerificationFailed(
                 f"restored {manifest.backup_id} does not match its manifest: "

@@ -232,9 +232,21 @@ class Manifest(_Located, StoredManifest):
     # Each table's content digest (tasks.postgres.digest_select), taken with the row counts.
     digests: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The sha256 of the stored bytes this manifest was read from (from_json), not a field:
+        # a verification names the manifest it verified without reading it again. None for a
+        # manifest built in memory.
+        self.read_sha256: str | None = None
+
     @property
     def encrypted(self) -> bool:
         return self.encryption is not None
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Self:
+        manifest = super().from_json(data)
+        manifest.read_sha256 = hashlib.sha256(data).hexdigest()
+        return manifest
 
 
 def backup_time(manifest: Any) -> datetime:

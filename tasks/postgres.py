@@ -342,15 +342,26 @@ def count_rows(conn: psycopg.Connection, digests: dict[str, str] | None = None) 
     counts: dict[str, int] = {}
     columns = table_columns(conn) if digests is not None else {}
     if digests is not None:
-        for name, value in DIGEST_SETTINGS.items():
-            conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, value))
+        use_digest_settings(conn)
     for key, schema, table in user_tables(conn):
         if digests is None:
             counts[key] = int(conn.execute(table_rows(schema, table)).fetchone()[0])  # type: ignore[index]
             continue
-        rows, digest = conn.execute(table_rows(schema, table, digest_select(columns[key]))).fetchone()  # type: ignore[misc]
-        counts[key], digests[key] = int(rows), digest
+        counts[key], digests[key] = table_digest(conn, schema, table, columns[key])
     return counts
+
+
+def use_digest_settings(conn: psycopg.Connection) -> None:
+    """DIGEST_SETTINGS for the rest of conn's transaction: rows print as they did in the
+    backup's snapshot."""
+    for name, value in DIGEST_SETTINGS.items():
+        conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", (name, value))
+
+
+def table_digest(conn: psycopg.Connection, schema: str, table: str, columns: list[str]) -> tuple[int, str]:
+    """(rows, content digest) of one table: one scan (DIGEST_SETTINGS must be in effect)."""
+    rows, digest = conn.execute(table_rows(schema, table, digest_select(columns))).fetchone()  # type: ignore[misc]
+    return int(rows), digest
 
 
 def partitioned_tables(conn: psycopg.Connection) -> dict[str, list[str]]:

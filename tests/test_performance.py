@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,54 @@ def test_the_pgdr_process_exits_fast_with_its_status_its_output_and_its_run_reco
                             capture_output=True, text=True, timeout=120, check=False)
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.startswith("pgdr: error: ") and "Traceback" not in failed.stderr
+
+
+def test_great_expectations_loads_without_its_distribution_tests_dependencies_until_used():
+    """The validation's import leaves scipy.stats and altair unexecuted (DEFERRED_IMPORTS: about
+    60 MB of a restore's peak memory); an expectation that needs them still gets them."""
+    probe = """
+import sys
+import time
+from tasks import quality
+quality.defer_unused_imports()
+import great_expectations.expectations
+print(sorted(name for name in ("scipy.stats._stats_py", "altair.vegalite") if name in sys.modules))
+from scipy import stats
+print(stats.entropy([0.5, 0.5]) > 0, "scipy.stats._stats_py" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          check=True, cwd=Path(__file__).parent.parent)
+    assert done.stdout.split("\n")[:2] == ["[]", "True True"], done.stdout + done.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_children_start_without_a_copy_of_pgdr_and_still_die_with_it():
+    """A child starts through setpriv --pdeathsig (no preexec_fn: vfork, no copy of pgdr's
+    memory) and the kernel still kills it when pgdr dies, even by SIGKILL."""
+    from tasks.process import dying_with_parent
+
+    argv, options = dying_with_parent(["sleep", "60"], None)
+    assert options == {} and argv[:4] == [shutil.which("setpriv"), "--pdeathsig", "KILL", "--"]
+    assert argv[4:] == [shutil.which("sleep"), "60"]
+    assert "preexec_fn" in dying_with_parent(["no-such-program-here"], None)[1]  # Popen names it
+
+    pgdr = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom tasks.process import Pipeline\n"
+         "with Pipeline([['sleep', '60']]) as pipeline:\n"
+         "    print(pipeline.processes[0].pid, flush=True)\n    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    child = int(pgdr.stdout.readline())  # type: ignore[union-attr]
+    assert _alive(child) and Path(f"/proc/{child}/comm").read_text().strip() == "sleep"
+    pgdr.kill()
+    pgdr.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)

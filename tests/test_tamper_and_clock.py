@@ -131,6 +131,16 @@ def test_clock_skew_in_the_manifest_is_a_warning():
     assert "ahead of" in catalog.clock_warning(manifest, 300)
     assert catalog.clock_warning(dataclasses.replace(manifest, started_at=catalog.iso(now)), 300) is None
 
+    # A manifest read from storage knows the sha256 of its bytes (what a verification names);
+    # one built in memory does not, and the digest is never part of the manifest itself.
+    assert manifest.read_sha256 is None
+    stored = manifest.to_json()
+    read = catalog.Manifest.from_json(stored)
+    import hashlib
+
+    assert read.read_sha256 == hashlib.sha256(stored).hexdigest()
+    assert read == manifest and read.to_json() == stored
+
 
 @pytest.mark.parametrize("repo_kind", ["file", "s3"])
 def test_a_non_ascii_database_name_works_end_to_end(repo_kind, request, capsys, pg):
