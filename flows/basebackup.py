@@ -51,8 +51,7 @@ from tasks.basebackup import (
     summary,
 )
 from tasks.cluster import programs_for
-from tasks.errors import ConfigError
-from tasks.process import CommandError
+from tasks.errors import ConfigError, PgdrError
 from tasks.settings import Settings, load_settings
 
 
@@ -109,10 +108,11 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
                 result = stream(fetch_server_manifest(
                     repo, plan.parent, Path(scratch) / SERVER_MANIFEST, gpg_homedir=settings.gpg_homedir,
                     passphrase=settings.gpg_passphrase, secrets=settings.secrets()))
-        except CommandError as exc:
+        except PgdrError as exc:
             if kind == INCREMENTAL:
                 raise
-            # The nightly backup never fails for want of an incremental: a full one is taken.
+            # The nightly backup never fails for want of an incremental (the parent's
+            # backup_manifest unreadable, the server's WAL summaries gone): a full one is taken.
             warning = (f"the incremental backup on {plan.parent.backup_id} failed ({exc}): "
                        "taking a full backup")
             logger.warning("%s", warning)

@@ -258,6 +258,14 @@ def test_a_full_and_two_incrementals_recover_every_committed_row(capsys, server_
         assert code != 0 and "sha256" in error_line(err)
         assert not damaged.exists() and not list(server_dir.glob(".damaged-link*"))
 
+        # The nightly backup never fails for want of an incremental: with the previous backup's
+        # stored backup_manifest unreadable, a full one is taken, and the output says why.
+        newest = next(b for b in list_base_backups(repo, DB) if b.backup_id == second["backup_id"])
+        (repo_root / newest.server_manifest["key"]).write_bytes(b"not a manifest")
+        fallback = backup()
+        assert (fallback["kind"], fallback["parent_backup_id"]) == ("full", None)
+        assert f"the incremental backup on {second['backup_id']} failed" in fallback["warnings"][0]
+
         # summarize_wal off is read from the server (the nightly backup then takes a full one and
         # warns: test_summarize_wal_off_falls_back_to_a_full_backup_with_a_warning).
         execute(cluster.url(), "ALTER SYSTEM SET summarize_wal = off", "SELECT pg_reload_conf()")
