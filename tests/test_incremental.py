@@ -106,7 +106,7 @@ def test_the_chain_of_an_incremental_runs_back_to_its_full_and_a_missing_link_is
 
 
 def test_a_manifest_written_before_incrementals_reads_as_a_full_backup():
-    raw = json.loads(base("old", 1).to_json())
+    raw = json.loads(base("20260101T000000Z-hot-abcd", 1).to_json())
     for name in ("kind", "parent_backup_id", "server_manifest"):
         del raw[name]
     old = BaseManifest.from_json(json.dumps(raw).encode())
