@@ -3,10 +3,17 @@
 pg_basebackup | zstd | gpg -> repository -> manifest (last) -> audit record. Together
 with the WAL archive (`pgdr wal-push` as archive_command) it allows recovery to any
 moment after the backup finished.
+
+On PostgreSQL 17 and newer the default policy takes an incremental backup on the previous
+one (a full one when the newest full is a week old, the chain is not whole, or the server's
+summarize_wal is off): daily incrementals on a weekly full.
 """
 
 from __future__ import annotations
 
+import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -27,16 +34,34 @@ from flows.steps import (
 )
 from tasks import catalog, crypto, postgres
 from tasks.audit import audit_record
-from tasks.basebackup import BaseManifest, base_prefix, start_wal_file, stream_basebackup, summary
+from tasks.basebackup import (
+    FULL,
+    INCREMENTAL,
+    KINDS,
+    SERVER_MANIFEST,
+    BaseManifest,
+    KindPlan,
+    base_prefix,
+    fetch_server_manifest,
+    list_base_backups,
+    plan_backup_kind,
+    start_wal_file,
+    store_server_manifest,
+    stream_basebackup,
+    summary,
+)
 from tasks.cluster import programs_for
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, PgdrError
 from tasks.settings import Settings, load_settings
 
 
 @task(name="base backup", **retrying(2, 15),
       timeout_seconds=24 * 3600, tags=["pg_basebackup"])
 def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: str, backup_id: str,
-                     encrypt_fingerprint: str | None, fast_checkpoint: bool) -> BaseManifest:
+                     encrypt_fingerprint: str | None, fast_checkpoint: bool,
+                     kind: str = "auto") -> tuple[BaseManifest, list[str]]:
+    """The base backup and the warnings an operator should see (an incremental that could
+    not be taken, so a full one was)."""
     logger = get_run_logger()
     repo = open_repo(repo_url, settings)
     with postgres.connect(db_url) as conn:
@@ -47,23 +72,61 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
         system_id = str(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])  # type: ignore[index]
         archive_mode = conn.execute("SHOW archive_mode").fetchone()[0]  # type: ignore[index]
         size_hint = int(conn.execute("SELECT sum(pg_database_size(oid)) FROM pg_database").fetchone()[0])  # type: ignore[index]
+        # NULL before PostgreSQL 17, which has no such setting.
+        summarize_wal = conn.execute("SELECT current_setting('summarize_wal', true)").fetchone()[0]  # type: ignore[index]
+        timeline = int(conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0])  # type: ignore[index]
     if archive_mode == "off":
         # Without the archive the backup restores only to its own end point: say so.
         logger.warning("archive_mode is off on %s: this backup cannot be rolled forward",
                        postgres.display_dsn(db_url))
+    plan = plan_backup_kind(kind, list_base_backups(repo, database),
+                            server_major=int(re.match(r"\d+", version).group()),  # type: ignore[union-attr]
+                            summarize_wal=summarize_wal == "on", system_identifier=system_id,
+                            timeline=timeline, now=catalog.utcnow())
+    warnings = [plan.warning] if plan.warning else []
+    for warning in warnings:
+        logger.warning("%s", warning)
+    logger.info("base backup %s: %s (%s)", backup_id, plan.kind, plan.note)
     started = catalog.utcnow()
     data_key = "base.tar.zst" + (".gpg" if encrypt_fingerprint else "")
     prefix = base_prefix(database, backup_id)
-    with Progress(f"base backup of {postgres.display_dsn(db_url)}", size_hint) as progress:
-        result = stream_basebackup(
-            db_url, repo, f"{prefix}/{data_key}", label=f"pgdr {backup_id}",
-            encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
-            fast_checkpoint=fast_checkpoint, zstd_level=settings.zstd_level,
-            zstd_threads=settings.zstd_threads, secrets=settings.secrets(), progress=progress.update,
-            bin_dir=programs_for(version),
-        )
+
+    def stream(parent_manifest: Path | None) -> Any:
+        with Progress(f"base backup of {postgres.display_dsn(db_url)}", size_hint) as progress:
+            return stream_basebackup(
+                db_url, repo, f"{prefix}/{data_key}", label=f"pgdr {backup_id}",
+                encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
+                fast_checkpoint=fast_checkpoint, zstd_level=settings.zstd_level,
+                zstd_threads=settings.zstd_threads, secrets=settings.secrets(), progress=progress.update,
+                bin_dir=programs_for(version), incremental_from=parent_manifest)
+
+    if plan.kind == INCREMENTAL:
+        assert plan.parent is not None
+        try:
+            # The parent's backup_manifest in a private directory, gone afterwards.
+            with tempfile.TemporaryDirectory(prefix="pgdr-incremental-", dir=settings.work_dir) as scratch:
+                result = stream(fetch_server_manifest(
+                    repo, plan.parent, Path(scratch) / SERVER_MANIFEST, gpg_homedir=settings.gpg_homedir,
+                    passphrase=settings.gpg_passphrase, secrets=settings.secrets()))
+        except PgdrError as exc:
+            if kind == INCREMENTAL:
+                raise
+            # The nightly backup never fails for want of an incremental (the parent's
+            # backup_manifest unreadable, the server's WAL summaries gone): a full one is taken.
+            warning = (f"the incremental backup on {plan.parent.backup_id} failed ({exc}): "
+                       "taking a full backup")
+            logger.warning("%s", warning)
+            warnings.append(warning)
+            plan = KindPlan(FULL, None, warning)
+            result = stream(None)
+    else:
+        result = stream(None)
     logger.info("base backup %s: WAL %s to %s on timeline %d, %s stored", backup_id, result.start_lsn,
                 result.end_lsn, result.timeline, human_bytes(result.stored.size))
+    server_manifest = store_server_manifest(
+        repo, f"{prefix}/{SERVER_MANIFEST}.zst" + (".gpg" if encrypt_fingerprint else ""),
+        result.server_manifest, encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
+        zstd_level=settings.zstd_level, secrets=settings.secrets())
     return BaseManifest(
         backup_id=backup_id,
         database=database,
@@ -84,14 +147,21 @@ def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: s
         sha256=result.stored.sha256,
         data_key=data_key,
         source=postgres.display_dsn(db_url),
-    )
+        kind=plan.kind,
+        parent_backup_id=plan.parent.backup_id if plan.parent else None,
+        server_manifest=server_manifest,
+    ), warnings
 
 
 @flow(name="basebackup", flow_run_name=run_name("basebackup-{db|$db}"), log_prints=True, **FLOW_HOOKS)
 def basebackup(db: str | None = None, repo: str | None = None, name: str | None = None,
                encrypt_to: str | None = None, fast_checkpoint: bool = True,
-               tier: str = "hot") -> dict[str, Any]:
+               tier: str = "hot", kind: str = "auto") -> dict[str, Any]:
     """Take a physical base backup of the server behind `db` for point-in-time recovery.
+
+    `kind`: "auto" (the default policy: on PostgreSQL 17+, incremental on the previous
+    base backup unless the newest full one is 7 days old, the chain is not whole or
+    summarize_wal is off), "full", or "incremental" (fails when one cannot be taken).
 
     `tier` is its retention tier (`pgdr prune`, area pitr): hot keeps 7 days of recovery
     to any moment; a weekly or monthly one keeps its WAL, and so any moment since, longer.
@@ -103,6 +173,8 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
     db_url = db or settings.db_url
     if not db_url:
         raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
+    if kind not in KINDS:
+        raise ConfigError(f"unknown backup kind {kind!r}: choose one of {', '.join(KINDS)}")
     repo_url = repo or settings.repo_url
     open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
     recipient = encrypt_to or settings.encrypt_to
@@ -111,8 +183,8 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
     clock = Stopwatch()
     try:
-        manifest = take_base_backup(db_url, repo_url, settings, database, backup_id, fingerprint,
-                                    fast_checkpoint)
+        manifest, warnings = take_base_backup(db_url, repo_url, settings, database, backup_id, fingerprint,
+                                              fast_checkpoint, kind)
         write_manifest(repo_url, settings, manifest)
         if settings.replica_repo_url:
             replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
@@ -126,4 +198,4 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
         status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
         backup_id=backup_id))
     return {**summary(manifest), "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
-            "duration_seconds": round(clock.seconds, 3)}
+            "duration_seconds": round(clock.seconds, 3), "warnings": warnings}

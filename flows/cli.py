@@ -46,7 +46,25 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
     found = catalog.scan_catalog(repo, args.db)
     backups = [{**m.summary(), "safety_copy": catalog.is_safety_copy(m),
                 "storage_class": found.storage_classes.get(m.backup_id)} for m in found.backups]
-    return {"repository": repo.url, "backups": backups, "damaged": [d.summary() for d in found.damaged]}
+    return {"repository": repo.url, "backups": backups, "damaged": [d.summary() for d in found.damaged],
+            **_base_backups(repo, args.db)}
+
+
+def _base_backups(repo: Any, database: str | None) -> dict[str, list[Any]]:
+    """The physical base backups (point-in-time recovery), with their kind and parent; a
+    database whose base backup manifests cannot be read is named apart, not an error."""
+    from tasks.basebackup import list_base_backups, summary
+    from tasks.errors import PgdrError
+    from tasks.retention import list_pitr_sets
+
+    found: list[dict[str, Any]] = []
+    unreadable: list[str] = []
+    for name in [database] if database else list_pitr_sets(repo):
+        try:
+            found += [summary(b) for b in list_base_backups(repo, name)]
+        except PgdrError:
+            unreadable.append(name)
+    return {"base_backups": found, "base_backups_unreadable": unreadable}
 
 
 def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,7 +164,7 @@ def show_verify(result: dict[str, Any]) -> None:
 
 def show_list(result: dict[str, Any]) -> None:
     backups, damaged = result["backups"], result["damaged"]
-    if not backups and not damaged:
+    if not backups and not damaged and not result.get("base_backups"):
         print(f"No backups in {result['repository']}.")
         return
     _print_table(
@@ -157,6 +175,13 @@ def show_list(result: dict[str, Any]) -> None:
     )
     for entry in damaged:
         print(f"DAMAGED {entry['backup_id']} of {entry['database']}: {entry['reason']}")
+    if result.get("base_backups"):
+        print("Base backups (point-in-time recovery):")
+        _print_table(["BACKUP", "DATABASE", "KIND", "FINISHED (UTC)", "SIZE"],
+                     [[b["backup_id"], b["database"], _kind(b), b["finished_at"], _size(b["size_bytes"])]
+                      for b in result["base_backups"]])
+    for name in result.get("base_backups_unreadable") or []:
+        print(f"UNREADABLE base backup manifest(s) of {name}")
     print(f"{len(backups)} backup(s) in {result['repository']}"
           + (f", {len(damaged)} DAMAGED (never restored, never latest)" if damaged else ""))
 
@@ -532,14 +557,16 @@ def cmd_wal_fetch(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_archive_status(args: argparse.Namespace) -> dict[str, Any]:
     from tasks import wal
-    from tasks.basebackup import list_base_backups
+    from tasks.basebackup import list_base_backups, summary
 
     _, repo, database = _wal_target(args)
     newest = (list_base_backups(repo, database) or [None])[-1]
     if newest is None:
-        return wal.archive_status(repo, database)
-    return wal.archive_status(repo, database, chain_start=newest.start_wal_file,
-                              segment_size=newest.wal_segment_size)
+        return {**wal.archive_status(repo, database), "base_backup": None}
+    return {**wal.archive_status(repo, database, chain_start=newest.start_wal_file,
+                                 segment_size=newest.wal_segment_size),
+            "base_backup": {k: v for k, v in summary(newest).items()
+                            if k in ("backup_id", "finished_at", "kind", "parent_backup_id")}}
 
 
 def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
@@ -576,7 +603,7 @@ def cmd_basebackup(args: argparse.Namespace) -> dict[str, Any]:
     from flows.basebackup import basebackup
 
     return basebackup(db=_db(args), repo=args.repo, name=args.name, encrypt_to=args.encrypt_to,
-                      fast_checkpoint=not args.spread_checkpoint, tier=args.tier)
+                      fast_checkpoint=not args.spread_checkpoint, tier=args.tier, kind=args.kind)
 
 
 def cmd_pitr(args: argparse.Namespace) -> dict[str, Any]:
@@ -617,6 +644,9 @@ def show_archive_status(result: dict[str, Any]) -> None:
     print(f"Last archived segment of {result['database']}: {result['last_segment']} at "
           f"{result['last_archived_at']} ({result['age_seconds']:.0f} s ago); "
           f"{result['segments']} segments in {result['repository']}")
+    if result.get("base_backup"):
+        base = result["base_backup"]
+        print(f"Newest base backup: {base['backup_id']} ({_kind(base)}), finished {base['finished_at']}")
     if result["missing_segments"]:
         print(f"GAP: {result['missing_segments']} segment(s) missing since {result['chain_start']}: "
               f"{', '.join(result['gaps'])}: recovery cannot pass the first one")
@@ -636,9 +666,18 @@ def show_wal_prune(result: dict[str, Any]) -> None:
 
 
 def show_basebackup(result: dict[str, Any]) -> None:
-    print(f"Base backup {result['backup_id']} of {result['database']}: {_size(result['size_bytes'])}, "
-          f"WAL {result['start_lsn']} to {result['end_lsn']} on timeline {result['timeline']}")
+    print(f"Base backup {result['backup_id']} of {result['database']} ({_kind(result)}): "
+          f"{_size(result['size_bytes'])}, WAL {result['start_lsn']} to {result['end_lsn']} on timeline "
+          f"{result['timeline']}")
     print(f"  stored at {result['location']}")
+    for warning in result.get("warnings") or []:
+        print(f"  warning: {warning}")
+
+
+def _kind(base: dict[str, Any]) -> str:
+    """`full`, or `incremental on <parent>`."""
+    parent = base.get("parent_backup_id")
+    return f"{base['kind']} on {parent}" if parent else base["kind"]
 
 
 def show_pitr(result: dict[str, Any]) -> None:
@@ -952,6 +991,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--spread-checkpoint", action="store_true",
                      help="wait for a spread checkpoint instead of forcing a fast one")
     cmd.add_argument("--tier", default="hot", help="retention tier of the base backup (hot)")
+    kinds = cmd.add_mutually_exclusive_group()
+    kinds.add_argument("--full", dest="kind", action="store_const", const="full", default="auto",
+                       help="take a full backup (default on PostgreSQL 17+: incremental on the previous "
+                            "one, full when the newest full is 7 days old or summarize_wal is off)")
+    kinds.add_argument("--incremental", dest="kind", action="store_const", const="incremental",
+                       help="take an incremental backup (PostgreSQL 17+), fail if one cannot be taken")
 
     cmd = command("pitr", cmd_pitr, "recover to a point in time into a new data directory (or RDS instance)",
                   show_pitr)

@@ -1,7 +1,8 @@
 """Point-in-time recovery: the runbook's hot tier, recovery to any moment.
 
 Self-managed: choose the newest base backup that finished before the target, unpack it
-into a new data directory, recover with `pgdr wal-fetch` up to the target, promote, and
+(an incremental one: its chain back to a full, combined by pg_combinebackup) into a new
+data directory, recover with `pgdr wal-fetch` up to the target, promote, and
 report the point reached. The source server is never touched. RDS: the service's own
 `restore_db_instance_to_point_in_time` into a new instance.
 """
@@ -20,10 +21,11 @@ from tasks import pitr as pitr_steps
 from tasks.audit import audit_record
 from tasks.basebackup import (
     BaseManifest,
+    backup_chain,
     choose_base_backup,
     find_base_backup,
     list_base_backups,
-    restore_base_backup,
+    restore_backup_chain,
 )
 from tasks.cluster import LocalCluster, free_port, grant_to_server, programs_for
 from tasks.errors import ConfigError
@@ -31,10 +33,10 @@ from tasks.settings import Settings, load_settings
 
 
 @task(name="restore base backup", **retrying(2, 10))
-def unpack_base_backup(repo_url: str, settings: Settings, manifest: BaseManifest, datadir: str) -> str:
-    restore_base_backup(open_repo(repo_url, settings), manifest, Path(datadir),
-                        gpg_homedir=settings.gpg_homedir, passphrase=settings.gpg_passphrase,
-                        secrets=settings.secrets())
+def unpack_base_backup(repo_url: str, settings: Settings, chain: list[BaseManifest], datadir: str) -> str:
+    restore_backup_chain(open_repo(repo_url, settings), chain, Path(datadir),
+                         bin_dir=programs_for(chain[-1].server_version), gpg_homedir=settings.gpg_homedir,
+                         passphrase=settings.gpg_passphrase, secrets=settings.secrets())
     return datadir
 
 
@@ -74,20 +76,22 @@ def pitr(
     if not database:
         raise ConfigError("name the database area with --db NAME (or PGDR_WAL_DB)")
     target = pitr_steps.Target(target_time, target_lsn, target_name)
+    backups = list_base_backups(repository, database)
     if backup_id:
         manifest = find_base_backup(repository, database, backup_id)
     else:
-        manifest = choose_base_backup(list_base_backups(repository, database), target_time=target_time,
-                                      target_lsn=target_lsn)
+        manifest = choose_base_backup(backups, target_time=target_time, target_lsn=target_lsn)
+    # A missing link of an incremental's chain fails here, before anything is written.
+    chain = backup_chain(backups, manifest)
     port = port or free_port()
     pgdr = pgdr_path or str(Path(sys.executable).with_name("pgdr"))
     recovery = pitr_steps.recovery_settings(pitr_steps.restore_command(pgdr, repo_url, database), target,
                                       target_timeline)
     logger.info("recovering %s to %s from base backup %s into %s", database, target.describe(),
-                manifest.backup_id, datadir)
+                " + ".join(b.backup_id for b in chain), datadir)
     clock = Stopwatch()
     try:
-        unpack_base_backup(repo_url, settings, manifest, datadir)
+        unpack_base_backup(repo_url, settings, chain, datadir)
         reached = recover_to_target(datadir, port, target, recovery, timeout_seconds, manifest.server_version)
     except Exception as exc:
         record_failure(repo_url, settings, audit_record(
@@ -104,6 +108,7 @@ def pitr(
     return {
         "database": database,
         "backup_id": manifest.backup_id,
+        "backup_chain": [b.backup_id for b in chain],
         "target": target.describe(),
         "datadir": datadir,
         "port": port,

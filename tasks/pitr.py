@@ -136,7 +136,10 @@ def _reached(conn: psycopg.Connection, cluster: LocalCluster) -> dict[str, Any]:
         " pg_walfile_name(pg_current_wal_lsn())").fetchone()  # type: ignore[misc]
     stopped = _STOPPED.findall(cluster.log_tail(200))
     return {
-        "last_replayed_transaction_at": iso(replayed) if replayed else None,
+        # To the microsecond, as the server says: cut to the second it could fall before the
+        # base backup's own (second-precision) finish time and be taken for no replay at all.
+        "last_replayed_transaction_at": replayed.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        if replayed else None,
         "end_lsn": lsn,
         "timeline": int(wal_file[:8], 16),
         "stopped": stopped[-1] if stopped else "at the end of the WAL archive",

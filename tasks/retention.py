@@ -61,6 +61,8 @@ class BackupFacts:
     finished: datetime
     # True: verification passed; False: it failed (corrupt); None: never verified.
     verified: bool | None = None
+    # An incremental base backup: the backup it was taken on (restoring it needs that one).
+    parent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,8 @@ def _plan(repo: Repository, area: str, root: str, scanned: tuple[list[StoredBack
     stored, unreadable = scanned
     complete = {s.manifest.backup_id: s for s in stored if s.manifest}
     # The tier is the backup id's (where the backup lies): base backups have no tier field.
-    facts = [BackupFacts(s.manifest.backup_id, s.group, s.tier, backup_time(s.manifest), s.verified)
+    facts = [BackupFacts(s.manifest.backup_id, s.group, s.tier, backup_time(s.manifest), s.verified,
+                         getattr(s.manifest, "parent_backup_id", None))  # an incremental base backup's
              for s in complete.values()]
     decisions = [(d, complete[d.backup.backup_id]) for d in chooser(facts, now, policy)
                  if tier is None or d.backup.tier == tier]
@@ -630,8 +633,9 @@ def list_sets(repo: Repository, area: str) -> list[str]:
 #
 # Base backups are kept per tier like dumps, with one floor more: the newest base backup that
 # finished before the any-moment recovery window opened (the hot tier's retention) is kept,
-# since recovery to the window's first moment starts from it. Archived WAL older than the
-# oldest base backup that remains is deleted; history files are kept.
+# since recovery to the window's first moment starts from it; and every kept incremental keeps
+# its chain back to its full. Archived WAL older than the oldest base backup that remains is
+# deleted (a kept chain's full is the oldest of its chain); history files are kept.
 
 
 def recovery_window_anchor(backups: Iterable[BackupFacts], now: datetime, policy: Policy) -> str | None:
@@ -643,14 +647,33 @@ def recovery_window_anchor(backups: Iterable[BackupFacts], now: datetime, policy
 
 
 def choose_base_backups(backups: Iterable[BackupFacts], now: datetime, policy: Policy) -> list[Decision]:
-    """`choose`, plus the recovery window's anchor kept whatever its age."""
+    """`choose`, plus the recovery window's anchor kept whatever its age, plus the chain
+    (parent, its parent, ... back to the full) of every incremental that is kept."""
     backups = list(backups)
     anchor = recovery_window_anchor(backups, now, policy)
     window = policy.days("hot")
-    return [Decision(d.backup, False, f"{d.reason}; kept: recovery to any moment of the last {window} d "
-                                      "starts from it")
-            if d.delete and d.backup.backup_id == anchor else d
-            for d in choose(backups, now, policy)]
+    return keep_chains([Decision(d.backup, False, f"{d.reason}; kept: recovery to any moment of the last "
+                                                  f"{window} d starts from it")
+                        if d.delete and d.backup.backup_id == anchor else d
+                        for d in choose(backups, now, policy)])
+
+
+def keep_chains(decisions: list[Decision]) -> list[Decision]:
+    """Undo the deletion of every backup that a kept incremental needs (its parent, that
+    one's parent, ...): an incremental restores only with its whole chain."""
+    by_id = {d.backup.backup_id: d for d in decisions}
+    needed_by: dict[str, str] = {}
+    for decision in decisions:
+        if decision.delete:
+            continue  # if a kept one needs it, that one's walk below marks it
+        parent = decision.backup.parent
+        while parent in by_id and parent not in needed_by:
+            needed_by[parent] = decision.backup.backup_id
+            parent = by_id[parent].backup.parent
+    return [Decision(d.backup, False, f"{d.reason}; kept: incremental {needed_by[d.backup.backup_id]} "
+                                      "needs it (its chain back to a full)")
+            if d.delete and d.backup.backup_id in needed_by else d
+            for d in decisions]
 
 
 def list_pitr_sets(repo: Repository) -> list[str]:

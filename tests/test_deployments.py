@@ -82,6 +82,8 @@ def test_prefect_yaml_passes_prefects_own_schema_and_lists_every_deployment():
             for label, spec in specs.items()} == EXPECTED
     assert specs["backup/daily"].parameters == {"tier": "daily"}
     assert specs["backup/pre-deploy"].parameters == {"tier": "pre-deploy"}
+    # The nightly base backup follows the default policy (incrementals on PostgreSQL 17+).
+    assert specs["basebackup/nightly"].parameters == {"tier": "hot", "kind": "auto"}
 
 
 def test_python_reads_the_same_schedules_as_prefect_deploy():
