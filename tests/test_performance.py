@@ -175,6 +175,10 @@ def test_children_start_without_a_copy_of_pgdr_and_still_die_with_it():
          "    print(pipeline.processes[0].pid, flush=True)\n    time.sleep(60)\n"],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     child = int(pgdr.stdout.readline())  # type: ignore[union-attr]
+    # setpriv replaces itself with sleep: on a busy machine the exec may not have happened yet.
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{child}/comm").read_text().strip() == "setpriv" and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _alive(child) and Path(f"/proc/{child}/comm").read_text().strip() == "sleep"
     pgdr.kill()
     pgdr.wait(timeout=30)
