@@ -16,10 +16,9 @@ from flows.cli.common import (
     db_url,
     settings,
     url,
-    usage_error,
 )
 from flows.cli.results import ListResult
-from tasks.errors import PgdrError
+from tasks.errors import ConfigError, PgdrError
 
 
 @command(render.show_backup)
@@ -89,7 +88,7 @@ def restore(backup: str, /, *, target: str | None = None, physical: bool = False
     if physical:
         return _restore_physical(backup, datadir, repo, db)
     if not target:
-        raise usage_error("--target URL is required (or --physical --datadir DIR for a whole server)")
+        raise ConfigError("--target URL is required (or --physical --datadir DIR for a whole server)")
     from flows.restore import restore
 
     return restore(backup_id=backup, target=url(target), repo=repo, db=db, jobs=jobs, no_owner=no_owner,
@@ -103,7 +102,7 @@ def _restore_physical(backup: str, datadir: str | None, repo: str | None, db: st
     """`restore --physical`: the whole server from a base backup and all its WAL (pitr
     without a target) into a new data directory."""
     if not datadir:
-        raise usage_error("--physical needs --datadir DIR (a new directory for the restored server)")
+        raise ConfigError("--physical needs --datadir DIR (a new directory for the restored server)")
     from flows.pitr import pitr
 
     return pitr(datadir=str(Path(datadir).resolve()), repo=repo, db=db,
