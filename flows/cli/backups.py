@@ -6,17 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 from flows.cli import render
-from flows.cli.common import (
-    ArchiveWait,
-    FlowOutput,
-    Output,
-    Result,
-    Roles,
-    command,
-    db_url,
-    settings,
-    url,
-)
+from flows.cli.common import Result, command, db_url, settings, url
+from flows.cli.options import ArchiveWait, FlowOutput, Output, Roles
 from flows.cli.results import ListResult
 from tasks.errors import ConfigError, PgdrError
 

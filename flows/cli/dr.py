@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 from flows.cli import render
-from flows.cli.common import Dns, FlowOutput, Result, Roles, command, url, usage_error
+from flows.cli.common import Result, command, url, usage_error
+from flows.cli.options import Dns, FlowOutput, Roles
 
 
 @command(render.show_failover)

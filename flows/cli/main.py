@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -19,9 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from cyclopts import App, CycloptsError, Group, Parameter
-
-from flows.cli.common import Output, secrets
+from flows.cli.common import secrets
 from tasks.errors import PgdrError
 from tasks.process import redact
 
@@ -40,8 +39,8 @@ COMMANDS: dict[str, list[tuple[str, str]]] = {
         ("status", "backups:status"),
     ],
     "Point-in-time recovery": [
-        ("wal-push", "archive:wal_push"),
-        ("wal-fetch", "archive:wal_fetch"),
+        ("wal-push", "wal:wal_push"),
+        ("wal-fetch", "wal:wal_fetch"),
         ("archive-status", "archive:archive_status"),
         ("check", "archive:check"),
         ("wal-prune", "archive:wal_prune"),
@@ -68,10 +67,19 @@ COMMANDS: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def build_app(argv: Sequence[str] = ()) -> App:
-    """The parser. When argv names a command, only that command's module is imported."""
+# PostgreSQL runs these once per WAL segment: their plain command lines are bound without
+# importing the parser (see _bind_plainly).
+PER_SEGMENT = ("wal-push", "wal-fetch")
+
+
+def build_app(argv: Sequence[str] = ()) -> Any:
+    """The parser (a cyclopts App). When argv names a command, only that command's module
+    is imported."""
+    from cyclopts import App, Group, Parameter
+
     app = App(name="pgdr", help="Backup and disaster recovery for PostgreSQL, as Prefect flows.",
-              version_flags=(), default_parameter=Parameter(negative=(), show_default=_shown_default))
+              version_flags=(), help_format="plaintext",  # help texts hold <db>_*, not markup
+              default_parameter=Parameter(negative=(), show_default=_shown_default))
     asked = {name for commands in COMMANDS.values() for name, _ in commands} & set(argv[:1])
     for order, (title, commands) in enumerate(COMMANDS.items()):
         group = Group(title, sort_key=order)
@@ -85,6 +93,45 @@ def build_app(argv: Sequence[str] = ()) -> App:
 def _load(target: str) -> Callable[..., Any]:
     module, function = target.split(":")
     return getattr(importlib.import_module(f"flows.cli.{module}"), function)
+
+
+def _bind_plainly(argv: Sequence[str]) -> tuple[Callable[..., Any], list[Any], dict[str, Any]] | None:
+    """(command, args, kwargs) of a per-segment command line that holds only positionals,
+    `--option VALUE` (str or int) and `--flag`, read from the command's own signature like
+    the parser would; None for anything else (--help, a mistake), which the parser then
+    reads and explains. Importing the parser would cost archive_command more CPU than
+    compressing a small segment."""
+    if not argv or argv[0] not in PER_SEGMENT:
+        return None
+    target = next(t for commands in COMMANDS.values() for name, t in commands if name == argv[0])
+    function = _load(target)
+    parameters = inspect.signature(function).parameters.values()
+    positional = [p for p in parameters if p.kind is p.POSITIONAL_ONLY]
+    options = {f"--{p.name.replace('_', '-')}": p for p in parameters if p.kind is p.KEYWORD_ONLY}
+    convert: dict[str, Callable[[str], Any]] = {"str": str, "str | None": str, "int": int}
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    tokens = iter(argv[1:])
+    for token in tokens:
+        name, _, inline = token.partition("=")
+        option = options.get(name)
+        if not token.startswith("-"):
+            args.append(token)
+        elif option is not None and option.annotation == "bool" and not inline:
+            kwargs[option.name] = True
+        elif option is not None and option.annotation in convert:
+            value = inline or next(tokens, None)
+            if value is None or value.startswith("-"):
+                return None
+            try:
+                kwargs[option.name] = convert[option.annotation](value)
+            except ValueError:
+                return None
+        else:
+            return None
+    if len(args) != len(positional):
+        return None
+    return function, args, kwargs
 
 
 def _shown_default(value: object) -> object:
@@ -176,25 +223,26 @@ def _exit_without_teardown(status: list[int]) -> None:
 
 
 def _run(function: Callable[..., dict[str, Any]], args: Sequence[Any], kwargs: dict[str, Any],
-         output: Output) -> dict[str, Any]:
+         as_json: bool, verbose: bool) -> dict[str, Any]:
     """The command itself; a flow's under a quiet console, with a progress bar."""
     if not function.pgdr_runs_flow:  # type: ignore[attr-defined]
         return function(*args, **kwargs)
-    if not output.json:
+    if not as_json:
         _terminal_progress()
-    if not getattr(output, "verbose", False):
+    if not verbose:
         # Also for the logging setup a temporary Prefect server redoes at its start.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    with _quiet_console(getattr(output, "verbose", False)):
+    with _quiet_console(verbose):
         return function(*args, **kwargs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # the pgdr command itself, not a caller in Python
-        status: list[int] = []
-        atexit.register(_exit_without_teardown, status)  # registered first, runs last
-        status.append(main(sys.argv[1:]))
-        return status[0]
+def _parse(argv: Sequence[str]) -> tuple[Callable[..., Any], list[Any], dict[str, Any]] | int:
+    """(command, args, kwargs), or the exit status of --help (0) or of a wrong command line (2)."""
+    plain = _bind_plainly(argv)
+    if plain is not None:
+        return plain
+    from cyclopts import CycloptsError
+
     try:
         function, bound, _ = build_app(argv).parse_args(list(argv), exit_on_error=False, print_error=False)
     except CycloptsError as exc:
@@ -203,7 +251,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(function, "pgdr_show"):  # --help
         function(*bound.args, **bound.kwargs)
         return 0
-    output = bound.arguments.get("output", Output())
+    return function, list(bound.args), dict(bound.kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the pgdr command itself, not a caller in Python
+        status: list[int] = []
+        atexit.register(_exit_without_teardown, status)  # registered first, runs last
+        status.append(main(sys.argv[1:]))
+        return status[0]
+    parsed = _parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    function, args, kwargs = parsed
+    # The output options: an `output` group (json, verbose) or, per segment, a plain `json`.
+    output = kwargs.get("output")
+    as_json = getattr(output, "json", kwargs.get("json", False))
+    verbose = getattr(output, "verbose", False)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -211,10 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # longer than Prefect's default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
-        result = _run(function, bound.args, bound.kwargs, output)
+        result = _run(function, args, kwargs, as_json, verbose)
     except PgdrError as exc:
         details = getattr(exc, "details", None)
-        if output.json and details is not None:
+        if as_json and details is not None:
             sys.stdout.write(json.dumps(details, sort_keys=True, default=str) + "\n")
         if not getattr(exc, "quiet", False):
             print(f"pgdr: error: {redact(str(exc), secrets())}", file=sys.stderr)
@@ -231,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = redact(f"{type(exc).__name__}: {exc}".splitlines()[0], secrets())
         print(f"pgdr: error: {message}", file=sys.stderr)
         return 1
-    if output.json:
+    if as_json:
         sys.stdout.write(json.dumps(result, sort_keys=True, default=str) + "\n")
     else:
         function.pgdr_show(result)  # type: ignore[attr-defined]

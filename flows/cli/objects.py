@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from flows.cli import render
-from flows.cli.common import FlowOutput, Result, command
+from flows.cli.common import Result, command
+from flows.cli.options import FlowOutput
 
 
 @command(render.show_files)

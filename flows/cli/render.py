@@ -28,7 +28,9 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     natural = sum(max(len(str(c)) for c in column) + 2 for column in zip(headers, *rows, strict=False))
     width = None if sys.stdout.isatty() else max(natural, 80)
     console = Console(file=sys.stdout, width=width, markup=False, highlight=False, emoji=False)
-    console.print(table)
+    with console.capture() as captured:
+        console.print(table)
+    print("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def show_repair(result: dict[str, Any]) -> None:

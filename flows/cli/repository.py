@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Literal
 
 from flows.cli import render
-from flows.cli.common import FlowOutput, Output, Result, command, settings, url
+from flows.cli.common import Result, command, settings, url
+from flows.cli.options import FlowOutput, Output
 
 
 @command(render.show_prune)
