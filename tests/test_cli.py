@@ -1,6 +1,6 @@
 """The command line's contract, without a database: every command and option spelling
 that scripts, prefect.yaml, workflows and archive_command use; help for each; the exit
-status of a wrong command line; per-segment commands bound without the parser."""
+status of a wrong command line; the plain commands bound without the parser."""
 
 from __future__ import annotations
 
@@ -109,8 +109,11 @@ def test_a_wrong_command_line_exits_2_with_one_error_line(capsys, argv):
     ["wal-push", "p", "--repo", "s3://b/p", "--db", "fleet", "--encrypt-to", "ops@example.com", "--json"],
     ["wal-push", "--jobs", "4", "p", "--spool=/var/spool/pgdr"],
     ["wal-fetch", "000000010000000000000001", "pg_wal/RECOVERYXLOG", "--repo", "file:///r", "--db", "x"],
+    ["list", "--repo", "s3://b/p", "--db", "fleet", "--json"],
+    ["list"],
+    ["status", "--server", "postgresql://admin@h/postgres", "--db=fleet"],
 ])
-def test_per_segment_commands_bind_like_the_parser(argv):
+def test_plain_commands_bind_like_the_parser(argv):
     plain = _bind_plainly(argv)
     function, bound, _ = build_app(argv).parse_args(argv)
     assert plain == (function, list(bound.args), dict(bound.kwargs))
@@ -118,7 +121,8 @@ def test_per_segment_commands_bind_like_the_parser(argv):
 
 @pytest.mark.parametrize("argv", [
     ["wal-push", "--help"], ["wal-push"], ["wal-push", "p", "--jobs", "x"], ["wal-push", "p", "--bogus"],
-    ["wal-push", "p", "--repo"], ["wal-fetch", "n"], ["list"],
+    ["wal-push", "p", "--repo"], ["wal-fetch", "n"], ["list", "extra"], ["status", "--help"],
+    ["backup", "--db", "x"],
 ])
 def test_anything_else_goes_to_the_parser(argv):
     assert _bind_plainly(argv) is None

@@ -1,4 +1,4 @@
-"""Database backups: back up, list, restore, verify, recover tables, undo and repair."""
+"""Database backups: back up, restore, verify, recover tables, undo and repair."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 from flows.cli import render
-from flows.cli.common import Result, command, db_url, settings, url
-from flows.cli.options import ArchiveWait, FlowOutput, Output, Roles
-from flows.cli.results import ListResult
-from tasks.errors import ConfigError, PgdrError
+from flows.cli.common import Result, command, db_url, url
+from flows.cli.options import ArchiveWait, FlowOutput, Roles
+from tasks.errors import ConfigError
 
 
 @command(render.show_backup)
@@ -26,26 +25,6 @@ def backup(*, db: str | None = None, repo: str | None = None, tier: str = "manua
     from flows.backup import backup
 
     return backup(db=db_url(db), repo=repo, tier=tier, encrypt_to=encrypt_to)
-
-
-@command(render.show_list, runs_flow=False)
-def list_(*, repo: str | None = None, db: str | None = None, output: Output = Output()) -> ListResult:
-    """List complete backups.
-
-    Args:
-        repo: repository URL
-        db: only this database (NAME)
-    """
-    from tasks import catalog
-    from tasks.repository import open_repository
-
-    config = settings()
-    repository = open_repository(repo or config.repo_url, region=config.aws_region)
-    found = catalog.scan_backups(repository, db)
-    backups = [{**m.summary(), "safety_copy": catalog.is_safety_copy(m),
-                "storage_class": found.storage_classes.get(m.backup_id)} for m in found.backups]
-    return {"repository": repository.url, "backups": backups,
-            "damaged": [d.summary() for d in found.damaged]}
 
 
 @command(render.show_restore)
@@ -190,32 +169,3 @@ def recover_table(backup: str, /, *, target: str, table: list[str],
 
     return recover_table(backup_id=backup, target=url(target), tables=table, mode=mode, where=where,
                          dry_run=dry_run, repo=repo, db=db, jobs=jobs, no_owner=no_owner)
-
-
-@command(render.show_status, runs_flow=False)
-def status(*, repo: str | None = None, db: str | None = None, server: str | None = None,
-           output: Output = Output()) -> Result:
-    """Last backup, its age and size, and last verification per database.
-
-    Args:
-        repo: repository URL
-        db: only this database (NAME)
-        server: also list the safety databases restores left on this server (default: DATABASE_URL)
-    """
-    from tasks.repository import open_repository
-    from tasks.status import repository_status
-
-    config = settings()
-    repository = open_repository(repo or config.repo_url, region=config.aws_region)
-    result = repository_status(repository, db, server_url=server or config.db_url)
-    replica_url = config.replica_repo_url
-    if replica_url and replica_url.rstrip("/") != repository.url.rstrip("/"):
-        from tasks.catalog import utcnow
-        from tasks.replica import replica_lag
-
-        try:
-            replica = open_repository(replica_url, region=config.aws_region)
-            result["replica"] = replica_lag(repository, replica, utcnow())
-        except PgdrError as exc:  # the primary's status still stands
-            result["replica"] = {"replica": replica_url, "error": str(exc)}
-    return result

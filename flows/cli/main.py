@@ -29,14 +29,14 @@ from tasks.process import redact
 COMMANDS: dict[str, list[tuple[str, str]]] = {
     "Database backups": [
         ("backup", "backups:backup"),
-        ("list", "backups:list_"),
+        ("list", "inventory:list_"),
         ("restore", "backups:restore"),
         ("restore-temp", "backups:restore_temp"),
         ("rollback", "backups:rollback"),
         ("repair", "backups:repair"),
         ("verify", "backups:verify"),
         ("recover-table", "backups:recover_table"),
-        ("status", "backups:status"),
+        ("status", "inventory:status"),
     ],
     "Point-in-time recovery": [
         ("wal-push", "wal:wal_push"),
@@ -67,9 +67,10 @@ COMMANDS: dict[str, list[tuple[str, str]]] = {
 }
 
 
-# PostgreSQL runs these once per WAL segment: their plain command lines are bound without
-# importing the parser (see _bind_plainly).
-PER_SEGMENT = ("wal-push", "wal-fetch")
+# PostgreSQL runs wal-push and wal-fetch once per WAL segment, monitoring runs list and
+# status often: their plain command lines are bound without importing the parser (see
+# _bind_plainly), which would cost more CPU than archiving a small segment.
+PLAIN = ("wal-push", "wal-fetch", "list", "status")
 
 
 def build_app(argv: Sequence[str] = ()) -> Any:
@@ -96,12 +97,11 @@ def _load(target: str) -> Callable[..., Any]:
 
 
 def _bind_plainly(argv: Sequence[str]) -> tuple[Callable[..., Any], list[Any], dict[str, Any]] | None:
-    """(command, args, kwargs) of a per-segment command line that holds only positionals,
+    """(command, args, kwargs) of a PLAIN command line that holds only positionals,
     `--option VALUE` (str or int) and `--flag`, read from the command's own signature like
     the parser would; None for anything else (--help, a mistake), which the parser then
-    reads and explains. Importing the parser would cost archive_command more CPU than
-    compressing a small segment."""
-    if not argv or argv[0] not in PER_SEGMENT:
+    reads and explains."""
+    if not argv or argv[0] not in PLAIN:
         return None
     target = next(t for commands in COMMANDS.values() for name, t in commands if name == argv[0])
     function = _load(target)
@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(parsed, int):
         return parsed
     function, args, kwargs = parsed
-    # The output options: an `output` group (json, verbose) or, per segment, a plain `json`.
+    # The output options: an `output` group (json, verbose), or a plain `json` (PLAIN commands).
     output = kwargs.get("output")
     as_json = getattr(output, "json", kwargs.get("json", False))
     verbose = getattr(output, "verbose", False)
