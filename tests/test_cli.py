@@ -96,6 +96,7 @@ def test_every_option_has_help_and_help_lists_it(capsys):
     ["recover-table", "latest", "--target", "postgresql://h/db"],  # --table is required
     ["pitr", "--target-time", "2026-01-28T02:00Z", "--target-lsn", "0/3000060"],
     ["no-such-command"],
+    [],
     ["list", "--no-json"],  # no negative forms of flags
 ])
 def test_a_wrong_command_line_exits_2_with_one_error_line(capsys, argv):

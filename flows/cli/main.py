@@ -238,6 +238,9 @@ def _run(function: Callable[..., dict[str, Any]], args: Sequence[Any], kwargs: d
 
 def _parse(argv: Sequence[str]) -> tuple[Callable[..., Any], list[Any], dict[str, Any]] | int:
     """(command, args, kwargs), or the exit status of --help (0) or of a wrong command line (2)."""
+    if not argv:
+        print("pgdr: error: name a command (pgdr --help lists them)", file=sys.stderr)
+        return 2
     plain = _bind_plainly(argv)
     if plain is not None:
         return plain
