@@ -109,6 +109,7 @@ def test_a_wrong_command_line_exits_2_with_one_error_line(capsys, argv):
     ["wal-push", "pg_wal/000000010000000000000001"],
     ["wal-push", "p", "--repo", "s3://b/p", "--db", "fleet", "--encrypt-to", "ops@example.com", "--json"],
     ["wal-push", "--jobs", "4", "p", "--spool=/var/spool/pgdr"],
+    ["wal-push", "p", "--db=", "--repo", "file:///r"],
     ["wal-fetch", "000000010000000000000001", "pg_wal/RECOVERYXLOG", "--repo", "file:///r", "--db", "x"],
     ["list", "--repo", "s3://b/p", "--db", "fleet", "--json"],
     ["list"],

@@ -86,8 +86,7 @@ def build_app(argv: Sequence[str] = ()) -> Any:
         group = Group(title, sort_key=order)
         for place, (name, target) in enumerate(commands):
             if not asked or name in asked:
-                app.command(_load(target), name=name, group=group,
-                            sort_key=place)
+                app.command(_load(target), name=name, group=group, sort_key=place)
     return app
 
 
@@ -113,14 +112,14 @@ def _bind_plainly(argv: Sequence[str]) -> tuple[Callable[..., Any], list[Any], d
     kwargs: dict[str, Any] = {}
     tokens = iter(argv[1:])
     for token in tokens:
-        name, _, inline = token.partition("=")
+        name, equals, inline = token.partition("=")
         option = options.get(name)
         if not token.startswith("-"):
             args.append(token)
-        elif option is not None and option.annotation == "bool" and not inline:
+        elif option is not None and option.annotation == "bool" and not equals:
             kwargs[option.name] = True
         elif option is not None and option.annotation in convert:
-            value = inline or next(tokens, None)
+            value = inline if equals else next(tokens, None)
             if value is None or value.startswith("-"):
                 return None
             try:
