@@ -121,6 +121,15 @@ def test_plain_commands_bind_like_the_parser(argv):
     assert plain == (function, list(bound.args), dict(bound.kwargs))
 
 
+def test_an_option_given_twice_counts_once_the_last_and_lists_append():
+    _, bound, _ = build_app().parse_args(["failover", "--ttl", "60", "--zone-id", "Z", "--ttl", "30",
+                                          "--health-url", "http://a", "--health-url", "http://b"])
+    dns = bound.arguments["dns"]
+    assert (dns.ttl, dns.zone_id, dns.health_url) == (30, "Z", ["http://a", "http://b"])
+    plain = _bind_plainly(["wal-push", "p", "--db", "a", "--db", "b"])
+    assert plain is not None and plain[2] == {"db": "b"}
+
+
 @pytest.mark.parametrize("argv", [
     ["wal-push", "--help"], ["wal-push"], ["wal-push", "p", "--jobs", "x"], ["wal-push", "p", "--bogus"],
     ["wal-push", "p", "--repo"], ["wal-fetch", "n"], ["list", "extra"], ["status", "--help"],

@@ -80,7 +80,8 @@ def build_app(argv: Sequence[str] = ()) -> Any:
 
     app = App(name="pgdr", help="Backup and disaster recovery for PostgreSQL, as Prefect flows.",
               version_flags=(), help_format="plaintext",  # help texts hold <db>_*, not markup
-              default_parameter=Parameter(negative=(), show_default=_shown_default))
+              # An option given twice: the last one counts (scripts append overrides).
+              default_parameter=Parameter(negative=(), allow_repeating=True, show_default=_shown_default))
     asked = {name for commands in COMMANDS.values() for name, _ in commands} & set(argv[:1])
     for order, (title, commands) in enumerate(COMMANDS.items()):
         group = Group(title, sort_key=order)
