@@ -25,7 +25,6 @@ class WalPushResult(TypedDict):
     wal_bytes: int
     database: str
     repository: str
-    replicated: bool | None  # None: no PGDR_REPLICA_REPO
 
 
 class WalFetchResult(TypedDict):

@@ -7,15 +7,13 @@ plain command lines itself).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from flows.cli import render
-from flows.cli.common import CommandExit, command, secrets, settings
+from flows.cli.common import CommandExit, command, settings
 from flows.cli.results import WalFetchResult, WalPushResult
 from tasks.errors import PgdrError
-from tasks.process import redact
 
 
 def wal_target(repo: str | None, name: str | None, server_url: str | None = None) -> tuple[Any, Any, str]:
@@ -66,31 +64,10 @@ def wal_push(path: str, /, *, repo: str | None = None, db: str | None = None,
         result = wal.push_ahead(repository, database, Path(path), Path(spool), jobs, **options)
     else:
         result = wal.push(repository, database, Path(path), **options)
-    replicated = _replicate_wal(config, repository, database, result.name)
+    # Not copied to PGDR_REPLICA_REPO here: a second repository (an S3 client, ~1 s of CPU)
+    # for every segment would undo the light push. `pgdr replicate --all` copies the WAL.
     return {"name": result.name, "key": result.key, "stored": result.stored, "size_bytes": result.size,
-            "wal_bytes": result.wal_size, "database": database, "repository": repository.url,
-            "replicated": replicated}
-
-
-def _replicate_wal(config: Any, repository: Any, database: str, name: str) -> bool | None:
-    """Copy the segment just archived to PGDR_REPLICA_REPO. A DR region that cannot be
-    reached must not stall the primary's archiving (pg_wal would fill its disk): it is a
-    warning, `pgdr status` shows the replica's lag and `pgdr replicate --all` fills the gap."""
-    if not config.replica_repo_url or config.replica_repo_url == repository.url:
-        return None
-    from tasks import replica
-    from tasks.repository import open_repository
-
-    try:
-        target = open_repository(config.replica_repo_url, sse=config.s3_sse,
-                                 kms_key_id=config.s3_kms_key_id, region=config.aws_region)
-        replica.copy_wal(repository, target, database, name)
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"pgdr: warning: {name} is archived but not copied to the replica: "
-              f"{redact(reason, secrets())}", file=sys.stderr)
-        return False
-    return True
+            "wal_bytes": result.wal_size, "database": database, "repository": repository.url}
 
 
 @command(render.show_nothing, runs_flow=False)
