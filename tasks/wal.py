@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from tasks import crypto
 from tasks.catalog import database_component, iso, utcnow
@@ -399,6 +399,26 @@ def prunable_segments(archived: Iterable[str], kept_start_segments: Iterable[str
         name for name in archived
         if (position := segment_position(check_wal_name(name))) is not None and position < cutoff
     )
+
+
+class WalPruneResult(TypedDict):
+    """What `pgdr wal-prune --json` prints."""
+
+    database: str
+    base_backups: int
+    prunable: list[str]
+    deleted: int
+    dry_run: bool
+
+
+def prune_archive(repo: Repository, database: str, kept_start_segments: list[str],
+                  dry_run: bool) -> WalPruneResult:
+    """Delete (or with dry_run only list) the archived WAL no kept base backup needs."""
+    names = prunable_segments((f.name for f in archived_files(repo, database)), kept_start_segments)
+    if not dry_run:
+        delete_archived(repo, database, names)
+    return {"database": database, "base_backups": len(kept_start_segments), "prunable": names,
+            "deleted": 0 if dry_run else len(names), "dry_run": dry_run}
 
 
 def delete_archived(repo: Repository, database: str, names: Iterable[str]) -> int:

@@ -1,0 +1,38 @@
+"""What `--json` prints for the commands that build their result here rather than in a
+flow (the flows' results are described where they are built)."""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class ListResult(TypedDict):
+    """`pgdr list --json`: each backup is its manifest's summary plus `safety_copy` and
+    `storage_class`; damaged manifests come apart, never restored."""
+
+    repository: str
+    backups: list[dict[str, Any]]
+    damaged: list[dict[str, Any]]
+    base_backups: list[dict[str, Any]]  # physical base backups, with kind and parent
+    base_backups_unreadable: list[str]  # databases whose base backup manifests cannot be read
+
+
+class WalPushResult(TypedDict):
+    """`pgdr wal-push --json`."""
+
+    name: str
+    key: str
+    stored: bool
+    size_bytes: int
+    wal_bytes: int
+    database: str
+    repository: str
+
+
+class WalFetchResult(TypedDict):
+    """`pgdr wal-fetch --json`."""
+
+    name: str
+    path: str
+    wal_bytes: int
+    database: str
