@@ -99,8 +99,7 @@ def basebackup(*, db: str | None = None, repo: str | None = None, name: str | No
         encrypt_to: gpg recipient to encrypt to (KEYID)
         spread_checkpoint: wait for a spread checkpoint instead of forcing a fast one
         tier: retention tier of the base backup
-        full: take a full backup (default on PostgreSQL 17+: incremental on the previous one,
-            full when the newest full is 7 days old or summarize_wal is off)
+        full: take a full backup (on PostgreSQL 17+ the default is an incremental, weekly full)
         incremental: take an incremental backup (PostgreSQL 17+), fail if one cannot be taken
     """
     from flows.basebackup import basebackup
