@@ -1,3 +1,5 @@
+"""`python -m flows.cli`: the pgdr command line, as the `pgdr` entry point runs it."""
+
 import sys
 
 from flows.cli.main import main
