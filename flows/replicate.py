@@ -22,11 +22,17 @@ def copy_missing(repo_url: str, replica_url: str, settings: Settings) -> dict[st
 
 
 @flow(name="replicate", flow_run_name=run_name("replicate-all"), log_prints=True, **FLOW_HOOKS)
-def replicate(repo: str | None = None, replica_repo: str | None = None) -> dict[str, Any]:
-    """Copy everything `replica_repo` (default PGDR_REPLICA_REPO) lacks from `repo`."""
+def replicate(repo: str | None = None, replica_repo: str | None = None,
+              only_when_configured: bool = False) -> dict[str, Any]:
+    """Copy everything `replica_repo` (default PGDR_REPLICA_REPO) lacks from `repo`.
+    `only_when_configured` (the schedule's): with no replica configured, log it and copy
+    nothing instead of failing."""
     settings = load_settings()
     repo_url = repo or settings.repo_url
     replica_url = replica_repo or settings.replica_repo_url
+    if not replica_url and only_when_configured:
+        get_run_logger().info("no DR copy configured (PGDR_REPLICA_REPO): nothing to copy")
+        return {"repository": repo_url, "replica": None, "copied": {}}
     if not replica_url:
         raise ConfigError("no DR copy configured: set PGDR_REPLICA_REPO or pass --replica URL")
     if replica_url.rstrip("/") == repo_url.rstrip("/"):

@@ -38,6 +38,7 @@ EXPECTED = {
     "drill/monthly": ("flows/drill.py:drill", "0 10 1-7 * 6"),
     "basebackup/nightly": ("flows/basebackup.py:basebackup", "0 1 * * *"),
     "check/daily": ("flows/check.py:check", "30 6 * * *"),
+    "replicate/frequent": ("flows/replicate.py:replicate", "*/5 * * * *"),
     "backup/manual": ("flows/backup.py:backup", None),
     "backup/pre-deploy": ("flows/backup.py:backup", None),
     "restore/manual": ("flows/restore.py:restore", None),

@@ -8,6 +8,7 @@ import uuid
 
 import boto3
 import psycopg
+import pytest
 
 from tests.support.cli import cli_json, run_cli
 
@@ -110,3 +111,16 @@ def test_an_unreachable_replica_never_stalls_wal_archiving_and_the_gap_is_filled
     code, _, err = run_cli(capsys, "wal-fetch", SEGMENT, str(tmp_path / "fetched"), "--repo",
                            f"s3://{missing}/pgdr", "--db", "ledger")
     assert (code, err) == (0, "") and (tmp_path / "fetched").read_bytes() == segment.read_bytes()
+
+
+def test_the_scheduled_replicate_copies_nothing_and_succeeds_until_a_replica_is_configured(
+        monkeypatch, s3_repo):
+    from flows.replicate import replicate
+    from tasks.errors import ConfigError
+
+    monkeypatch.delenv("PGDR_REPLICA_REPO", raising=False)
+    # The deployment runs every five minutes: without a replica each run is a quiet success...
+    assert replicate(repo=s3_repo, only_when_configured=True)["replica"] is None
+    # ...while asking for a copy by hand with nowhere to copy to is an error.
+    with pytest.raises(ConfigError, match="no DR copy configured"):
+        replicate(repo=s3_repo)
