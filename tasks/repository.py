@@ -9,7 +9,6 @@ an S3 multipart upload is completed or aborted).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import itertools
 import os
@@ -707,32 +706,11 @@ def _short(exc: Exception) -> str:
 S3_CLIENT_HOOKS: list[Callable[[Any], None]] = []
 
 
-@functools.cache
-def _model_loader() -> Any:
-    """One botocore data loader for the process. A new session would parse S3's service
-    model again (about 1 s of CPU per client on a busy 2-core host, and a backup opens the
-    repository several times); sharing only the loader keeps credentials, configuration
-    and event hooks per client."""
-    import botocore.loaders
-
-    return botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH"))
-
-
 def s3_client(region: str | None = None) -> Any:
-    """A boto3 S3 client from the standard chain, with pgdr's retries and time budget
-    (tasks.aws.client_config)."""
-    import boto3
-    import botocore.session
+    """A boto3 S3 client (tasks.aws.client) with the S3 hooks."""
+    from tasks import aws
 
-    from tasks.aws import client_config
-
-    config = client_config()
-    core = botocore.session.get_session()
-    core.register_component("data_loader", _model_loader())
-    client = boto3.session.Session(botocore_session=core).client("s3", region_name=region, config=config)
-    for hook in S3_CLIENT_HOOKS:
-        hook(client)
-    return client
+    return aws.client("s3", region, hooks=S3_CLIENT_HOOKS)
 
 
 def open_repository(url: str, *, sse: str = "AES256", kms_key_id: str | None = None,
