@@ -22,8 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import PgdrError
-from tasks.process import redact
+from tasks.errors import PgdrError, first_line, redact
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -525,9 +524,8 @@ def _replicate_wal(settings: Any, repo: Any, database: str, name: str) -> bool |
                                  kms_key_id=settings.s3_kms_key_id, region=settings.aws_region)
         replica.copy_wal(repo, target, database, name)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"pgdr: warning: {name} is archived but not copied to the replica: "
-              f"{redact(reason, _secrets())}", file=sys.stderr)
+              f"{first_line(exc, _secrets())}", file=sys.stderr)
         return False
     return True
 
@@ -546,7 +544,7 @@ def cmd_wal_fetch(args: argparse.Namespace) -> dict[str, Any]:
     except Exception as exc:
         # Anything else must stop recovery rather than look like the end of the archive.
         reason = str(exc) if isinstance(exc, PgdrError) else f"{type(exc).__name__}: {exc}"
-        raise _CommandExit(f"{reason.splitlines()[0]} (wal-fetch aborts recovery)",
+        raise _CommandExit(f"{first_line(reason)} (wal-fetch aborts recovery)",
                            wal.FETCH_ABORT_RECOVERY) from None
     return {"name": args.name, "path": args.path, "wal_bytes": size, "database": database}
 
@@ -587,8 +585,8 @@ def cmd_wal_prune(args: argparse.Namespace) -> dict[str, Any]:
     kept = list_base_backups(repo, database)
     names = wal.prunable_segments((f.name for f in wal.archived_files(repo, database)),
                                   (b.start_wal_file for b in kept))
-    if not args.dry_run:
-        wal.delete_archived(repo, database, names)
+    if not args.dry_run and (failed := wal.delete_archived(repo, database, names)):
+        raise PgdrError(f"{len(failed)} archived WAL files not deleted: {next(iter(failed.values()))}")
     return {"database": database, "base_backups": len(kept), "prunable": names,
             "deleted": 0 if args.dry_run else len(names), "dry_run": args.dry_run}
 
@@ -1197,7 +1195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug or an unexpected fault: one line, still no secret
         if os.environ.get("PGDR_DEBUG"):
             raise
-        message = redact(f"{type(exc).__name__}: {exc}".splitlines()[0], _secrets())
+        message = first_line(f"{type(exc).__name__}: {exc}", _secrets())
         print(f"pgdr: error: {message}", file=sys.stderr)
         return 1
     if args.json:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tasks.errors import ConfigError, NotFoundError, PgdrError, TransientError, is_transient
+from tasks.errors import ConfigError, NotFoundError, PgdrError, TransientError, first_line, is_transient
 
 # One AWS request gives up within about four minutes: at most 4 attempts of at most
 # 10 s to connect and 45 s without a byte of answer, with standard backoff between them.
@@ -232,7 +232,7 @@ def wait_until_available(rds: Any, instance: str, timeout_seconds: float,
             WaiterConfig={"Delay": max(1, int(poll_seconds)), "MaxAttempts": attempts})
     except WaiterError as exc:
         raise PgdrError(f"{instance} did not become available within {timeout_seconds:g} s: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{first_line(exc)}") from None
     with aws_errors(f"describing {instance}"):
         found = rds.describe_db_instances(DBInstanceIdentifier=instance)["DBInstances"][0]
     endpoint = found.get("Endpoint") or {}

@@ -13,8 +13,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tasks.errors import ConfigError, PgdrError
-from tasks.process import redact
+from tasks.errors import ConfigError, PgdrError, first_line, redact
 from tasks.settings import Settings
 
 _MAX_REASON = 500
@@ -63,10 +62,8 @@ def one_line(error: BaseException | str | None) -> str | None:
     if error is None:
         return None
     if isinstance(error, BaseException) and not isinstance(error, PgdrError):
-        text = f"{type(error).__name__}: {error}"  # an unexpected error: its type says a lot
-    else:
-        text = str(error)
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+        error = f"{type(error).__name__}: {first_line(error)}"  # an unexpected error: its type says a lot
+    line = first_line(error)
     return line if len(line) <= _MAX_REASON else line[:_MAX_REASON - 1] + "…"
 
 

@@ -31,6 +31,7 @@ from tasks.errors import (
     NotFoundError,
     PgdrError,
     TransientError,
+    first_line,
     is_transient,
 )
 
@@ -45,6 +46,12 @@ DOWNLOAD_PART = 16 * MiB
 # Parts uploaded at once by one S3 upload, and the most memory they may hold together.
 UPLOAD_THREADS = 4
 UPLOAD_BUFFER = 64 * MiB
+# Above COPY_LIMIT (the most one CopyObject request copies), a server-side copy is a
+# multipart copy in parts of COPY_PART_SIZE.
+COPY_LIMIT = 5 * GiB
+COPY_PART_SIZE = 512 * MiB
+# The most keys one DeleteObjects request takes.
+DELETE_BATCH = 1000
 _PARTIAL_MARK = ".partial-"
 _KEY_PART = re.compile(r"^[A-Za-z0-9._~%+=@,-]+$")
 
@@ -141,6 +148,24 @@ class Repository(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object (no error when it is already gone)."""
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Remove every object (as delete, in no particular order); returns why each key
+        that could not be deleted was not: empty when all are gone."""
+        failed = {}
+        for key in keys:
+            try:
+                self.delete(key)
+            except PgdrError as exc:
+                failed[key] = str(exc)
+        return failed
+
+    def copy(self, src_key: str, dst_key: str, *, storage_class: str | None = None) -> None:
+        """Store a copy of the object src_key under dst_key (atomically, as put_stream)."""
+        info = self.head(src_key)
+        if info is None:
+            raise NotFoundError(f"{src_key} is not in the repository")
+        self.put_stream(dst_key, self.get_stream(src_key), storage_class=storage_class, size_hint=info.size)
 
     @abstractmethod
     def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
@@ -563,7 +588,7 @@ class S3Repository(Repository):
                     yield ObjectInfo(self._rel(item["Key"]), int(item["Size"]), item["LastModified"],
                                      item.get("StorageClass"))
         except Exception as exc:
-            raise _s3_error(exc, f"cannot list {self.url}: {_short(exc)}") from None
+            raise _s3_error(exc, f"cannot list {self.url}: {first_line(exc)}") from None
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
@@ -576,11 +601,56 @@ class S3Repository(Repository):
                 for common in page.get("CommonPrefixes", []):
                     names.append(common["Prefix"][len(full):].rstrip("/"))
         except Exception as exc:
-            raise _s3_error(exc, f"cannot list {self.url}: {_short(exc)}") from None
+            raise _s3_error(exc, f"cannot list {self.url}: {first_line(exc)}") from None
         return sorted(names)
 
     def delete(self, key: str) -> None:
         self._s3("delete_object", Bucket=self.bucket, Key=self._key(key))
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """DeleteObjects, DELETE_BATCH keys a request; S3 reports a failure per key."""
+        full_keys = {self._key(key): key for key in keys}
+        ordered = list(full_keys)
+        failed: dict[str, str] = {}
+        for batch in (ordered[start:start + DELETE_BATCH] for start in range(0, len(ordered), DELETE_BATCH)):
+            try:
+                response = self._s3("delete_objects", Bucket=self.bucket,
+                                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True})
+            except PgdrError as exc:
+                failed.update(dict.fromkeys((full_keys[key] for key in batch), str(exc)))
+                continue
+            for error in response.get("Errors", []):
+                why = f"S3 delete_objects failed: {error.get('Code', '')} {error.get('Message', '')}"
+                failed[full_keys.get(error["Key"], self._rel(error["Key"]))] = why.strip()
+        return failed
+
+    def copy(self, src_key: str, dst_key: str, *, storage_class: str | None = None) -> None:
+        """Server-side: the bytes never pass through this machine."""
+        self.copy_object((self.bucket, self._key(src_key)), (self.bucket, self._key(dst_key)),
+                         storage_class=storage_class)
+
+    def copy_object(self, source: tuple[str, str], dest: tuple[str, str], *, etag: str | None = None,
+                    storage_class: str | None = None, source_client: Any = None,
+                    limit: int = COPY_LIMIT, part_size: int = COPY_PART_SIZE) -> None:
+        """Server-side copy of (bucket, full key) to (bucket, full key) with s3transfer's managed
+        copy: one CopyObject up to `limit`, else a multipart copy in parts of `part_size`
+        (metadata and content type carried over, aborted on failure). With an ETag, exactly
+        that version is copied: an object replaced meanwhile fails the copy rather than
+        mixing versions. Objects written into this repository's bucket get its encryption
+        and the storage class; elsewhere (a restore into a user's bucket) the bucket's defaults."""
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        (src_bucket, src_key), (dst_bucket, dst_key) = source, dest
+        extra: dict[str, str] = self._write_args(storage_class) if dst_bucket == self.bucket else {}
+        if etag:
+            extra["CopySourceIfMatch"] = etag
+        config = TransferConfig(multipart_threshold=limit, multipart_chunksize=part_size)
+        try:
+            self.client.copy({"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key, ExtraArgs=extra,
+                             SourceClient=source_client or self.client, Config=config)
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(exc, f"copying s3://{src_bucket}/{src_key} failed: {first_line(exc)}") from None
 
     def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
         validate_prefix(prefix)
@@ -606,15 +676,10 @@ class S3Repository(Repository):
         return response is not None
 
     def copy_from(self, source: S3Repository, key: str, *, storage_class: str | None = None) -> None:
-        """Server-side copy of source's key to the same key here (multipart above 5 GB):
-        the bytes never pass through this machine."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self.client.copy({"Bucket": source.bucket, "Key": source._key(key)}, self.bucket, self._key(key),
-                             ExtraArgs=self._write_args(storage_class), SourceClient=source.client)
-        except (ClientError, BotoCoreError) as exc:
-            raise _s3_error(exc, f"S3 copy of {key} to {self.url} failed: {_short(exc)}") from None
+        """Server-side copy of source's key to the same key here: the bytes never pass
+        through this machine."""
+        self.copy_object((source.bucket, source._key(key)), (self.bucket, self._key(key)),
+                         storage_class=storage_class, source_client=source.client)
 
     def archive_state(self, key: str) -> tuple[str | None, str]:
         response = self._s3("head_object", Bucket=self.bucket, Key=self._key(key))
@@ -695,10 +760,6 @@ def _s3_error(exc: BaseException, message: str) -> PgdrError:
     """The one-line error for a failed S3 call: a TransientError when another try may
     succeed (5xx, throttling, a dropped or timed-out connection), else permanent."""
     return TransientError(message) if is_transient(exc) else PgdrError(message)
-
-
-def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 # Functions called with every new S3 client: how tests inject faults through botocore's

@@ -121,8 +121,8 @@ def test_large_objects_are_copied_in_parts(s3, s3_calls, s3_repo):
     etag = client.head_object(Bucket=source, Key="big/export.bin")["ETag"]
     s3_calls.clear()
 
-    storage.copy(client, (source, "big/export.bin"), (source, "copy/export.bin"), size=len(body), etag=etag,
-                 extra={}, limit=5 * MiB, part_size=5 * MiB)
+    open_repository(s3_repo).copy_object((source, "big/export.bin"), (source, "copy/export.bin"), etag=etag,
+                                         limit=5 * MiB, part_size=5 * MiB)
 
     assert s3_calls["UploadPartCopy"] == 3 and s3_calls["CopyObject"] == 0
     copied = client.get_object(Bucket=source, Key="copy/export.bin")
@@ -214,7 +214,13 @@ def deny_object_deletes(client) -> None:
             return AWSResponse(request.url, 403, {}, _Denied())
         return None
 
+    def before_send_batch(request, **_kwargs):
+        if f"/{storage.OBJECTS}/".encode() in request.body:
+            return AWSResponse(request.url, 403, {}, _Denied())
+        return None
+
     client.meta.events.register("before-send.s3.DeleteObject", before_send)
+    client.meta.events.register("before-send.s3.DeleteObjects", before_send_batch)
 
 
 def prune_bucket(repo_url: str, bucket: str, now) -> dict[str, dict]:
