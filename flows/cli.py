@@ -286,9 +286,11 @@ def show_storage_restore(result: dict[str, Any]) -> None:
 
 def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
     from flows.fleet import fleet
+    from tasks.postgres import strip_password
 
-    return fleet(action=args.action, databases=[_url(u) for u in args.db or []],
-                 servers=[_url(u) for u in args.server or []], include=args.include, exclude=args.exclude,
+    return fleet(action=args.action, databases=[strip_password(u) for u in args.db or []],
+                 servers=[strip_password(u) for u in args.server or []], include=args.include,
+                 exclude=args.exclude,
                  tier=args.tier, repo=args.repo, host_limit=args.host_limit, max_parallel=args.max_parallel,
                  deployment=args.deployment, local=args.local, verify_server=_url(args.verify_server))
 
@@ -554,7 +556,8 @@ def cmd_archive_status(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.basebackup import list_base_backups
 
     _, repo, database = _wal_target(args)
-    newest = (list_base_backups(repo, database) or [None])[-1]
+    backups = list_base_backups(repo, database)
+    newest = backups[-1] if backups else None
     if newest is None:
         return wal.archive_status(repo, database)
     return wal.archive_status(repo, database, chain_start=newest.start_wal_file,

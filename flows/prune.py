@@ -81,8 +81,10 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
     areas = retention.select_areas(area, named)
     repo_url = repo or settings.repo_url
     repository = open_repo(repo_url, settings)
-    sets = [(each, one) for each in areas
-            for one in ([named[each]] if named[each] else retention.list_sets(repository, each))]
+    sets: list[tuple[str, str]] = []
+    for each in areas:
+        given = named[each]
+        sets += [(each, one) for one in ([given] if given else retention.list_sets(repository, each))]
     server_url = server or settings.db_url
     safety_server = server_url
     if retention.DATABASE not in areas or tier not in (None, "pre-restore"):

@@ -343,8 +343,8 @@ def _failed_step(flow_run_id: Any) -> str | None:
                 type=TaskRunFilterStateType(any_=[StateType.FAILED, StateType.CRASHED]))))
     if not runs:
         return None
-    ended = [run for run in runs if run.end_time]
-    last = max(ended, key=lambda run: run.end_time) if ended else runs[0]
+    ended = [(run.end_time, run) for run in runs if run.end_time]
+    last = max(ended, key=lambda pair: pair[0])[1] if ended else runs[0]
     return last.name.removesuffix(f"-{last.dynamic_key[:3]}")  # run names: "<task name>-<key[:3]>"
 
 
@@ -436,7 +436,7 @@ def run_name(template: str) -> Callable[[], str]:
 
         context = FlowRunContext.get()
         parameters: dict[str, Any] = {}
-        if context is not None:
+        if context is not None and context.flow is not None:
             defaults = inspect.signature(context.flow.fn).parameters.values()
             parameters = {p.name: p.default for p in defaults if p.default is not inspect.Parameter.empty}
             parameters.update(context.parameters or {})
@@ -455,7 +455,7 @@ def _configured_database() -> str | None:
 
 
 # Every flow takes these: `@flow(name=..., **FLOW_HOOKS)`.
-FLOW_HOOKS: dict[str, list[Callable[..., None]]] = {
+FLOW_HOOKS: dict[str, Any] = {
     "on_failure": [notify_hook],
     "on_crashed": [notify_hook],
     "on_completion": [notify_hook],

@@ -161,6 +161,6 @@ def resolve_passphrase(passphrase: str | None, block_name: str | None) -> str | 
     from prefect.blocks.system import Secret
 
     try:
-        return Secret.load(block_name).get()
+        return Secret.load(block_name).get()  # type: ignore[union-attr]  # Prefect's sync/async API
     except ValueError:
         raise ConfigError(f"Prefect Secret block {block_name!r} not found") from None

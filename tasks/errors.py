@@ -107,7 +107,7 @@ _TRANSIENT_S3_CODES = frozenset({
 
 
 def transient_sqlstate(sqlstate: str | None) -> bool:
-    return bool(sqlstate) and (sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES)
+    return sqlstate is not None and (sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES)
 
 
 def transient_pg_message(text: str) -> bool:

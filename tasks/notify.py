@@ -53,8 +53,9 @@ class Notice:
                 **asdict(self)}
 
     def redacted(self, secrets: list[str]) -> Notice:
-        return Notice(**{key: redact(value, secrets) if isinstance(value, str) else value
-                         for key, value in asdict(self).items()})
+        fields: dict[str, Any] = {key: redact(value, secrets) if isinstance(value, str) else value
+                                  for key, value in asdict(self).items()}
+        return Notice(**fields)
 
 
 def one_line(error: BaseException | str | None) -> str | None:
@@ -89,7 +90,7 @@ def send_block(name: str, subject: str, body: str) -> None:
         raise ConfigError(f"PGDR_NOTIFY_BLOCK must be <block-type>/<block-name>, e.g. slack-webhook/{name}")
     from prefect.blocks.core import Block
 
-    Block.load(name).notify(body, subject=subject)
+    Block.load(name).notify(body, subject=subject)  # type: ignore[union-attr]  # Prefect's sync/async API
 
 
 def configured(settings: Settings) -> bool:

@@ -8,6 +8,7 @@ an S3 multipart upload is completed or aborted).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import itertools
@@ -142,7 +143,7 @@ class Repository(ABC):
         """Every complete object whose key starts with prefix (all pages)."""
 
     @abstractmethod
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """The next path component of every key under prefix (`prefix` ends with / or is '')."""
 
     @abstractmethod
@@ -168,7 +169,7 @@ class Repository(ABC):
         self.put_stream(dst_key, self.get_stream(src_key), storage_class=storage_class, size_hint=info.size)
 
     @abstractmethod
-    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+    def incomplete_uploads(self, prefix: str = "") -> builtins.list[IncompleteUpload]:
         """Uploads started but never completed under prefix."""
 
     @abstractmethod
@@ -344,7 +345,7 @@ class FileRepository(Repository):
                 continue  # deleted while we listed
             yield ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         validate_prefix(prefix)
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
@@ -363,7 +364,7 @@ class FileRepository(Repository):
                 break
             parent = parent.parent
 
-    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+    def incomplete_uploads(self, prefix: str = "") -> builtins.list[IncompleteUpload]:
         validate_prefix(prefix)
         found = []
         for key, path in self._walk(prefix):
@@ -418,8 +419,8 @@ class S3Repository(Repository):
     def _rel(self, full_key: str) -> str:
         return full_key[len(self.prefix) + 1:] if self.prefix else full_key
 
-    def _write_args(self, storage_class: str | None) -> dict[str, str]:
-        args = {"ServerSideEncryption": self.sse}
+    def _write_args(self, storage_class: str | None) -> dict[str, Any]:
+        args: dict[str, Any] = {"ServerSideEncryption": self.sse}
         if self.sse == "aws:kms" and self.kms_key_id:
             args["SSEKMSKeyId"] = self.kms_key_id
         if storage_class and storage_class != "STANDARD":
@@ -590,7 +591,7 @@ class S3Repository(Repository):
         except Exception as exc:
             raise _s3_error(exc, f"cannot list {self.url}: {first_line(exc)}") from None
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         validate_prefix(prefix)
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -642,7 +643,7 @@ class S3Repository(Repository):
         from botocore.exceptions import BotoCoreError, ClientError
 
         (src_bucket, src_key), (dst_bucket, dst_key) = source, dest
-        extra: dict[str, str] = self._write_args(storage_class) if dst_bucket == self.bucket else {}
+        extra: dict[str, Any] = self._write_args(storage_class) if dst_bucket == self.bucket else {}
         if etag:
             extra["CopySourceIfMatch"] = etag
         config = TransferConfig(multipart_threshold=limit, multipart_chunksize=part_size)
@@ -652,7 +653,7 @@ class S3Repository(Repository):
         except (ClientError, BotoCoreError) as exc:
             raise _s3_error(exc, f"copying s3://{src_bucket}/{src_key} failed: {first_line(exc)}") from None
 
-    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+    def incomplete_uploads(self, prefix: str = "") -> builtins.list[IncompleteUpload]:
         validate_prefix(prefix)
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         pages = self.client.get_paginator("list_multipart_uploads").paginate(

@@ -419,8 +419,8 @@ def sweep(dirs: Mapping[str, SnapshotDir], doomed: AbstractSet[str], leftovers: 
     with a manifest that is not doomed remains, and so does every object it refers to."""
     remaining = [d.manifest for sid, d in dirs.items() if d.manifest and sid not in doomed]
     referenced = referenced_keys(remaining)
-    manifests = {sid: dirs[sid].manifest.manifest_key for sid in sorted(doomed)
-                 if dirs[sid].manifest is not None}
+    manifests = {sid: manifest.manifest_key for sid in sorted(doomed)
+                 if (manifest := dirs[sid].manifest) is not None}
     objects: dict[str, list[str]] = {}
     shared: dict[str, int] = {}
     for sid in sorted(doomed | leftovers):

@@ -243,7 +243,7 @@ def take_snapshot(repo: Repository, source: Location, snapshot_id: str, tier: st
     before = previous.objects if previous else {}
     current = list_objects(s3.client, source)
     objects: dict[str, dict[str, Any]] = {}
-    jobs = []
+    jobs: list[Callable[[], None]] = []
     copied_bytes = 0
     for key, (etag, size) in sorted(current.items()):
         earlier = before.get(key)
@@ -277,7 +277,7 @@ def restore_snapshot(repo: Repository, manifest: StorageManifest, dest: Location
         raise PgdrError(f"cannot list {dest.url}: {first_line(exc)}") from None
     if occupied.get("KeyCount", 0) and not overwrite:
         raise PgdrError(f"{dest.url} is not empty: pass --overwrite to replace objects there")
-    jobs = []
+    jobs: list[Callable[[], None]] = []
     for key, entry in manifest.objects.items():
         target = dest.prefix + key[len(manifest.source_prefix):]
         # Stored copies never change: no ETag to match (a multipart copy has its own anyway).
