@@ -130,6 +130,45 @@ def test_large_objects_are_copied_in_parts(s3, s3_calls, s3_repo):
     assert copied["ContentType"] == "application/x-test" and copied["Metadata"] == {"owner": "reports"}
 
 
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_repository_copies_and_deletes_many_keys(kind, s3_calls, s3_repo, file_repo, monkeypatch):
+    repo = open_repository(s3_repo if kind == "s3" else file_repo)
+    keys = [f"area/{n}.bin" for n in range(5)]
+    for key in keys:
+        repo.put_bytes(key, key.encode())
+    repo.copy(keys[0], "copies/0.bin", storage_class="STANDARD_IA")
+    assert repo.get_bytes("copies/0.bin") == keys[0].encode()
+    s3_calls.clear()
+    monkeypatch.setattr(tasks.repository, "DELETE_BATCH", 2)
+
+    assert repo.delete_many([*keys, "copies/0.bin", "area/absent.bin"]) == {}
+    assert list(repo.list()) == []
+    if kind == "s3":
+        assert (s3_calls["DeleteObjects"], s3_calls["DeleteObject"]) == (4, 0)
+        assert repo.head(keys[0]) is None
+
+
+def test_s3_delete_many_reports_why_each_refused_key_stays(s3_repo, monkeypatch):
+    repo = open_repository(s3_repo)
+    refused = repo._key("area/refused.bin")
+
+    def refuse_one(client):
+        def before_send(request, **_kwargs):
+            if refused.encode() in request.body:
+                return AWSResponse(request.url, 200, {}, _Body(
+                    b'<?xml version="1.0" encoding="UTF-8"?><DeleteResult><Error>'
+                    b"<Key>" + refused.encode() + b"</Key><Code>AccessDenied</Code>"
+                    b"<Message>Access Denied</Message></Error></DeleteResult>"))
+            return None
+
+        client.meta.events.register("before-send.s3.DeleteObjects", before_send)
+
+    monkeypatch.setattr(tasks.repository, "S3_CLIENT_HOOKS", [refuse_one])
+    repo = open_repository(s3_repo)
+    failed = repo.delete_many(["area/kept.bin", "area/refused.bin"])
+    assert failed == {"area/refused.bin": "S3 delete_objects failed: AccessDenied Access Denied"}
+
+
 def test_snapshot_needs_an_s3_repository_and_refuses_to_copy_itself(capsys, s3, s3_repo, file_repo):
     source = new_bucket()
     code, _, err = run_cli(capsys, "storage-snapshot", "--source", f"s3://{source}", "--repo", file_repo)
@@ -205,6 +244,16 @@ class _Denied:
     def stream(self, **_kwargs):
         yield (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
                b"<Message>Access Denied</Message></Error>")
+
+
+class _Body:
+    """A response body botocore reads."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_kwargs):
+        yield self.data
 
 
 def deny_object_deletes(client) -> None:
