@@ -1124,7 +1124,8 @@ def _quiet_console(verbose: bool) -> Iterator[None]:
 
 def _secrets() -> list[str]:
     try:
-        return _settings().secrets()
+        secrets: list[str] = _settings().secrets()
+        return secrets
     except PgdrError:
         return []
 

@@ -111,10 +111,11 @@ def _run_on_pool(deployment: str, parameters: dict[str, Any]) -> State:
     waits for it to end."""
     # Prefect types it as possibly a coroutine (its sync/async API); called here, it is a FlowRun.
     run: Any = run_deployment(name=deployment, parameters=parameters, timeout=None, poll_interval=2,
-                         tags=["pgdr", "fleet"])
-    if run.state is None:
+                              tags=["pgdr", "fleet"])
+    state: State | None = run.state
+    if state is None:
         raise PgdrError(f"flow run {run.id} of {deployment} has no state")
-    return run.state
+    return state
 
 
 def _result(state: State, action: str, parameters: dict[str, Any], member: fleets.Member, repo_url: str,

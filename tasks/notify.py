@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,7 +104,7 @@ def send(notice: Notice, settings: Settings) -> list[str]:
     clean = notice.redacted(settings.secrets())
     used: list[str] = []
     errors: list[Exception] = []
-    channels = []
+    channels: list[tuple[str, Callable[[], None]]] = []
     if settings.notify_url:
         channels.append(("webhook", lambda: post_json(settings.notify_url or "", clean.payload())))
     if settings.notify_block:

@@ -82,7 +82,7 @@ def part_size(part_number: int, base: int = MIN_PART_SIZE) -> int:
     if part_number <= 9000:
         return base
     doublings = (part_number - 9001) // 100 + 1
-    return min(MAX_PART_SIZE, base * 2**doublings)
+    return min(MAX_PART_SIZE, base << doublings)
 
 
 def base_part_size(size_hint: int | None) -> int:
@@ -544,7 +544,7 @@ class S3Repository(Repository):
             response = self._s3("get_object", Bucket=self.bucket, Key=full_key, Range=f"bytes={start}-{end}",
                                 IfMatch=etag)
             try:
-                data = response["Body"].read()
+                data: bytes = response["Body"].read()
             except Exception:  # noqa: S112 - a dropped connection: read the range again
                 continue
             if len(data) == end - start + 1:
