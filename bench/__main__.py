@@ -1,7 +1,9 @@
 """`python -m bench`: BENCH_MB (1000), BENCH_RUNS (3), BENCH_RESULTS (bench/results/latest.json),
 BENCH_JOBS (pg_restore jobs for both restores: pgdr's default, min(4, nproc)),
-BENCH_CATALOG_BACKUPS (2000: backups in the catalog cases' repository). zstd threads
-of the plain pipe and pgBackRest's process-max are the number of cores."""
+BENCH_CATALOG_BACKUPS (2000: backups in the catalog cases' repository), BENCH_WAL_MB (MB of
+WAL each archiving case writes: BENCH_MB, at least 64), BENCH_WAL_JOBS (4: wal-push --jobs of
+the parallel archiving case). zstd threads of the plain pipe and pgBackRest's process-max are
+the number of cores; the archiving cases' write load runs one writer per core."""
 
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def one_round(cases: Cases, number: int, total: int) -> dict[str, Result]:
         m = result.measurement
         say(f"round {number}/{total}: {name} {m.seconds:.1f} s, {m.cpu_seconds:.1f} CPU s, "
             f"peak {m.peak_rss_mb:.0f} MB")
+        if result.figures:
+            say(f"round {number}/{total}: {name} " + ", ".join(f"{k} {v}" for k, v in result.figures.items()))
         return result
 
     step("raw_dump", cases.raw_dump())
@@ -55,6 +59,12 @@ def one_round(cases: Cases, number: int, total: int) -> dict[str, Result]:
     step("old_restore", cases.old_restore())
     step("bare_restore", cases.bare_restore())
     step("pgbackrest_restore", cases.pgbackrest_restore())
+    with cases.archiving_to_pitr_repo():
+        step("pgdr_basebackup", cases.pgdr_basebackup())
+        step("pgdr_restore_physical", cases.pgdr_restore_physical())
+    step("wal_archive_serial", cases.wal_archiving(jobs=1))
+    step("wal_archive_parallel", cases.wal_archiving(jobs=cases.wal_jobs))
+    step("wal_push_segment", cases.wal_push_segment())
     step("pgdr_restore_temp", cases.pgdr_restore_temp(summary["backup_id"]))
     step("pgdr_recover_table", cases.pgdr_recover_table(summary["backup_id"]))
     step("catalog_list", cases.catalog_list())
@@ -87,11 +97,13 @@ def main() -> int:
     catalog_backups = _int_env("BENCH_CATALOG_BACKUPS", 2000)
     cores = os.cpu_count() or 1
     jobs = _int_env("BENCH_JOBS", min(4, cores))
+    wal_mb = _int_env("BENCH_WAL_MB", max(64, size_mb))
+    wal_jobs = _int_env("BENCH_WAL_JOBS", 4)
     results_path = Path(os.environ.get("BENCH_RESULTS") or DEFAULT_RESULTS)
     try:
         with bench_environment(size_mb, cores) as bench:
             machine = machine_info(bench)
-            cases = Cases(bench, jobs, cores)
+            cases = Cases(bench, jobs, cores, wal_mb=wal_mb, wal_jobs=wal_jobs)
             db_mb = database_mb(bench)
             say(f"database {db_mb:.0f} MB; dump {cases.prepare() / 2**20:.0f} MB; {rounds} round(s), "
                 f"pg_restore --jobs={jobs}")
@@ -100,6 +112,7 @@ def main() -> int:
             collected = [one_round(cases, n + 1, rounds) for n in range(rounds)]
             machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
             machine["restore_jobs"] = jobs
+            machine["wal_push_jobs"] = wal_jobs
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

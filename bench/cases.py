@@ -6,12 +6,14 @@ processes (pgdr from the venv's `pgdr` script) so that their cost is what a user
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,10 +23,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench import pgbackrest
+from bench import archiving, pgbackrest
 from bench.environment import BUCKET, EMPTY_DB, SOURCE_DB, BenchEnvironment
 from bench.measure import MB, BenchError, Measurement, measure
-from tasks.cluster import grant_to_server
+from tasks.cluster import LocalCluster, grant_to_server
 from tasks.postgres import (
     DIGEST_SETTINGS,
     digest_select,
@@ -71,15 +73,20 @@ class Result:
     stored_bytes: int | None = None
     # pgdr's own duration_seconds (inside the flow): the rest of the wall time is start-up.
     reported_seconds: float | None = None
+    # A case's own numbers beside the measurement (WAL archiving: throughput and lag).
+    figures: dict[str, float] | None = None
 
 
 class Cases:
     """One benchmark round's commands against one BenchEnvironment."""
 
-    def __init__(self, bench: BenchEnvironment, jobs: int, cores: int) -> None:
+    def __init__(self, bench: BenchEnvironment, jobs: int, cores: int, *, wal_mb: int = 64,
+                 wal_jobs: int = 4) -> None:
         self.bench = bench
         self.jobs = jobs
         self.cores = cores
+        self.wal_mb = wal_mb
+        self.wal_jobs = wal_jobs
         self.pgdr = str(Path(sys.executable).with_name("pgdr"))
         self.local_dump = bench.work / "fleet.dump"
         self.old_file = bench.work / "fleet.sql.gz"
@@ -87,6 +94,12 @@ class Cases:
         self.pipe_file = bench.work / "fleet.dump.zst"
         self.default_file = bench.work / "fleet-default.dump"
         self.catalog_backups = 0
+        # The PITR cases' file repository, written by wal-push as the server's OS user.
+        self.pitr_repo = bench.work / "pitr-repo"
+        self.spool = bench.work / "wal-spool"
+        self.physical_datadir = bench.work / "pgdr-physical-restore"
+        self.segment_dir = bench.work / "segment"
+        self.single_push_repo = bench.work / "wal-push-repo"
 
     def _shell_env(self, **extra: str) -> dict[str, str]:
         return {**self.bench.env(), "PG_DUMP": pg_bin("pg_dump"), "PSQL": pg_bin("psql"),
@@ -224,6 +237,75 @@ class Cases:
         summary = json.loads(measurement.stdout)
         return Result(measurement, reported_seconds=summary["duration_seconds"])
 
+    @contextlib.contextmanager
+    def archiving_to_pitr_repo(self, jobs: int = 1) -> Iterator[None]:
+        """archive_command = pgdr wal-push into the PITR file repository (with jobs > 1,
+        pushing ahead with a spool directory) while the block runs, /bin/true again after."""
+        (self.pitr_repo / SOURCE_DB / "wal").mkdir(parents=True, exist_ok=True)
+        self.spool.mkdir(exist_ok=True)
+        grant_to_server(self.pitr_repo)
+        grant_to_server(self.spool)
+        command = f"{self.pgdr} wal-push %p --repo {self.pitr_repo.as_uri()} --db {SOURCE_DB}"
+        if jobs > 1:
+            command += f" --jobs {jobs} --spool {self.spool}"
+        rest = self.bench.pgbackrest
+        rest.set_archive_command(command)
+        try:
+            yield
+        finally:
+            rest.set_archive_command(pgbackrest.CLUSTER_SETTINGS["archive_command"])
+
+    def pgdr_basebackup(self) -> Result:
+        """pgdr basebackup (pg_basebackup -Ft -X fetch | zstd) into the PITR file repository."""
+        argv = [self.pgdr, "basebackup", "--db", self.bench.url(SOURCE_DB), "--repo", self.pitr_repo.as_uri(),
+                "--json"]
+        measurement = self._run("pgdr_basebackup", argv, self.bench.env())
+        summary = json.loads(measurement.stdout)
+        return Result(measurement, int(summary["size_bytes"]), summary["duration_seconds"])
+
+    def pgdr_restore_physical(self) -> Result:
+        """`pgdr restore latest --physical` into a new directory: the base backup, the WAL to
+        the end of the archive, the server started and promoted (pgdr returns once it accepts
+        connections); stopped and removed afterwards."""
+        argv = [self.pgdr, "restore", "latest", "--physical", "--datadir", str(self.physical_datadir),
+                "--repo", self.pitr_repo.as_uri(), "--db", SOURCE_DB, "--json"]
+        try:
+            measurement = self._run("pgdr_restore_physical", argv, self.bench.env())
+        finally:
+            LocalCluster(self.physical_datadir, 0).destroy()
+        summary = json.loads(measurement.stdout)
+        if not summary.get("running"):
+            raise BenchError("pgdr restore --physical did not leave the server running")
+        return Result(measurement, reported_seconds=summary["duration_seconds"])
+
+    def wal_archiving(self, jobs: int) -> Result:
+        """The write load (bench/archiving.py) with wal-push as archive_command."""
+        with self.archiving_to_pitr_repo(jobs):
+            measurement, figures = archiving.run_load(
+                self.bench.url("postgres"), self.bench.url(archiving.LOAD_DB),
+                self.bench.cluster.datadir / "pg_wal", self.wal_mb, self.cores)
+        return Result(measurement, figures=figures)
+
+    def wal_push_segment(self) -> Result:
+        """One `pgdr wal-push` of a real 16 MB WAL segment (a copy of one in pg_wal) into an
+        empty file repository, as archive_command runs it once per segment."""
+        segment = self._segment_copy()
+        shutil.rmtree(self.single_push_repo, ignore_errors=True)
+        argv = [self.pgdr, "wal-push", str(segment), "--repo", self.single_push_repo.as_uri(), "--db",
+                SOURCE_DB]
+        return Result(self._run("wal_push_segment", argv, self.bench.env()))
+
+    def _segment_copy(self) -> Path:
+        existing = sorted(self.segment_dir.glob("*")) if self.segment_dir.exists() else []
+        if existing:
+            return existing[0]
+        wal_dir = self.bench.cluster.datadir / "pg_wal"
+        full = sorted(p for p in wal_dir.iterdir() if len(p.name) == 24 and p.stat().st_size == 16 * MB)
+        if not full:
+            raise BenchError(f"no 16 MB WAL segment in {wal_dir}")
+        self.segment_dir.mkdir(exist_ok=True)
+        return Path(shutil.copy(full[0], self.segment_dir / full[0].name))
+
     def prepare_catalog(self, backups: int) -> None:
         """A repository of `backups` backups of CATALOG_DATABASES databases (their manifests,
         an hour apart), in a bucket of its own (not measured)."""
@@ -282,7 +364,8 @@ class Cases:
                 s3.delete_object(Bucket=BUCKET, Key=item["Key"])
         for path in (self.old_file, self.download, self.pipe_file, self.default_file):
             path.unlink(missing_ok=True)
-        shutil.rmtree(self.bench.file_repo, ignore_errors=True)
+        for directory in (self.bench.file_repo, self.pitr_repo, self.spool, self.single_push_repo):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def database_mb(bench: BenchEnvironment) -> float:

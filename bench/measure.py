@@ -69,7 +69,9 @@ def tree_rss(root: int) -> int:
     return total
 
 
-class _PeakSampler(threading.Thread):
+class PeakSampler(threading.Thread):
+    """The largest resident size of a process tree, sampled every SAMPLE_SECONDS."""
+
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
@@ -96,7 +98,7 @@ def measure(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, logs: Pat
         start = time.monotonic()
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 env=dict(env), cwd=cwd)
-        sampler = _PeakSampler(proc.pid)
+        sampler = PeakSampler(proc.pid)
         sampler.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.archiving import LAG_KEYS
 from bench.cases import Result
 from bench.measure import MB
 
@@ -26,6 +27,11 @@ CASES = {
     "old_restore": "old: download; gunzip | psql",
     "bare_restore": "pg_restore -j of the same dump",
     "pgbackrest_restore": "pgBackRest restore + server start",
+    "pgdr_basebackup": "pgdr basebackup to a file repository (physical)",
+    "pgdr_restore_physical": "pgdr restore --physical (base backup, WAL to the archive's end) + server start",
+    "wal_archive_serial": "write load, archive_command = pgdr wal-push (file repository), until archived",
+    "wal_archive_parallel": "the same with wal-push --jobs N --spool DIR (pushing ahead)",
+    "wal_push_segment": "one pgdr wal-push of a 16 MB segment to a file repository",
     "pgdr_restore_temp": "pgdr restore-temp (checksum + row counts)",
     "pgdr_recover_table": "pgdr recover-table of one small table",
     "catalog_list": "pgdr list, S3 repository of BENCH_CATALOG_BACKUPS backups of 5 databases",
@@ -36,8 +42,12 @@ CASES = {
 # Cases whose throughput means something (they move the whole database).
 _MOVES_DATA = {"raw_dump", "plain_pipe", "pg_dump_default", "old_backup", "pgbackrest_backup",
                "pgdr_backup_file", "pgdr_backup", "pgdr_backup_encrypted", "old_restore", "bare_restore",
-               "pgbackrest_restore", "pgdr_restore_temp"}
+               "pgbackrest_restore", "pgdr_restore_temp", "pgdr_basebackup", "pgdr_restore_physical"}
+# The archiving cases: their figures (throughput, lag) are reported apart.
+WAL_CASES = ("wal_archive_serial", "wal_archive_parallel")
 PEAK_MB = 300
+WAL_GOAL_MB_S = 100.0
+WAL_PUSH_GOAL_SECONDS = 0.3
 
 
 @dataclass(frozen=True)
@@ -45,11 +55,12 @@ class Target:
     name: str
     description: str
     value: float
-    limit: float  # the value must not exceed it
+    limit: float  # the value must not exceed it (at_least: must reach it)
+    at_least: bool = False
 
     @property
     def met(self) -> bool:
-        return self.value <= self.limit
+        return self.value >= self.limit if self.at_least else self.value <= self.limit
 
 
 def summarize(db_mb: float, rounds: list[dict[str, Result]], machine: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +73,7 @@ def summarize(db_mb: float, rounds: list[dict[str, Result]], machine: dict[str, 
               if rounds[-1][name].stored_bytes is not None}
     reported = {name: statistics.median(r[name].reported_seconds for r in rounds) for name in CASES
                 if rounds[-1][name].reported_seconds is not None}
+    wal = {name: median_figures([r[name].figures or {} for r in rounds]) for name in WAL_CASES}
     ratios = {
         "backup_vs_pipe": runs["pgdr_backup_file"] / runs["plain_pipe"],
         "backup_vs_pgbackrest": runs["pgdr_backup_file"] / runs["pgbackrest_backup"],
@@ -79,6 +91,15 @@ def summarize(db_mb: float, rounds: list[dict[str, Result]], machine: dict[str, 
         "backup_vs_old": runs["old_backup"] / runs["pgdr_backup"],
         "encrypted_backup_vs_backup": runs["pgdr_backup_encrypted"] / runs["pgdr_backup"],
         "prefect_fixed_cost_no_server_vs_server": runs["empty_backup_no_server"] / runs["empty_backup"],
+        "physical_backup_vs_pgbackrest": runs["pgdr_basebackup"] / runs["pgbackrest_backup"],
+        "physical_restore_vs_pgbackrest": runs["pgdr_restore_physical"] / runs["pgbackrest_restore"],
+        "physical_backup_vs_logical": runs["pgdr_basebackup"] / runs["pgdr_backup_file"],
+        # Sustained: WAL archived per second until the archive caught up, pushing ahead.
+        "wal_throughput_mb_s": wal["wal_archive_parallel"]["wal_archived_mb_s"],
+        "wal_throughput_serial_mb_s": wal["wal_archive_serial"]["wal_archived_mb_s"],
+        "wal_generated_mb_s": wal["wal_archive_parallel"]["wal_generated_mb_s"],
+        "wal_push_segment_seconds": runs["wal_push_segment"],
+        **{key: wal["wal_archive_parallel"][key] for key in LAG_KEYS},
     }
     # Not empty_backup_no_server: most of its memory is the temporary Prefect server it starts.
     pgdr_peak = max(mb for name, mb in peak.items()
@@ -97,6 +118,10 @@ def summarize(db_mb: float, rounds: list[dict[str, Result]], machine: dict[str, 
         Target("catalog_status_seconds", "latest of every database (status) within 2 s",
                ratios["catalog_status_seconds"], 2.0),
         Target("pgdr_peak_rss_mb", f"every pgdr case under {PEAK_MB} MB peak memory", pgdr_peak, PEAK_MB),
+        Target("wal_throughput_mb_s", f"WAL archived to a local repository at {WAL_GOAL_MB_S:.0f} MB/s "
+               "or more (wal-push --jobs)", ratios["wal_throughput_mb_s"], WAL_GOAL_MB_S, at_least=True),
+        Target("wal_push_segment_seconds", "one wal-push of a 16 MB segment within "
+               f"{WAL_PUSH_GOAL_SECONDS} s", ratios["wal_push_segment_seconds"], WAL_PUSH_GOAL_SECONDS),
     ]
     return {
         "db_mb": round(db_mb, 1),
@@ -108,10 +133,17 @@ def summarize(db_mb: float, rounds: list[dict[str, Result]], machine: dict[str, 
         "stored_mb": {k: round(v, 1) for k, v in stored.items()},
         "pgdr_reported_seconds": {k: round(v, 3) for k, v in reported.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "wal_archiving": wal,
         "targets": [{"name": t.name, "description": t.description, "value": round(t.value, 3),
-                     "limit": t.limit, "met": t.met} for t in targets],
+                     "limit": t.limit, "at_least": t.at_least, "met": t.met} for t in targets],
         "machine": machine,
     }
+
+
+def median_figures(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds (the figures every round has)."""
+    keys = set.intersection(*(set(r) for r in rounds)) if rounds else set()
+    return {key: round(statistics.median(r[key] for r in rounds), 3) for key in sorted(keys)}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -134,8 +166,16 @@ def table(result: dict[str, Any]) -> str:
                      f"{'-' if stored is None else f'{stored:.1f}'} | {runs} |")
     lines += ["", "| target | value | limit | met |", "|---|---:|---:|---|"]
     for target in result["targets"]:
-        lines.append(f"| {target['description']} | {target['value']:.2f} | <= {target['limit']} | "
+        bound = ">=" if target["at_least"] else "<="
+        lines.append(f"| {target['description']} | {target['value']:.2f} | {bound} {target['limit']} | "
                      f"{'yes' if target['met'] else 'NO'} |")
+    lines += ["", "| WAL archiving | WAL MB | generated MB/s | archived MB/s | catch-up s | "
+              "lag max (segments, s) | lag at end (segments, s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, wal in result["wal_archiving"].items():
+        lines.append(f"| {name} | {wal['wal_generated_mb']:.0f} | {wal['wal_generated_mb_s']:.1f} | "
+                     f"{wal['wal_archived_mb_s']:.1f} | {wal['catch_up_seconds']:.1f} | "
+                     f"{wal['archive_lag_max_segments']:.0f}, {wal['archive_lag_max_seconds']:.1f} | "
+                     f"{wal['archive_lag_end_segments']:.0f}, {wal['archive_lag_end_seconds']:.1f} |")
     lines += ["", "Inside the flow (pgdr's duration_seconds; the rest of the wall time is start-up): "
               + ", ".join(f"{k} {v:.1f} s" for k, v in result["pgdr_reported_seconds"].items())]
     lines += ["", "Other ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items())]

@@ -506,30 +506,10 @@ def cmd_wal_push(args: argparse.Namespace) -> dict[str, Any]:
         result = wal.push_ahead(repo, database, Path(args.path), Path(args.spool), args.jobs, **options)
     else:
         result = wal.push(repo, database, Path(args.path), **options)
-    replicated = _replicate_wal(settings, repo, database, result.name)
+    # Not copied to PGDR_REPLICA_REPO here: a second repository (an S3 client, ~1 s of CPU)
+    # for every segment would undo the light push. `pgdr replicate --all` copies the WAL.
     return {"name": result.name, "key": result.key, "stored": result.stored, "size_bytes": result.size,
-            "wal_bytes": result.wal_size, "database": database, "repository": repo.url,
-            "replicated": replicated}
-
-
-def _replicate_wal(settings: Any, repo: Any, database: str, name: str) -> bool | None:
-    """Copy the segment just archived to PGDR_REPLICA_REPO. A DR region that cannot be
-    reached must not stall the primary's archiving (pg_wal would fill its disk): it is a
-    warning, `pgdr status` shows the replica's lag and `pgdr replicate --all` fills the gap."""
-    if not settings.replica_repo_url or settings.replica_repo_url == repo.url:
-        return None
-    from tasks import replica
-    from tasks.repository import open_repository
-
-    try:
-        target = open_repository(settings.replica_repo_url, sse=settings.s3_sse,
-                                 kms_key_id=settings.s3_kms_key_id, region=settings.aws_region)
-        replica.copy_wal(repo, target, database, name)
-    except Exception as exc:
-        print(f"pgdr: warning: {name} is archived but not copied to the replica: "
-              f"{first_line(exc, _secrets())}", file=sys.stderr)
-        return False
-    return True
+            "wal_bytes": result.wal_size, "database": database, "repository": repo.url}
 
 
 def cmd_wal_fetch(args: argparse.Namespace) -> dict[str, Any]:

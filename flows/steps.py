@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 from prefect import get_client, get_run_logger, task
 from prefect.artifacts import (
@@ -39,20 +39,11 @@ from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
 from tasks import audit, fleet, notify
+from tasks.catalog import StoredManifest
 from tasks.errors import PgdrError, is_transient, redact
 from tasks.metrics import put_metrics
 from tasks.repository import Repository, open_repository
 from tasks.settings import Settings, load_settings
-
-
-class StoredManifest(Protocol):
-    """What every kind of manifest offers: where it goes, and its bytes."""
-
-    @property
-    def manifest_key(self) -> str: ...
-
-    def to_json(self) -> bytes: ...
-
 
 ProgressListener = Callable[[str, int, int | None], None]
 _listeners: list[ProgressListener] = []
@@ -153,8 +144,7 @@ def open_repo(url: str, settings: Settings) -> Repository:
 def write_manifest(repo_url: str, settings: Settings, manifest: StoredManifest) -> str:
     """The completion marker of a backup, files backup, base backup or storage snapshot:
     written last, so that nothing without one is ever taken for complete."""
-    open_repo(repo_url, settings).put_bytes(manifest.manifest_key, manifest.to_json())
-    return manifest.manifest_key
+    return manifest.write(open_repo(repo_url, settings))
 
 
 @task(name="record audit", **retrying(3, 2))

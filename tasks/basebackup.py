@@ -10,44 +10,42 @@ without the WAL archive.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import tarfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from tasks import crypto
-from tasks.catalog import database_component, parse_backup_id, parse_iso
-from tasks.dump import fetch_dump, zstd_command
+from tasks.catalog import MANIFEST, StoredManifest, database_component, dated_prefix
+from tasks.dump import fetch_dump
 from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
+from tasks.pipeline import NO_STALL_BUDGET, Encoder, encode_commands
 from tasks.postgres import libpq_env, pg_bin
 from tasks.process import Pipeline
-from tasks.repository import READ_CHUNK, PutResult, Repository, validate_key
+from tasks.repository import READ_CHUNK, PutResult, Repository
 from tasks.wal import wal_file_name
 
 BASE_AREA = "base"
 # Parallel streams downloading a base backup from S3: the fast way back is network-bound.
 DOWNLOAD_STREAMS = 4
-MANIFEST = "manifest.json"
 
 _START = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
 _END = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
 
 
 def base_prefix(database: str, backup_id: str) -> str:
-    started = parse_backup_id(backup_id).started
-    return validate_key(f"{database_component(database)}/{BASE_AREA}/{started:%Y}/{started:%m}/"
-                        f"{started:%d}/{backup_id}")
+    """`<database>/base/<YYYY>/<MM>/<DD>/<backup_id>` (no trailing slash)."""
+    return dated_prefix(f"{database_component(database)}/{BASE_AREA}", backup_id, tiered=False)
 
 
 @dataclass
-class BaseManifest:
+class BaseManifest(StoredManifest):
+    KIND: ClassVar[str] = "base backup manifest"
+
     backup_id: str
     database: str
     started_at: str
@@ -71,29 +69,10 @@ class BaseManifest:
     def prefix(self) -> str:
         return base_prefix(self.database, self.backup_id)
 
-    @property
-    def manifest_key(self) -> str:
-        return f"{self.prefix}/{MANIFEST}"
-
-    @property
-    def finished(self) -> datetime:
-        return parse_iso(self.finished_at)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> BaseManifest:
-        try:
-            raw = json.loads(data)
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ConfigError(f"unreadable base backup manifest: {exc}") from None
-
 
 def list_base_backups(repo: Repository, database: str) -> list[BaseManifest]:
     """Every complete base backup of database (it has a manifest), oldest first."""
-    found = [BaseManifest.from_json(repo.get_bytes(info.key))
+    found = [BaseManifest.read(repo, info.key)
              for info in repo.list(f"{database_component(database)}/{BASE_AREA}/")
              if info.key.endswith("/" + MANIFEST)]
     return sorted(found, key=lambda m: (m.finished_at, m.backup_id))
@@ -102,7 +81,7 @@ def list_base_backups(repo: Repository, database: str) -> list[BaseManifest]:
 def find_base_backup(repo: Repository, database: str, backup_id: str) -> BaseManifest:
     key = f"{base_prefix(database, backup_id)}/{MANIFEST}"
     try:
-        return BaseManifest.from_json(repo.get_bytes(key))
+        return BaseManifest.read(repo, key)
     except NotFoundError:
         raise NotFoundError(f"base backup {backup_id} of {database} not found in {repo.url}") from None
 
@@ -155,24 +134,16 @@ def stream_basebackup(
     program = str(bin_dir / "pg_basebackup") if bin_dir else pg_bin("pg_basebackup")
     argv = [program, "-D", "-", "-Ft", "-X", "fetch", "--verbose", "--no-password",
             "--label", label, "--checkpoint", "fast" if fast_checkpoint else "spread"]
-    commands = [argv, zstd_command(zstd_level, zstd_threads)]
-    if encrypt_to:
-        commands.append(crypto.encrypt_command(encrypt_to, gpg_homedir))
-    with libpq_env(db_url) as env, Pipeline(commands, env=env, secrets=secrets or []) as pipeline:
-
-        def stored_bytes() -> Iterator[bytes]:
-            written = 0
-            last_report = time.monotonic()
-            while chunk := pipeline.stdout.read1(READ_CHUNK):  # type: ignore[union-attr]
-                written += len(chunk)
-                if progress and time.monotonic() - last_report >= 1.0:
-                    progress(written)
-                    last_report = time.monotonic()
-                yield chunk
-            pipeline.wait()  # only a stream whose every command succeeded is stored
-
-        stored = repo.put_stream(key, stored_bytes())
-    log = "\n".join(pipeline.stderr_lines(0))
+    encode = encode_commands(encrypt_to, gpg_homedir, zstd_level, zstd_threads)
+    # No stall budget: pg_basebackup is rightly silent while a spread checkpoint runs.
+    with libpq_env(db_url) as env, Pipeline([argv], env=env, secrets=secrets or []) as backup, \
+            Encoder(encode, stdin=backup.stdout, what="base backup", secrets=secrets or [],
+                    on_stall=backup.kill, stall_budget=NO_STALL_BUDGET) as encoder:
+        backup.stdout.close()  # type: ignore[union-attr]
+        stored = encoder.store(repo, key, raw_bytes=lambda: backup.bytes_written(0) or 0,
+                               finish=backup.wait, waits_on="database",
+                               progress=(lambda _raw, written: progress(written)) if progress else None)
+    log = "\n".join(backup.stderr_lines(0))
     start, end = _START.search(log), _END.search(log)
     if not start or not end:
         raise PgdrError("pg_basebackup did not report its WAL start and end points")

@@ -13,7 +13,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar, Self
 from urllib.parse import quote, unquote
 
 from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
@@ -82,17 +82,81 @@ def database_from_component(component: str) -> str:
     return unquote(component)
 
 
-def backup_prefix(database: str, backup_id: str) -> str:
-    """`<database>/<tier>/<YYYY>/<MM>/<DD>/<backup_id>` (no trailing slash)."""
+def dated_prefix(root: str, backup_id: str, *, tiered: bool = True) -> str:
+    """`<root>[/<tier>]/<YYYY>/<MM>/<DD>/<backup_id>` (no trailing slash): where a backup
+    lies, by its tier (when the area has tiers) and the day it started."""
     parsed = parse_backup_id(backup_id)
     day = parsed.started
-    return validate_key(
-        f"{database_component(database)}/{parsed.tier}/{day:%Y}/{day:%m}/{day:%d}/{backup_id}"
-    )
+    tier = f"{parsed.tier}/" if tiered else ""
+    return validate_key(f"{root}/{tier}{day:%Y}/{day:%m}/{day:%d}/{backup_id}")
+
+
+def backup_prefix(database: str, backup_id: str) -> str:
+    """`<database>/<tier>/<YYYY>/<MM>/<DD>/<backup_id>` (no trailing slash)."""
+    return dated_prefix(database_component(database), backup_id)
+
+
+class StoredManifest:
+    """What every kind of manifest shares (database backups, files backups, storage
+    snapshots, base backups): a dataclass of its kind's fields, stored as sorted JSON at
+    `<prefix>/manifest.json`, written last (what makes a backup complete), and read back
+    keeping the fields its kind knows: a field added later has a default, so manifests
+    written before it still read. A kind names its prefix and extends `check`."""
+
+    KIND: ClassVar[str] = "manifest"  # how errors name it
+    # Fields every kind has (declared by each kind's dataclass; a property may stand for one).
+    backup_id: str
+    finished_at: str
+
+    @property
+    def prefix(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def manifest_key(self) -> str:
+        return f"{self.prefix}/{MANIFEST}"
+
+    @property
+    def finished(self) -> datetime:
+        return parse_iso(self.finished_at)
+
+    def belongs_at(self, prefix: str) -> bool:
+        """Whether the manifest describes the backup at prefix (one moved or copied over
+        another backup's, or another database's, must never be trusted)."""
+        try:
+            return self.manifest_key == f"{prefix}/{MANIFEST}"
+        except PgdrError:  # names that make no key describe no backup
+            return False
+
+    def check(self) -> None:
+        """ConfigError unless what names the backup is valid."""
+        parse_backup_id(self.backup_id)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Self:
+        try:
+            raw = json.loads(data)
+            manifest = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})  # type: ignore[attr-defined]
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"unreadable {cls.KIND}: {exc}") from None
+        manifest.check()
+        return manifest
+
+    @classmethod
+    def read(cls, repo: Repository, key: str) -> Self:
+        return cls.from_json(repo.get_bytes(key))
+
+    def write(self, repo: Repository) -> str:
+        """Store the manifest (last: it completes the backup); returns its key."""
+        repo.put_bytes(self.manifest_key, self.to_json())
+        return self.manifest_key
 
 
 @dataclass
-class Manifest:
+class Manifest(StoredManifest):
     backup_id: str
     database: str
     tier: str
@@ -126,34 +190,12 @@ class Manifest:
         return backup_prefix(self.database, self.backup_id)
 
     @property
-    def manifest_key(self) -> str:
-        return f"{self.prefix}/{MANIFEST}"
-
-    @property
     def verified_key(self) -> str:
         return f"{self.prefix}/{VERIFIED}"
 
     @property
-    def finished(self) -> datetime:
-        return parse_iso(self.finished_at)
-
-    @property
     def snapshot(self) -> datetime:
         return parse_iso(self.snapshot_at)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        try:
-            raw = json.loads(data)
-            known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
-            manifest = cls(**known)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"unreadable manifest: {exc}") from None
-        parse_backup_id(manifest.backup_id)
-        return manifest
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -232,7 +274,7 @@ def read_manifest(repo: Repository, key: str) -> Manifest:
     IntegrityError unless it describes that very location (a manifest copied over another
     backup's, or another database's, must never be trusted)."""
     try:
-        manifest = Manifest.from_json(repo.get_bytes(key))
+        manifest = Manifest.read(repo, key)
     except ConfigError as exc:
         raise ConfigError(f"damaged manifest {key}: {exc}") from None
     data_key = manifest.data_key

@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
 import re
 import stat
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from tasks import catalog
-from tasks.dump import Progress, encode_commands, fetch_dump, stream_encoded
+from tasks.dump import fetch_dump
 from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
-from tasks.repository import READ_CHUNK, PutResult, Repository, validate_key
+from tasks.pipeline import Progress, encode_commands, stream_encoded
+from tasks.repository import READ_CHUNK, PutResult, Repository
 
 AREA = "files"
 ARCHIVE = "archive.tar.zst"
@@ -81,7 +80,9 @@ class Entry:
 
 
 @dataclass
-class FilesManifest:
+class FilesManifest(catalog.StoredManifest):
+    KIND: ClassVar[str] = "files manifest"
+
     backup_id: str
     name: str
     tier: str
@@ -103,30 +104,12 @@ class FilesManifest:
     def prefix(self) -> str:
         return backup_prefix(self.name, self.backup_id)
 
-    @property
-    def manifest_key(self) -> str:
-        return f"{self.prefix}/{catalog.MANIFEST}"
-
-    @property
-    def finished(self) -> datetime:
-        return catalog.parse_iso(self.finished_at)
+    def check(self) -> None:
+        super().check()
+        check_name(self.name)
 
     def members(self) -> list[Entry]:
         return [Entry.from_dict(raw) for raw in self.entries]
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> FilesManifest:
-        try:
-            raw = json.loads(data)
-            manifest = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"unreadable files manifest: {exc}") from None
-        catalog.parse_backup_id(manifest.backup_id)
-        check_name(manifest.name)
-        return manifest
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -148,9 +131,7 @@ def check_name(name: str) -> str:
 
 def backup_prefix(name: str, backup_id: str) -> str:
     """`files/<name>/<tier>/<YYYY>/<MM>/<DD>/<backup_id>` (no trailing slash)."""
-    parsed = catalog.parse_backup_id(backup_id)
-    day = parsed.started
-    return validate_key(f"{AREA}/{check_name(name)}/{parsed.tier}/{day:%Y}/{day:%m}/{day:%d}/{backup_id}")
+    return catalog.dated_prefix(f"{AREA}/{check_name(name)}", backup_id)
 
 
 # --- the catalog of files backups ------------------------------------------------------------
@@ -170,7 +151,7 @@ def list_file_backups(repo: Repository, name: str | None = None) -> list[FilesMa
     for each in names:
         for info in repo.list(f"{AREA}/{each}/"):
             if info.key.endswith("/" + catalog.MANIFEST):
-                manifests.append(FilesManifest.from_json(repo.get_bytes(info.key)))
+                manifests.append(FilesManifest.read(repo, info.key))
     return sorted(manifests, key=lambda m: (m.finished_at, m.backup_id))
 
 
@@ -184,7 +165,7 @@ def find_file_backup(repo: Repository, selector: str, name: str) -> FilesManifes
     key = f"{backup_prefix(name, selector)}/{catalog.MANIFEST}"
     if not repo.head(key):
         raise NotFoundError(f"files backup {selector} of {name} not found in {repo.url}")
-    return FilesManifest.from_json(repo.get_bytes(key))
+    return FilesManifest.read(repo, key)
 
 
 # --- what to back up -------------------------------------------------------------------------

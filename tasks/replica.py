@@ -40,7 +40,7 @@ class StoredBackup(Protocol):
     @property
     def sha256(self) -> str: ...
 
-    def to_json(self) -> bytes: ...
+    def write(self, repo: Repository) -> str: ...
 
 
 def _copy(source: Repository, target: Repository, key: str, storage_class: str | None) -> str | None:
@@ -82,7 +82,7 @@ def copy_backup(source: Repository, target: Repository, manifest: StoredBackup,
     for key in keys:
         if key != data_key and _copy(source, target, key, storage_class) is not None:
             method = "streamed"
-    target.put_bytes(manifest.manifest_key, manifest.to_json())
+    manifest.write(target)
     return {"replica": target.url, "backup_id": manifest.backup_id, "objects": len(keys) + 1,
             "method": method, "sha256": manifest.sha256}
 
@@ -100,7 +100,7 @@ def copy_snapshot(source: Repository, target: Repository, manifest: StorageManif
         if found is None or found.size != size:
             raise IntegrityError(f"the copy of {stored} in {target.url} is not {size} bytes")
         copied += 1
-    target.put_bytes(manifest.manifest_key, manifest.to_json())
+    manifest.write(target)
     return {"replica": target.url, "backup_id": manifest.snapshot_id, "objects": copied + 1}
 
 

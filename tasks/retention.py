@@ -34,6 +34,7 @@ from tasks.catalog import (
     NON_TIER_AREAS,
     VERIFIED,
     Manifest,
+    StoredManifest,
     backup_time,
     database_component,
     iso,
@@ -212,32 +213,36 @@ class PrunePlan:
     unreadable: list[StoredBackup]
 
 
-def scan_backups(repo: Repository, root: str, group: str,
-                 read_manifest: Callable[[bytes], Any]) -> tuple[list[StoredBackup], list[StoredBackup]]:
-    """Every backup prefix under root (`<root>/<tier>/<YYYY>/<MM>/<DD>/<backup_id>/<file>`, all
-    pages of every tier), complete ones with their manifest; and apart, those whose manifest
-    cannot be read (left alone: never delete what is not understood)."""
-    depth = root.count("/") + 1
+def scan_backups(repo: Repository, root: str, group: str, kind: type[StoredManifest], *,
+                 tiered: bool = True) -> tuple[list[StoredBackup], list[StoredBackup]]:
+    """Every backup prefix under root (`<root>[/<tier>]/<YYYY>/<MM>/<DD>/<backup_id>/<file>`,
+    all pages of every tier), complete ones with their manifest; and apart, those whose
+    manifest cannot be read or describes another backup (left alone: never delete what is
+    not understood)."""
+    areas = ([f"{root}/{tier}" for tier in repo.list_dirs(root + "/") if tier not in NON_TIER_AREAS]
+             if tiered else [root])
     found: dict[str, StoredBackup] = {}
-    for tier in repo.list_dirs(root + "/"):
-        if tier in NON_TIER_AREAS:
-            continue
-        for info in repo.list(f"{root}/{tier}/"):
-            parts = info.key.split("/")
+    for area in areas:
+        for info in repo.list(area + "/"):
+            parts = info.key[len(area) + 1:].split("/")
             # Only ids pgdr writes, at the depth it writes them.
-            if len(parts) != depth + 6 or not _is_backup_id(parts[depth + 4]):
+            if len(parts) != 5 or not _is_backup_id(parts[3]):
                 continue
-            prefix = "/".join(parts[:depth + 5])
-            stored = found.setdefault(prefix, StoredBackup(group, tier, prefix, [], info.modified))
+            prefix = f"{area}/{'/'.join(parts[:4])}"
+            stored = found.setdefault(prefix, StoredBackup(group, parse_backup_id(parts[3]).tier, prefix, [],
+                                                           info.modified))
             stored.keys.append(info.key)
             stored.newest = max(stored.newest, info.modified)
     readable, unreadable = [], []
     for stored in found.values():
         if f"{stored.prefix}/{MANIFEST}" in stored.keys:
             try:
-                stored.manifest = read_manifest(repo.get_bytes(f"{stored.prefix}/{MANIFEST}"))
+                stored.manifest = kind.read(repo, f"{stored.prefix}/{MANIFEST}")
             except (PgdrError, ValueError):
                 unreadable.append(stored)
+                continue
+            if not stored.manifest.belongs_at(stored.prefix):
+                unreadable.append(stored)  # a manifest moved here from elsewhere: never trusted
                 continue
         readable.append(stored)
     return readable, unreadable
@@ -245,12 +250,9 @@ def scan_backups(repo: Repository, root: str, group: str,
 
 def scan_database(repo: Repository, database: str) -> tuple[list[StoredBackup], list[StoredBackup]]:
     """scan_backups of a database, with each backup's verification result."""
-    stored, unreadable = scan_backups(repo, database_component(database), database, Manifest.from_json)
+    stored, unreadable = scan_backups(repo, database_component(database), database, Manifest)
     readable = []
     for backup in stored:
-        if backup.manifest and backup.manifest.manifest_key != f"{backup.prefix}/{MANIFEST}":
-            unreadable.append(backup)  # a manifest moved here from elsewhere: never trusted
-            continue
         if backup.manifest and f"{backup.prefix}/{VERIFIED}" in backup.keys:
             try:
                 result = read_verification(repo, backup.manifest) or {}
@@ -271,12 +273,14 @@ def _is_backup_id(value: str) -> bool:
 
 
 def _plan(repo: Repository, area: str, root: str, scanned: tuple[list[StoredBackup], list[StoredBackup]],
-          now: datetime, policy: Policy, tier: str | None, grace: timedelta) -> PrunePlan:
+          now: datetime, policy: Policy, tier: str | None, grace: timedelta,
+          chooser: Callable[[list[BackupFacts], datetime, Policy], list[Decision]] = choose) -> PrunePlan:
     stored, unreadable = scanned
     complete = {s.manifest.backup_id: s for s in stored if s.manifest}
-    facts = [BackupFacts(m.backup_id, s.group, m.tier, backup_time(m), s.verified)
-             for s in complete.values() for m in [s.manifest]]
-    decisions = [(d, complete[d.backup.backup_id]) for d in choose(facts, now, policy)
+    # The tier is the backup id's (where the backup lies): base backups have no tier field.
+    facts = [BackupFacts(s.manifest.backup_id, s.group, s.tier, backup_time(s.manifest), s.verified)
+             for s in complete.values()]
+    decisions = [(d, complete[d.backup.backup_id]) for d in chooser(facts, now, policy)
                  if tier is None or d.backup.tier == tier]
     incomplete = [s for s in stored if s.manifest is None and is_stale(s.newest, now, grace)]
     uploads = [u for u in repo.incomplete_uploads(root + "/") if is_stale(u.started, now, grace)]
@@ -295,7 +299,7 @@ def plan_files_prune(repo: Repository, name: str, now: datetime, policy: Policy,
                      tier: str | None = None, grace: timedelta = DEFAULT_GRACE) -> PrunePlan:
     """What pruning the files backups named name would do (as plan_prune for a database)."""
     root = f"{filing.AREA}/{filing.check_name(name)}"
-    return _plan(repo, FILES, root, scan_backups(repo, root, name, filing.FilesManifest.from_json),
+    return _plan(repo, FILES, root, scan_backups(repo, root, name, filing.FilesManifest),
                  now, policy, tier, grace)
 
 
@@ -465,11 +469,11 @@ def scan_snapshots(repo: Repository, bucket: str) -> tuple[dict[str, SnapshotDir
         if key not in found.keys:
             continue
         try:
-            manifest = StorageManifest.from_json(repo.get_bytes(key))
+            manifest = StorageManifest.read(repo, key)
         except (PgdrError, ValueError):
             unreadable.append(snapshot_id)
             continue
-        if (manifest.snapshot_id, manifest.bucket) != (snapshot_id, bucket):
+        if not manifest.belongs_at(f"{root}{snapshot_id}"):
             unreadable.append(snapshot_id)
             continue
         found.manifest = manifest
@@ -645,47 +649,16 @@ def list_pitr_sets(repo: Repository) -> list[str]:
 
 
 def scan_base_backups(repo: Repository, database: str) -> tuple[list[StoredBackup], list[StoredBackup]]:
-    """Every base backup prefix (`<db>/base/<YYYY>/<MM>/<DD>/<backup_id>/<file>`), complete
-    ones with their manifest; and apart, those whose manifest cannot be read."""
-    root = f"{database_component(database)}/{BASE_AREA}/"
-    found: dict[str, StoredBackup] = {}
-    for info in repo.list(root):
-        parts = info.key[len(root):].split("/")
-        if len(parts) != 5 or not _is_backup_id(parts[3]):
-            continue
-        prefix = root + "/".join(parts[:4])
-        stored = found.setdefault(prefix, StoredBackup(database, parse_backup_id(parts[3]).tier, prefix, [],
-                                                       info.modified))
-        stored.keys.append(info.key)
-        stored.newest = max(stored.newest, info.modified)
-    readable, unreadable = [], []
-    for stored in found.values():
-        if f"{stored.prefix}/{MANIFEST}" in stored.keys:
-            try:
-                stored.manifest = BaseManifest.from_json(repo.get_bytes(f"{stored.prefix}/{MANIFEST}"))
-            except PgdrError:
-                unreadable.append(stored)
-                continue
-            if stored.manifest.backup_id != stored.prefix.rsplit("/", 1)[-1]:
-                unreadable.append(stored)
-                continue
-        readable.append(stored)
-    return readable, unreadable
+    """scan_backups of a database's base backups (`<db>/base/<YYYY>/<MM>/<DD>/<backup_id>/<file>`)."""
+    return scan_backups(repo, f"{database_component(database)}/{BASE_AREA}", database, BaseManifest,
+                        tiered=False)
 
 
 def plan_pitr_prune(repo: Repository, database: str, now: datetime, policy: Policy,
                     tier: str | None = None, grace: timedelta = DEFAULT_GRACE) -> PrunePlan:
     """What pruning the database's base backups would do (the WAL follows them)."""
-    stored, unreadable = scan_base_backups(repo, database)
-    complete = {s.manifest.backup_id: s for s in stored if s.manifest}
-    facts = [BackupFacts(backup_id, database, s.tier, s.manifest.finished)
-             for backup_id, s in complete.items()]
-    decisions = [(d, complete[d.backup.backup_id]) for d in choose_base_backups(facts, now, policy)
-                 if tier is None or d.backup.tier == tier]
-    incomplete = [s for s in stored if s.manifest is None and is_stale(s.newest, now, grace)]
-    root = f"{database_component(database)}/{BASE_AREA}/"
-    uploads = [u for u in repo.incomplete_uploads(root) if is_stale(u.started, now, grace)]
-    return PrunePlan(PITR, decisions, incomplete, uploads, unreadable)
+    return _plan(repo, PITR, f"{database_component(database)}/{BASE_AREA}", scan_base_backups(repo, database),
+                 now, policy, tier, grace, choose_base_backups)
 
 
 def prune_archived_wal(repo: Repository, database: str, remaining: list[BaseManifest],

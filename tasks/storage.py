@@ -15,14 +15,12 @@ be deleted once no kept manifest refers to them (see referenced_keys).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 from tasks import catalog
@@ -55,7 +53,9 @@ def parse_s3_url(url: str) -> Location:
 
 
 @dataclass
-class StorageManifest:
+class StorageManifest(catalog.StoredManifest):
+    KIND: ClassVar[str] = "storage manifest"
+
     snapshot_id: str
     bucket: str
     source_prefix: str
@@ -80,29 +80,8 @@ class StorageManifest:
         return snapshot_area(self.bucket, self.snapshot_id)
 
     @property
-    def manifest_key(self) -> str:
-        return f"{self.prefix}/{catalog.MANIFEST}"
-
-    @property
     def size_bytes(self) -> int:
         return self.copied_bytes
-
-    @property
-    def finished(self) -> datetime:
-        return catalog.parse_iso(self.finished_at)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> StorageManifest:
-        try:
-            raw = json.loads(data)
-            manifest = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"unreadable storage manifest: {exc}") from None
-        catalog.parse_backup_id(manifest.snapshot_id)
-        return manifest
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -167,7 +146,7 @@ def list_snapshots(repo: Repository, bucket: str | None = None) -> list[StorageM
         for snapshot_id in repo.list_dirs(f"{bucket_area(each)}/"):
             key = f"{snapshot_area(each, snapshot_id)}/{catalog.MANIFEST}"
             if repo.head(key):
-                found.append(StorageManifest.from_json(repo.get_bytes(key)))
+                found.append(StorageManifest.read(repo, key))
     return sorted(found, key=lambda m: (m.finished_at, m.snapshot_id))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from tasks import crypto
 from tasks.catalog import database_component, iso, utcnow
 from tasks.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
-from tasks.process import run_bytes
+from tasks.pipeline import decode_bytes, decode_commands, encode_commands, encode_file
 from tasks.repository import READ_CHUNK, Repository, write_atomically
 
 SIDECAR = ".sha256"
@@ -166,13 +166,9 @@ def push(
     existing = _read_sidecar(repo, database, name)
     if existing is not None:
         return _already_archived(existing, name, wal_sha256, wal_size)
-    # zstd reads the file itself: piping 16 MB through Python costs more than compressing it.
+    fingerprint = crypto.recipient_fingerprint(encrypt_to, gpg_homedir) if encrypt_to else None
     # (A completed segment does not change; if it did, fetch would find the checksum wrong.)
-    stored = run_bytes(["zstd", f"-{zstd_level}", "-q", "-c", "--", str(path)])
-    fingerprint = None
-    if encrypt_to:
-        fingerprint = crypto.recipient_fingerprint(encrypt_to, gpg_homedir)
-        stored = run_bytes(crypto.encrypt_command(fingerprint, gpg_homedir), input=stored)
+    stored = encode_file(path, encode_commands(fingerprint, gpg_homedir, zstd_level, 1))
     key = data_key(database, name, fingerprint is not None, hashlib.sha256(stored).hexdigest())
     result = repo.put_bytes(key, stored)
     record = {
@@ -309,8 +305,9 @@ def fetch(
         )
     if record.get("encryption"):
         with crypto.decrypt_command(gpg_homedir, passphrase) as (argv, fds):
-            stored = run_bytes(argv, input=stored, pass_fds=fds, secrets=[passphrase or ""])
-    data = run_bytes(["zstd", "-d", "-q", "-c"], input=stored)
+            data = decode_bytes(stored, decode_commands(argv), pass_fds=fds, secrets=[passphrase or ""])
+    else:
+        data = decode_bytes(stored, decode_commands(None))
     if hashlib.sha256(data).hexdigest() != record["wal_sha256"]:
         raise IntegrityError(f"{name} decodes to different bytes than were archived")
     try:

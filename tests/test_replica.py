@@ -56,14 +56,19 @@ def test_the_dr_copy_holds_dumps_base_backups_wal_files_and_snapshots(capsys, mo
     lag = cli_json(capsys, "status", "--repo", s3_repo)["replica"]
     assert lag["lag_seconds"] == 0 and lag["missing_files_backups"] == lag["missing_storage_snapshots"] == 0
 
-    # From now on each one is copied as it is made (a WAL file right after its push).
+    # From now on backups are copied as they are made. A WAL push stays light (no second
+    # repository per segment): the next `replicate --all` copies the WAL.
     later = tmp_path / SEGMENT.replace("07", "08")
     later.write_bytes(b"\1" * 8192)
     pushed = cli_json(capsys, "wal-push", str(later), "--repo", s3_repo, "--db", database)
-    assert pushed["replicated"] is True
+    assert "replicated" not in pushed
+    (ours,) = [d for d in cli_json(capsys, "status", "--repo", s3_repo)["replica"]["databases"]
+               if d["database"] == database]
+    assert ours["missing_wal_files"] == 1
     again = cli_json(capsys, "backup", "--db", source_db, "--repo", s3_repo)
     cli_json(capsys, "files", "--path", str(tmp_path / "conf"), "--name", "app-config", "--repo", s3_repo)
-    assert cli_json(capsys, "replicate", "--all", "--repo", s3_repo)["copied"] == dict.fromkeys(copied, 0)
+    assert cli_json(capsys, "replicate", "--all", "--repo", s3_repo)["copied"] == {**dict.fromkeys(copied, 0),
+                                                                                  "wal_files": 1}
 
     # The replica alone restores each of them.
     listed = {b["backup_id"] for b in cli_json(capsys, "list", "--repo", replica)["backups"]}
@@ -94,9 +99,9 @@ def test_an_unreachable_replica_never_stalls_wal_archiving_and_the_gap_is_filled
     segment = tmp_path / SEGMENT
     segment.write_bytes(b"\2" * 8192)
     code, out, err = run_cli(capsys, "wal-push", str(segment), "--repo", s3_repo, "--db", "ledger", "--json")
-    # Archived (PostgreSQL may recycle the segment), and the missing copy said out loud.
-    assert code == 0 and json.loads(out)["replicated"] is False
-    assert f"pgdr: warning: {SEGMENT} is archived but not copied to the replica" in err
+    # Archived (PostgreSQL may recycle the segment): the push never waits for the DR copy,
+    # and status says out loud that the replica cannot be reached.
+    assert (code, err) == (0, "") and json.loads(out)["stored"] is True
     assert "NoSuchBucket" in cli_json(capsys, "status", "--repo", s3_repo)["replica"]["error"]
 
     boto3.client("s3").create_bucket(Bucket=missing)
