@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -351,3 +352,23 @@ def test_snapshot_and_prune_of_one_bucket_never_interleave(capsys, s3_repo, monk
     restored = new_bucket()
     cli_json(capsys, "storage-restore", "latest", "--dest", f"s3://{restored}", "--repo", s3_repo)
     assert contents(restored) == {"a.txt": b"a", "b.txt": b"b"}
+
+
+def test_snapshots_leave_an_audit_record_of_each_success_and_failure(capsys, s3_repo):
+    source = new_bucket()
+    put_all(source, {"a.txt": b"a", "b.txt": b"bb"})
+    snap = cli_json(capsys, "storage-snapshot", "--source", f"s3://{source}", "--repo", s3_repo)
+    missing = f"pgdr-src-{uuid.uuid4().hex[:12]}"
+    code, _, err = run_cli(capsys, "storage-snapshot", "--source", f"s3://{missing}", "--repo", s3_repo)
+    assert code == 1
+
+    repo = open_repository(s3_repo)
+    records = [json.loads(repo.get_bytes(o.key)) for o in repo.list("audit/")]
+    by_status = {r["status"]: r for r in records if r["operation"] == "storage-snapshot"}
+    success, failed = by_status["success"], by_status["failed"]
+    assert (success["source"], success["destination"], success["size_bytes"]) == (
+        f"s3://{source}/", f"{s3_repo}/storage/{source}/{snap['snapshot_id']}", 3)
+    assert success["details"] == {"backup_id": snap["snapshot_id"], "objects": 2, "copied": 2}
+    assert (failed["source"], failed["destination"], failed["size_bytes"]) == (f"s3://{missing}/", s3_repo, 0)
+    assert failed["details"]["error"] == error_line(err).removeprefix("pgdr: error: ")
+    assert set(failed["details"]) == {"backup_id", "error"} and failed["duration_seconds"] >= 0
