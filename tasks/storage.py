@@ -71,7 +71,7 @@ class StorageManifest(catalog.StoredManifest):
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
-    def backup_id(self) -> str:
+    def backup_id(self) -> str:  # type: ignore[override]  # the other kinds' field, read-only here
         """The snapshot id under the name the retention of backups knows."""
         return self.snapshot_id
 
