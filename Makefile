@@ -30,6 +30,7 @@ bench: setup
 
 lint: setup
 	.venv/bin/ruff check .
+	$(PYTHON) -m mypy
 
 # Pin the run-time packages the worker image installs (Dockerfile) after a dependency change.
 lock: setup

@@ -309,16 +309,11 @@ class Cases:
     def prepare_catalog(self, backups: int) -> None:
         """A repository of `backups` backups of CATALOG_DATABASES databases (their manifests,
         an hour apart, and each database's catalog index), in a bucket of its own (not measured)."""
-        import boto3
-
         from tasks import catalog
         from tasks.repository import open_repository
 
         env = self.bench.base_env
-        boto3.session.Session().client(
-            "s3", endpoint_url=self.bench.s3_endpoint, region_name=env["AWS_DEFAULT_REGION"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        ).create_bucket(Bucket=CATALOG_BUCKET)
+        self.bench.s3().create_bucket(Bucket=CATALOG_BUCKET)
         # pgdr's own repository code writes them, pointed at the bench's endpoint like the commands.
         os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
@@ -365,15 +360,10 @@ class Cases:
 
     def clean_up(self) -> None:
         """Between rounds: drop restored databases, empty the bucket, remove downloads."""
-        import boto3
-
         with psycopg.connect(self.bench.url("postgres"), autocommit=True) as conn:
             for name in (OLD_RESTORE_DB, BARE_RESTORE_DB):
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        env = self.bench.base_env
-        s3 = boto3.session.Session().client(
-            "s3", endpoint_url=self.bench.s3_endpoint, region_name=env["AWS_DEFAULT_REGION"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        s3 = self.bench.s3()
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
             for item in page.get("Contents", []):
                 s3.delete_object(Bucket=BUCKET, Key=item["Key"])

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -52,6 +53,9 @@ class BenchEnvironment:
     def logs(self) -> Path:
         return self.work / "logs"
 
+    def s3(self) -> Any:
+        return admin_s3(self.s3_endpoint, self.base_env)
+
     def url(self, dbname: str) -> str:
         return self.cluster.url(dbname)
 
@@ -81,6 +85,16 @@ class BenchEnvironment:
         if gpg:
             env["PGDR_GNUPGHOME"] = self.gpg.homedir
         return env
+
+
+def admin_s3(endpoint: str, env: dict[str, str]) -> Any:
+    """An S3 client for the bench's own set-up and clean-up on its moto endpoint (not
+    measured, so not pgdr's client)."""
+    import boto3
+
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
 
 
 def _base_env(work: Path, s3_endpoint: str) -> dict[str, str]:
@@ -148,7 +162,6 @@ def _prefect_server(env: dict[str, str], logs: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def bench_environment(size_mb: int, cores: int) -> Iterator[BenchEnvironment]:
-    import boto3
 
     with contextlib.ExitStack() as stack:
         # Under /tmp and short: the cluster's Unix socket and gpg-agent's live inside it.
@@ -164,10 +177,7 @@ def bench_environment(size_mb: int, cores: int) -> Iterator[BenchEnvironment]:
                 conn.execute(f"CREATE DATABASE {name}")
         endpoint = stack.enter_context(_moto())
         base_env = _base_env(work, endpoint)
-        s3 = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-            aws_secret_access_key=base_env["AWS_SECRET_ACCESS_KEY"])
-        s3.create_bucket(Bucket=BUCKET)
+        admin_s3(endpoint, base_env).create_bucket(Bucket=BUCKET)
         say("configuring a pgBackRest stanza on that cluster")
         rest = pgbackrest.configure(work, cluster, cores)
         gpg = make_gpg_home()

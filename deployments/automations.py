@@ -102,7 +102,7 @@ def notification_block_id(settings: Settings) -> Any:
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     if settings.notify_block:
-        return Block.load(settings.notify_block)._block_document_id
+        return Block.load(settings.notify_block)._block_document_id  # type: ignore[union-attr]  # sync/async API
     if not settings.notify_url:
         raise ConfigError("no notification channel: set PGDR_NOTIFY_URL or PGDR_NOTIFY_BLOCK")
     block = CustomWebhookNotificationBlock(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 from deployments.specs import PREFECT_YAML, DeploymentSpec, load_specs, select, split_available
@@ -33,7 +34,8 @@ def deploy(specs: list[DeploymentSpec], *, work_pool: str | None = None,
 
     ids = {}
     for spec in specs:
-        flow = Flow.from_source(source=str(spec.root), entrypoint=spec.entrypoint)
+        # Prefect types it as possibly a coroutine (its sync/async API); called here, it is a Flow.
+        flow: Any = Flow.from_source(source=str(spec.root), entrypoint=spec.entrypoint)
         ids[spec.label] = flow.deploy(
             name=spec.name, work_pool_name=work_pool or spec.work_pool, work_queue_name=spec.work_queue,
             schedules=spec.cron_schedules(timezone), parameters=spec.parameters,

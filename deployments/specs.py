@@ -61,7 +61,8 @@ class DeploymentSpec:
         for item in self.schedules:
             if "cron" not in item:
                 raise ConfigError(f"{self.label}: only cron schedules are supported, not {item}")
-            options = {"timezone": timezone or item.get("timezone"), "day_or": item.get("day_or")}
+            options: dict[str, Any] = {"timezone": timezone or item.get("timezone"),
+                                       "day_or": item.get("day_or")}
             result.append(CronSchedule(cron=item["cron"], **{k: v for k, v in options.items()
                                                                if v is not None}))
         return result

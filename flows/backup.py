@@ -16,14 +16,12 @@ from flows.prune import prune_after_backup, replicate_backup
 from flows.steps import (
     FLOW_HOOKS,
     Progress,
-    Stopwatch,
     artifact_key,
+    audited,
     human_bytes,
     open_repo,
     publish_metrics,
     publish_table,
-    record_audit,
-    record_failure,
     retrying,
     run_name,
     server_slot,
@@ -31,7 +29,6 @@ from flows.steps import (
 )
 from tasks import catalog, crypto, postgres
 from tasks import database as whole_database
-from tasks.audit import audit_record
 from tasks.dump import stream_dump
 from tasks.errors import ConfigError, PgdrError
 from tasks.locks import database_lock
@@ -158,8 +155,8 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
     database = postgres.database_name(db_url)
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
-    clock = Stopwatch()
-    try:
+    with audited(repo_url, settings, "backup", type=tier, source=database, destination=repo_url,
+                 failure_metrics={"BackupFailureCount": 1}, backup_id=backup_id) as step:
         # The server's fleet limit, then the database's lock: prune of this database
         # waits meanwhile, and so does another backup of it.
         with server_slot(db_url), database_lock(open_repo(repo_url, settings), database, "backup"):
@@ -168,29 +165,20 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
             index_backup(repo_url, settings, database)
         if settings.replica_repo_url:
             replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
-    except Exception as exc:
-        record_failure(repo_url, settings, audit_record(
-            "backup", type=tier, source=database, destination=repo_url, status="failed",
-            duration_seconds=clock.seconds, backup_id=backup_id, error=str(exc)))
-        publish_metrics(settings, database, BackupFailureCount=1)
-        raise
-    record_audit(repo_url, settings, audit_record(
-        "backup", type=tier, source=database, destination=f"{repo_url}/{manifest.prefix}",
-        status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
-        backup_id=backup_id))
-    publish_backup_artifact(manifest, clock.seconds)
+        step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.size_bytes)
+    publish_backup_artifact(manifest, step.seconds)
     warnings = [w for w in [catalog.clock_warning(manifest, settings.max_clock_skew_seconds)] if w]
     for warning in warnings:
         get_run_logger().warning("%s", warning)
     publish_metrics(settings, database, BackupFailureCount=0, HoursSinceLastBackup=0,
-                    BackupSizeBytes=manifest.size_bytes, BackupDurationSeconds=clock.seconds)
+                    BackupSizeBytes=manifest.size_bytes, BackupDurationSeconds=step.seconds)
     pruned = prune_after_backup(repo_url, database, tier)
     return {
         **manifest.summary(),
         "sha256": manifest.sha256,
         "row_counts": manifest.row_counts,
         "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
-        "duration_seconds": round(clock.seconds, 3),
+        "duration_seconds": round(step.seconds, 3),
         "replica": settings.replica_repo_url,
         "pruned": pruned["counts"] if pruned else None,
         "warnings": warnings,

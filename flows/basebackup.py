@@ -23,17 +23,14 @@ from flows.prune import replicate_backup
 from flows.steps import (
     FLOW_HOOKS,
     Progress,
-    Stopwatch,
+    audited,
     human_bytes,
     open_repo,
-    record_audit,
-    record_failure,
     retrying,
     run_name,
     write_manifest,
 )
 from tasks import catalog, crypto, postgres
-from tasks.audit import audit_record
 from tasks.basebackup import (
     FULL,
     INCREMENTAL,
@@ -181,21 +178,13 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
     database = name or settings.wal_db or postgres.database_name(db_url)
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
-    clock = Stopwatch()
-    try:
+    with audited(repo_url, settings, "basebackup", type=tier, source=database, destination=repo_url,
+                 backup_id=backup_id) as step:
         manifest, warnings = take_base_backup(db_url, repo_url, settings, database, backup_id, fingerprint,
                                               fast_checkpoint, kind)
         write_manifest(repo_url, settings, manifest)
         if settings.replica_repo_url:
             replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
-    except Exception as exc:
-        record_failure(repo_url, settings, audit_record(
-            "basebackup", type=tier, source=database, destination=repo_url, status="failed",
-            duration_seconds=clock.seconds, backup_id=backup_id, error=str(exc)))
-        raise
-    record_audit(repo_url, settings, audit_record(
-        "basebackup", type=tier, source=database, destination=f"{repo_url}/{manifest.prefix}",
-        status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
-        backup_id=backup_id))
+        step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.size_bytes)
     return {**summary(manifest), "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
-            "duration_seconds": round(clock.seconds, 3), "warnings": warnings}
+            "duration_seconds": round(step.seconds, 3), "warnings": warnings}

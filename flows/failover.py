@@ -212,7 +212,7 @@ def _database_failover(timeline: Timeline, summary: dict[str, Any], repo_url: st
                        target_url: str, db: str | None, backup_id: str | None, max_age_hours: float,
                        accept_stale: bool, record_value: str | None, force_record_value: bool,
                        health_sql: list[str], health_urls: list[str], health_timeout: float,
-                       dry_run: bool, roles: dict[str, bool]) -> str:
+                       dry_run: bool, roles: dict[str, Any]) -> str:
     """Choose, restore (a dry run: into a scratch database beside the target), check;
     returns the value the record gets (checked first: a wrong one changes nothing).
     `roles`: no_owner, no_acl, create_roles, as restore takes them."""

@@ -19,17 +19,14 @@ from flows.prune import prune_after_backup, replicate_backup
 from flows.steps import (
     FLOW_HOOKS,
     Progress,
-    Stopwatch,
+    audited,
     open_repo,
-    record_audit,
-    record_failure,
     retrying,
     run_name,
     write_manifest,
 )
 from tasks import catalog, crypto, retention
 from tasks import files as filing
-from tasks.audit import audit_record
 from tasks.errors import ConfigError
 from tasks.locks import database_lock
 from tasks.restore import work_directory
@@ -85,23 +82,15 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
     recipient = encrypt_to or settings.encrypt_to
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
-    clock = Stopwatch()
-    try:
+    with audited(repo_url, settings, "files-backup", type=tier, source=name, destination=repo_url,
+                 backup_id=backup_id) as step:
         # A prune of this name waits meanwhile, and so does another backup of it.
         with database_lock(open_repo(repo_url, settings), name, "files-backup", area=retention.FILES):
             manifest = archive_files(list(paths), name, repo_url, settings, backup_id, tier, fingerprint)
             write_manifest(repo_url, settings, manifest)
         if settings.replica_repo_url:
             replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
-    except Exception as exc:
-        record_failure(repo_url, settings, audit_record(
-            "files-backup", type=tier, source=name, destination=repo_url, status="failed",
-            duration_seconds=clock.seconds, backup_id=backup_id, error=str(exc)))
-        raise
-    record_audit(repo_url, settings, audit_record(
-        "files-backup", type=tier, source=name, destination=f"{repo_url}/{manifest.prefix}",
-        status="success", size_bytes=manifest.size_bytes, duration_seconds=clock.seconds,
-        backup_id=backup_id))
+        step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.size_bytes)
     pruned = prune_after_backup(repo_url, name, tier, area=retention.FILES)
     return {
         **manifest.summary(),
@@ -110,7 +99,7 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
         "sources": manifest.sources,
         "skipped": manifest.skipped,
         "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
-        "duration_seconds": round(clock.seconds, 3),
+        "duration_seconds": round(step.seconds, 3),
         "pruned": pruned["counts"] if pruned else None,
     }
 
@@ -145,21 +134,13 @@ def restore_files(backup_id: str, name: str, dest: str, repo: str | None = None,
     if not Path(dest).is_absolute():
         dest = str(Path(dest).resolve())
     repo_url = repo or settings.repo_url
-    clock = Stopwatch()
-    manifest = None
-    try:
+    with audited(repo_url, settings, "files-restore", type="unknown", source=name, destination=dest,
+                 backup_id=backup_id) as step:
         manifest = find_files_backup(repo_url, settings, backup_id, name)
+        step.type, step.details["backup_id"] = manifest.tier, manifest.backup_id
         done = restore_files_into(repo_url, settings, manifest, dest, overwrite)
-    except Exception as exc:
-        record_failure(repo_url, settings, audit_record(
-            "files-restore", type=manifest.tier if manifest else "unknown", source=name,
-            destination=dest, status="failed", duration_seconds=clock.seconds,
-            backup_id=manifest.backup_id if manifest else backup_id, error=str(exc)))
-        raise
-    record_audit(repo_url, settings, audit_record(
-        "files-restore", type=manifest.tier, source=f"{repo_url}/{manifest.prefix}", destination=dest,
-        status="success", size_bytes=done.bytes, duration_seconds=clock.seconds,
-        backup_id=manifest.backup_id))
+        step.source = f"{repo_url}/{manifest.prefix}"
+        step.succeeded(size_bytes=done.bytes)
     return {
         "backup_id": manifest.backup_id,
         "name": name,
@@ -169,5 +150,5 @@ def restore_files(backup_id: str, name: str, dest: str, repo: str | None = None,
         "symlinks": done.symlinks,
         "bytes": done.bytes,
         "verified": True,
-        "duration_seconds": round(clock.seconds, 3),
+        "duration_seconds": round(step.seconds, 3),
     }

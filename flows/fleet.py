@@ -109,11 +109,13 @@ def _run_here(action: str, parameters: dict[str, Any]) -> State:
 def _run_on_pool(deployment: str, parameters: dict[str, Any]) -> State:
     """The member's flow as a run of the deployment, picked up by a worker of its pool;
     waits for it to end."""
-    run = run_deployment(name=deployment, parameters=parameters, timeout=None, poll_interval=2,
-                         tags=["pgdr", "fleet"])
-    if run.state is None:
+    # Prefect types it as possibly a coroutine (its sync/async API); called here, it is a FlowRun.
+    run: Any = run_deployment(name=deployment, parameters=parameters, timeout=None, poll_interval=2,
+                              tags=["pgdr", "fleet"])
+    state: State | None = run.state
+    if state is None:
         raise PgdrError(f"flow run {run.id} of {deployment} has no state")
-    return run.state
+    return state
 
 
 def _result(state: State, action: str, parameters: dict[str, Any], member: fleets.Member, repo_url: str,

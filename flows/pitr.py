@@ -16,9 +16,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, record_failure, retrying, run_name
+from flows.steps import FLOW_HOOKS, audited, open_repo, retrying, run_name
 from tasks import pitr as pitr_steps
-from tasks.audit import audit_record
 from tasks.basebackup import (
     BaseManifest,
     backup_chain,
@@ -89,22 +88,16 @@ def pitr(
                                       target_timeline)
     logger.info("recovering %s to %s from base backup %s into %s", database, target.describe(),
                 " + ".join(b.backup_id for b in chain), datadir)
-    clock = Stopwatch()
-    try:
-        unpack_base_backup(repo_url, settings, chain, datadir)
-        reached = recover_to_target(datadir, port, target, recovery, timeout_seconds, manifest.server_version)
-    except Exception as exc:
-        record_failure(repo_url, settings, audit_record(
-            "pitr", type="hot", source=database, destination=datadir, status="failed",
-            duration_seconds=clock.seconds, backup_id=manifest.backup_id, target=target.describe(),
-            error=str(exc)))
-        raise
-    finally:
-        if not keep_running:
-            LocalCluster(Path(datadir), port, bin_dir=programs_for(manifest.server_version)).stop()
-    record_audit(repo_url, settings, audit_record(
-        "pitr", type="hot", source=database, destination=datadir, status="success",
-        duration_seconds=clock.seconds, backup_id=manifest.backup_id, target=target.describe()))
+    with audited(repo_url, settings, "pitr", type="hot", source=database, destination=datadir,
+                 backup_id=manifest.backup_id, target=target.describe()) as step:
+        try:
+            unpack_base_backup(repo_url, settings, chain, datadir)
+            reached = recover_to_target(datadir, port, target, recovery, timeout_seconds,
+                                        manifest.server_version)
+        finally:
+            if not keep_running:
+                LocalCluster(Path(datadir), port, bin_dir=programs_for(manifest.server_version)).stop()
+        step.succeeded()
     return {
         "database": database,
         "backup_id": manifest.backup_id,
@@ -114,7 +107,7 @@ def pitr(
         "port": port,
         "running": keep_running,
         **reached,
-        "duration_seconds": round(clock.seconds, 3),
+        "duration_seconds": round(step.seconds, 3),
     }
 
 

@@ -20,7 +20,7 @@ from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_
 from tasks import catalog, postgres, replica, retention
 from tasks import restore as restoring
 from tasks.audit import audit_record
-from tasks.errors import PgdrError
+from tasks.errors import PgdrError, first_line
 from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 from tasks.storage import StorageManifest
@@ -61,7 +61,7 @@ def prune_safety_databases(server_url: str, settings: Settings, of: str | None,
                     restoring.drop_safety_database(conn, database.name)
                     action = "dropped"
                 except psycopg.Error as exc:
-                    action, reason = "failed", f"{reason}; could not drop: {str(exc).splitlines()[0]}"
+                    action, reason = "failed", f"{reason}; could not drop: {first_line(exc)}"
             rows.append(retention.safety_database_row(database, action, reason))
     return rows
 
@@ -81,8 +81,10 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
     areas = retention.select_areas(area, named)
     repo_url = repo or settings.repo_url
     repository = open_repo(repo_url, settings)
-    sets = [(each, one) for each in areas
-            for one in ([named[each]] if named[each] else retention.list_sets(repository, each))]
+    sets: list[tuple[str, str]] = []
+    for each in areas:
+        given = named[each]
+        sets += [(each, one) for one in ([given] if given else retention.list_sets(repository, each))]
     server_url = server or settings.db_url
     safety_server = server_url
     if retention.DATABASE not in areas or tier not in (None, "pre-restore"):

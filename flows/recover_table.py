@@ -21,15 +21,13 @@ from flows.steps import (
     FLOW_HOOKS,
     Stopwatch,
     artifact_key,
+    audited,
     markdown_table,
     publish_markdown,
-    record_audit,
-    record_failure,
     run_name,
 )
 from tasks import catalog, postgres, recovery
 from tasks import restore as restoring
-from tasks.audit import audit_record
 from tasks.errors import ConfigError, PgdrError
 from tasks.settings import load_settings
 
@@ -203,7 +201,7 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
     row_filter = recovery.check_row_filter(where)
     repo_url = repo or settings.repo_url
     target_db = postgres.database_name(target_url)
-    clock = Stopwatch()
+    clock = Stopwatch()  # from the start: finding the backup is part of the recovery's time
     manifest = find_backup(repo_url, settings, backup_id, db, target_db)
     moment = catalog.utcnow()
     temp_db = restoring.derived_name(manifest.database, "recover", moment)
@@ -213,14 +211,9 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
         "temp_database": temp_db, "tables": [],
     }
 
-    def audit(status: str, **details: Any) -> None:
-        write = record_audit if status == "success" else record_failure
-        write(repo_url, settings, audit_record(
-            "recover-table", type=mode, source=manifest.backup_id, destination=target_db, status=status,
-            duration_seconds=clock.seconds, dry_run=dry_run, where=row_filter, tables=result["tables"],
-            **details))
-
-    try:
+    with audited(repo_url, settings, "recover-table", type=mode, source=manifest.backup_id,
+                 destination=target_db, clock=clock, dry_run=dry_run, where=row_filter,
+                 tables=result["tables"]) as step:
         wanted = recovery.requested_tables(list(tables or []), manifest.row_counts, manifest.partitioned)
         check_target(target_url, wanted, mode, row_filter)
         try:
@@ -237,10 +230,7 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
                                          result) from None
         finally:
             restoring.drop_quietly(target_url, temp_db)
-    except Exception as exc:
-        audit("failed", error=str(exc))
-        raise
-    audit("success")
+        step.succeeded()
     _publish(manifest, result)
     result["duration_seconds"] = round(clock.seconds, 3)
     return result

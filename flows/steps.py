@@ -40,9 +40,8 @@ from prefect.tasks import exponential_backoff
 
 from tasks import audit, fleet, notify
 from tasks.catalog import StoredManifest
-from tasks.errors import PgdrError, is_transient
+from tasks.errors import PgdrError, is_transient, redact
 from tasks.metrics import put_metrics
-from tasks.process import redact
 from tasks.repository import Repository, open_repository
 from tasks.settings import Settings, load_settings
 
@@ -197,6 +196,57 @@ def record_failure(repo_url: str, settings: Settings, record: dict[str, Any]) ->
         get_run_logger().warning("could not write the audit record of this failure: %s", exc)
 
 
+class AuditedStep:
+    """One audited operation in progress: its clock, and what its audit record says. The
+    block fills in what it learns (`type`, `source`, `details`) and, last, what only a
+    success records (`succeeded`)."""
+
+    def __init__(self, operation: str, type: str, source: str, destination: str,
+                 details: dict[str, Any], clock: Stopwatch | None = None) -> None:
+        self.operation, self.type, self.source, self.destination = operation, type, source, destination
+        self.details = details
+        self.clock = clock or Stopwatch()
+        self._success: dict[str, Any] = {}
+
+    @property
+    def seconds(self) -> float:
+        return self.clock.seconds
+
+    def succeeded(self, *, destination: str | None = None, size_bytes: int = 0, **details: Any) -> None:
+        """What the success record says beyond the common fields: where the result went,
+        its size, operation-specific details."""
+        self._success = {"destination": destination or self.destination, "size_bytes": size_bytes,
+                         "details": details}
+
+    def record(self, status: str, **details: Any) -> dict[str, Any]:
+        success = self._success if status == "success" else {}
+        return audit.audit_record(
+            self.operation, type=self.type, source=self.source,
+            destination=success.get("destination", self.destination), status=status,
+            size_bytes=success.get("size_bytes", 0), duration_seconds=self.clock.seconds,
+            **{**self.details, **success.get("details", {}), **details})
+
+
+@contextmanager
+def audited(repo_url: str, settings: Settings, operation: str, *, type: str, source: str, destination: str,
+            failure_metrics: dict[str, float] | None = None, clock: Stopwatch | None = None,
+            **details: Any) -> Iterator[AuditedStep]:
+    """Time an operation and write its audit record: `success` when the block completes
+    (its writing may be retried, and a failure to write it fails the run), `failed` with
+    the error when it raises (record_failure: the error is never hidden), then the block's
+    error goes on. failure_metrics are published (source as the database) on a failure;
+    clock, when the operation's time started before its audit could."""
+    step = AuditedStep(operation, type, source, destination, details, clock)
+    try:
+        yield step
+    except Exception as exc:
+        record_failure(repo_url, settings, step.record("failed", error=str(exc)))
+        if failure_metrics:
+            publish_metrics(settings, step.source, **failure_metrics)
+        raise
+    record_audit(repo_url, settings, step.record("success"))
+
+
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -283,8 +333,8 @@ def _failed_step(flow_run_id: Any) -> str | None:
                 type=TaskRunFilterStateType(any_=[StateType.FAILED, StateType.CRASHED]))))
     if not runs:
         return None
-    ended = [run for run in runs if run.end_time]
-    last = max(ended, key=lambda run: run.end_time) if ended else runs[0]
+    ended = [(run.end_time, run) for run in runs if run.end_time]
+    last = max(ended, key=lambda pair: pair[0])[1] if ended else runs[0]
     return last.name.removesuffix(f"-{last.dynamic_key[:3]}")  # run names: "<task name>-<key[:3]>"
 
 
@@ -376,7 +426,7 @@ def run_name(template: str) -> Callable[[], str]:
 
         context = FlowRunContext.get()
         parameters: dict[str, Any] = {}
-        if context is not None:
+        if context is not None and context.flow is not None:
             defaults = inspect.signature(context.flow.fn).parameters.values()
             parameters = {p.name: p.default for p in defaults if p.default is not inspect.Parameter.empty}
             parameters.update(context.parameters or {})
@@ -395,7 +445,7 @@ def _configured_database() -> str | None:
 
 
 # Every flow takes these: `@flow(name=..., **FLOW_HOOKS)`.
-FLOW_HOOKS: dict[str, list[Callable[..., None]]] = {
+FLOW_HOOKS: dict[str, Any] = {
     "on_failure": [notify_hook],
     "on_crashed": [notify_hook],
     "on_completion": [notify_hook],

@@ -15,17 +15,14 @@ from prefect import flow, get_run_logger, task
 from flows.prune import prune_after_backup, replicate_backup
 from flows.steps import (
     FLOW_HOOKS,
-    Stopwatch,
+    audited,
     open_repo,
-    record_audit,
-    record_failure,
     retrying,
     run_name,
     write_manifest,
 )
 from tasks import catalog, retention
 from tasks import storage as snapshots
-from tasks.audit import audit_record
 from tasks.locks import database_lock
 from tasks.settings import Settings, check_tier, load_settings
 
@@ -52,8 +49,8 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
     repo_url = repo or settings.repo_url
     snapshots.s3_repository(open_repo(repo_url, settings))
     snapshot_id = catalog.new_backup_id(catalog.utcnow(), tier)
-    clock = Stopwatch()
-    try:
+    with audited(repo_url, settings, "storage-snapshot", type=tier, source=location.url, destination=repo_url,
+                 backup_id=snapshot_id) as step:
         # The snapshot refers to the previous one's copies: no prune of the bucket may delete
         # them meanwhile (it waits), nor may another snapshot of the bucket run.
         with database_lock(open_repo(repo_url, settings), location.bucket, "storage-snapshot",
@@ -62,21 +59,14 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
             write_manifest(repo_url, settings, manifest)
         if settings.replica_repo_url:
             replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
-    except Exception as exc:
-        record_failure(repo_url, settings, audit_record(
-            "storage-snapshot", type=tier, source=location.url, destination=repo_url, status="failed",
-            duration_seconds=clock.seconds, backup_id=snapshot_id, error=str(exc)))
-        raise
-    record_audit(repo_url, settings, audit_record(
-        "storage-snapshot", type=tier, source=location.url, destination=f"{repo_url}/{manifest.prefix}",
-        status="success", size_bytes=manifest.copied_bytes, duration_seconds=clock.seconds,
-        backup_id=snapshot_id, objects=manifest.object_count, copied=manifest.copied_count))
+        step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.copied_bytes,
+                       objects=manifest.object_count, copied=manifest.copied_count)
     pruned = prune_after_backup(repo_url, location.bucket, tier, area=retention.STORAGE)
     return {
         **manifest.summary(),
         "previous_snapshot": manifest.previous_snapshot,
         "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
-        "duration_seconds": round(clock.seconds, 3),
+        "duration_seconds": round(step.seconds, 3),
         "pruned": pruned["counts"] if pruned else None,
     }
 
@@ -103,27 +93,18 @@ def storage_restore(snapshot: str, dest: str, bucket: str | None = None, repo: s
     settings = load_settings()
     location = snapshots.parse_s3_url(dest)
     repo_url = repo or settings.repo_url
-    clock = Stopwatch()
-    manifest = None
-    try:
+    with audited(repo_url, settings, "storage-restore", type="unknown", source=repo_url,
+                 destination=location.url, backup_id=snapshot) as step:
         manifest = find_storage_snapshot(repo_url, settings, snapshot, bucket)
+        step.type, step.source = manifest.tier, f"{repo_url}/{manifest.prefix}"
+        step.details["backup_id"] = manifest.snapshot_id
         copied = copy_objects_back(repo_url, settings, manifest, location.url, overwrite)
-    except Exception as exc:
-        record_failure(repo_url, settings, audit_record(
-            "storage-restore", type=manifest.tier if manifest else "unknown",
-            source=f"{repo_url}/{manifest.prefix}" if manifest else repo_url, destination=location.url,
-            status="failed", duration_seconds=clock.seconds,
-            backup_id=manifest.snapshot_id if manifest else snapshot, error=str(exc)))
-        raise
-    record_audit(repo_url, settings, audit_record(
-        "storage-restore", type=manifest.tier, source=f"{repo_url}/{manifest.prefix}",
-        destination=location.url, status="success", size_bytes=copied, duration_seconds=clock.seconds,
-        backup_id=manifest.snapshot_id, objects=manifest.object_count))
+        step.succeeded(size_bytes=copied, objects=manifest.object_count)
     return {
         "snapshot_id": manifest.snapshot_id,
         "bucket": manifest.bucket,
         "dest": location.url,
         "object_count": manifest.object_count,
         "bytes": copied,
-        "duration_seconds": round(clock.seconds, 3),
+        "duration_seconds": round(step.seconds, 3),
     }

@@ -31,7 +31,7 @@ from tasks.settings import load_settings
 
 
 def backup_age_hours(manifest: catalog.Manifest, now: Any) -> float:
-    return (now - catalog.backup_time(manifest)).total_seconds() / 3600
+    return float((now - catalog.backup_time(manifest)).total_seconds()) / 3600
 
 
 @flow(name="verify", flow_run_name=run_name("verify-{db|all}"), log_prints=True, **FLOW_HOOKS)

@@ -7,14 +7,15 @@ AWS_ENDPOINT_URL for a test endpoint). Errors become one-line PgdrErrors.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tasks.errors import ConfigError, NotFoundError, PgdrError, TransientError, is_transient
+from tasks.errors import ConfigError, NotFoundError, PgdrError, TransientError, first_line, is_transient
 
 # One AWS request gives up within about four minutes: at most 4 attempts of at most
 # 10 s to connect and 45 s without a byte of answer, with standard backoff between them.
@@ -23,8 +24,8 @@ REQUEST_ATTEMPTS = 4
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 45
 
-# Functions called with every new Route53/RDS client: how tests act on botocore's event
-# hooks (client.meta.events), as tasks.repository.S3_CLIENT_HOOKS does for S3.
+# Functions called with every new client but S3's (Route53, RDS, CloudWatch): how tests act
+# on botocore's event hooks (client.meta.events), as tasks.repository.S3_CLIENT_HOOKS does for S3.
 CLIENT_HOOKS: list[Callable[[Any], None]] = []
 
 
@@ -46,11 +47,29 @@ def client_config() -> Any:
                   read_timeout=read_timeout, user_agent_extra="pgdr")
 
 
-def client(service: str, region: str | None = None) -> Any:
-    import boto3
+@functools.cache
+def _model_loader() -> Any:
+    """One botocore data loader for the process. A new session would parse the service
+    model again (about 1 s of CPU per client on a busy 2-core host, and a backup opens the
+    repository several times); sharing only the loader keeps credentials, configuration
+    and event hooks per client."""
+    import botocore.loaders
 
-    made = boto3.session.Session().client(service, region_name=region, config=client_config())
-    for hook in CLIENT_HOOKS:
+    return botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH"))
+
+
+def client(service: str, region: str | None = None,
+           hooks: Iterable[Callable[[Any], None]] | None = None) -> Any:
+    """The one way pgdr makes a boto3 client: the standard credential chain, pgdr's
+    retries and time budget (client_config), then every hook (CLIENT_HOOKS unless given)."""
+    import boto3
+    import botocore.session
+
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _model_loader())
+    made = boto3.session.Session(botocore_session=core).client(service, region_name=region,
+                                                               config=client_config())
+    for hook in CLIENT_HOOKS if hooks is None else hooks:
         hook(made)
     return made
 
@@ -213,7 +232,7 @@ def wait_until_available(rds: Any, instance: str, timeout_seconds: float,
             WaiterConfig={"Delay": max(1, int(poll_seconds)), "MaxAttempts": attempts})
     except WaiterError as exc:
         raise PgdrError(f"{instance} did not become available within {timeout_seconds:g} s: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{first_line(exc)}") from None
     with aws_errors(f"describing {instance}"):
         found = rds.describe_db_instances(DBInstanceIdentifier=instance)["DBInstances"][0]
     endpoint = found.get("Endpoint") or {}

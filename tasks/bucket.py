@@ -20,7 +20,7 @@ POLICY_SID = "PgdrDenyInsecureTransport"
 # needed by a kept backup is never expired underneath it. By default nothing moves to a
 # class that must be restored (hours) before it can be read: within retention, any backup
 # may be needed at once. GLACIER only from --archive-after-days.
-INSTANT_TRANSITIONS = [{"Days": 30, "StorageClass": "STANDARD_IA"}]
+INSTANT_TRANSITIONS: list[dict[str, Any]] = [{"Days": 30, "StorageClass": "STANDARD_IA"}]
 # Versions that prune deleted (or that were overwritten) stay this long: a window to undo
 # a mistaken deletion. Current objects never expire.
 NONCURRENT_DAYS = 30
@@ -173,7 +173,8 @@ def init_s3_repository(url: str, *, sse: str = "AES256", kms_key_id: str | None 
         "RestrictPublicBuckets": True})
 
     policy = _missing(client, "get_bucket_policy", ("NoSuchBucketPolicy",), Bucket=bucket)
-    document = json.loads(policy["Policy"]) if policy else {"Version": "2012-10-17", "Statement": []}
+    document: dict[str, Any] = (json.loads(policy["Policy"]) if policy
+                                else {"Version": "2012-10-17", "Statement": []})
     document["Statement"] = [s for s in document.get("Statement", []) if s.get("Sid") != POLICY_SID]
     if is_plain_http(repo):
         # The endpoint (MinIO, a local test server) speaks no TLS: denying non-TLS requests

@@ -194,11 +194,12 @@ class LocalCluster:
         socket_dir = base_dir / "sock"
         socket_dir.mkdir(exist_ok=True)
         port = port or free_port()
+        unix_socket: Path | None = socket_dir
         if len(f"{socket_dir}/.s.PGSQL.{port}") > _MAX_SOCKET_PATH:
             socket_dir.rmdir()
-            socket_dir = None  # path too long for a Unix socket: TCP only
+            unix_socket = None  # path too long for a Unix socket: TCP only
         cluster = cls(
-            base_dir / "data", port, log_path=base_dir / "server.log", socket_dir=socket_dir,
+            base_dir / "data", port, log_path=base_dir / "server.log", socket_dir=unix_socket,
             bin_dir=bin_dir,
         )
         cluster.base_dir = base_dir

@@ -161,6 +161,7 @@ def resolve_passphrase(passphrase: str | None, block_name: str | None) -> str | 
     from prefect.blocks.system import Secret
 
     try:
-        return Secret.load(block_name).get()
+        value: str | None = Secret.load(block_name).get()  # type: ignore[union-attr]  # sync/async API
+        return value
     except ValueError:
         raise ConfigError(f"Prefect Secret block {block_name!r} not found") from None

@@ -255,7 +255,9 @@ def unquote(name: str) -> str:
 def statements(script: str) -> list[str]:
     """The SQL statements of a pg_dumpall script: split at `;` outside quotes, without
     comments, psql meta-commands and SET lines."""
-    found, current, quote = [], [], ""
+    found: list[str] = []
+    current: list[str] = []
+    quote = ""
     for line in script.splitlines(keepends=True):
         if not quote and not current and (not line.strip() or line.startswith(("--", "\\", "SET "))):
             continue

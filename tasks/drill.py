@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, first_line
 
 Clock = Callable[[], datetime]
 
@@ -103,8 +103,7 @@ class Timeline:
         except BaseException as exc:
             current.ok = False
             if not current.detail:
-                text = str(exc).strip()
-                current.detail = text.splitlines()[0] if text else type(exc).__name__
+                current.detail = first_line(exc)
             raise
         finally:
             current.finished = self.clock()

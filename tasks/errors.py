@@ -3,6 +3,36 @@
 Every message is one line, safe to print: no secret, no traceback needed to understand it.
 """
 
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+# The password of a URL (scheme://user:password@host), whoever wrote it into a message.
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s/]+@")
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret (of a useful length) in text by ***."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def first_line(error: BaseException | str, secrets: Iterable[str] = ()) -> str:
+    """What pgdr prints, records or sends of an error: the first non-blank line of its
+    message (an AWS error's code and message; the type's name when there is no text),
+    with every secret and any URL's password replaced by ***."""
+    aws = getattr(error, "response", None)
+    aws_error = aws.get("Error", {}) if isinstance(aws, dict) else {}
+    text = (f"{aws_error.get('Code', '')} {aws_error.get('Message', '')}" if aws_error else str(error))
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if not line:
+        line = type(error).__name__ if isinstance(error, BaseException) else ""
+    return _URL_PASSWORD.sub(r"\1***@", redact(line, secrets))
+
 
 class PgdrError(Exception):
     """A failure with a clear, secret-free, one-line explanation."""
@@ -24,7 +54,7 @@ class FailedWithReport(PgdrError):
     """A run that checked or did several things, some of which failed: the message says
     which, and `details` is the whole report (what `--json` prints)."""
 
-    def __init__(self, message: str, details: dict) -> None:
+    def __init__(self, message: str, details: dict[str, Any]) -> None:
         super().__init__(message)
         self.details = details
 
@@ -78,7 +108,7 @@ _TRANSIENT_S3_CODES = frozenset({
 
 
 def transient_sqlstate(sqlstate: str | None) -> bool:
-    return bool(sqlstate) and (sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES)
+    return sqlstate is not None and (sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES)
 
 
 def transient_pg_message(text: str) -> bool:

@@ -103,7 +103,7 @@ def choose_backup(repository: Repository, database: str | None, now: datetime, *
 
 def _addresses(host: str) -> set[str]:
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host.rstrip("."), None)}
+        return {str(info[4][0]) for info in socket.getaddrinfo(host.rstrip("."), None)}
     except (OSError, UnicodeError):
         return set()
 

@@ -58,7 +58,8 @@ def _holder(operation: str, token: str) -> dict[str, Any]:
 
 def _read(repo: Repository, key: str) -> dict[str, Any] | None:
     try:
-        return json.loads(repo.get_bytes(key))
+        record: dict[str, Any] = json.loads(repo.get_bytes(key))
+        return record
     except (PgdrError, ValueError):
         return None  # gone meanwhile, or half-visible: try again
 

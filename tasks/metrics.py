@@ -36,7 +36,7 @@ def metric_data(database: str, values: Mapping[str, float]) -> list[dict[str, ob
 
 def put_metrics(namespace: str, database: str, values: Mapping[str, float],
                 region: str | None = None) -> None:
-    import boto3
+    from tasks import aws
 
-    boto3.client("cloudwatch", region_name=region).put_metric_data(
+    aws.client("cloudwatch", region).put_metric_data(
         Namespace=namespace, MetricData=metric_data(database, values))

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tasks.errors import ConfigError, PgdrError
-from tasks.process import redact
+from tasks.errors import ConfigError, PgdrError, first_line, redact
 from tasks.settings import Settings
 
 _MAX_REASON = 500
@@ -54,8 +54,9 @@ class Notice:
                 **asdict(self)}
 
     def redacted(self, secrets: list[str]) -> Notice:
-        return Notice(**{key: redact(value, secrets) if isinstance(value, str) else value
-                         for key, value in asdict(self).items()})
+        fields: dict[str, Any] = {key: redact(value, secrets) if isinstance(value, str) else value
+                                  for key, value in asdict(self).items()}
+        return Notice(**fields)
 
 
 def one_line(error: BaseException | str | None) -> str | None:
@@ -63,10 +64,8 @@ def one_line(error: BaseException | str | None) -> str | None:
     if error is None:
         return None
     if isinstance(error, BaseException) and not isinstance(error, PgdrError):
-        text = f"{type(error).__name__}: {error}"  # an unexpected error: its type says a lot
-    else:
-        text = str(error)
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+        error = f"{type(error).__name__}: {first_line(error)}"  # an unexpected error: its type says a lot
+    line = first_line(error)
     return line if len(line) <= _MAX_REASON else line[:_MAX_REASON - 1] + "…"
 
 
@@ -92,7 +91,7 @@ def send_block(name: str, subject: str, body: str) -> None:
         raise ConfigError(f"PGDR_NOTIFY_BLOCK must be <block-type>/<block-name>, e.g. slack-webhook/{name}")
     from prefect.blocks.core import Block
 
-    Block.load(name).notify(body, subject=subject)
+    Block.load(name).notify(body, subject=subject)  # type: ignore[union-attr]  # Prefect's sync/async API
 
 
 def configured(settings: Settings) -> bool:
@@ -105,7 +104,7 @@ def send(notice: Notice, settings: Settings) -> list[str]:
     clean = notice.redacted(settings.secrets())
     used: list[str] = []
     errors: list[Exception] = []
-    channels = []
+    channels: list[tuple[str, Callable[[], None]]] = []
     if settings.notify_url:
         channels.append(("webhook", lambda: post_json(settings.notify_url or "", clean.payload())))
     if settings.notify_block:

@@ -224,7 +224,8 @@ def check_archiving(db_url: str, repo: Repository, database: str, timeout: float
                 time.sleep(poll_seconds)
             else:
                 report["archived_within_seconds"] = round(time.monotonic() - clock, 3)
-    newest = (list_base_backups(repo, database) or [None])[-1]
+    backups = list_base_backups(repo, database)
+    newest = backups[-1] if backups else None
     if newest is None:
         problems.append(f"no base backup of {database} in {repo.url}: recovery has nothing to start from")
     else:

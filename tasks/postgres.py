@@ -19,8 +19,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tasks.errors import ConfigError, PgdrError, TransientError, is_transient
-from tasks.process import private_directory, redact, run, sweep_dead_runs
+from tasks.errors import ConfigError, PgdrError, TransientError, first_line, is_transient
+from tasks.process import private_directory, run, sweep_dead_runs
 
 PASSFILE_PREFIX = "pgdr-pass-"
 
@@ -160,8 +160,7 @@ def connect(url: str, *, dbname: str | None = None, autocommit: bool = False,
             application_name="pgdr",
         )
     except psycopg.Error as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        message = redact(first_line, [password_of(target) or ""])
+        message = first_line(exc, [password_of(target) or ""])
         error = TransientError if is_transient(exc) else PgdrError
         raise error(f"cannot connect to {display_dsn(target)}: {message}") from None
 

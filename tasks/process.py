@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from tasks.errors import PgdrError
+from tasks.errors import PgdrError, redact
 
 # Stderr lines kept per command (the last ones), and at most how many a failure quotes.
 _STDERR_TAIL_LINES = 200
@@ -33,14 +33,6 @@ _QUOTED_LINES = 10
 # Lines that say what went wrong, preferred when a command printed more than can be quoted.
 _ERROR_WORDS = re.compile(r"error|fatal|fail|denied|does not exist|bad|invalid|cannot|could not|no such|"
                           r"unexpected|refused|not found|no secret key", re.IGNORECASE)
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every secret (of a useful length) in text by ***."""
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text
 
 
 # What a child may see of pgdr's environment: where programs and libraries are, locale and

@@ -118,7 +118,8 @@ def validate_row_counts(url: str, expected: dict[str, int], digests: dict[str, s
     if password:
         connect_args["password"] = password
     datasource = context.data_sources.add_postgres(
-        "restored", connection_string=engine_url, kwargs={"connect_args": connect_args})
+        "restored", connection_string=engine_url,
+        kwargs={"connect_args": connect_args})  # type: ignore[call-arg]  # passed on to SQLAlchemy
     columns = _columns(url)
     wanted = {table: columns[table] for table in (digests or {}) if table in expected and table in columns}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digests") as pool:

@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from tasks import postgres
-from tasks.errors import ConfigError, PgdrError
+from tasks.errors import ConfigError, PgdrError, first_line
 from tasks.settings import load_settings
 
 MODES = ("missing-rows", "replace", "side-table")
@@ -204,7 +204,7 @@ def count_source_rows(conn: psycopg.Connection, shape: TableShape, row_filter: s
         return int(conn.execute(query, prepare=True).fetchone()[0])  # type: ignore[index]
     except psycopg.Error as exc:
         conn.rollback()
-        raise ConfigError(f"the row filter does not work on {shape.name}: {_first_line(exc)}") from None
+        raise ConfigError(f"the row filter does not work on {shape.name}: {first_line(exc)}") from None
 
 
 # --- the operator's row filter, with least privilege ------------------------------------------
@@ -261,7 +261,7 @@ def _parse_tree(conn: psycopg.Connection, query: sql.Composed) -> str:
             result = conn.pgconn.prepare(b"", query.as_bytes(conn))
             error = result.error_message.decode("utf-8", "replace").strip()
             if error:
-                raise ConfigError(error.splitlines()[0].removeprefix("ERROR:").strip())
+                raise ConfigError(first_line(error).removeprefix("ERROR:").strip())
     finally:
         conn.remove_notice_handler(collect)
     return "\n".join(trees)
@@ -298,7 +298,7 @@ def _create_filter_role(conn: psycopg.Connection, role: str, shape: TableShape) 
             conn.execute(sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(shape.ident, sql.Identifier(role)))
     except psycopg.Error as exc:
         raise ConfigError(f"a row filter runs as a role made for it, which the connecting user cannot create "
-                          f"(it needs CREATEROLE): {_first_line(exc)}") from None
+                          f"(it needs CREATEROLE): {first_line(exc)}") from None
 
 
 def drop_filter_role(url: str, role: str) -> None:
@@ -522,13 +522,8 @@ def advance_sequences(conn: psycopg.Connection, target: TableShape) -> list[dict
     return moved
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def explain(exc: psycopg.Error, table: str) -> PgdrError:
     """A database refusal (constraint, missing column...) as one line naming the table."""
     diag = getattr(exc, "diag", None)
     detail = f" ({diag.message_detail})" if diag is not None and diag.message_detail else ""
-    return PgdrError(f"recovering {table} failed: {_first_line(exc)}{detail}")
+    return PgdrError(f"recovering {table} failed: {first_line(exc)}{detail}")

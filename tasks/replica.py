@@ -158,7 +158,7 @@ def replica_lag(source: Repository, target: Repository, now: datetime) -> dict[s
     """Per database: the newest backup and WAL file here and in the replica, how many are
     missing there, and the lag (how much older the replica's newest is, or the age of the
     oldest missing one: what a region loss would cost beyond the primary's own RPO)."""
-    databases = []
+    databases: list[dict[str, Any]] = []
     for database in catalog.list_databases(source):
         ours, theirs = catalog.list_backups(source, database), catalog.list_backups(target, database)
         copied = {m.backup_id for m in theirs}

@@ -8,9 +8,9 @@ an S3 multipart upload is completed or aborted).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
-import functools
 import hashlib
 import itertools
 import os
@@ -33,6 +33,7 @@ from tasks.errors import (
     NotFoundError,
     PgdrError,
     TransientError,
+    first_line,
     is_transient,
 )
 
@@ -47,6 +48,12 @@ DOWNLOAD_PART = 16 * MiB
 # Parts uploaded at once by one S3 upload, and the most memory they may hold together.
 UPLOAD_THREADS = 4
 UPLOAD_BUFFER = 64 * MiB
+# Above COPY_LIMIT (the most one CopyObject request copies), a server-side copy is a
+# multipart copy in parts of COPY_PART_SIZE.
+COPY_LIMIT = 5 * GiB
+COPY_PART_SIZE = 512 * MiB
+# The most keys one DeleteObjects request takes.
+DELETE_BATCH = 1000
 _PARTIAL_MARK = ".partial-"
 _KEY_PART = re.compile(r"^[A-Za-z0-9._~%+=@,-]+$")
 
@@ -76,7 +83,7 @@ def part_size(part_number: int, base: int = MIN_PART_SIZE) -> int:
     if part_number <= 9000:
         return base
     doublings = (part_number - 9001) // 100 + 1
-    return min(MAX_PART_SIZE, base * 2**doublings)
+    return min(MAX_PART_SIZE, base << doublings)
 
 
 def base_part_size(size_hint: int | None) -> int:
@@ -140,15 +147,33 @@ class Repository(ABC):
         """Every complete object whose key starts with prefix (all pages)."""
 
     @abstractmethod
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """The next path component of every key under prefix (`prefix` ends with / or is '')."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object (no error when it is already gone)."""
 
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Remove every object (as delete, in no particular order); returns why each key
+        that could not be deleted was not: empty when all are gone."""
+        failed = {}
+        for key in keys:
+            try:
+                self.delete(key)
+            except PgdrError as exc:
+                failed[key] = str(exc)
+        return failed
+
+    def copy(self, src_key: str, dst_key: str, *, storage_class: str | None = None) -> None:
+        """Store a copy of the object src_key under dst_key (atomically, as put_stream)."""
+        info = self.head(src_key)
+        if info is None:
+            raise NotFoundError(f"{src_key} is not in the repository")
+        self.put_stream(dst_key, self.get_stream(src_key), storage_class=storage_class, size_hint=info.size)
+
     @abstractmethod
-    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+    def incomplete_uploads(self, prefix: str = "") -> builtins.list[IncompleteUpload]:
         """Uploads started but never completed under prefix."""
 
     @abstractmethod
@@ -338,7 +363,7 @@ class FileRepository(Repository):
             yield ObjectInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC),
                              tag=_file_tag(stat))
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         validate_prefix(prefix)
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
@@ -357,7 +382,7 @@ class FileRepository(Repository):
                 break
             parent = parent.parent
 
-    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+    def incomplete_uploads(self, prefix: str = "") -> builtins.list[IncompleteUpload]:
         validate_prefix(prefix)
         found = []
         for key, path in self._walk(prefix):
@@ -439,8 +464,8 @@ class S3Repository(Repository):
     def _rel(self, full_key: str) -> str:
         return full_key[len(self.prefix) + 1:] if self.prefix else full_key
 
-    def _write_args(self, storage_class: str | None) -> dict[str, str]:
-        args = {"ServerSideEncryption": self.sse}
+    def _write_args(self, storage_class: str | None) -> dict[str, Any]:
+        args: dict[str, Any] = {"ServerSideEncryption": self.sse}
         if self.sse == "aws:kms" and self.kms_key_id:
             args["SSEKMSKeyId"] = self.kms_key_id
         if storage_class and storage_class != "STANDARD":
@@ -564,7 +589,7 @@ class S3Repository(Repository):
             response = self._s3("get_object", Bucket=self.bucket, Key=full_key, Range=f"bytes={start}-{end}",
                                 IfMatch=etag)
             try:
-                data = response["Body"].read()
+                data: bytes = response["Body"].read()
             except Exception:  # noqa: S112 - a dropped connection: read the range again
                 continue
             if len(data) == end - start + 1:
@@ -609,9 +634,9 @@ class S3Repository(Repository):
                     yield ObjectInfo(self._rel(item["Key"]), int(item["Size"]), item["LastModified"],
                                      item.get("StorageClass"), item.get("ETag"))
         except Exception as exc:
-            raise _s3_error(exc, f"cannot list {self.url}: {_short(exc)}") from None
+            raise _s3_error(exc, f"cannot list {self.url}: {first_line(exc)}") from None
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         validate_prefix(prefix)
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -622,13 +647,58 @@ class S3Repository(Repository):
                 for common in page.get("CommonPrefixes", []):
                     names.append(common["Prefix"][len(full):].rstrip("/"))
         except Exception as exc:
-            raise _s3_error(exc, f"cannot list {self.url}: {_short(exc)}") from None
+            raise _s3_error(exc, f"cannot list {self.url}: {first_line(exc)}") from None
         return sorted(names)
 
     def delete(self, key: str) -> None:
         self._s3("delete_object", Bucket=self.bucket, Key=self._key(key))
 
-    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """DeleteObjects, DELETE_BATCH keys a request; S3 reports a failure per key."""
+        full_keys = {self._key(key): key for key in keys}
+        ordered = list(full_keys)
+        failed: dict[str, str] = {}
+        for batch in (ordered[start:start + DELETE_BATCH] for start in range(0, len(ordered), DELETE_BATCH)):
+            try:
+                response = self._s3("delete_objects", Bucket=self.bucket,
+                                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True})
+            except PgdrError as exc:
+                failed.update(dict.fromkeys((full_keys[key] for key in batch), str(exc)))
+                continue
+            for error in response.get("Errors", []):
+                why = f"S3 delete_objects failed: {error.get('Code', '')} {error.get('Message', '')}"
+                failed[full_keys.get(error["Key"], self._rel(error["Key"]))] = why.strip()
+        return failed
+
+    def copy(self, src_key: str, dst_key: str, *, storage_class: str | None = None) -> None:
+        """Server-side: the bytes never pass through this machine."""
+        self.copy_object((self.bucket, self._key(src_key)), (self.bucket, self._key(dst_key)),
+                         storage_class=storage_class)
+
+    def copy_object(self, source: tuple[str, str], dest: tuple[str, str], *, etag: str | None = None,
+                    storage_class: str | None = None, source_client: Any = None,
+                    limit: int = COPY_LIMIT, part_size: int = COPY_PART_SIZE) -> None:
+        """Server-side copy of (bucket, full key) to (bucket, full key) with s3transfer's managed
+        copy: one CopyObject up to `limit`, else a multipart copy in parts of `part_size`
+        (metadata and content type carried over, aborted on failure). With an ETag, exactly
+        that version is copied: an object replaced meanwhile fails the copy rather than
+        mixing versions. Objects written into this repository's bucket get its encryption
+        and the storage class; elsewhere (a restore into a user's bucket) the bucket's defaults."""
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        (src_bucket, src_key), (dst_bucket, dst_key) = source, dest
+        extra: dict[str, Any] = self._write_args(storage_class) if dst_bucket == self.bucket else {}
+        if etag:
+            extra["CopySourceIfMatch"] = etag
+        config = TransferConfig(multipart_threshold=limit, multipart_chunksize=part_size)
+        try:
+            self.client.copy({"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key, ExtraArgs=extra,
+                             SourceClient=source_client or self.client, Config=config)
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(exc, f"copying s3://{src_bucket}/{src_key} failed: {first_line(exc)}") from None
+
+    def incomplete_uploads(self, prefix: str = "") -> builtins.list[IncompleteUpload]:
         validate_prefix(prefix)
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         pages = self.client.get_paginator("list_multipart_uploads").paginate(
@@ -668,15 +738,10 @@ class S3Repository(Repository):
         return response is not None
 
     def copy_from(self, source: S3Repository, key: str, *, storage_class: str | None = None) -> None:
-        """Server-side copy of source's key to the same key here (multipart above 5 GB):
-        the bytes never pass through this machine."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self.client.copy({"Bucket": source.bucket, "Key": source._key(key)}, self.bucket, self._key(key),
-                             ExtraArgs=self._write_args(storage_class), SourceClient=source.client)
-        except (ClientError, BotoCoreError) as exc:
-            raise _s3_error(exc, f"S3 copy of {key} to {self.url} failed: {_short(exc)}") from None
+        """Server-side copy of source's key to the same key here: the bytes never pass
+        through this machine."""
+        self.copy_object((source.bucket, source._key(key)), (self.bucket, self._key(key)),
+                         storage_class=storage_class, source_client=source.client)
 
     def archive_state(self, key: str) -> tuple[str | None, str]:
         response = self._s3("head_object", Bucket=self.bucket, Key=self._key(key))
@@ -759,41 +824,16 @@ def _s3_error(exc: BaseException, message: str) -> PgdrError:
     return TransientError(message) if is_transient(exc) else PgdrError(message)
 
 
-def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 # Functions called with every new S3 client: how tests inject faults through botocore's
 # event hooks (client.meta.events), and where an operator could add instrumentation.
 S3_CLIENT_HOOKS: list[Callable[[Any], None]] = []
 
 
-@functools.cache
-def _model_loader() -> Any:
-    """One botocore data loader for the process. A new session would parse S3's service
-    model again (about 1 s of CPU per client on a busy 2-core host, and a backup opens the
-    repository several times); sharing only the loader keeps credentials, configuration
-    and event hooks per client."""
-    import botocore.loaders
-
-    return botocore.loaders.create_loader(os.environ.get("AWS_DATA_PATH"))
-
-
 def s3_client(region: str | None = None) -> Any:
-    """A boto3 S3 client from the standard chain, with pgdr's retries and time budget
-    (tasks.aws.client_config)."""
-    import boto3
-    import botocore.session
+    """A boto3 S3 client (tasks.aws.client) with the S3 hooks."""
+    from tasks import aws
 
-    from tasks.aws import client_config
-
-    config = client_config()
-    core = botocore.session.get_session()
-    core.register_component("data_loader", _model_loader())
-    client = boto3.session.Session(botocore_session=core).client("s3", region_name=region, config=config)
-    for hook in S3_CLIENT_HOOKS:
-        hook(client)
-    return client
+    return aws.client("s3", region, hooks=S3_CLIENT_HOOKS)
 
 
 def open_repository(url: str, *, sse: str = "AES256", kms_key_id: str | None = None,

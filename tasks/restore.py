@@ -315,7 +315,8 @@ def _finish_swap(conn: psycopg.Connection, incoming: str, plan: dict[str, Any], 
                 new_comment = incoming_tag.get("comment")
                 if replacing:
                     current = _comment(conn, target)
-                    old_comment = current if _as_tag(current) is None else _as_tag(current).get("comment")
+                    current_tag = _as_tag(current)
+                    old_comment = current if current_tag is None else current_tag.get("comment")
                     if "comment" not in incoming_tag:
                         new_comment = old_comment
                     postgres.rename_database(conn, target, keep_as)
@@ -358,12 +359,13 @@ def stop_writes(server_url: str, target: str) -> None:
     from psycopg import sql
 
     with postgres.connect(server_url, dbname=admin_database(target), autocommit=True) as conn:
-        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+        superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        if not superuser[0]:  # type: ignore[index]
             raise ConfigError("--stop-writes-first needs a superuser in --target: CONNECTION LIMIT 0 "
                               "refuses every other role, including the one the pre-restore backup uses")
         with conn.transaction():
             limit = conn.execute("SELECT datconnlimit FROM pg_database WHERE datname = %s",
-                                 (target,)).fetchone()[0]
+                                 (target,)).fetchone()[0]  # type: ignore[index]
             set_tag(conn, target, {"pgdr": STOPPED_WRITES, "of": target, "connection_limit": limit,
                                    "comment": _comment(conn, target), "at": iso_now(), **this_run()})
             conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(sql.Identifier(target)))

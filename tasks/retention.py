@@ -314,12 +314,12 @@ def delete_backup(repo: Repository, stored: StoredBackup) -> str | None:
         key, why = locked[0]
         return f"locked ({why}) on {key.rsplit('/', 1)[-1]}"
     manifest_key = f"{stored.prefix}/{MANIFEST}"
-    ordered = sorted(stored.keys, key=lambda k: (k != manifest_key, k.endswith(VERIFIED), k))
-    try:
-        for key in ordered:
-            repo.delete(key)
-    except PgdrError as exc:
-        return f"could not delete: {exc}"
+    data = sorted(k for k in stored.keys if k != manifest_key and not k.endswith(VERIFIED))
+    verified = sorted(k for k in stored.keys if k != manifest_key and k.endswith(VERIFIED))
+    for batch in ([manifest_key] if manifest_key in stored.keys else [], data, verified):
+        failed = repo.delete_many(batch)
+        if failed:
+            return f"could not delete: {next(iter(failed.values()))}"
     return None
 
 
@@ -426,8 +426,8 @@ def sweep(dirs: Mapping[str, SnapshotDir], doomed: AbstractSet[str], leftovers: 
     with a manifest that is not doomed remains, and so does every object it refers to."""
     remaining = [d.manifest for sid, d in dirs.items() if d.manifest and sid not in doomed]
     referenced = referenced_keys(remaining)
-    manifests = {sid: dirs[sid].manifest.manifest_key for sid in sorted(doomed)
-                 if dirs[sid].manifest is not None}
+    manifests = {sid: manifest.manifest_key for sid in sorted(doomed)
+                 if (manifest := dirs[sid].manifest) is not None}
     objects: dict[str, list[str]] = {}
     shared: dict[str, int] = {}
     for sid in sorted(doomed | leftovers):
@@ -505,17 +505,6 @@ def _each(function: Callable[[str], str | None], keys: list[str], workers: int) 
         return dict(zip(keys, pool.map(function, keys), strict=True))
 
 
-def _delete_each(repo: Repository, keys: list[str], workers: int) -> dict[str, str]:
-    """Delete every key; returns why each one that could not be deleted was not."""
-    def delete(key: str) -> str | None:
-        try:
-            repo.delete(key)
-        except PgdrError as exc:
-            return str(exc)
-        return None
-    return {key: why for key, why in _each(delete, keys, workers).items() if why}
-
-
 def _keep_locked(repo: Repository, plan: StoragePlan, doomed: set[str], leftovers: set[str],
                  workers: int) -> tuple[Sweep, dict[str, str], dict[str, str]]:
     """The sweep without the snapshots that have an object under Object Lock among those it
@@ -571,14 +560,14 @@ def apply_storage_plan(repo: Repository, plan: StoragePlan, dry_run: bool,
     if not dry_run:
         planned, problems, locked = _keep_locked(repo, plan, doomed, leftovers, workers)
         doomed = set(planned.manifests)
-        not_deleted = _delete_each(repo, list(planned.manifests.values()), workers)
+        not_deleted = repo.delete_many(planned.manifests.values())
         for sid, key in planned.manifests.items():
             if key in not_deleted:
                 problems[sid] = f"could not delete: {not_deleted[key]}"
                 doomed.discard(sid)  # it still exists: what it refers to stays
         planned = sweep(plan.dirs, doomed, leftovers)
-        failed = _delete_each(repo, [key for keys in planned.objects.values() for key in keys
-                                     if key not in locked], workers)
+        failed = repo.delete_many(key for keys in planned.objects.values() for key in keys
+                                  if key not in locked)
 
     rows: list[dict[str, object]] = []
     for decision in plan.decisions:
@@ -705,15 +694,7 @@ def prune_archived_wal(repo: Repository, database: str, remaining: list[BaseMani
     oldest = min(remaining, key=lambda b: (wal.segment_position(b.start_wal_file), b.backup_id))
     problem = None
     if not dry_run:
-        def delete(name: str) -> str | None:
-            try:
-                wal.delete_archived(repo, database, [name])
-            except PgdrError as exc:
-                return str(exc)
-            return None
-
-        # A year of WAL is tens of thousands of files: a few at a time.
-        failed = [why for why in _each(delete, names, workers=8).values() if why]
+        failed = list(wal.delete_archived(repo, database, names).values())
         if failed:
             problem = f"{len(failed)} not deleted ({failed[0]}): the next prune retries"
     reason = (f"{len(names)} archived WAL files before {oldest.start_wal_file}, where the oldest "

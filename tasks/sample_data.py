@@ -282,7 +282,7 @@ def _fill(url: str, plan: FleetPlan) -> None:
         "audit_step": _SPAN_SECONDS // plan.audit_logs,
         "open_dispatches": max(plan.dispatches // 100, 1),
     }
-    params = {name: sql.Literal(value) for name, value in numbers.items()}
+    params: dict[str, sql.Composable] = {name: sql.Literal(value) for name, value in numbers.items()}
     params.update(depots=sql.SQL(_DEPOTS), epoch=sql.SQL("timestamptz {}").format(_EPOCH))
     with psycopg.connect(url) as conn:
         conn.execute(_SCHEMA)

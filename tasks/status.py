@@ -74,7 +74,7 @@ def repository_status(repo: Repository, database: str | None = None,
                       now: datetime | None = None, server_url: str | None = None) -> dict[str, Any]:
     moment = now or catalog.utcnow()
     databases = [database] if database else catalog.list_databases(repo)
-    status = {"repository": repo.url, "checked_at": catalog.iso(moment),
+    status: dict[str, Any] = {"repository": repo.url, "checked_at": catalog.iso(moment),
               "databases": [database_status(repo, name, moment) for name in databases]}
     if server_url:
         status["safety_databases"] = server_safety_databases(server_url, database)

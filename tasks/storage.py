@@ -1,7 +1,7 @@
 """Snapshots of S3 storage (user uploads, exports, reports) into the S3 repository.
 
-Objects are copied server-side (copy_object; above 5 GiB, a multipart upload_part_copy),
-so no byte passes through this host. Layout in the repository:
+Objects are copied server-side (S3Repository.copy_object: CopyObject, above 5 GiB a
+multipart copy), so no byte passes through this host. Layout in the repository:
 
     storage/<bucket>/<snapshot_id>/objects/<key>        the copies made by this snapshot
     storage/<bucket>/<snapshot_id>/manifest.json        written LAST
@@ -24,13 +24,11 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 from tasks import catalog
-from tasks.errors import ConfigError, NotFoundError, PgdrError
-from tasks.repository import GiB, MiB, Repository, S3Repository
+from tasks.errors import ConfigError, NotFoundError, PgdrError, first_line
+from tasks.repository import COPY_LIMIT, COPY_PART_SIZE, Repository, S3Repository
 
 AREA = "storage"
 OBJECTS = "objects"
-COPY_LIMIT = 5 * GiB  # the largest object copy_object copies in one request
-COPY_PART_SIZE = 512 * MiB
 _MAX_KEY_BYTES = 1024
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -73,7 +71,7 @@ class StorageManifest(catalog.StoredManifest):
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
-    def backup_id(self) -> str:
+    def backup_id(self) -> str:  # type: ignore[override]  # the other kinds' field, read-only here
         """The snapshot id under the name the retention of backups knows."""
         return self.snapshot_id
 
@@ -189,48 +187,8 @@ def list_objects(client: Any, location: Location) -> dict[str, tuple[str, int]]:
             for item in page.get("Contents", []):
                 found[item["Key"]] = (item["ETag"], int(item["Size"]))
     except Exception as exc:
-        raise PgdrError(f"cannot list {location.url}: {_reason(exc)}") from None
+        raise PgdrError(f"cannot list {location.url}: {first_line(exc)}") from None
     return found
-
-
-def _reason(exc: Exception) -> str:
-    error = getattr(exc, "response", {}).get("Error", {})
-    if error:
-        return f"{error.get('Code', '')} {error.get('Message', '')}".strip()
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def copy(client: Any, source: tuple[str, str], dest: tuple[str, str], *, size: int, etag: str | None,
-         extra: dict[str, str], limit: int = COPY_LIMIT, part_size: int = COPY_PART_SIZE) -> None:
-    """Server-side copy (of exactly the version with this ETag, when given: an object
-    replaced meanwhile fails the copy rather than mixing versions); above limit, a
-    multipart copy in parts of part_size (metadata and content type carried over)."""
-    (src_bucket, src_key), (dst_bucket, dst_key) = source, dest
-    copy_source = {"Bucket": src_bucket, "Key": src_key}
-    match = {"CopySourceIfMatch": etag} if etag else {}
-    try:
-        if size <= limit:
-            client.copy_object(Bucket=dst_bucket, Key=dst_key, CopySource=copy_source, **match, **extra)
-            return
-        head = client.head_object(Bucket=src_bucket, Key=src_key, **({"IfMatch": etag} if etag else {}))
-        upload_id = client.create_multipart_upload(
-            Bucket=dst_bucket, Key=dst_key, Metadata=head.get("Metadata", {}),
-            ContentType=head.get("ContentType", "binary/octet-stream"), **extra)["UploadId"]
-    except Exception as exc:
-        raise PgdrError(f"copying s3://{src_bucket}/{src_key} failed: {_reason(exc)}") from None
-    try:
-        parts = []
-        for number, start in enumerate(range(0, size, part_size), start=1):
-            end = min(start + part_size, size) - 1
-            response = client.upload_part_copy(
-                Bucket=dst_bucket, Key=dst_key, UploadId=upload_id, PartNumber=number,
-                CopySource=copy_source, CopySourceRange=f"bytes={start}-{end}", **match)
-            parts.append({"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]})
-        client.complete_multipart_upload(Bucket=dst_bucket, Key=dst_key, UploadId=upload_id,
-                                         MultipartUpload={"Parts": parts})
-    except Exception as exc:
-        client.abort_multipart_upload(Bucket=dst_bucket, Key=dst_key, UploadId=upload_id)
-        raise PgdrError(f"copying s3://{src_bucket}/{src_key} failed: {_reason(exc)}") from None
 
 
 def run_parallel(jobs: list[Callable[[], None]], workers: int) -> None:
@@ -263,9 +221,8 @@ def take_snapshot(repo: Repository, source: Location, snapshot_id: str, tier: st
     previous = previous_snapshot(s3, source)
     before = previous.objects if previous else {}
     current = list_objects(s3.client, source)
-    extra = s3._write_args(storage_class)
     objects: dict[str, dict[str, Any]] = {}
-    jobs = []
+    jobs: list[Callable[[], None]] = []
     copied_bytes = 0
     for key, (etag, size) in sorted(current.items()):
         earlier = before.get(key)
@@ -275,8 +232,8 @@ def take_snapshot(repo: Repository, source: Location, snapshot_id: str, tier: st
         rel = stored_key(source.bucket, snapshot_id, key, s3.prefix)
         objects[key] = {"stored": rel, "etag": etag, "size": size}
         copied_bytes += size
-        jobs.append(partial(copy, s3.client, (source.bucket, key), (s3.bucket, _full(s3, rel)), size=size,
-                            etag=etag, extra=extra, limit=limit, part_size=part_size))
+        jobs.append(partial(s3.copy_object, (source.bucket, key), (s3.bucket, _full(s3, rel)), etag=etag,
+                            storage_class=storage_class, limit=limit, part_size=part_size))
     run_parallel(jobs, workers)
     return StorageManifest(
         snapshot_id=snapshot_id, bucket=source.bucket, source_prefix=source.prefix, tier=tier,
@@ -296,15 +253,15 @@ def restore_snapshot(repo: Repository, manifest: StorageManifest, dest: Location
     try:
         occupied = s3.client.list_objects_v2(Bucket=dest.bucket, Prefix=dest.prefix, MaxKeys=1)
     except Exception as exc:
-        raise PgdrError(f"cannot list {dest.url}: {_reason(exc)}") from None
+        raise PgdrError(f"cannot list {dest.url}: {first_line(exc)}") from None
     if occupied.get("KeyCount", 0) and not overwrite:
         raise PgdrError(f"{dest.url} is not empty: pass --overwrite to replace objects there")
-    jobs = []
+    jobs: list[Callable[[], None]] = []
     for key, entry in manifest.objects.items():
         target = dest.prefix + key[len(manifest.source_prefix):]
         # Stored copies never change: no ETag to match (a multipart copy has its own anyway).
-        jobs.append(partial(copy, s3.client, (s3.bucket, _full(s3, entry["stored"])), (dest.bucket, target),
-                            size=entry["size"], etag=None, extra={}, limit=limit, part_size=part_size))
+        jobs.append(partial(s3.copy_object, (s3.bucket, _full(s3, entry["stored"])), (dest.bucket, target),
+                            limit=limit, part_size=part_size))
     run_parallel(jobs, workers)
     return sum(entry["size"] for entry in manifest.objects.values())
 

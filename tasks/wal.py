@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -415,22 +416,34 @@ def prune_archive(repo: Repository, database: str, kept_start_segments: list[str
                   dry_run: bool) -> WalPruneResult:
     """Delete (or with dry_run only list) the archived WAL no kept base backup needs."""
     names = prunable_segments((f.name for f in archived_files(repo, database)), kept_start_segments)
-    if not dry_run:
-        delete_archived(repo, database, names)
+    if not dry_run and (failed := delete_archived(repo, database, names)):
+        raise PgdrError(f"{len(failed)} archived WAL files not deleted: {next(iter(failed.values()))}")
     return {"database": database, "base_backups": len(kept_start_segments), "prunable": names,
             "deleted": 0 if dry_run else len(names), "dry_run": dry_run}
 
 
-def delete_archived(repo: Repository, database: str, names: Iterable[str]) -> int:
-    """Remove archived WAL files: the marker first, so a file never looks archived
-    without its data. Returns how many were removed."""
-    count = 0
-    for name in names:
+def delete_archived(repo: Repository, database: str, names: Iterable[str]) -> dict[str, str]:
+    """Remove archived WAL files: the markers first, so a file never looks archived
+    without its data (a file whose marker stays keeps its data). Returns why each file
+    that could not be removed was not: empty when all are gone."""
+    def data_keys(name: str) -> set[str] | str:
+        """The file's data keys, or why its marker cannot be read now."""
         record = None
-        with contextlib.suppress(IntegrityError):
+        try:
             record = _read_sidecar(repo, database, name)
-        repo.delete(sidecar_key(database, name))
-        for key in {record["key"]} if record else {data_key(database, name, e) for e in (False, True)}:
-            repo.delete(key)
-        count += 1
-    return count
+        except IntegrityError:
+            pass  # its data is at one of the names a marker could give
+        except PgdrError as exc:
+            return str(exc)
+        return {record["key"]} if record else {data_key(database, name, e) for e in (False, True)}
+
+    # A year of WAL is tens of thousands of files: their markers are read a few at a time.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = dict(zip(names := list(names), pool.map(data_keys, names), strict=True))
+    failed = {name: keys for name, keys in found.items() if isinstance(keys, str)}
+    owners = {key: name for name, keys in found.items() if not isinstance(keys, str) for key in keys}
+    markers = {sidecar_key(database, name): name for name in found if name not in failed}
+    failed.update({markers[key]: why for key, why in repo.delete_many(markers).items()})
+    leftover = repo.delete_many(key for key, name in owners.items() if name not in failed)
+    failed.update({owners[key]: why for key, why in leftover.items()})
+    return failed

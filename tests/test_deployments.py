@@ -124,13 +124,20 @@ def test_next_runs_fall_on_the_runbook_times_in_the_configured_time_zone(timezon
     assert str(drills[0].tzinfo) == timezone
 
 
-def test_deployments_whose_flow_is_missing_are_skipped_and_named():
-    present, missing = split_available(load_specs())
-    assert {spec.label for spec in present} >= {"backup/daily", "restore/manual", "verify/daily"}
-    assert all(spec.path.is_file() for spec in present)
-    assert all(not spec.path.is_file() for spec in missing)
-    if missing:
-        print("not in this checkout (skipped):", ", ".join(spec.label for spec in missing))
+def test_deployments_whose_flow_is_missing_are_skipped_and_named(tmp_path, caplog):
+    """A checkout with only the backup flow: every other deployment is skipped, and named."""
+    copy = tmp_path / "prefect.yaml"
+    copy.write_text(PREFECT_YAML.read_text())
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "backup.py").write_text("")
+    backups = {label for label, (entrypoint, _) in EXPECTED.items()
+               if entrypoint.startswith("flows/backup.py:")}
+    present, missing = split_available(load_specs(copy))
+    assert {spec.label for spec in present} == backups
+    assert {spec.label for spec in missing} == set(EXPECTED) - backups
+    with caplog.at_level("WARNING", logger="pgdr.deployments"):
+        assert [spec.label for spec in available_specs(path=copy)] == [spec.label for spec in present]
+    assert all(f"skipping {spec.label}:" in caplog.text for spec in missing)
 
 
 def test_serve_builds_every_available_deployment_with_its_schedules():

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from tasks.cluster import ClusterError, LocalCluster, free_port
+from tasks.repository import open_repository
 from tasks.sample_data import TABLES, create_fleet_database
 from tests.support.db import PgServer, table_fingerprints
 from tests.support.gpg import GpgHome
@@ -167,8 +168,11 @@ def test_s3_put_and_get_over_http(s3: str, s3_repo: str) -> None:
     assert client.meta.endpoint_url == s3
 
 
-def test_file_repo_is_a_file_url(file_repo: str, tmp_path: Path) -> None:
-    assert file_repo == f"file://{tmp_path}/repo"
+def test_file_repo_url_opens_a_repository_in_the_test_directory(file_repo: str, tmp_path: Path) -> None:
+    repo = open_repository(file_repo)
+    repo.put_bytes("fleet/hello.txt", b"fleet")
+    assert (tmp_path / "repo" / "fleet" / "hello.txt").read_bytes() == b"fleet"
+    assert [info.key for info in repo.list()] == ["fleet/hello.txt"]
 
 
 @pytest.mark.parametrize("protected", [False, True])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -121,13 +122,52 @@ def test_large_objects_are_copied_in_parts(s3, s3_calls, s3_repo):
     etag = client.head_object(Bucket=source, Key="big/export.bin")["ETag"]
     s3_calls.clear()
 
-    storage.copy(client, (source, "big/export.bin"), (source, "copy/export.bin"), size=len(body), etag=etag,
-                 extra={}, limit=5 * MiB, part_size=5 * MiB)
+    open_repository(s3_repo).copy_object((source, "big/export.bin"), (source, "copy/export.bin"), etag=etag,
+                                         limit=5 * MiB, part_size=5 * MiB)
 
     assert s3_calls["UploadPartCopy"] == 3 and s3_calls["CopyObject"] == 0
     copied = client.get_object(Bucket=source, Key="copy/export.bin")
     assert copied["Body"].read() == body
     assert copied["ContentType"] == "application/x-test" and copied["Metadata"] == {"owner": "reports"}
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_repository_copies_and_deletes_many_keys(kind, s3_calls, s3_repo, file_repo, monkeypatch):
+    repo = open_repository(s3_repo if kind == "s3" else file_repo)
+    keys = [f"area/{n}.bin" for n in range(5)]
+    for key in keys:
+        repo.put_bytes(key, key.encode())
+    repo.copy(keys[0], "copies/0.bin", storage_class="STANDARD_IA")
+    assert repo.get_bytes("copies/0.bin") == keys[0].encode()
+    s3_calls.clear()
+    monkeypatch.setattr(tasks.repository, "DELETE_BATCH", 2)
+
+    assert repo.delete_many([*keys, "copies/0.bin", "area/absent.bin"]) == {}
+    assert list(repo.list()) == []
+    if kind == "s3":
+        assert (s3_calls["DeleteObjects"], s3_calls["DeleteObject"]) == (4, 0)
+        assert repo.head(keys[0]) is None
+
+
+def test_s3_delete_many_reports_why_each_refused_key_stays(s3_repo, monkeypatch):
+    repo = open_repository(s3_repo)
+    refused = repo._key("area/refused.bin")
+
+    def refuse_one(client):
+        def before_send(request, **_kwargs):
+            if refused.encode() in request.body:
+                return AWSResponse(request.url, 200, {}, _Body(
+                    b'<?xml version="1.0" encoding="UTF-8"?><DeleteResult><Error>'
+                    b"<Key>" + refused.encode() + b"</Key><Code>AccessDenied</Code>"
+                    b"<Message>Access Denied</Message></Error></DeleteResult>"))
+            return None
+
+        client.meta.events.register("before-send.s3.DeleteObjects", before_send)
+
+    monkeypatch.setattr(tasks.repository, "S3_CLIENT_HOOKS", [refuse_one])
+    repo = open_repository(s3_repo)
+    failed = repo.delete_many(["area/kept.bin", "area/refused.bin"])
+    assert failed == {"area/refused.bin": "S3 delete_objects failed: AccessDenied Access Denied"}
 
 
 def test_snapshot_needs_an_s3_repository_and_refuses_to_copy_itself(capsys, s3, s3_repo, file_repo):
@@ -207,6 +247,16 @@ class _Denied:
                b"<Message>Access Denied</Message></Error>")
 
 
+class _Body:
+    """A response body botocore reads."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_kwargs):
+        yield self.data
+
+
 def deny_object_deletes(client) -> None:
     """Every deletion of a snapshot's stored object fails (manifests still go)."""
     def before_send(request, **_kwargs):
@@ -214,7 +264,13 @@ def deny_object_deletes(client) -> None:
             return AWSResponse(request.url, 403, {}, _Denied())
         return None
 
+    def before_send_batch(request, **_kwargs):
+        if f"/{storage.OBJECTS}/".encode() in request.body:
+            return AWSResponse(request.url, 403, {}, _Denied())
+        return None
+
     client.meta.events.register("before-send.s3.DeleteObject", before_send)
+    client.meta.events.register("before-send.s3.DeleteObjects", before_send_batch)
 
 
 def prune_bucket(repo_url: str, bucket: str, now) -> dict[str, dict]:
@@ -296,3 +352,23 @@ def test_snapshot_and_prune_of_one_bucket_never_interleave(capsys, s3_repo, monk
     restored = new_bucket()
     cli_json(capsys, "storage-restore", "latest", "--dest", f"s3://{restored}", "--repo", s3_repo)
     assert contents(restored) == {"a.txt": b"a", "b.txt": b"b"}
+
+
+def test_snapshots_leave_an_audit_record_of_each_success_and_failure(capsys, s3_repo):
+    source = new_bucket()
+    put_all(source, {"a.txt": b"a", "b.txt": b"bb"})
+    snap = cli_json(capsys, "storage-snapshot", "--source", f"s3://{source}", "--repo", s3_repo)
+    missing = f"pgdr-src-{uuid.uuid4().hex[:12]}"
+    code, _, err = run_cli(capsys, "storage-snapshot", "--source", f"s3://{missing}", "--repo", s3_repo)
+    assert code == 1
+
+    repo = open_repository(s3_repo)
+    records = [json.loads(repo.get_bytes(o.key)) for o in repo.list("audit/")]
+    by_status = {r["status"]: r for r in records if r["operation"] == "storage-snapshot"}
+    success, failed = by_status["success"], by_status["failed"]
+    assert (success["source"], success["destination"], success["size_bytes"]) == (
+        f"s3://{source}/", f"{s3_repo}/storage/{source}/{snap['snapshot_id']}", 3)
+    assert success["details"] == {"backup_id": snap["snapshot_id"], "objects": 2, "copied": 2}
+    assert (failed["source"], failed["destination"], failed["size_bytes"]) == (f"s3://{missing}/", s3_repo, 0)
+    assert failed["details"]["error"] == error_line(err).removeprefix("pgdr: error: ")
+    assert set(failed["details"]) == {"backup_id", "error"} and failed["duration_seconds"] >= 0

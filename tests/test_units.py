@@ -1,5 +1,6 @@
 """Pure logic, tested without a database: key layout, ids, names, part sizes, settings."""
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -165,11 +166,25 @@ _NAME = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_c
 
 @given(_NAME, _NAME)
 def test_table_names_round_trip_through_sql_quoting(schema, table):
-    """Whatever the names, psycopg.sql's quoting parses back to the same names."""
-    import psycopg.sql
-
+    """Whatever the names, pgdr quotes both parts (no name is ever SQL), and the quoted
+    name parses back to the same names."""
     from tasks.postgres import table_identifier
 
     quoted = table_identifier(schema, table).as_string()
+    assert re.fullmatch(r'"(?:[^"]|"")*"\."(?:[^"]|"")*"', quoted, re.DOTALL), quoted
     assert parse_table_name(quoted) == (schema, table)
-    assert psycopg.sql.Identifier(schema).as_string().startswith('"')
+
+
+def test_first_line_of_an_error_is_one_redacted_line():
+    from botocore.exceptions import ClientError
+
+    from tasks.errors import first_line
+
+    assert first_line(ValueError()) == "ValueError"
+    assert first_line(ValueError("\n  pg_dump: error: no password s3cret given\ndetail")) == (
+        "pg_dump: error: no password s3cret given")
+    assert first_line(ValueError("no password s3cret given"), ["s3cret"]) == "no password *** given"
+    assert first_line("cannot connect to postgresql://fleet:pa55@db:5432/fleet") == (
+        "cannot connect to postgresql://fleet:***@db:5432/fleet")
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
+    assert first_line(denied) == "AccessDenied Access Denied"

@@ -135,8 +135,10 @@ def fleet(action: Literal["backup", "verify"] = "backup", /, *, db: list[str] | 
         verify_server: server for verify's temporary databases (URL)
     """
     from flows.fleet import fleet
+    from tasks.postgres import strip_password
 
-    return fleet(action=action, databases=[url(u) for u in db or []], servers=[url(u) for u in server or []],
+    return fleet(action=action, databases=[strip_password(u) for u in db or []],
+                 servers=[strip_password(u) for u in server or []],
                  include=include, exclude=exclude, tier=tier, repo=repo, host_limit=host_limit,
                  max_parallel=max_parallel, deployment=deployment, local=local,
                  verify_server=url(verify_server))

@@ -21,8 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from flows.cli.common import secrets
-from tasks.errors import PgdrError
-from tasks.process import redact
+from tasks.errors import PgdrError, first_line, redact
 
 # Help panel: [(command name, "module:function" under flows.cli)]. A new command is one
 # decorated function in its module and one line here.
@@ -295,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug or an unexpected fault: one line, still no secret
         if os.environ.get("PGDR_DEBUG"):
             raise
-        message = redact(f"{type(exc).__name__}: {exc}".splitlines()[0], secrets())
+        message = first_line(f"{type(exc).__name__}: {exc}", secrets())
         print(f"pgdr: error: {message}", file=sys.stderr)
         return 1
     if as_json:

@@ -83,7 +83,7 @@ def wal_fetch(name: str, path: str, /, *, repo: str | None = None, db: str | Non
         json: print one JSON object on stdout
     """
     from tasks import wal
-    from tasks.errors import NotFoundError
+    from tasks.errors import NotFoundError, first_line
 
     try:
         config, repository, database = wal_target(repo, db)
@@ -95,6 +95,6 @@ def wal_fetch(name: str, path: str, /, *, repo: str | None = None, db: str | Non
     except Exception as exc:
         # Anything else must stop recovery rather than look like the end of the archive.
         reason = str(exc) if isinstance(exc, PgdrError) else f"{type(exc).__name__}: {exc}"
-        raise CommandExit(f"{reason.splitlines()[0]} (wal-fetch aborts recovery)",
+        raise CommandExit(f"{first_line(reason)} (wal-fetch aborts recovery)",
                           wal.FETCH_ABORT_RECOVERY) from None
     return {"name": name, "path": path, "wal_bytes": size, "database": database}
