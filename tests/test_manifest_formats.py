@@ -131,6 +131,9 @@ BASE = """\
   "encryption": null,
   "end_lsn": "0/5000100",
   "finished_at": "2026-01-28T05:00:30Z",
+  "kind": "full",
+  "parent_backup_id": null,
+  "server_manifest": null,
   "server_version": "16.4",
   "sha256": "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
   "size_bytes": 4096,
@@ -180,6 +183,14 @@ def test_a_damaged_manifest_is_refused_naming_its_kind(kind, text, key):
     bad_id = text.replace(key.split("/")[-2], "not-a-backup-id")
     with pytest.raises(ConfigError, match="not a backup id"):
         kind.from_json(bad_id.encode())
+
+
+def test_a_base_backup_manifest_from_before_incrementals_reads_as_a_full_backup():
+    older = "".join(line + "\n" for line in BASE.splitlines()
+                    if not line.startswith(('  "kind"', '  "parent_backup_id"', '  "server_manifest"')))
+    manifest = BaseManifest.from_json(older.encode())
+    assert (manifest.kind, manifest.parent_backup_id) == ("full", None)
+    assert manifest.to_json() == BASE.encode()
 
 
 def test_a_files_manifest_with_an_invalid_name_is_refused():
