@@ -26,8 +26,8 @@ from psycopg import sql
 from bench import archiving, pgbackrest
 from bench.environment import BUCKET, EMPTY_DB, SOURCE_DB, BenchEnvironment
 from bench.measure import MB, BenchError, Measurement, measure
-from tasks.cluster import LocalCluster, grant_to_server
-from tasks.postgres import (
+from pgdr.postgres.cluster import LocalCluster, grant_to_server
+from pgdr.postgres.postgres import (
     DIGEST_SETTINGS,
     digest_select,
     pg_bin,
@@ -309,8 +309,8 @@ class Cases:
     def prepare_catalog(self, backups: int) -> None:
         """A repository of `backups` backups of CATALOG_DATABASES databases (their manifests,
         an hour apart, and each database's catalog index), in a bucket of its own (not measured)."""
-        from tasks import catalog
-        from tasks.repository import open_repository
+        from pgdr.catalog import catalog
+        from pgdr.storage.repository import open_repository
 
         env = self.bench.base_env
         self.bench.s3().create_bucket(Bucket=CATALOG_BUCKET)

@@ -29,8 +29,8 @@ def _round(cases: Cases) -> dict[str, Any]:
 
 
 def _drop_indexes(cases: Cases) -> None:
-    from tasks import catalog
-    from tasks.repository import open_repository
+    from pgdr.catalog import catalog
+    from pgdr.storage.repository import open_repository
 
     repo = open_repository(cases.catalog_url)
     for number in range(CATALOG_DATABASES):

@@ -23,8 +23,8 @@ import psycopg
 
 from bench import pgbackrest
 from bench.archiving import LOAD_DB
-from tasks.cluster import LocalCluster, free_port
-from tasks.sample_data import create_fleet_database
+from pgdr.demo.sample_data import create_fleet_database
+from pgdr.postgres.cluster import LocalCluster, free_port
 from tests.support.gpg import GpgHome, make_gpg_home
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 
 from bench.measure import BenchError
-from tasks.cluster import SERVER_USER, LocalCluster, free_port, grant_to_server
+from pgdr.postgres.cluster import SERVER_USER, LocalCluster, free_port, grant_to_server
 
 STANZA = "bench"
 # What the cluster needs from the start (archive_mode takes a restart to change).

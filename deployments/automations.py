@@ -21,8 +21,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from tasks.errors import ConfigError
-from tasks.settings import Settings
+from pgdr.ops.errors import ConfigError
+from pgdr.ops.settings import Settings
 
 # Every flow pgdr defines (flows/*.py): the automations watch these and nothing else.
 PGDR_FLOWS = ["backup", "basebackup", "drill", "failover", "files", "restore-files", "fleet", "pitr",

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tasks.errors import ConfigError
+from pgdr.ops.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"

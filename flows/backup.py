@@ -27,12 +27,14 @@ from flows.steps import (
     server_slot,
     write_manifest,
 )
-from tasks import catalog, crypto, postgres
-from tasks import database as whole_database
-from tasks.dump import stream_dump
-from tasks.errors import ConfigError, PgdrError
-from tasks.locks import database_lock
-from tasks.settings import Settings, check_tier, load_settings
+from pgdr.catalog import catalog
+from pgdr.catalog.locks import database_lock
+from pgdr.ops.errors import ConfigError, PgdrError
+from pgdr.ops.settings import Settings, check_tier, load_settings
+from pgdr.pipeline import crypto
+from pgdr.pipeline.dump import stream_dump
+from pgdr.postgres import database as whole_database
+from pgdr.postgres import postgres
 
 TOOL_VERSION = "pgdr 0.1.0"
 

@@ -30,8 +30,11 @@ from flows.steps import (
     run_name,
     write_manifest,
 )
-from tasks import catalog, crypto, postgres
-from tasks.basebackup import (
+from pgdr.catalog import catalog
+from pgdr.ops.errors import ConfigError, PgdrError
+from pgdr.ops.settings import Settings, load_settings
+from pgdr.pipeline import crypto
+from pgdr.pitr.basebackup import (
     FULL,
     INCREMENTAL,
     KINDS,
@@ -47,9 +50,8 @@ from tasks.basebackup import (
     stream_basebackup,
     summary,
 )
-from tasks.cluster import programs_for
-from tasks.errors import ConfigError, PgdrError
-from tasks.settings import Settings, load_settings
+from pgdr.postgres import postgres
+from pgdr.postgres.cluster import programs_for
 
 
 @task(name="base backup", **retrying(2, 15),

@@ -12,10 +12,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.steps import FLOW_HOOKS, open_repo, run_name
-from tasks import postgres
-from tasks.errors import ConfigError, FailedWithReport
-from tasks.pitr import check_archiving
-from tasks.settings import load_settings
+from pgdr.ops.errors import ConfigError, FailedWithReport
+from pgdr.ops.settings import load_settings
+from pgdr.pitr.pitr import check_archiving
+from pgdr.postgres import postgres
 
 
 @flow(name="check", flow_run_name=run_name("check-{name|db|$db}"), log_prints=True, **FLOW_HOOKS)

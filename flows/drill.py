@@ -40,15 +40,16 @@ from flows.steps import (
     retrying,
     run_name,
 )
-from tasks import catalog, postgres
-from tasks import drill as drilling
-from tasks import failover as choosing
-from tasks import restore as restoring
-from tasks.audit import audit_record
-from tasks.basebackup import choose_base_backup, list_base_backups
-from tasks.cluster import LocalCluster
-from tasks.errors import ConfigError, FailedWithReport, IntegrityError, PgdrError
-from tasks.settings import Settings, load_settings
+from pgdr.catalog import catalog
+from pgdr.dr import drill as drilling
+from pgdr.dr import failover as choosing
+from pgdr.ops.audit import audit_record
+from pgdr.ops.errors import ConfigError, FailedWithReport, IntegrityError, PgdrError
+from pgdr.ops.settings import Settings, load_settings
+from pgdr.pitr.basebackup import choose_base_backup, list_base_backups
+from pgdr.postgres import postgres
+from pgdr.postgres.cluster import LocalCluster
+from pgdr.restore import restore as restoring
 
 
 class DrillFailed(FailedWithReport):

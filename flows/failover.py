@@ -1,6 +1,6 @@
 """Failover: the runbook's scenario 2 (the primary region is lost) as a flow.
 
-read the DNS record -> choose the backup (tasks/failover.py: the newest complete one in
+read the DNS record -> choose the backup (pgdr/dr/failover.py: the newest complete one in
 the DR repository whose checksum holds, refused when too old) -> restore it into the DR
 database and verify it (the restore flow) -> health checks, which must reach the restored
 database -> UPSERT the Route53 record, which must name that database's host, and read it
@@ -24,13 +24,15 @@ from psycopg.conninfo import make_conninfo
 
 from flows.restore import restore, restore_and_validate
 from flows.steps import FLOW_HOOKS, open_repo, publish_markdown, record_failure, retrying, run_name
-from tasks import aws, catalog, health, postgres
-from tasks import failover as choosing
-from tasks import restore as restoring
-from tasks.audit import audit_record
-from tasks.drill import Timeline, phases_markdown
-from tasks.errors import ConfigError, PgdrError
-from tasks.settings import Settings, load_settings
+from pgdr.catalog import catalog
+from pgdr.dr import failover as choosing
+from pgdr.dr.drill import Timeline, phases_markdown
+from pgdr.ops.audit import audit_record
+from pgdr.ops.errors import ConfigError, PgdrError
+from pgdr.ops.settings import Settings, load_settings
+from pgdr.postgres import health, postgres
+from pgdr.restore import restore as restoring
+from pgdr.storage import aws
 
 
 class FailoverFailed(PgdrError):
@@ -45,7 +47,7 @@ class FailoverFailed(PgdrError):
 def choose_backup(repo_url: str, settings: Settings, database: str | None, backup_id: str | None,
                   max_age_hours: float, accept_stale: bool,
                   target_database: str | None = None) -> choosing.Choice:
-    """The one choice a failover and a drill make (tasks/failover.py)."""
+    """The one choice a failover and a drill make (pgdr/dr/failover.py)."""
     choice = choosing.choose_backup(open_repo(repo_url, settings), database, catalog.utcnow(),
                                     backup_id=backup_id, max_age_hours=max_age_hours,
                                     accept_stale=accept_stale, target_database=target_database)

@@ -25,12 +25,13 @@ from flows.steps import (
     run_name,
     write_manifest,
 )
-from tasks import catalog, crypto, retention
-from tasks import files as filing
-from tasks.errors import ConfigError
-from tasks.locks import database_lock
-from tasks.restore import work_directory
-from tasks.settings import Settings, check_tier, load_settings
+from pgdr.catalog import catalog, retention
+from pgdr.catalog.locks import database_lock
+from pgdr.files import files as filing
+from pgdr.ops.errors import ConfigError
+from pgdr.ops.settings import Settings, check_tier, load_settings
+from pgdr.pipeline import crypto
+from pgdr.restore.restore import work_directory
 
 
 @task(name="archive files", **retrying(2, 15),

@@ -36,11 +36,12 @@ from flows.steps import (
     retrying,
     run_name,
 )
-from tasks import catalog, postgres
-from tasks import fleet as fleets
-from tasks.audit import audit_record
-from tasks.errors import ConfigError, FailedWithReport, PgdrError
-from tasks.settings import Settings, check_tier, load_settings
+from pgdr.catalog import catalog
+from pgdr.dr import fleet as fleets
+from pgdr.ops.audit import audit_record
+from pgdr.ops.errors import ConfigError, FailedWithReport, PgdrError
+from pgdr.ops.settings import Settings, check_tier, load_settings
+from pgdr.postgres import postgres
 
 # The deployment each action dispatches to unless told otherwise (prefect.yaml).
 DEPLOYMENTS = {"backup": "backup/fleet", "verify": "verify/fleet"}

@@ -17,8 +17,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.steps import FLOW_HOOKS, audited, open_repo, retrying, run_name
-from tasks import pitr as pitr_steps
-from tasks.basebackup import (
+from pgdr.ops.errors import ConfigError
+from pgdr.ops.settings import Settings, load_settings
+from pgdr.pitr import pitr as pitr_steps
+from pgdr.pitr.basebackup import (
     BaseManifest,
     backup_chain,
     choose_base_backup,
@@ -26,9 +28,7 @@ from tasks.basebackup import (
     list_base_backups,
     restore_backup_chain,
 )
-from tasks.cluster import LocalCluster, free_port, grant_to_server, programs_for
-from tasks.errors import ConfigError
-from tasks.settings import Settings, load_settings
+from pgdr.postgres.cluster import LocalCluster, free_port, grant_to_server, programs_for
 
 
 @task(name="restore base backup", **retrying(2, 10))
@@ -118,7 +118,7 @@ def rds_point_in_time_recovery(source_instance: str, target_instance: str,
                                instance_class: str | None = None) -> dict[str, Any]:
     """Restore an RDS instance to a moment (default: the latest restorable time) as a new
     instance; the source keeps running untouched."""
-    from tasks import aws
+    from pgdr.storage import aws
 
     settings = load_settings()
     return pitr_steps.rds_restore_to_point_in_time(aws.client("rds", settings.aws_region), source_instance,

@@ -2,7 +2,7 @@
 
 For each database, files-backup name and snapshotted bucket (or the ones named), and the
 base backups and archived WAL of each database (the pitr area): decide
-with tasks.retention.choose, delete what it says (manifest first; a storage snapshot's
+with pgdr.catalog.retention.choose, delete what it says (manifest first; a storage snapshot's
 objects only once no remaining snapshot refers to them), remove incomplete backups and
 stale uploads older than the grace period, and report every backup kept or deleted with
 its reason (audit record + table artifact). Runs on its own and after every backup, files
@@ -17,13 +17,15 @@ import psycopg
 from prefect import flow, get_run_logger, task
 
 from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, retrying, run_name
-from tasks import catalog, postgres, replica, retention
-from tasks import restore as restoring
-from tasks.audit import audit_record
-from tasks.errors import PgdrError, first_line
-from tasks.locks import database_lock
-from tasks.settings import Settings, check_tier, load_settings
-from tasks.storage import StorageManifest
+from pgdr.catalog import catalog, retention
+from pgdr.catalog.locks import database_lock
+from pgdr.ops.audit import audit_record
+from pgdr.ops.errors import PgdrError, first_line
+from pgdr.ops.settings import Settings, check_tier, load_settings
+from pgdr.postgres import postgres
+from pgdr.restore import restore as restoring
+from pgdr.storage import replica
+from pgdr.storage.storage import StorageManifest
 
 
 @task(name="prune", task_run_name="prune {area} {name}", **retrying(2, 5))

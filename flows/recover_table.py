@@ -26,10 +26,12 @@ from flows.steps import (
     publish_markdown,
     run_name,
 )
-from tasks import catalog, postgres, recovery
-from tasks import restore as restoring
-from tasks.errors import ConfigError, PgdrError
-from tasks.settings import load_settings
+from pgdr.catalog import catalog
+from pgdr.ops.errors import ConfigError, PgdrError
+from pgdr.ops.settings import load_settings
+from pgdr.postgres import postgres
+from pgdr.restore import recovery
+from pgdr.restore import restore as restoring
 
 
 class RecoveryFailed(PgdrError):

@@ -9,10 +9,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, retrying, run_name
-from tasks import catalog, replica
-from tasks.audit import audit_record
-from tasks.errors import ConfigError
-from tasks.settings import Settings, load_settings
+from pgdr.catalog import catalog
+from pgdr.ops.audit import audit_record
+from pgdr.ops.errors import ConfigError
+from pgdr.ops.settings import Settings, load_settings
+from pgdr.storage import replica
 
 
 @task(name="copy what the replica lacks", **retrying(2, 30))

@@ -31,16 +31,18 @@ from flows.steps import (
     retrying,
     run_name,
 )
-from tasks import catalog, postgres, quality, recovery, selective
-from tasks import database as whole_database
-from tasks import restore as restoring
-from tasks.audit import audit_record
-from tasks.crypto import resolve_passphrase
-from tasks.dump import fetch_dump
-from tasks.errors import ConfigError, FailedWithReport, IntegrityError, NotFoundError, PgdrError
-from tasks.locks import LockBusy, database_lock, lock_holder
-from tasks.process import CommandError
-from tasks.settings import Settings, load_settings
+from pgdr.catalog import catalog
+from pgdr.catalog.locks import LockBusy, database_lock, lock_holder
+from pgdr.ops.audit import audit_record
+from pgdr.ops.errors import ConfigError, FailedWithReport, IntegrityError, NotFoundError, PgdrError
+from pgdr.ops.settings import Settings, load_settings
+from pgdr.pipeline.crypto import resolve_passphrase
+from pgdr.pipeline.dump import fetch_dump
+from pgdr.pipeline.process import CommandError
+from pgdr.postgres import database as whole_database
+from pgdr.postgres import postgres
+from pgdr.restore import quality, recovery, selective
+from pgdr.restore import restore as restoring
 
 RESTORE_LOCKS = "restores"
 

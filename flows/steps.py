@@ -38,12 +38,13 @@ from prefect.logging.loggers import flow_run_logger
 from prefect.settings import get_current_settings
 from prefect.tasks import exponential_backoff
 
-from tasks import audit, fleet, notify
-from tasks.catalog import StoredManifest
-from tasks.errors import PgdrError, is_transient, redact
-from tasks.metrics import put_metrics
-from tasks.repository import Repository, open_repository
-from tasks.settings import Settings, load_settings
+from pgdr.catalog.catalog import StoredManifest
+from pgdr.dr import fleet
+from pgdr.ops import audit, notify
+from pgdr.ops.errors import PgdrError, is_transient, redact
+from pgdr.ops.metrics import put_metrics
+from pgdr.ops.settings import Settings, load_settings
+from pgdr.storage.repository import Repository, open_repository
 
 ProgressListener = Callable[[str, int, int | None], None]
 _listeners: list[ProgressListener] = []
@@ -110,7 +111,7 @@ def _quietly(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry what may succeed when tried again (tasks.errors.is_transient: a dropped
+    """Retry what may succeed when tried again (pgdr.ops.errors.is_transient: a dropped
     connection, a throttled or briefly failing S3, a PostgreSQL shutting down), never a
     permanent error (bad credentials, a missing bucket or database, bad input, a checksum
     mismatch) nor a bug: retrying those only delays the message."""
@@ -315,7 +316,7 @@ def server_slot(db_url: str) -> Iterator[None]:
 
 def _database_of(parameters: dict[str, Any], settings: Settings) -> str | None:
     """The database a run was about, from its parameters (a URL or a name) or the settings."""
-    from tasks.postgres import database_name
+    from pgdr.postgres.postgres import database_name
 
     for key in ("db", "target", "database"):
         value = parameters.get(key)
@@ -392,7 +393,7 @@ def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
 def _name_part(value: Any) -> str:
     """A parameter as a piece of a run name: a PostgreSQL URL or DSN as its database name
     (a URL may hold a password), a list as its items, at most 40 characters."""
-    from tasks.postgres import database_name
+    from pgdr.postgres.postgres import database_name
 
     if isinstance(value, list | tuple):
         return "+".join(_name_part(item) for item in value[:3]) + ("+..." if len(value) > 3 else "")
@@ -435,7 +436,7 @@ def run_name(template: str) -> Callable[[], str]:
 
 
 def _configured_database() -> str | None:
-    from tasks.postgres import database_name
+    from pgdr.postgres.postgres import database_name
 
     try:
         db_url = load_settings().db_url

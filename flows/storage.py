@@ -21,10 +21,10 @@ from flows.steps import (
     run_name,
     write_manifest,
 )
-from tasks import catalog, retention
-from tasks import storage as snapshots
-from tasks.locks import database_lock
-from tasks.settings import Settings, check_tier, load_settings
+from pgdr.catalog import catalog, retention
+from pgdr.catalog.locks import database_lock
+from pgdr.ops.settings import Settings, check_tier, load_settings
+from pgdr.storage import storage as snapshots
 
 
 @task(name="copy changed objects", **retrying(2, 15),

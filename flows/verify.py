@@ -23,11 +23,11 @@ from flows.steps import (
     run_name,
     server_slot,
 )
-from tasks import catalog
-from tasks import restore as restoring
-from tasks.audit import audit_record
-from tasks.errors import ConfigError, PgdrError
-from tasks.settings import load_settings
+from pgdr.catalog import catalog
+from pgdr.ops.audit import audit_record
+from pgdr.ops.errors import ConfigError, PgdrError
+from pgdr.ops.settings import load_settings
+from pgdr.restore import restore as restoring
 
 
 def backup_age_hours(manifest: catalog.Manifest, now: Any) -> float:

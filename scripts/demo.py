@@ -24,8 +24,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".demo" / "prefect"))
 
 from flows.cli import main as pgdr  # noqa: E402
-from tasks.cluster import LocalCluster  # noqa: E402
-from tasks.sample_data import create_fleet_database  # noqa: E402
+from pgdr.demo.sample_data import create_fleet_database  # noqa: E402
+from pgdr.postgres.cluster import LocalCluster  # noqa: E402
 
 DEMO = ROOT / ".demo"
 REPO = (DEMO / "repo").as_uri()

@@ -26,8 +26,8 @@ import pytest  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from tasks.cluster import LocalCluster, find_postgres_bin, free_port  # noqa: E402
-from tasks.sample_data import create_fleet_database  # noqa: E402
+from pgdr.demo.sample_data import create_fleet_database  # noqa: E402
+from pgdr.postgres.cluster import LocalCluster, find_postgres_bin, free_port  # noqa: E402
 from tests.support.db import PgServer  # noqa: E402
 from tests.support.gpg import GpgHome, make_gpg_home  # noqa: E402
 from tests.support.secrets import (  # noqa: E402

@@ -22,7 +22,7 @@ from prefect.deployments import run_deployment
 
 from deployments import automations
 from deployments.register import register
-from tasks.settings import load_settings
+from pgdr.ops.settings import load_settings
 from tests.support.cli import cli_json
 from tests.support.fake_pg_dump import broken_pg_bin
 from tests.support.worker import process_worker, worker_env

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-import tasks.repository
-from tasks import catalog
-from tasks.repository import Repository, open_repository
+import pgdr.storage.repository
+from pgdr.catalog import catalog
+from pgdr.storage.repository import Repository, open_repository
 from tests.support.cli import cli_json
 from tests.test_prune import fake_backup
 
@@ -29,7 +29,7 @@ def gets(s3, monkeypatch) -> Counter:
         client.meta.events.register("provide-client-params.s3.GetObject",
                                     lambda params, **_: calls.update([params["Key"]]))
 
-    monkeypatch.setattr(tasks.repository, "S3_CLIENT_HOOKS", [register])
+    monkeypatch.setattr(pgdr.storage.repository, "S3_CLIENT_HOOKS", [register])
     return calls
 
 

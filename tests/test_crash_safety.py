@@ -209,8 +209,8 @@ def test_one_restore_of_a_target_at_a_time(repo_kind, request, capsys, pg, resto
 
 def test_the_report_says_how_many_rows_were_written_after_the_pre_restore_backup(capsys, pg, restored_scene,
                                                                                  file_repo):
-    from tasks import catalog
-    from tasks.repository import open_repository
+    from pgdr.catalog import catalog
+    from pgdr.storage.repository import open_repository
 
     target, backup_id, _old, _new = restored_scene
     stop, inserted = threading.Event(), []
@@ -281,8 +281,8 @@ def limit_and_comment(pg, name: str) -> tuple[int, str | None]:
 
 def test_stop_writes_first_refuses_writers_before_the_pre_restore_backup(capsys, pg, writer_role,
                                                                           restored_scene, file_repo):
-    from tasks import catalog
-    from tasks.repository import open_repository
+    from pgdr.catalog import catalog
+    from pgdr.storage.repository import open_repository
 
     target, backup_id, _old, new = restored_scene
     writer_url = stoppable_scene(pg, target)
@@ -359,8 +359,8 @@ def test_a_restore_stopped_after_stopping_writes_leaves_the_target_open_as_befor
 
 def test_a_failed_restore_with_stop_writes_first_leaves_the_target_open_as_before(capsys, pg, writer_role,
                                                                                  restored_scene, file_repo):
-    from tasks import catalog
-    from tasks.repository import open_repository
+    from pgdr.catalog import catalog
+    from pgdr.storage.repository import open_repository
     from tests.test_restore import corrupt
 
     target, backup_id, old, _new = restored_scene

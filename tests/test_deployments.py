@@ -25,8 +25,8 @@ from prefect.server.schemas.schedules import CronSchedule as ServerCronSchedule
 from deployments.register import available_specs, deploy, register
 from deployments.serve import runner_deployments
 from deployments.specs import PREFECT_YAML, ROOT, WORK_POOL, DeploymentSpec, load_specs, split_available
-from tasks import catalog
-from tasks.repository import open_repository
+from pgdr.catalog import catalog
+from pgdr.storage.repository import open_repository
 from tests.support.worker import PREFECT, process_worker, worker_env
 
 EXPECTED = {

@@ -15,11 +15,13 @@ import psycopg
 import pytest
 
 from flows.drill import drill
-from tasks import aws, catalog, health
-from tasks import drill as drilling
-from tasks import failover as choosing
-from tasks.errors import PgdrError
-from tasks.repository import open_repository
+from pgdr.catalog import catalog
+from pgdr.dr import drill as drilling
+from pgdr.dr import failover as choosing
+from pgdr.ops.errors import PgdrError
+from pgdr.postgres import health
+from pgdr.storage import aws
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import counts_in
 
@@ -530,7 +532,7 @@ def test_a_drill_that_misses_a_target_fails_notifies_and_reports_to_cloudwatch(c
 
 def test_a_dump_drill_takes_its_rpo_from_the_dump_not_from_newer_wal_and_ends_failed(pg, source_db, file_repo,
                                                                                   tmp_path):
-    from tasks import wal
+    from pgdr.pitr import wal
 
     backup = drill_backup(source_db, file_repo)
     time.sleep(1.1)  # times are kept to the second: archive in a later one than the snapshot

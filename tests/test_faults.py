@@ -17,9 +17,9 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
 
-from tasks import catalog
-from tasks import repository as repository_module
-from tasks.repository import open_repository
+from pgdr.catalog import catalog
+from pgdr.storage import repository as repository_module
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import table_fingerprints
 from tests.support.fake_pg_dump import broken_pg_bin

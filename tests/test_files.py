@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import catalog, locks
-from tasks import files as filing
-from tasks.errors import ConfigError
-from tasks.repository import open_repository
+from pgdr.catalog import catalog, locks
+from pgdr.files import files as filing
+from pgdr.ops.errors import ConfigError
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
 BASE_NS = 1_700_000_000_123_456_789

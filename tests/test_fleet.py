@@ -14,9 +14,10 @@ from prefect.client.schemas.objects import StateType
 
 from deployments.register import register
 from flows.fleet import fleet as fleet_flow
-from tasks import catalog, fleet
-from tasks.cluster import free_port
-from tasks.repository import open_repository
+from pgdr.catalog import catalog
+from pgdr.dr import fleet
+from pgdr.postgres.cluster import free_port
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.fake_pg_dump import overlap, timed_pg_bin
 from tests.support.worker import process_worker, worker_env

@@ -14,7 +14,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tasks.basebackup import (
+from pgdr.catalog.retention import BackupFacts, Decision, Policy, choose, choose_base_backups, keep_chains
+from pgdr.ops.errors import ConfigError, IntegrityError
+from pgdr.pitr.basebackup import (
     FULL,
     INCREMENTAL,
     BaseManifest,
@@ -23,10 +25,8 @@ from tasks.basebackup import (
     list_base_backups,
     plan_backup_kind,
 )
-from tasks.cluster import LocalCluster, find_postgres_bin, grant_to_server
-from tasks.errors import ConfigError, IntegrityError
-from tasks.repository import open_repository
-from tasks.retention import BackupFacts, Decision, Policy, choose, choose_base_backups, keep_chains
+from pgdr.postgres.cluster import LocalCluster, find_postgres_bin, grant_to_server
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.test_pitr import execute, server_dir, switch_and_wait_archived  # noqa: F401 (a fixture)
 

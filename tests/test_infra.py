@@ -11,9 +11,9 @@ import boto3
 import psycopg
 import pytest
 
-from tasks.cluster import ClusterError, LocalCluster, free_port
-from tasks.repository import open_repository
-from tasks.sample_data import TABLES, create_fleet_database
+from pgdr.demo.sample_data import TABLES, create_fleet_database
+from pgdr.postgres.cluster import ClusterError, LocalCluster, free_port
+from pgdr.storage.repository import open_repository
 from tests.support.db import PgServer, table_fingerprints
 from tests.support.gpg import GpgHome
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.basebackup import BaseManifest
-from tasks.catalog import Manifest, StoredManifest
-from tasks.errors import ConfigError
-from tasks.files import FilesManifest
-from tasks.repository import open_repository
-from tasks.retention import scan_backups, scan_base_backups
-from tasks.storage import StorageManifest
+from pgdr.catalog.catalog import Manifest, StoredManifest
+from pgdr.catalog.retention import scan_backups, scan_base_backups
+from pgdr.files.files import FilesManifest
+from pgdr.ops.errors import ConfigError
+from pgdr.pitr.basebackup import BaseManifest
+from pgdr.storage.repository import open_repository
+from pgdr.storage.storage import StorageManifest
 
 DATABASE_KEY = "app%20db/daily/2026/01/28/20260128T020000Z-daily-3f2a/manifest.json"
 DATABASE = """\

@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from tasks.dump import stream_dump
-from tasks.process import CommandError
-from tasks.repository import FileRepository, PutResult
+from pgdr.pipeline.dump import stream_dump
+from pgdr.pipeline.process import CommandError
+from pgdr.storage.repository import FileRepository, PutResult
 
 
 def _children() -> dict[str, int]:
@@ -162,7 +162,7 @@ def _alive(pid: int) -> bool:
 def test_children_start_without_a_copy_of_pgdr_and_still_die_with_it():
     """A child starts through setpriv --pdeathsig (no preexec_fn: vfork, no copy of pgdr's
     memory) and the kernel still kills it when pgdr dies, even by SIGKILL."""
-    from tasks.process import dying_with_parent
+    from pgdr.pipeline.process import dying_with_parent
 
     argv, options = dying_with_parent(["sleep", "60"], None)
     assert options == {} and argv[:4] == [shutil.which("setpriv"), "--pdeathsig", "KILL", "--"]
@@ -170,7 +170,7 @@ def test_children_start_without_a_copy_of_pgdr_and_still_die_with_it():
     assert "preexec_fn" in dying_with_parent(["no-such-program-here"], None)[1]  # Popen names it
 
     pgdr = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom tasks.process import Pipeline\n"
+        [sys.executable, "-c", "import time\nfrom pgdr.pipeline.process import Pipeline\n"
          "with Pipeline([['sleep', '60']]) as pipeline:\n"
          "    print(pipeline.processes[0].pid, flush=True)\n    time.sleep(60)\n"],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)

@@ -25,18 +25,19 @@ import psycopg
 import pytest
 
 from flows.check import check as check_flow
-from tasks import repository, wal
-from tasks.basebackup import (
+from pgdr.catalog.catalog import iso
+from pgdr.ops.errors import FailedWithReport, IntegrityError, PgdrError
+from pgdr.pitr import wal
+from pgdr.pitr.basebackup import (
     BaseManifest,
     choose_base_backup,
     extract_safely,
     find_base_backup,
     list_base_backups,
 )
-from tasks.catalog import iso
-from tasks.cluster import LocalCluster, find_postgres_bin, grant_to_server
-from tasks.errors import FailedWithReport, IntegrityError, PgdrError
-from tasks.repository import open_repository
+from pgdr.postgres.cluster import LocalCluster, find_postgres_bin, grant_to_server
+from pgdr.storage import repository
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
 PGDR = str(Path(sys.executable).with_name("pgdr"))

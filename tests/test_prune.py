@@ -12,8 +12,9 @@ import boto3
 import pytest
 
 import flows.backup
-from tasks import catalog, locks, postgres, retention
-from tasks.repository import Repository, open_repository
+from pgdr.catalog import catalog, locks, retention
+from pgdr.postgres import postgres
+from pgdr.storage.repository import Repository, open_repository
 from tests.support.cli import cli_json, run_cli
 from tests.support.db import table_fingerprints
 

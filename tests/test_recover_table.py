@@ -5,8 +5,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tasks import recovery
-from tasks.errors import ConfigError
+from pgdr.ops.errors import ConfigError
+from pgdr.restore import recovery
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import table_fingerprints
 

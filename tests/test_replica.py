@@ -85,8 +85,8 @@ def test_the_dr_copy_holds_dumps_base_backups_wal_files_and_snapshots(capsys, mo
     target = new_bucket("pgdr-restored")
     cli_json(capsys, "storage-restore", "latest", "--dest", f"s3://{target}", "--repo", replica)
     assert boto3.client("s3").get_object(Bucket=target, Key="photos/a.jpg")["Body"].read() == b"jpeg bytes"
-    from tasks.basebackup import list_base_backups
-    from tasks.repository import open_repository
+    from pgdr.pitr.basebackup import list_base_backups
+    from pgdr.storage.repository import open_repository
 
     (copy,) = list_base_backups(open_repository(replica), base["database"])
     assert copy.backup_id == base["backup_id"]
@@ -116,7 +116,7 @@ def test_an_unreachable_replica_never_stalls_wal_archiving_and_the_gap_is_filled
 def test_the_scheduled_replicate_copies_nothing_and_succeeds_until_a_replica_is_configured(
         monkeypatch, s3_repo):
     from flows.replicate import replicate
-    from tasks.errors import ConfigError
+    from pgdr.ops.errors import ConfigError
 
     monkeypatch.delenv("PGDR_REPLICA_REPO", raising=False)
     # The deployment runs every five minutes: without a replica each run is a quiet success...

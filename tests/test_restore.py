@@ -11,8 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tasks import catalog
-from tasks.repository import open_repository
+from pgdr.catalog import catalog
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import counts_in, table_fingerprints
 

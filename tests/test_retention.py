@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks import catalog, storage
-from tasks.errors import ConfigError
-from tasks.retention import (
+from pgdr.catalog import catalog
+from pgdr.catalog.retention import (
     BackupFacts,
     Policy,
     SnapshotDir,
@@ -25,7 +24,9 @@ from tasks.retention import (
     snapshot_group,
     sweep,
 )
-from tasks.settings import TIER_RETENTION_DAYS, TIERS
+from pgdr.ops.errors import ConfigError
+from pgdr.ops.settings import TIER_RETENTION_DAYS, TIERS
+from pgdr.storage import storage
 
 POLICY = Policy()
 

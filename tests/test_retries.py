@@ -12,17 +12,17 @@ import time
 import psycopg
 import pytest
 
-from tasks import catalog
-from tasks import repository as repository_module
-from tasks.errors import (
+from pgdr.catalog import catalog
+from pgdr.ops.errors import (
     PgdrError,
     TransientError,
     is_transient,
     transient_pg_message,
     transient_s3_error,
 )
-from tasks.process import CommandError
-from tasks.repository import open_repository
+from pgdr.pipeline.process import CommandError
+from pgdr.storage import repository as repository_module
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.test_backup import assert_nothing_left
 from tests.test_faults import fake_response

@@ -25,8 +25,10 @@ from flows.backup import backup
 from flows.drill import drill
 from flows.failover import failover
 from flows.restore import restore
-from tasks import aws, crypto, postgres
-from tasks.errors import PgdrError
+from pgdr.ops.errors import PgdrError
+from pgdr.pipeline import crypto
+from pgdr.postgres import postgres
+from pgdr.storage import aws
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.fake_pg_dump import broken_pg_bin
 from tests.support.gpg import make_gpg_home
@@ -259,7 +261,7 @@ with crypto.private_home({gpg.homedir!r}) as home:
 
 def test_fleet_children_get_urls_without_password(pg, secrets):
     from flows.fleet import _child_parameters
-    from tasks.fleet import Member
+    from pgdr.dr.fleet import Member
 
     member = Member.of(pg.secret_url("fleet"))
     for action in ("backup", "verify"):

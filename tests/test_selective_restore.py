@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import psycopg
 
-from tasks.selective import chosen_entries
+from pgdr.restore.selective import chosen_entries
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import table_fingerprints
 

@@ -11,8 +11,8 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from tasks import catalog
-from tasks.repository import open_repository
+from pgdr.catalog import catalog
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import catalog
-from tasks.repository import open_repository
-from tasks.watchdog import blame
+from pgdr.catalog import catalog
+from pgdr.pipeline.watchdog import blame
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.fake_pg_dump import broken_pg_bin
 from tests.test_backup import assert_nothing_left

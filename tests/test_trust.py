@@ -10,9 +10,9 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from tasks import catalog
-from tasks.process import CommandError, quoted_lines, run
-from tasks.repository import open_repository
+from pgdr.catalog import catalog
+from pgdr.pipeline.process import CommandError, quoted_lines, run
+from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import table_fingerprints
 from tests.test_prune import fake_backup
@@ -316,8 +316,8 @@ def test_an_archived_dump_is_shown_requested_back_and_then_restored(capsys, pg, 
 def test_waiting_for_an_archived_object_reports_progress(s3, s3_repo):
     import httpx
 
-    from tasks import restore as restoring
-    from tasks.errors import NotReadyYet
+    from pgdr.ops.errors import NotReadyYet
+    from pgdr.restore import restore as restoring
 
     repo = open_repository(s3_repo)
     repo.put_bytes("fleet/x/archived", b"old bytes", storage_class="GLACIER")
@@ -348,8 +348,8 @@ def test_waiting_for_an_archived_object_reports_progress(s3, s3_repo):
 def test_init_repo_denies_non_tls_only_on_tls_endpoints():
     import boto3
 
-    from tasks.bucket import is_plain_http, transitions
-    from tasks.repository import S3Repository
+    from pgdr.storage.bucket import is_plain_http, transitions
+    from pgdr.storage.repository import S3Repository
 
     tls = S3Repository("b", "p", client=boto3.client("s3", endpoint_url="https://s3.example.test",
                                                      region_name="us-east-1"))

@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks import catalog
-from tasks.errors import ConfigError
-from tasks.postgres import display_dsn, parse_table_name, strip_password, with_database
-from tasks.repository import (
+from pgdr.catalog import catalog
+from pgdr.ops.errors import ConfigError
+from pgdr.ops.settings import load_settings
+from pgdr.postgres.postgres import display_dsn, parse_table_name, strip_password, with_database
+from pgdr.storage.repository import (
     MAX_PART_SIZE,
     MAX_PARTS,
     MiB,
@@ -20,7 +21,6 @@ from tasks.repository import (
     part_size,
     validate_key,
 )
-from tasks.settings import load_settings
 
 
 def test_backup_id_sorts_by_time_and_names_its_tier():
@@ -168,7 +168,7 @@ _NAME = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_c
 def test_table_names_round_trip_through_sql_quoting(schema, table):
     """Whatever the names, pgdr quotes both parts (no name is ever SQL), and the quoted
     name parses back to the same names."""
-    from tasks.postgres import table_identifier
+    from pgdr.postgres.postgres import table_identifier
 
     quoted = table_identifier(schema, table).as_string()
     assert re.fullmatch(r'"(?:[^"]|"")*"\."(?:[^"]|"")*"', quoted, re.DOTALL), quoted
@@ -178,7 +178,7 @@ def test_table_names_round_trip_through_sql_quoting(schema, table):
 def test_first_line_of_an_error_is_one_redacted_line():
     from botocore.exceptions import ClientError
 
-    from tasks.errors import first_line
+    from pgdr.ops.errors import first_line
 
     assert first_line(ValueError()) == "ValueError"
     assert first_line(ValueError("\n  pg_dump: error: no password s3cret given\ndetail")) == (

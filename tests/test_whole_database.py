@@ -10,11 +10,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tasks import catalog, quality
-from tasks import database as whole_database
-from tasks.cluster import grant_to_server
-from tasks.postgres import connect
-from tasks.repository import open_repository
+from pgdr.catalog import catalog
+from pgdr.postgres import database as whole_database
+from pgdr.postgres.cluster import grant_to_server
+from pgdr.postgres.postgres import connect
+from pgdr.restore import quality
+from pgdr.storage.repository import open_repository
 from tests.conftest import FIXTURES
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import counts_in, table_fingerprints

@@ -22,8 +22,8 @@ def archive_status(*, repo: str | None = None, db: str | None = None, output: Ou
         repo: repository URL
         db: database name the WAL is archived under
     """
-    from tasks import wal
-    from tasks.basebackup import list_base_backups, summary
+    from pgdr.pitr import wal
+    from pgdr.pitr.basebackup import list_base_backups, summary
 
     _, repository, database = wal_target(repo, db)
     newest = (list_base_backups(repository, database) or [None])[-1]
@@ -48,12 +48,12 @@ def check(*, db: str | None = None, repo: str | None = None, name: str | None = 
         timeout: seconds to wait for the switched segment to be archived
         max_base_age_hours: fail when the newest base backup is older (H)
     """
-    from tasks.errors import FailedWithReport
-    from tasks.pitr import check_archiving
+    from pgdr.ops.errors import FailedWithReport
+    from pgdr.pitr.pitr import check_archiving
 
     server_url = db or settings().db_url
     if not server_url:
-        from tasks.errors import ConfigError
+        from pgdr.ops.errors import ConfigError
 
         raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
     _, repository, database = wal_target(repo, name, server_url)
@@ -73,8 +73,8 @@ def wal_prune(*, repo: str | None = None, db: str | None = None, dry_run: bool =
         db: database name the WAL is archived under
         dry_run: only list what would be deleted
     """
-    from tasks import wal
-    from tasks.basebackup import list_base_backups
+    from pgdr.pitr import wal
+    from pgdr.pitr.basebackup import list_base_backups
 
     _, repository, database = wal_target(repo, db)
     kept = [b.start_wal_file for b in list_base_backups(repository, database)]
@@ -141,7 +141,7 @@ def pitr(*, datadir: str | None = None, repo: str | None = None, db: str | None 
     """
     from datetime import datetime
 
-    from tasks.errors import ConfigError
+    from pgdr.ops.errors import ConfigError
 
     try:
         when = datetime.fromisoformat(target_time) if target_time else None

@@ -8,7 +8,7 @@ from typing import Literal
 from flows.cli import render
 from flows.cli.common import Result, command, db_url, url
 from flows.cli.options import ArchiveWait, FlowOutput, Roles
-from tasks.errors import ConfigError
+from pgdr.ops.errors import ConfigError
 
 
 @command(render.show_backup)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tasks.errors import PgdrError
+from pgdr.ops.errors import PgdrError
 
 Result = dict[str, Any]
 Show = Callable[[Any], None]
@@ -47,14 +47,14 @@ def usage_error(message: str) -> CommandExit:
 
 
 def settings() -> Any:
-    from tasks.settings import load_settings
+    from pgdr.ops.settings import load_settings
 
     return load_settings()
 
 
 def url(value: str | None) -> str | None:
     """A database URL without its password (kept in this process only)."""
-    from tasks.postgres import strip_password
+    from pgdr.postgres.postgres import strip_password
 
     return strip_password(value) if value else None
 

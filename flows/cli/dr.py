@@ -92,7 +92,7 @@ def drill(*, repo: str | None = None, db: str | None = None, server: str | None 
     failover = None
     if with_failover_dry_run:
         if not dns.complete:
-            from tasks.errors import ConfigError
+            from pgdr.ops.errors import ConfigError
 
             raise ConfigError("--with-failover-dry-run needs --zone-id, --record-name and --record-value")
         failover = {"zone_id": dns.zone_id, "record_name": dns.record_name,
@@ -135,7 +135,7 @@ def fleet(action: Literal["backup", "verify"] = "backup", /, *, db: list[str] | 
         verify_server: server for verify's temporary databases (URL)
     """
     from flows.fleet import fleet
-    from tasks.postgres import strip_password
+    from pgdr.postgres.postgres import strip_password
 
     return fleet(action=action, databases=[strip_password(u) for u in db or []],
                  servers=[strip_password(u) for u in server or []],

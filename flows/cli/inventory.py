@@ -11,7 +11,7 @@ from typing import Any
 from flows.cli import render
 from flows.cli.common import Result, command, settings
 from flows.cli.results import ListResult
-from tasks.errors import PgdrError
+from pgdr.ops.errors import PgdrError
 
 
 @command(render.show_list, runs_flow=False)
@@ -23,8 +23,8 @@ def list_(*, repo: str | None = None, db: str | None = None, json: bool = False)
         db: only this database (NAME)
         json: print one JSON object on stdout
     """
-    from tasks import catalog
-    from tasks.repository import open_repository
+    from pgdr.catalog import catalog
+    from pgdr.storage.repository import open_repository
 
     config = settings()
     repository = open_repository(repo or config.repo_url, region=config.aws_region)
@@ -38,8 +38,8 @@ def list_(*, repo: str | None = None, db: str | None = None, json: bool = False)
 def _base_backups(repository: Any, database: str | None) -> dict[str, list[Any]]:
     """The physical base backups (point-in-time recovery), with their kind and parent; a
     database whose base backup manifests cannot be read is named apart, not an error."""
-    from tasks.basebackup import list_base_backups, summary
-    from tasks.retention import list_pitr_sets
+    from pgdr.catalog.retention import list_pitr_sets
+    from pgdr.pitr.basebackup import list_base_backups, summary
 
     found: list[dict[str, Any]] = []
     unreadable: list[str] = []
@@ -62,16 +62,16 @@ def status(*, repo: str | None = None, db: str | None = None, server: str | None
         server: also list the safety databases restores left on this server (default: DATABASE_URL)
         json: print one JSON object on stdout
     """
-    from tasks.repository import open_repository
-    from tasks.status import repository_status
+    from pgdr.catalog.status import repository_status
+    from pgdr.storage.repository import open_repository
 
     config = settings()
     repository = open_repository(repo or config.repo_url, region=config.aws_region)
     result = repository_status(repository, db, server_url=server or config.db_url)
     replica_url = config.replica_repo_url
     if replica_url and replica_url.rstrip("/") != repository.url.rstrip("/"):
-        from tasks.catalog import utcnow
-        from tasks.replica import replica_lag
+        from pgdr.catalog.catalog import utcnow
+        from pgdr.storage.replica import replica_lag
 
         try:
             replica = open_repository(replica_url, region=config.aws_region)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from flows.cli.common import secrets
-from tasks.errors import PgdrError, first_line, redact
+from pgdr.ops.errors import PgdrError, first_line, redact
 
 # Help panel: [(command name, "module:function" under flows.cli)]. A new command is one
 # decorated function in its module and one line here.
@@ -199,7 +199,7 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    from tasks.process import defer_termination, kill_running_pipelines
+    from pgdr.pipeline.process import defer_termination, kill_running_pipelines
 
     if defer_termination():
         return  # a step that must not stop half-way (a swap) is running: it ends, then this

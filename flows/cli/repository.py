@@ -48,7 +48,7 @@ def replicate(*, all: bool = False, repo: str | None = None, replica: str | None
     from flows.replicate import replicate
 
     if not all:
-        from tasks.errors import ConfigError
+        from pgdr.ops.errors import ConfigError
 
         raise ConfigError("pass --all to copy every backup, base backup, WAL file, files backup and storage "
                           "snapshot the replica lacks")
@@ -72,7 +72,7 @@ def init_repo(*, repo: str | None = None, sse: Literal["AES256", "aws:kms"] | No
         archive_after_days: move objects to GLACIER after N days (restoring them then waits hours;
             default: never, only STANDARD_IA after 30 days)
     """
-    from tasks.bucket import init_s3_repository
+    from pgdr.storage.bucket import init_s3_repository
 
     config = settings()
     return init_s3_repository(repo or config.repo_url, sse=sse or config.s3_sse,

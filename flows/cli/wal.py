@@ -13,22 +13,22 @@ from typing import Any
 from flows.cli import render
 from flows.cli.common import CommandExit, command, settings
 from flows.cli.results import WalFetchResult, WalPushResult
-from tasks.errors import PgdrError
+from pgdr.ops.errors import PgdrError
 
 
 def wal_target(repo: str | None, name: str | None, server_url: str | None = None) -> tuple[Any, Any, str]:
     """(settings, repository, database name) for the WAL commands: the name given, else
     PGDR_WAL_DB, else the database of the server's URL (DATABASE_URL)."""
-    from tasks.repository import open_repository
+    from pgdr.storage.repository import open_repository
 
     config = settings()
     database = name or config.wal_db
     if not database and (server_url or config.db_url):
-        from tasks.postgres import database_name
+        from pgdr.postgres.postgres import database_name
 
         database = database_name(server_url or config.db_url)
     if not database:
-        from tasks.errors import ConfigError
+        from pgdr.ops.errors import ConfigError
 
         raise ConfigError("name the database the WAL belongs to: --db NAME, PGDR_WAL_DB or DATABASE_URL")
     repository = open_repository(repo or config.repo_url, sse=config.s3_sse,
@@ -51,14 +51,14 @@ def wal_push(path: str, /, *, repo: str | None = None, db: str | None = None,
         spool: where pushes ahead are noted (with --jobs; writable by the postgres user)
         json: print one JSON object on stdout
     """
-    from tasks import wal
+    from pgdr.pitr import wal
 
     config, repository, database = wal_target(repo, db)
     options = {"encrypt_to": encrypt_to or config.encrypt_to, "gpg_homedir": config.gpg_homedir,
                "zstd_level": config.zstd_level}
     if jobs > 1:
         if not spool:
-            from tasks.errors import ConfigError
+            from pgdr.ops.errors import ConfigError
 
             raise ConfigError("--jobs above 1 needs --spool DIR (where pushes ahead are noted)")
         result = wal.push_ahead(repository, database, Path(path), Path(spool), jobs, **options)
@@ -82,8 +82,8 @@ def wal_fetch(name: str, path: str, /, *, repo: str | None = None, db: str | Non
         db: database name the WAL is archived under
         json: print one JSON object on stdout
     """
-    from tasks import wal
-    from tasks.errors import NotFoundError, first_line
+    from pgdr.ops.errors import NotFoundError, first_line
+    from pgdr.pitr import wal
 
     try:
         config, repository, database = wal_target(repo, db)

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from tasks.cluster import LocalCluster
+from pgdr.postgres.cluster import LocalCluster
 from tests.support.secrets import PG_SECRET_PASSWORD, PG_SECRET_ROLE
 
 
@@ -102,7 +102,7 @@ def table_fingerprints(url: str) -> dict[str, str]:
 
 def counts_in(url: str) -> dict[str, int]:
     """Rows per table, keyed as pgdr's manifests key them."""
-    from tasks.postgres import connect, count_rows
+    from pgdr.postgres.postgres import connect, count_rows
 
     with connect(url) as conn:
         return count_rows(conn)

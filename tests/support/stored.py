@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tasks import catalog
-from tasks.repository import open_repository
+from pgdr.catalog import catalog
+from pgdr.storage.repository import open_repository
 
 
 def decode_backup(repo_url: str, manifest: catalog.Manifest, dest: Path, gpg_homedir: str | None = None,

@@ -1,0 +1,1 @@
+"""What the repository holds: key layout, manifests, retention, locks and status."""

@@ -1,0 +1,1 @@
+"""The sample fleet database the demo, the benchmark and the tests build."""

@@ -1,0 +1,1 @@
+"""Disaster recovery: what a failover restores and where, drills measured, fleets."""

@@ -1,0 +1,1 @@
+"""Backups of files: configuration, encrypted environment files, Terraform state, manifests."""

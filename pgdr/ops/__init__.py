@@ -1,0 +1,1 @@
+"""Operating pgdr: errors, configuration, audit records, notifications, metrics."""

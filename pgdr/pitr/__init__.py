@@ -1,0 +1,1 @@
+"""Continuous archiving and point-in-time recovery: the WAL archive, base backups, recovery."""

@@ -1,0 +1,2 @@
+"""Talking to PostgreSQL: connections, whole-database properties, local clusters, health
+checks."""
