@@ -10,7 +10,7 @@ block `pgdr-notify`, the URL kept as a secret value).
   word) is marked Crashed. Flow runs send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY
   seconds (Prefect's default 180); the run is declared dead after three missed ones.
 - "pgdr: run failed": any pgdr flow run of a deployment that ends Failed or Crashed. Runs
-  from the command line notify from their own process (flows.steps.notify_hook), which
+  from the command line notify from their own process (tasks.runs.notify_hook), which
   leaves deployment runs to this automation once it exists: one notification per failure.
 - "pgdr: no backup for 26 hours": no successful backup run of a deployment within 26 hours
   of its last one (the runbook's alarm).

@@ -11,11 +11,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.steps import FLOW_HOOKS, open_repo, run_name
 from pgdr.ops.errors import ConfigError, FailedWithReport
 from pgdr.ops.settings import load_settings
 from pgdr.pitr.pitr import check_archiving
 from pgdr.postgres import postgres
+from tasks.records import open_repo
+from tasks.runs import FLOW_HOOKS, run_name
 
 
 @flow(name="check", flow_run_name=run_name("check-{name|db|$db}"), log_prints=True, **FLOW_HOOKS)

@@ -17,7 +17,6 @@ drill flow began) minus the point it actually restored: the dump's snapshot, or 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -25,21 +24,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
-from flows.failover import choose_backup, run_health_checks
 from flows.failover import failover as failover_flow
+from flows.failover import run_health_checks
 from flows.pitr import pitr as pitr_flow
 from flows.restore import VerificationFailed, restore_and_validate
-from flows.steps import (
-    FLOW_HOOKS,
-    open_repo,
-    publish_markdown,
-    publish_metrics,
-    record_failure,
-    retrying,
-    run_name,
-)
 from pgdr.catalog import catalog
 from pgdr.dr import drill as drilling
 from pgdr.dr import failover as choosing
@@ -50,16 +40,15 @@ from pgdr.pitr.basebackup import choose_base_backup, list_base_backups
 from pgdr.postgres import postgres
 from pgdr.postgres.cluster import LocalCluster
 from pgdr.restore import restore as restoring
+from tasks.artifacts import publish_markdown
+from tasks.drill import write_report
+from tasks.failover import choose_backup
+from tasks.records import open_repo, publish_metrics, record_failure
+from tasks.runs import FLOW_HOOKS, run_name
 
 
 class DrillFailed(FailedWithReport):
     """A drill that missed a target or failed a step; `details` is its report."""
-
-
-@task(name="write drill report", **retrying(3, 2))
-def write_report(repo_url: str, settings: Settings, key: str, report: dict[str, Any]) -> str:
-    open_repo(repo_url, settings).put_bytes(key, json.dumps(report, indent=2, sort_keys=True).encode())
-    return key
 
 
 def needs_attention(report: dict[str, Any]) -> None:

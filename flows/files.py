@@ -8,67 +8,21 @@ restore_files:  find backup -> verify + decode -> validate every member -> write
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow
 
-from flows.backup import TOOL_VERSION
-from flows.prune import prune_after_backup, replicate_backup
-from flows.steps import (
-    FLOW_HOOKS,
-    Progress,
-    audited,
-    open_repo,
-    retrying,
-    run_name,
-    write_manifest,
-)
+from flows.prune import prune_after_backup
 from pgdr.catalog import catalog, retention
 from pgdr.catalog.locks import database_lock
 from pgdr.files import files as filing
-from pgdr.ops.errors import ConfigError
-from pgdr.ops.settings import Settings, check_tier, load_settings
+from pgdr.ops.settings import check_tier, load_settings
 from pgdr.pipeline import crypto
-from pgdr.restore.restore import work_directory
-
-
-@task(name="archive files", **retrying(2, 15),
-      timeout_seconds=12 * 3600)
-def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings, backup_id: str,
-                  tier: str, encrypt_fingerprint: str | None) -> filing.FilesManifest:
-    started = catalog.utcnow()
-    found = filing.collect(paths)
-    if not encrypt_fingerprint:
-        secret = filing.first_secret([entry for entry, _ in found.entries],
-                                     filing.secret_patterns(settings.files_secret_patterns))
-        if secret:
-            raise ConfigError(f"{secret} looks like a secret: refusing to store it unencrypted "
-                              "(pass --encrypt-to or set PGDR_ENCRYPT_TO)")
-    if found.skipped:
-        get_run_logger().warning("skipped %d special files (sockets, fifos, devices): %s",
-                                 len(found.skipped), ", ".join(found.skipped[:5]))
-    data_key = filing.ARCHIVE + (".gpg" if encrypt_fingerprint else "")
-    prefix = filing.backup_prefix(name, backup_id)
-    with Progress(f"files backup {name}", sum(entry.size for entry, _ in found.entries)) as progress:
-        stored, tar_bytes = filing.store_archive(
-            found.entries, open_repo(repo_url, settings), f"{prefix}/{data_key}",
-            encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
-            storage_class=settings.storage_classes.get(tier), zstd_level=settings.zstd_level,
-            zstd_threads=settings.zstd_threads, secrets=settings.secrets(),
-            progress=lambda read, _written: progress.update(read),
-        )
-    return filing.FilesManifest(
-        backup_id=backup_id, name=name, tier=tier,
-        started_at=catalog.iso(started), finished_at=catalog.iso(catalog.utcnow()),
-        tool_version=TOOL_VERSION, format=filing.FORMAT, compression=f"zstd-{settings.zstd_level}",
-        encryption={"type": "gpg", "recipient_fingerprint": encrypt_fingerprint}
-        if encrypt_fingerprint else None,
-        size_bytes=stored.size, archive_bytes=tar_bytes, sha256=stored.sha256, data_key=data_key,
-        sources=found.sources, entries=[entry.to_dict() for entry, _ in found.entries],
-        skipped=found.skipped,
-    )
+from tasks.files import archive_files, find_files_backup, restore_files_into
+from tasks.prune import replicate_backup
+from tasks.records import audited, open_repo, write_manifest
+from tasks.runs import FLOW_HOOKS, run_name
 
 
 @flow(name="files", flow_run_name=run_name("files-{name}-{tier}"), log_prints=True, **FLOW_HOOKS)
@@ -103,26 +57,6 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
         "duration_seconds": round(step.seconds, 3),
         "pruned": pruned["counts"] if pruned else None,
     }
-
-
-@task(name="find files backup", **retrying(2, 5))
-def find_files_backup(repo_url: str, settings: Settings, selector: str, name: str) -> filing.FilesManifest:
-    return filing.find_file_backup(open_repo(repo_url, settings), selector, name)
-
-
-@task(name="restore files", **retrying(2, 10))
-def restore_files_into(repo_url: str, settings: Settings, manifest: filing.FilesManifest, dest: str,
-                       overwrite: bool) -> filing.Restored:
-    work = work_directory(settings.work_dir)
-    try:
-        return filing.restore_archive(
-            open_repo(repo_url, settings), manifest, Path(dest), work, overwrite=overwrite,
-            gpg_homedir=settings.gpg_homedir,
-            passphrase=crypto.resolve_passphrase(settings.gpg_passphrase, settings.gpg_passphrase_block),
-            secrets=settings.secrets(),
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @flow(name="restore-files", flow_run_name=run_name("restore-files-{name}-into-{dest}"),

@@ -5,7 +5,7 @@ concurrency limit -> one flow run per database, spread over the work pool's work
 (run_deployment) or run here -> report table -> the run fails if any database failed.
 
 Each run holds a slot of its server's global concurrency limit while it works
-(flows.steps.server_slot), so no server is hit by more than its limit, whichever fleet,
+(tasks.runs.server_slot), so no server is hit by more than its limit, whichever fleet,
 schedule or machine started the runs. One database failing never stops the others.
 """
 
@@ -17,67 +17,27 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timedelta
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger, task
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect import flow, get_client, get_run_logger
 from prefect.client.schemas.objects import State
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_run
 
-from flows.steps import (
-    FLOW_HOOKS,
-    Progress,
-    Stopwatch,
-    failure_reason,
-    human_bytes,
-    open_repo,
-    publish_table,
-    record_audit,
-    retrying,
-    run_name,
-)
 from pgdr.catalog import catalog
 from pgdr.dr import fleet as fleets
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, FailedWithReport, PgdrError
 from pgdr.ops.settings import Settings, check_tier, load_settings
 from pgdr.postgres import postgres
+from tasks.artifacts import Progress, Stopwatch, human_bytes, publish_table
+from tasks.fleet import list_fleet, set_server_limits
+from tasks.records import open_repo, record_audit
+from tasks.runs import FLOW_HOOKS, failure_reason, run_name
 
 # The deployment each action dispatches to unless told otherwise (prefect.yaml).
 DEPLOYMENTS = {"backup": "backup/fleet", "verify": "verify/fleet"}
 # How far a worker's clock may lag this one's when finding the backup a run wrote.
 CLOCK_SKEW = timedelta(minutes=5)
-
-
-@task(name="list fleet", **retrying(2, 5))
-def list_fleet(databases: list[str], servers: list[str], include: list[str],
-               exclude: list[str]) -> list[fleets.Member]:
-    members = fleets.members_of(databases, servers, include, exclude)
-    get_run_logger().info("%d database(s) on %d server(s): %s", len(members),
-                          len({m.host for m in members}), ", ".join(m.database for m in members))
-    return members
-
-
-@task(name="set server limits", **retrying(2, 2))
-def set_server_limits(hosts: list[str], limit: int | None, default: int) -> dict[str, int]:
-    """Each server's global concurrency limit: created with `default` slots when missing,
-    set to `limit` (and enabled) when one is given, else left as an operator set it."""
-    in_force = {}
-    with get_client(sync_client=True) as client:
-        for host in hosts:
-            name = fleets.HOST_LIMIT_PREFIX + host
-            try:
-                existing = client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=limit or default, active=True))
-                in_force[host] = limit or default
-                continue
-            if limit and (existing.limit != limit or not existing.active):
-                client.update_global_concurrency_limit(
-                    name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
-            in_force[host] = limit or existing.limit
-    return in_force
 
 
 def check_deployment(name: str) -> None:

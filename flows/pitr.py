@@ -14,39 +14,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
-from flows.steps import FLOW_HOOKS, audited, open_repo, retrying, run_name
 from pgdr.ops.errors import ConfigError
-from pgdr.ops.settings import Settings, load_settings
+from pgdr.ops.settings import load_settings
 from pgdr.pitr import pitr as pitr_steps
 from pgdr.pitr.basebackup import (
-    BaseManifest,
     backup_chain,
     choose_base_backup,
     find_base_backup,
     list_base_backups,
-    restore_backup_chain,
 )
-from pgdr.postgres.cluster import LocalCluster, free_port, grant_to_server, programs_for
-
-
-@task(name="restore base backup", **retrying(2, 10))
-def unpack_base_backup(repo_url: str, settings: Settings, chain: list[BaseManifest], datadir: str) -> str:
-    restore_backup_chain(open_repo(repo_url, settings), chain, Path(datadir),
-                         bin_dir=programs_for(chain[-1].server_version), gpg_homedir=settings.gpg_homedir,
-                         passphrase=settings.gpg_passphrase, secrets=settings.secrets())
-    return datadir
-
-
-@task(name="recover to target")
-def recover_to_target(datadir: str, port: int, target: pitr_steps.Target, recovery: dict[str, str],
-                      timeout: float, server_version: str) -> dict[str, Any]:
-    path = Path(datadir)
-    pitr_steps.configure_recovery(path, recovery)
-    grant_to_server(path)
-    # The backed-up server's own major version starts its data directory.
-    return pitr_steps.recover(LocalCluster(path, port, bin_dir=programs_for(server_version)), target, timeout)
+from pgdr.postgres.cluster import LocalCluster, free_port, programs_for
+from tasks.pitr import recover_to_target, unpack_base_backup
+from tasks.records import audited, open_repo
+from tasks.runs import FLOW_HOOKS, run_name
 
 
 @flow(name="pitr", flow_run_name=run_name("pitr-{db|$db}-into-{datadir}"), log_prints=True, **FLOW_HOOKS)

@@ -13,59 +13,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
-from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, publish_table, record_audit, retrying, run_name
-from pgdr.catalog import catalog, retention
-from pgdr.catalog.locks import database_lock
+from pgdr.catalog import retention
 from pgdr.ops.audit import audit_record
-from pgdr.ops.errors import PgdrError, first_line
+from pgdr.ops.errors import PgdrError
 from pgdr.ops.settings import Settings, check_tier, load_settings
 from pgdr.postgres import postgres
-from pgdr.restore import restore as restoring
-from pgdr.storage import replica
-from pgdr.storage.storage import StorageManifest
-
-
-@task(name="prune", task_run_name="prune {area} {name}", **retrying(2, 5))
-def prune_set(repo_url: str, settings: Settings, area: str, name: str, tier: str | None,
-              dry_run: bool) -> list[dict[str, Any]]:
-    """Retention for one database, files-backup name or snapshotted bucket."""
-    repo = open_repo(repo_url, settings)
-    policy = retention.Policy(settings.retention_days, settings.keep_verified)
-
-    def run() -> list[dict[str, Any]]:
-        return retention.prune_set(repo, area, name, catalog.utcnow(), policy, tier, dry_run)
-
-    if dry_run:  # only reads: no need to wait for a running backup
-        return run()
-    with database_lock(repo, name, "prune", area=area):
-        return run()
-
-
-@task(name="prune safety databases", **retrying(2, 5))
-def prune_safety_databases(server_url: str, settings: Settings, of: str | None,
-                           dry_run: bool) -> list[dict[str, Any]]:
-    """Drop the databases restores and rollbacks set aside on the server (of one target, or
-    all) once past PGDR_KEEP_SAFETY_DATABASES_DAYS; the newest per target stays."""
-    admin = restoring.admin_database(postgres.database_name(server_url))
-    rows = []
-    with postgres.connect(server_url, dbname=admin, autocommit=True) as conn:
-        found = [d for d in restoring.safety_databases(conn) if of is None or d.of == of]
-        for database, drop, reason in retention.choose_safety_databases(
-                found, catalog.utcnow(), settings.keep_safety_databases_days):
-            action = "keep"
-            if drop and dry_run:
-                action = "would drop"
-            elif drop:
-                try:
-                    restoring.drop_safety_database(conn, database.name)
-                    action = "dropped"
-                except psycopg.Error as exc:
-                    action, reason = "failed", f"{reason}; could not drop: {first_line(exc)}"
-            rows.append(retention.safety_database_row(database, action, reason))
-    return rows
+from tasks.artifacts import Stopwatch, publish_table
+from tasks.prune import prune_safety_databases, prune_set, sweep_leftovers
+from tasks.records import open_repo, record_audit
+from tasks.runs import FLOW_HOOKS, run_name
 
 
 @flow(name="prune", flow_run_name=run_name("prune-{db|name|bucket|all}"), log_prints=True, **FLOW_HOOKS)
@@ -93,22 +51,6 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
         safety_server = None
     result = apply_retention(repo_url, settings, sets, tier, dry_run, safety_server, db)
     return {**result, "leftovers": [] if dry_run else sweep_leftovers(settings, server_url)}
-
-
-@task(name="sweep leftovers")
-def sweep_leftovers(settings: Settings, server_url: str | None) -> list[str]:
-    """What killed runs left on this host (staging directories with decrypted dumps,
-    passfiles) and, given a server (--server or DATABASE_URL), on it (scratch databases of
-    runs that are gone, an interrupted swap): removed or finished, one line each."""
-    lines = restoring.sweep_local_leftovers(settings.work_dir)
-    if server_url:
-        try:
-            lines += restoring.sweep_leftover_databases(server_url)
-        except PgdrError as exc:
-            get_run_logger().warning("could not look for leftover databases: %s", exc)
-    for line in lines:
-        get_run_logger().warning("%s", line)
-    return lines
 
 
 def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str]], tier: str | None,
@@ -142,21 +84,6 @@ def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str
         publish_table("prune", rows, f"Prune of {repo_url}{' (dry run)' if dry_run else ''}: " +
                       ", ".join(f"{n} {action}" for action, n in sorted(counts.items())))
     return {"ok": not failed, "repository": repo_url, "dry_run": dry_run, "counts": counts, "backups": rows}
-
-
-@task(name="copy to replica", **retrying(3, 5))
-def replicate_backup(repo_url: str, replica_url: str, settings: Settings,
-                     manifest: replica.StoredBackup | StorageManifest) -> dict[str, Any]:
-    """The DR-region copy of a finished backup (database, base or files backup, or storage
-    snapshot), checked against its manifest."""
-    source, target = open_repo(repo_url, settings), open_repo(replica_url, settings)
-    if isinstance(manifest, StorageManifest):
-        result = replica.copy_snapshot(source, target, manifest)
-    else:
-        tier = getattr(manifest, "tier", None)
-        result = replica.copy_backup(source, target, manifest, settings.storage_classes.get(tier or ""))
-    get_run_logger().info("copied %s to %s (%s objects)", manifest.backup_id, replica_url, result["objects"])
-    return result
 
 
 def prune_after_backup(repo_url: str, name: str, tier: str,

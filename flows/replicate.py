@@ -6,20 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
-from flows.steps import FLOW_HOOKS, Stopwatch, open_repo, record_audit, retrying, run_name
 from pgdr.catalog import catalog
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError
-from pgdr.ops.settings import Settings, load_settings
+from pgdr.ops.settings import load_settings
 from pgdr.storage import replica
-
-
-@task(name="copy what the replica lacks", **retrying(2, 30))
-def copy_missing(repo_url: str, replica_url: str, settings: Settings) -> dict[str, int]:
-    return replica.copy_everything(open_repo(repo_url, settings), open_repo(replica_url, settings),
-                                   settings.storage_classes)
+from tasks.artifacts import Stopwatch
+from tasks.records import open_repo, record_audit
+from tasks.replicate import copy_missing
+from tasks.runs import FLOW_HOOKS, run_name
 
 
 @flow(name="replicate", flow_run_name=run_name("replicate-all"), log_prints=True, **FLOW_HOOKS)

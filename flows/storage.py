@@ -10,33 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow
 
-from flows.prune import prune_after_backup, replicate_backup
-from flows.steps import (
-    FLOW_HOOKS,
-    audited,
-    open_repo,
-    retrying,
-    run_name,
-    write_manifest,
-)
+from flows.prune import prune_after_backup
 from pgdr.catalog import catalog, retention
 from pgdr.catalog.locks import database_lock
-from pgdr.ops.settings import Settings, check_tier, load_settings
+from pgdr.ops.settings import check_tier, load_settings
 from pgdr.storage import storage as snapshots
-
-
-@task(name="copy changed objects", **retrying(2, 15),
-      timeout_seconds=24 * 3600)
-def copy_changed_objects(source_url: str, repo_url: str, settings: Settings, snapshot_id: str,
-                         tier: str) -> snapshots.StorageManifest:
-    manifest = snapshots.take_snapshot(open_repo(repo_url, settings), snapshots.parse_s3_url(source_url),
-                                       snapshot_id, tier, storage_class=settings.storage_classes.get(tier))
-    get_run_logger().info("%d objects, %d copied (%d bytes), %d unchanged since %s",
-                          manifest.object_count, manifest.copied_count, manifest.copied_bytes,
-                          manifest.object_count - manifest.copied_count, manifest.previous_snapshot)
-    return manifest
+from tasks.prune import replicate_backup
+from tasks.records import audited, open_repo, write_manifest
+from tasks.runs import FLOW_HOOKS, run_name
+from tasks.storage import copy_changed_objects, copy_objects_back, find_storage_snapshot
 
 
 @flow(name="storage-snapshot", flow_run_name=run_name("storage-snapshot-{source}"),
@@ -69,20 +53,6 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
         "duration_seconds": round(step.seconds, 3),
         "pruned": pruned["counts"] if pruned else None,
     }
-
-
-@task(name="find storage snapshot", **retrying(2, 5))
-def find_storage_snapshot(repo_url: str, settings: Settings, selector: str,
-                          bucket: str | None) -> snapshots.StorageManifest:
-    return snapshots.find_snapshot(open_repo(repo_url, settings), selector, bucket)
-
-
-@task(name="copy objects back", **retrying(2, 15),
-      timeout_seconds=24 * 3600)
-def copy_objects_back(repo_url: str, settings: Settings, manifest: snapshots.StorageManifest, dest_url: str,
-                      overwrite: bool) -> int:
-    return snapshots.restore_snapshot(open_repo(repo_url, settings), manifest,
-                                      snapshots.parse_s3_url(dest_url), overwrite=overwrite)
 
 
 @flow(name="storage-restore", flow_run_name=run_name("storage-restore-{snapshot}-into-{bucket|dest}"),

@@ -12,22 +12,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.restore import VerificationFailed, restore_and_validate
-from flows.steps import (
-    FLOW_HOOKS,
-    Stopwatch,
-    markdown_table,
-    open_repo,
-    publish_markdown,
-    publish_metrics,
-    record_audit,
-    run_name,
-    server_slot,
-)
 from pgdr.catalog import catalog
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, PgdrError
 from pgdr.ops.settings import load_settings
 from pgdr.restore import restore as restoring
+from tasks.artifacts import Stopwatch, markdown_table, publish_markdown
+from tasks.records import open_repo, publish_metrics, record_audit
+from tasks.runs import FLOW_HOOKS, run_name, server_slot
 
 
 def backup_age_hours(manifest: catalog.Manifest, now: Any) -> float:

@@ -12,10 +12,10 @@ from prefect import get_client
 
 from flows.backup import backup
 from flows.restore import restore
-from flows.steps import name_from
 from pgdr.catalog import catalog
 from pgdr.ops import audit
 from pgdr.storage.repository import open_repository
+from tasks.runs import name_from
 from tests.support.cli import cli_json, run_cli
 from tests.test_failover import dr_target, failover_args, source_db, zone  # noqa: F401 - fixtures
 from tests.test_notify import receiver  # noqa: F401 - fixture

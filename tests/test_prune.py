@@ -12,6 +12,7 @@ import boto3
 import pytest
 
 import flows.backup
+import tasks.backup
 from pgdr.catalog import catalog, locks, retention
 from pgdr.postgres import postgres
 from pgdr.storage.repository import Repository, open_repository
@@ -181,7 +182,7 @@ def test_backup_and_prune_of_one_database_never_interleave(capsys, pg, new_db, f
         assert go_on.wait(120)
         return real_stream_dump(*args, **kwargs)
 
-    monkeypatch.setattr(flows.backup, "stream_dump", held_stream_dump)
+    monkeypatch.setattr(tasks.backup, "stream_dump", held_stream_dump)
     # Only the prune started below runs (not the one that follows every backup).
     monkeypatch.setattr(flows.backup, "prune_after_backup", lambda *args: None)
     results: dict[str, dict] = {}

@@ -144,7 +144,7 @@ def _terminal_progress() -> None:
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from flows.steps import add_progress_listener
+    from tasks.artifacts import add_progress_listener
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                    TransferSpeedColumn(), transient=True, console=None)

@@ -1,0 +1,36 @@
+"""The Prefect tasks of flows/pitr.py: its steps, with their retries, timeouts and tags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from pgdr.ops.settings import Settings
+from pgdr.pitr import pitr as pitr_steps
+from pgdr.pitr.basebackup import (
+    BaseManifest,
+    restore_backup_chain,
+)
+from pgdr.postgres.cluster import LocalCluster, grant_to_server, programs_for
+from tasks.policy import retrying
+from tasks.records import open_repo
+
+
+@task(name="restore base backup", **retrying(2, 10))
+def unpack_base_backup(repo_url: str, settings: Settings, chain: list[BaseManifest], datadir: str) -> str:
+    restore_backup_chain(open_repo(repo_url, settings), chain, Path(datadir),
+                         bin_dir=programs_for(chain[-1].server_version), gpg_homedir=settings.gpg_homedir,
+                         passphrase=settings.gpg_passphrase, secrets=settings.secrets())
+    return datadir
+
+
+@task(name="recover to target")
+def recover_to_target(datadir: str, port: int, target: pitr_steps.Target, recovery: dict[str, str],
+                      timeout: float, server_version: str) -> dict[str, Any]:
+    path = Path(datadir)
+    pitr_steps.configure_recovery(path, recovery)
+    grant_to_server(path)
+    # The backed-up server's own major version starts its data directory.
+    return pitr_steps.recover(LocalCluster(path, port, bin_dir=programs_for(server_version)), target, timeout)
