@@ -26,7 +26,8 @@ def archive_status(*, repo: str | None = None, db: str | None = None, output: Ou
     from pgdr.pitr.basebackup import list_base_backups, summary
 
     _, repository, database = wal_target(repo, db)
-    newest = (list_base_backups(repository, database) or [None])[-1]
+    backups = list_base_backups(repository, database)
+    newest = backups[-1] if backups else None
     if newest is None:
         return {**wal.archive_status(repository, database), "base_backup": None}
     return {**wal.archive_status(repository, database, chain_start=newest.start_wal_file,
@@ -81,7 +82,7 @@ def wal_prune(*, repo: str | None = None, db: str | None = None, dry_run: bool =
     return dict(wal.prune_archive(repository, database, kept, dry_run))
 
 
-_KIND = Group("Kind of base backup (one of)", validator=validators.MutuallyExclusive())
+_KIND = Group("Kind of base backup (one of)", validator=validators.MutuallyExclusive())  # type: ignore[no-untyped-call]
 
 
 @command(render.show_basebackup)
@@ -109,7 +110,7 @@ def basebackup(*, db: str | None = None, repo: str | None = None, name: str | No
                       fast_checkpoint=not spread_checkpoint, tier=tier, kind=kind)
 
 
-_TARGET = Group("Recovery target (one of)", validator=validators.MutuallyExclusive())
+_TARGET = Group("Recovery target (one of)", validator=validators.MutuallyExclusive())  # type: ignore[no-untyped-call]
 
 
 @command(render.show_pitr)

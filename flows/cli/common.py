@@ -67,6 +67,7 @@ def db_url(value: str | None) -> str | None:
 
 def secrets() -> list[str]:
     try:
-        return settings().secrets()
+        secrets: list[str] = settings().secrets()
+        return secrets
     except PgdrError:
         return []

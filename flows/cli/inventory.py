@@ -31,11 +31,13 @@ def list_(*, repo: str | None = None, db: str | None = None, json: bool = False)
     found = catalog.scan_catalog(repository, db)
     backups = [{**m.summary(), "safety_copy": catalog.is_safety_copy(m),
                 "storage_class": found.storage_classes.get(m.backup_id)} for m in found.backups]
+    base_backups, unreadable = _base_backups(repository, db)
     return {"repository": repository.url, "backups": backups,
-            "damaged": [d.summary() for d in found.damaged], **_base_backups(repository, db)}
+            "damaged": [d.summary() for d in found.damaged], "base_backups": base_backups,
+            "base_backups_unreadable": unreadable}
 
 
-def _base_backups(repository: Any, database: str | None) -> dict[str, list[Any]]:
+def _base_backups(repository: Any, database: str | None) -> tuple[list[dict[str, Any]], list[str]]:
     """The physical base backups (point-in-time recovery), with their kind and parent; a
     database whose base backup manifests cannot be read is named apart, not an error."""
     from pgdr.catalog.retention import list_pitr_sets
@@ -48,7 +50,7 @@ def _base_backups(repository: Any, database: str | None) -> dict[str, list[Any]]
             found += [summary(b) for b in list_base_backups(repository, name)]
         except PgdrError:
             unreadable.append(name)
-    return {"base_backups": found, "base_backups_unreadable": unreadable}
+    return found, unreadable
 
 
 @command(render.show_status, runs_flow=False)

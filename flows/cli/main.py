@@ -92,7 +92,8 @@ def build_app(argv: Sequence[str] = ()) -> Any:
 
 def _load(target: str) -> Callable[..., Any]:
     module, function = target.split(":")
-    return getattr(importlib.import_module(f"flows.cli.{module}"), function)
+    loaded: Callable[..., Any] = getattr(importlib.import_module(f"flows.cli.{module}"), function)
+    return loaded
 
 
 def _bind_plainly(argv: Sequence[str]) -> tuple[Callable[..., Any], list[Any], dict[str, Any]] | None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 from urllib.parse import quote, unquote
 
 from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
@@ -238,8 +238,8 @@ class Manifest(_Located, StoredManifest):
         # manifest built in memory.
         self.read_sha256: str | None = None
 
-    @property
-    def encrypted(self) -> bool:
+    @property  # what _Located declares as a field, derived here from the encryption
+    def encrypted(self) -> bool:  # type: ignore[override]
         return self.encryption is not None
 
     @classmethod
@@ -277,16 +277,20 @@ def clock_warning(manifest: Manifest, max_skew_seconds: float) -> str | None:
             f"server's time, fix the host's clock (NTP)")
 
 
-def is_safety_copy(manifest: Manifest) -> bool:
+# A manifest or the catalog's summary of one: the rules below read only what both hold.
+Backup = TypeVar("Backup", bound="_Located")
+
+
+def is_safety_copy(manifest: _Located) -> bool:
     return manifest.tier in SAFETY_TIERS
 
 
-def regular_backups(backups: list[Manifest]) -> list[Manifest]:
+def regular_backups(backups: list[Backup]) -> list[Backup]:
     """The backups of the regular tiers (no safety copies), oldest first."""
     return sorted((m for m in backups if not is_safety_copy(m)), key=backup_order)
 
 
-def newest_regular_backup(backups: list[Manifest]) -> Manifest | None:
+def newest_regular_backup(backups: list[Backup]) -> Backup | None:
     """What `latest` means for every command and flow: the newest complete backup of the
     regular tiers. A safety copy (`pre-restore`) holds the state a restore replaced, often
     the very damage being repaired: it is never `latest`."""

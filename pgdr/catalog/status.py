@@ -15,7 +15,7 @@ _VERIFICATION_LOOKBACK = 10
 
 
 def _state(repo: Repository, found: catalog.Catalog,
-           manifest: catalog.BackupEntry) -> tuple[str, str | None, str | None]:
+           manifest: catalog.BackupEntry | catalog.Manifest) -> tuple[str, str | None, str | None]:
     if manifest.verified_key not in found.verified:
         return catalog.NEVER_STATE, None, None  # the listing has no record: nothing to read
     try:

@@ -427,4 +427,5 @@ def run_bytes(
             if line.strip()
         ]
         raise CommandError(os.path.basename(argv[0]), proc.returncode, lines[-_STDERR_TAIL_LINES:])
-    return proc.stdout
+    output: bytes = proc.stdout
+    return output

@@ -354,7 +354,10 @@ def store_server_manifest(repo: Repository, key: str, data: bytes, *, encrypt_to
                           gpg_homedir: str | None, zstd_level: int,
                           secrets: list[str] | None) -> dict[str, Any]:
     """Store the server's backup_manifest encoded like the backup; where and what it is."""
-    stored, _ = stream_encoded(lambda sink: sink.write(data), repo, key,
+    def feed(sink: Any) -> None:
+        sink.write(data)
+
+    stored, _ = stream_encoded(feed, repo, key,
                                encode=encode_commands(encrypt_to, gpg_homedir, zstd_level, 1),
                                what=SERVER_MANIFEST, secrets=secrets)
     return {"key": key, "size_bytes": stored.size, "sha256": stored.sha256}
