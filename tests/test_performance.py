@@ -139,7 +139,7 @@ def test_great_expectations_loads_without_its_distribution_tests_dependencies_un
     probe = """
 import sys
 import time
-from tasks import quality
+from pgdr.restore import quality
 quality.defer_unused_imports()
 import great_expectations.expectations
 print(sorted(name for name in ("scipy.stats._stats_py", "altair.vegalite") if name in sys.modules))

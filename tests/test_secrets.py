@@ -236,7 +236,7 @@ def test_a_run_handed_a_url_without_password_finds_the_configured_one(pg, monkey
 def test_the_agent_of_a_killed_run_is_stopped_when_the_next_one_starts(gpg):
     started = subprocess.Popen([sys.executable, "-c", f"""
 import subprocess, time
-from tasks import crypto
+from pgdr.pipeline import crypto
 with crypto.private_home({gpg.homedir!r}) as home:
     subprocess.run(["gpg-connect-agent", "--homedir", home, "/bye"], check=True, capture_output=True)
     print(home, flush=True)
