@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-import pgdr.storage.repository
+import pgdr.storage.s3repo
 from pgdr.catalog import catalog
 from pgdr.storage.repository import Repository, open_repository
 from tests.support.cli import cli_json
@@ -29,7 +29,7 @@ def gets(s3, monkeypatch) -> Counter:
         client.meta.events.register("provide-client-params.s3.GetObject",
                                     lambda params, **_: calls.update([params["Key"]]))
 
-    monkeypatch.setattr(pgdr.storage.repository, "S3_CLIENT_HOOKS", [register])
+    monkeypatch.setattr(pgdr.storage.s3repo, "S3_CLIENT_HOOKS", [register])
     return calls
 
 

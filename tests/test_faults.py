@@ -18,7 +18,7 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
 
 from pgdr.catalog import catalog
-from pgdr.storage import repository as repository_module
+from pgdr.storage import s3repo
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import table_fingerprints
@@ -64,7 +64,7 @@ def s3_faults(monkeypatch):
 
         client.meta.events.register("before-send.s3", before_send)
 
-    monkeypatch.setattr(repository_module, "S3_CLIENT_HOOKS", [install])
+    monkeypatch.setattr(s3repo, "S3_CLIENT_HOOKS", [install])
 
     def add(operation: str, make, times: int = -1) -> None:
         faults.append({"operation": operation, "make": make, "left": times})

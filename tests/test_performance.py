@@ -18,7 +18,8 @@ import pytest
 
 from pgdr.pipeline.dump import stream_dump
 from pgdr.pipeline.process import CommandError
-from pgdr.storage.repository import FileRepository, PutResult
+from pgdr.storage.filerepo import FileRepository
+from pgdr.storage.repository import PutResult
 
 
 def _children() -> dict[str, int]:

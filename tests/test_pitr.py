@@ -36,7 +36,7 @@ from pgdr.pitr.basebackup import (
     list_base_backups,
 )
 from pgdr.postgres.cluster import LocalCluster, find_postgres_bin, grant_to_server
-from pgdr.storage import repository
+from pgdr.storage import s3repo
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
@@ -518,7 +518,7 @@ def test_wal_push_of_a_16_mb_segment_is_light(file_repo, tmp_path):
 
 
 def test_a_parallel_download_reads_ranges_at_once_and_returns_the_same_bytes(s3_repo, monkeypatch):
-    monkeypatch.setattr(repository, "DOWNLOAD_PART", 5 << 20)
+    monkeypatch.setattr(s3repo, "DOWNLOAD_PART", 5 << 20)
     in_flight = {"now": 0, "most": 0, "ranges": 0}
     lock = threading.Lock()
 
@@ -538,7 +538,7 @@ def test_a_parallel_download_reads_ranges_at_once_and_returns_the_same_bytes(s3_
         client.meta.events.register("before-call.s3.GetObject", started)
         client.meta.events.register("after-call.s3.GetObject", finished)
 
-    monkeypatch.setattr(repository, "S3_CLIENT_HOOKS", [hook])
+    monkeypatch.setattr(s3repo, "S3_CLIENT_HOOKS", [hook])
     repo = open_repository(s3_repo)
     data = b"".join(i.to_bytes(4, "big") for i in range(6 << 20))  # 24 MB, no two parts alike
     repo.put_stream("base/x", [data])

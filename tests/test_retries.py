@@ -21,7 +21,7 @@ from pgdr.ops.errors import (
     transient_s3_error,
 )
 from pgdr.pipeline.process import CommandError
-from pgdr.storage import repository as repository_module
+from pgdr.storage import s3repo
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.test_backup import assert_nothing_left
@@ -52,7 +52,7 @@ def dump_puts(monkeypatch):
 
         client.meta.events.register("before-send.s3", before_send)
 
-    monkeypatch.setattr(repository_module, "S3_CLIENT_HOOKS", [install])
+    monkeypatch.setattr(s3repo, "S3_CLIENT_HOOKS", [install])
     # One HTTP attempt per request: what botocore's own retries would hide is the task's to retry.
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
 

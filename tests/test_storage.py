@@ -15,7 +15,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 import flows.storage
-import pgdr.storage.repository
+import pgdr.storage.s3repo
 from pgdr.catalog import catalog, locks, retention
 from pgdr.storage import storage
 from pgdr.storage.repository import MiB, open_repository
@@ -30,7 +30,7 @@ def s3_calls(s3, monkeypatch) -> Counter:
     def register(client):
         client.meta.events.register("before-call.s3.*", lambda model, **_: calls.update([model.name]))
 
-    monkeypatch.setattr(pgdr.storage.repository, "S3_CLIENT_HOOKS", [register])
+    monkeypatch.setattr(pgdr.storage.s3repo, "S3_CLIENT_HOOKS", [register])
     return calls
 
 
@@ -117,7 +117,7 @@ def test_snapshot_of_a_prefix_restores_into_another_prefix(capsys, s3_repo):
 def test_large_objects_are_copied_in_parts(s3, s3_calls, s3_repo):
     source = new_bucket()
     body = os.urandom(12 * MiB + 7)
-    client = pgdr.storage.repository.s3_client()
+    client = pgdr.storage.s3repo.s3_client()
     client.put_object(Bucket=source, Key="big/export.bin", Body=body, ContentType="application/x-test",
                       Metadata={"owner": "reports"})
     etag = client.head_object(Bucket=source, Key="big/export.bin")["ETag"]
@@ -141,7 +141,7 @@ def test_repository_copies_and_deletes_many_keys(kind, s3_calls, s3_repo, file_r
     repo.copy(keys[0], "copies/0.bin", storage_class="STANDARD_IA")
     assert repo.get_bytes("copies/0.bin") == keys[0].encode()
     s3_calls.clear()
-    monkeypatch.setattr(pgdr.storage.repository, "DELETE_BATCH", 2)
+    monkeypatch.setattr(pgdr.storage.s3repo, "DELETE_BATCH", 2)
 
     assert repo.delete_many([*keys, "copies/0.bin", "area/absent.bin"]) == {}
     assert list(repo.list()) == []
@@ -165,7 +165,7 @@ def test_s3_delete_many_reports_why_each_refused_key_stays(s3_repo, monkeypatch)
 
         client.meta.events.register("before-send.s3.DeleteObjects", before_send)
 
-    monkeypatch.setattr(pgdr.storage.repository, "S3_CLIENT_HOOKS", [refuse_one])
+    monkeypatch.setattr(pgdr.storage.s3repo, "S3_CLIENT_HOOKS", [refuse_one])
     repo = open_repository(s3_repo)
     failed = repo.delete_many(["area/kept.bin", "area/refused.bin"])
     assert failed == {"area/refused.bin": "S3 delete_objects failed: AccessDenied Access Denied"}
@@ -289,7 +289,7 @@ def test_a_prune_cut_short_after_the_manifests_leaves_the_kept_snapshot_whole(ca
     later = catalog.utcnow() + timedelta(days=31)  # past the daily retention
 
     # As if the prune died right after deleting the manifests: no object deletion succeeds.
-    monkeypatch.setattr(pgdr.storage.repository, "S3_CLIENT_HOOKS", [deny_object_deletes])
+    monkeypatch.setattr(pgdr.storage.s3repo, "S3_CLIENT_HOOKS", [deny_object_deletes])
     row = prune_bucket(s3_repo, source, later)[older.snapshot_id]
     assert row["action"] == "failed" and "8 objects not deleted" in row["reason"]
     assert not repo.head(older.manifest_key)
@@ -299,7 +299,7 @@ def test_a_prune_cut_short_after_the_manifests_leaves_the_kept_snapshot_whole(ca
     assert contents(restored) == current
 
     # The next prune sweeps the leftovers that no snapshot refers to, and only those.
-    monkeypatch.setattr(pgdr.storage.repository, "S3_CLIENT_HOOKS", [])
+    monkeypatch.setattr(pgdr.storage.s3repo, "S3_CLIENT_HOOKS", [])
     row = prune_bucket(s3_repo, source, later)[older.snapshot_id]
     assert row["action"] == "deleted" and row["finished_at"] is None
     assert "no manifest" in row["reason"] and "8 objects deleted, 52 kept" in row["reason"]

@@ -349,7 +349,7 @@ def test_init_repo_denies_non_tls_only_on_tls_endpoints():
     import boto3
 
     from pgdr.storage.bucket import is_plain_http, transitions
-    from pgdr.storage.repository import S3Repository
+    from pgdr.storage.s3repo import S3Repository
 
     tls = S3Repository("b", "p", client=boto3.client("s3", endpoint_url="https://s3.example.test",
                                                      region_name="us-east-1"))

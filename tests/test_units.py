@@ -12,15 +12,8 @@ from pgdr.catalog import catalog
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import load_settings
 from pgdr.postgres.postgres import display_dsn, parse_table_name, strip_password, with_database
-from pgdr.storage.repository import (
-    MAX_PART_SIZE,
-    MAX_PARTS,
-    MiB,
-    base_part_size,
-    open_repository,
-    part_size,
-    validate_key,
-)
+from pgdr.storage.repository import MiB, open_repository, validate_key
+from pgdr.storage.s3upload import MAX_PART_SIZE, MAX_PARTS, base_part_size, part_size
 
 
 def test_backup_id_sorts_by_time_and_names_its_tier():

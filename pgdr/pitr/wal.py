@@ -32,7 +32,8 @@ from pgdr.catalog.catalog import database_component, iso, utcnow
 from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
 from pgdr.pipeline import crypto
 from pgdr.pipeline.pipeline import decode_bytes, decode_commands, encode_commands, encode_file
-from pgdr.storage.repository import READ_CHUNK, Repository, write_atomically
+from pgdr.storage.filerepo import write_atomically
+from pgdr.storage.repository import READ_CHUNK, Repository
 
 SIDECAR = ".sha256"
 # restore_command exit statuses. PostgreSQL reads any status from 1 to 125 as "not in the

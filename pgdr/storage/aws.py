@@ -25,7 +25,7 @@ CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 45
 
 # Functions called with every new client but S3's (Route53, RDS, CloudWatch): how tests act
-# on botocore's event hooks (client.meta.events), as pgdr.storage.repository.S3_CLIENT_HOOKS does for S3.
+# on botocore's event hooks (client.meta.events), as pgdr.storage.s3repo.S3_CLIENT_HOOKS does for S3.
 CLIENT_HOOKS: list[Callable[[Any], None]] = []
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from pgdr.ops.errors import ConfigError
 from pgdr.storage.aws import aws_errors
-from pgdr.storage.repository import S3Repository, open_repository
+from pgdr.storage.repository import open_repository
+from pgdr.storage.s3repo import S3Repository
 
 LIFECYCLE_RULE_ID = "pgdr-tiering"
 POLICY_SID = "PgdrDenyInsecureTransport"

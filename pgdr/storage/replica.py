@@ -20,7 +20,8 @@ from pgdr.files.files import list_file_backups
 from pgdr.ops.errors import IntegrityError, NotFoundError, PgdrError
 from pgdr.pitr import wal
 from pgdr.pitr.basebackup import list_base_backups
-from pgdr.storage.repository import Repository, S3Repository
+from pgdr.storage.repository import Repository
+from pgdr.storage.s3repo import S3Repository
 from pgdr.storage.storage import StorageManifest, list_snapshots
 
 

@@ -25,7 +25,8 @@ from urllib.parse import urlparse
 
 from pgdr.catalog import catalog
 from pgdr.ops.errors import ConfigError, NotFoundError, PgdrError, first_line
-from pgdr.storage.repository import COPY_LIMIT, COPY_PART_SIZE, Repository, S3Repository
+from pgdr.storage.repository import Repository
+from pgdr.storage.s3repo import COPY_LIMIT, COPY_PART_SIZE, S3Repository
 
 AREA = "storage"
 OBJECTS = "objects"
