@@ -310,6 +310,7 @@ class Cases:
         """A repository of `backups` backups of CATALOG_DATABASES databases (their manifests,
         an hour apart, and each database's catalog index), in a bucket of its own (not measured)."""
         from pgdr.catalog import catalog
+        from pgdr.catalog.index import refresh_index
         from pgdr.storage.repository import open_repository
 
         env = self.bench.base_env
@@ -338,7 +339,7 @@ class Cases:
         # Each database's index, by the call a backup makes after its manifest (here once for
         # all of them: the first backup after an upgrade indexes what came before it alike).
         for number in range(CATALOG_DATABASES):
-            if not catalog.refresh_index(repo, f"fleet{number}"):
+            if not refresh_index(repo, f"fleet{number}"):
                 raise BenchError(f"the catalog index of fleet{number} could not be written")
         self.catalog_backups = backups
 

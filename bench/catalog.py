@@ -29,12 +29,12 @@ def _round(cases: Cases) -> dict[str, Any]:
 
 
 def _drop_indexes(cases: Cases) -> None:
-    from pgdr.catalog import catalog
+    from pgdr.catalog.index import index_key
     from pgdr.storage.repository import open_repository
 
     repo = open_repository(cases.catalog_url)
     for number in range(CATALOG_DATABASES):
-        repo.delete(catalog.index_key(f"fleet{number}"))
+        repo.delete(index_key(f"fleet{number}"))
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 
 from flows.prune import prune_after_backup
 from pgdr.catalog import catalog
+from pgdr.catalog.index import INDEX_WRITE_ATTEMPTS, refresh_index
 from pgdr.catalog.locks import database_lock
 from pgdr.ops.errors import ConfigError, PgdrError
 from pgdr.ops.settings import Settings, check_tier, load_settings
@@ -29,9 +30,9 @@ def index_backup(repo_url: str, settings: Settings, database: str) -> None:
     database's lock. The index only spares readers work (they list the keys and read what it
     lacks): the backup is complete without it, so a failure here is a warning."""
     try:
-        if not catalog.refresh_index(open_repo(repo_url, settings), database):
+        if not refresh_index(open_repo(repo_url, settings), database):
             get_run_logger().warning("the catalog index of %s was replaced by other writers %d times: "
-                                     "not updated", database, catalog.INDEX_WRITE_ATTEMPTS)
+                                     "not updated", database, INDEX_WRITE_ATTEMPTS)
     except PgdrError as exc:
         get_run_logger().warning("the catalog index of %s was not updated: %s", database, exc)
 

@@ -24,6 +24,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_run
 
 from pgdr.catalog import catalog
+from pgdr.catalog.scan import backups_since
 from pgdr.dr import fleet as fleets
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, FailedWithReport, PgdrError
@@ -89,7 +90,7 @@ def _result(state: State, action: str, parameters: dict[str, Any], member: fleet
     except Exception:  # results of runs on workers are not persisted: look in the repository
         if action != "backup":
             return None
-        written = catalog.backups_since(open_repo(repo_url, settings), member.database, parameters["tier"],
+        written = backups_since(open_repo(repo_url, settings), member.database, parameters["tier"],
                                         since)
         return written[-1].summary() if written else None
 

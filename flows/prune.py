@@ -2,7 +2,7 @@
 
 For each database, files-backup name and snapshotted bucket (or the ones named), and the
 base backups and archived WAL of each database (the pitr area): decide
-with pgdr.catalog.retention.choose, delete what it says (manifest first; a storage snapshot's
+with pgdr.catalog.policy.choose, delete what it says (manifest first; a storage snapshot's
 objects only once no remaining snapshot refers to them), remove incomplete backups and
 stale uploads older than the grace period, and report every backup kept or deleted with
 its reason (audit record + table artifact). Runs on its own and after every backup, files

@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.restore import VerificationFailed, restore_and_validate
 from pgdr.catalog import catalog
+from pgdr.catalog.scan import list_databases, scan_backups
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, PgdrError
 from pgdr.ops.settings import load_settings
@@ -37,7 +38,7 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
         raise ConfigError("verify restores into a temporary database: pass --server URL or set DATABASE_URL")
     repo_url = repo or settings.repo_url
     repository = open_repo(repo_url, settings)
-    databases = [db] if db else catalog.list_databases(repository)
+    databases = [db] if db else list_databases(repository)
     if not databases:
         raise VerificationFailed(f"no backups in {repo_url}", {"ok": False, "databases": []})
     logger = get_run_logger()
@@ -48,7 +49,7 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
         entry: dict[str, Any] = {"database": database, "ok": False, "backup_id": None, "age_hours": None}
         report.append(entry)
         try:
-            found = catalog.scan_backups(repository, database)
+            found = scan_backups(repository, database)
             entry["damaged"] = [d.key for d in found.damaged]
             manifest = catalog.newest_regular_backup(found.backups)
             if manifest is None:

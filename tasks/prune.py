@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 
 from pgdr.catalog import catalog, retention
 from pgdr.catalog.locks import database_lock
+from pgdr.catalog.policy import Policy, choose_safety_databases
 from pgdr.ops.errors import PgdrError, first_line
 from pgdr.ops.settings import Settings
 from pgdr.postgres import postgres
@@ -24,7 +25,7 @@ def prune_set(repo_url: str, settings: Settings, area: str, name: str, tier: str
               dry_run: bool) -> list[dict[str, Any]]:
     """Retention for one database, files-backup name or snapshotted bucket."""
     repo = open_repo(repo_url, settings)
-    policy = retention.Policy(settings.retention_days, settings.keep_verified)
+    policy = Policy(settings.retention_days, settings.keep_verified)
 
     def run() -> list[dict[str, Any]]:
         return retention.prune_set(repo, area, name, catalog.utcnow(), policy, tier, dry_run)
@@ -44,7 +45,7 @@ def prune_safety_databases(server_url: str, settings: Settings, of: str | None,
     rows = []
     with postgres.connect(server_url, dbname=admin, autocommit=True) as conn:
         found = [d for d in restoring.safety_databases(conn) if of is None or d.of == of]
-        for database, drop, reason in retention.choose_safety_databases(
+        for database, drop, reason in choose_safety_databases(
                 found, catalog.utcnow(), settings.keep_safety_databases_days):
             action = "keep"
             if drop and dry_run:

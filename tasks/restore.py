@@ -9,6 +9,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from pgdr.catalog import catalog
+from pgdr.catalog.index import resolve_backup
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import Settings
 from pgdr.pipeline.crypto import resolve_passphrase
@@ -25,7 +26,7 @@ from tasks.records import open_repo
 @task(name="find backup", **retrying(2, 5))
 def find_backup(repo_url: str, settings: Settings, selector: str, database: str | None,
                 target_database: str | None = None) -> catalog.Manifest:
-    manifest = catalog.resolve_backup(open_repo(repo_url, settings), selector, database, target_database)
+    manifest = resolve_backup(open_repo(repo_url, settings), selector, database, target_database)
     get_run_logger().info("backup %s of %s (%s, %s)", manifest.backup_id, manifest.database,
                           manifest.finished_at, human_bytes(manifest.size_bytes))
     return manifest

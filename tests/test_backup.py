@@ -13,7 +13,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from pgdr.catalog import catalog
+from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import counts_in
@@ -40,7 +40,7 @@ def test_backup_decodes_to_an_archive_with_every_table(repo_kind, encrypted, req
     assert result["row_counts"] == counts_in(fleet_db)
     assert set(result["row_counts"]) == {f"public.{t}" for t in
                                          ("vehicles", "drivers", "dispatches", "gps_points", "audit_logs")}
-    manifest = catalog.find_backup(open_repository(repo_url), result["backup_id"])
+    manifest = find_backup(open_repository(repo_url), result["backup_id"])
     assert manifest.sha256 == result["sha256"] and manifest.size_bytes == result["size_bytes"]
     assert (manifest.encryption is not None) == encrypted
     if encrypted:
@@ -58,7 +58,7 @@ def test_backup_decodes_to_an_archive_with_every_table(repo_kind, encrypted, req
 def test_s3_objects_carry_the_tier_storage_class_and_encryption(capsys, fleet_db, s3_repo):
     result = backup_json(capsys, "--db", fleet_db, "--repo", s3_repo, "--tier", "weekly")
     repo = open_repository(s3_repo)
-    manifest = catalog.find_backup(repo, result["backup_id"])
+    manifest = find_backup(repo, result["backup_id"])
     head = repo.client.head_object(Bucket=repo.bucket, Key=f"{repo.prefix}/{manifest.prefix}/dump.pgdr")
     assert head["StorageClass"] == "STANDARD_IA"
     assert head["ServerSideEncryption"] == "AES256"
@@ -100,7 +100,7 @@ def test_counts_match_the_dump_while_rows_are_inserted(capsys, big_db, file_repo
     finally:
         stop.set()
         thread.join()
-    manifest = catalog.find_backup(open_repository(file_repo), result["backup_id"])
+    manifest = find_backup(open_repository(file_repo), result["backup_id"])
     target = new_db("counted")
     restore_archive(decode_backup(file_repo, manifest, tmp_path / "dump"), target)
     assert counts_in(target) == result["row_counts"]
@@ -111,7 +111,7 @@ def test_counts_match_the_dump_while_rows_are_inserted(capsys, big_db, file_repo
 
 def assert_nothing_left(repo_url: str) -> None:
     repo = open_repository(repo_url)
-    assert catalog.list_backups(repo) == []
+    assert list_backups(repo) == []
     assert not [o for o in repo.list("") if not o.key.startswith("audit/")]
     assert repo.incomplete_uploads("") == []
 
@@ -140,7 +140,7 @@ def test_pg_dump_killed_midstream_leaves_no_backup_and_no_upload(
     monkeypatch.delenv("PGDR_PG_BIN")
     code, _, err = run_cli(capsys, "backup", "--db", big_db, "--repo", repo_url)
     assert code == 0, err
-    assert len(catalog.list_backups(open_repository(repo_url))) == 1
+    assert len(list_backups(open_repository(repo_url))) == 1
 
 
 def test_password_never_reaches_argv_logs_artifacts_or_the_repository(
@@ -214,7 +214,7 @@ def test_a_tricky_schema_round_trips_with_identical_content(capsys, tricky_db, f
     result = backup_json(capsys, "--db", tricky_db, "--repo", file_repo)
     assert '"Sales Data"."Order Items"' in result["row_counts"]
     assert 'public."user"' in result["row_counts"]
-    manifest = catalog.find_backup(open_repository(file_repo), result["backup_id"])
+    manifest = find_backup(open_repository(file_repo), result["backup_id"])
     target = new_db("tricky_copy")
     restore_archive(decode_backup(file_repo, manifest, tmp_path / "dump"), target)
     assert table_fingerprints(target) == table_fingerprints(tricky_db)
@@ -224,7 +224,7 @@ def test_pagila_schema_round_trips_exactly(capsys, pagila_db, file_repo, new_db,
     import subprocess
 
     result = backup_json(capsys, "--db", pagila_db, "--repo", file_repo)
-    manifest = catalog.find_backup(open_repository(file_repo), result["backup_id"])
+    manifest = find_backup(open_repository(file_repo), result["backup_id"])
     target = new_db("pagila_copy")
     restore_archive(decode_backup(file_repo, manifest, tmp_path / "dump"), target)
 

@@ -15,6 +15,8 @@ import pytest
 
 import pgdr.storage.s3repo
 from pgdr.catalog import catalog
+from pgdr.catalog.index import index_key, read_index, refresh_index, resolve_backup
+from pgdr.catalog.scan import find_backup, list_backups, scan_backups
 from pgdr.storage.repository import Repository, open_repository
 from tests.support.cli import cli_json
 from tests.test_prune import fake_backup
@@ -46,13 +48,13 @@ def make_fleet(repo: Repository, databases: int = 3, each: int = 6) -> list[cata
         made.append(fake_backup(repo, f"db{n % databases}", tier, now - timedelta(hours=n + 1),
                                 verified=True if n % 4 == 0 else None))
     for db in {m.database for m in made}:
-        assert catalog.refresh_index(repo, db)
+        assert refresh_index(repo, db)
     return made
 
 
 def full_scan(repo: Repository) -> dict[str, Any]:
     """What `pgdr list --json` showed before the index: every manifest read."""
-    found = catalog.scan_backups(repo)
+    found = scan_backups(repo)
     return {"backups": [{**m.summary(), "safety_copy": catalog.is_safety_copy(m),
                          "storage_class": found.storage_classes.get(m.backup_id)} for m in found.backups],
             "damaged": [d.summary() for d in found.damaged]}
@@ -64,7 +66,7 @@ def listed(capsys, url: str) -> dict[str, Any]:
 
 
 def latest_by_full_scan(repo: Repository, database: str) -> str:
-    return catalog.newest_regular_backup(catalog.list_backups(repo, database)).backup_id
+    return catalog.newest_regular_backup(list_backups(repo, database)).backup_id
 
 
 def test_list_status_and_latest_read_the_index_not_every_manifest(capsys, s3_repo, gets):
@@ -75,7 +77,7 @@ def test_list_status_and_latest_read_the_index_not_every_manifest(capsys, s3_rep
     gets.clear()
 
     assert listed(capsys, s3_repo) == expected
-    index_keys = {f"pgdr/{catalog.index_key(db)}" for db in ("db0", "db1", "db2")}
+    index_keys = {f"pgdr/{index_key(db)}" for db in ("db0", "db1", "db2")}
     assert set(gets) == index_keys and sum(gets.values()) == 3  # not one manifest
 
     gets.clear()
@@ -90,27 +92,27 @@ def test_list_status_and_latest_read_the_index_not_every_manifest(capsys, s3_rep
 
     newest = latest_by_full_scan(repo, "db1")
     gets.clear()
-    latest = catalog.resolve_backup(repo, "latest", "db1")
+    latest = resolve_backup(repo, "latest", "db1")
     assert latest.backup_id == newest
-    assert sorted(gets) == sorted([f"pgdr/{catalog.index_key('db1')}", f"pgdr/{latest.manifest_key}"])
+    assert sorted(gets) == sorted([f"pgdr/{index_key('db1')}", f"pgdr/{latest.manifest_key}"])
 
 
 def test_a_backup_records_itself_in_its_database_index(capsys, fleet_db, file_repo):
     made = cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo)
     repo = open_repository(file_repo)
-    index = json.loads(repo.get_bytes(catalog.index_key("fleet")))
+    index = json.loads(repo.get_bytes(index_key("fleet")))
     (entry,) = index["backups"]
-    manifest = catalog.find_backup(repo, made["backup_id"])
+    manifest = find_backup(repo, made["backup_id"])
     assert entry["backup_id"] == made["backup_id"] and entry["snapshot_at"] == manifest.snapshot_at
     assert entry["manifest_sha256"] == hashlib.sha256(repo.get_bytes(manifest.manifest_key)).hexdigest()
 
 
 def damage_index(repo: Repository, database: str) -> None:
-    repo.put_bytes(catalog.index_key(database), b'{"format": "pgdr-catalog-index-1", "backups": [')
+    repo.put_bytes(index_key(database), b'{"format": "pgdr-catalog-index-1", "backups": [')
 
 
 def forge_entry(repo: Repository, database: str, backup_id: str, **fields: Any) -> None:
-    key = catalog.index_key(database)
+    key = index_key(database)
     index = json.loads(repo.get_bytes(key))
     for entry in index["backups"]:
         if entry["backup_id"] == backup_id:
@@ -143,18 +145,18 @@ def test_a_missing_damaged_or_stale_index_changes_nothing(capsys, repo_url):
     assert [d["key"] for d in expected["damaged"]] == [broken.manifest_key]
     assert listed(capsys, repo_url) == expected
     for db in by_db:
-        assert catalog.resolve_backup(repo, "latest", db).backup_id == latest_by_full_scan(repo, db)
+        assert resolve_backup(repo, "latest", db).backup_id == latest_by_full_scan(repo, db)
 
     # A damaged index is ignored whole, a missing one too; the next write rebuilds them.
     damage_index(repo, "db0")
-    repo.delete(catalog.index_key("db1"))
+    repo.delete(index_key("db1"))
     assert listed(capsys, repo_url) == expected
-    assert not catalog.read_index(repo, "db0").readable
+    assert not read_index(repo, "db0").readable
     for db in by_db:
-        assert catalog.refresh_index(repo, db)
+        assert refresh_index(repo, db)
     assert listed(capsys, repo_url) == expected
     for db in by_db:
-        index = catalog.read_index(repo, db)
+        index = read_index(repo, db)
         assert index.readable
         assert sorted(e.backup_id for e in index.entries.values()) == sorted(
             b["backup_id"] for b in expected["backups"] if b["database"] == db)
@@ -166,31 +168,31 @@ def test_a_missing_damaged_or_stale_index_changes_nothing(capsys, repo_url):
 def rebuild_index(repo: Repository, database: str) -> None:
     """A new index from the manifests (refresh_index keeps entries that match their
     manifest's version, forged ones included: only reads that matter check them)."""
-    repo.delete(catalog.index_key(database))
-    assert catalog.refresh_index(repo, database)
-    assert len(catalog.read_index(repo, database).entries) == len(catalog.list_backups(repo, database))
+    repo.delete(index_key(database))
+    assert refresh_index(repo, database)
+    assert len(read_index(repo, database).entries) == len(list_backups(repo, database))
 
 
 def test_a_forged_entry_cannot_change_latest_nor_show_a_gone_backup(capsys, repo_url):
     repo = open_repository(repo_url)
     made = [m for m in make_fleet(repo, databases=1, each=6) if m.tier == "daily"]
     newest, older = made[0], made[-1]
-    assert catalog.resolve_backup(repo, "latest", "db0").backup_id == newest.backup_id
+    assert resolve_backup(repo, "latest", "db0").backup_id == newest.backup_id
 
     # An older backup made to look newest: its manifest says otherwise.
     forge_entry(repo, "db0", older.backup_id, snapshot_at=catalog.iso(catalog.utcnow() + timedelta(days=1)))
-    assert catalog.resolve_backup(repo, "latest", "db0").backup_id == newest.backup_id
+    assert resolve_backup(repo, "latest", "db0").backup_id == newest.backup_id
     # The newest made to look old: a backup started later by its id is read, and disagrees.
     rebuild_index(repo, "db0")
     forge_entry(repo, "db0", newest.backup_id, snapshot_at="2001-01-01T00:00:00Z")
-    assert catalog.resolve_backup(repo, "latest", "db0").backup_id == newest.backup_id
+    assert resolve_backup(repo, "latest", "db0").backup_id == newest.backup_id
 
     # An entry whose manifest is gone shows nothing.
     rebuild_index(repo, "db0")
     repo.delete(newest.manifest_key)
     ids = [b["backup_id"] for b in listed(capsys, repo_url)["backups"]]
     assert newest.backup_id not in ids and len(ids) == len(made) - 1 + 1  # + the pre-restore copy
-    assert catalog.resolve_backup(repo, "latest", "db0").backup_id == made[1].backup_id
+    assert resolve_backup(repo, "latest", "db0").backup_id == made[1].backup_id
 
 
 def test_concurrent_writers_lose_no_entry(repo_url):
@@ -199,14 +201,14 @@ def test_concurrent_writers_lose_no_entry(repo_url):
 
     def backup(n: int) -> bool:
         fake_backup(repo, "busy", "daily", now - timedelta(minutes=n))
-        return catalog.refresh_index(repo, "busy")
+        return refresh_index(repo, "busy")
 
     with ThreadPoolExecutor(6) as pool:
         assert all(pool.map(backup, range(12)))
-    index = catalog.read_index(repo, "busy")
+    index = read_index(repo, "busy")
     assert len(index.entries) == 12
     assert sorted(e.backup_id for e in index.entries.values()) == sorted(
-        m.backup_id for m in catalog.list_backups(repo, "busy"))
+        m.backup_id for m in list_backups(repo, "busy"))
 
 
 def test_a_writer_that_lost_the_race_reads_again_and_keeps_the_winners_entry(repo_url, monkeypatch):
@@ -221,12 +223,12 @@ def test_a_writer_that_lost_the_race_reads_again_and_keeps_the_winners_entry(rep
         # writes the index first.
         if not theirs:
             theirs.append(fake_backup(second, "busy", "daily", now))
-            assert catalog.refresh_index(second, "busy")
+            assert refresh_index(second, "busy")
         return write(key, data, tag)
 
     monkeypatch.setattr(first, "put_if_tag", another_backup_meanwhile)
-    assert catalog.refresh_index(first, "busy")
-    assert sorted(e.backup_id for e in catalog.read_index(first, "busy").entries.values()) == sorted(
+    assert refresh_index(first, "busy")
+    assert sorted(e.backup_id for e in read_index(first, "busy").entries.values()) == sorted(
         [mine.backup_id, theirs[0].backup_id])
 
 

@@ -209,7 +209,7 @@ def test_one_restore_of_a_target_at_a_time(repo_kind, request, capsys, pg, resto
 
 def test_the_report_says_how_many_rows_were_written_after_the_pre_restore_backup(capsys, pg, restored_scene,
                                                                                  file_repo):
-    from pgdr.catalog import catalog
+    from pgdr.catalog.scan import list_backups
     from pgdr.storage.repository import open_repository
 
     target, backup_id, _old, _new = restored_scene
@@ -236,7 +236,7 @@ def test_the_report_says_how_many_rows_were_written_after_the_pre_restore_backup
         thread.join()
     kept = result["previous_database"]
     written = result["written_after_pre_restore_backup"]
-    (pre_restore,) = [m for m in catalog.list_backups(open_repository(file_repo)) if m.tier == "pre-restore"]
+    (pre_restore,) = [m for m in list_backups(open_repository(file_repo)) if m.tier == "pre-restore"]
     with psycopg.connect(pg.url(kept)) as conn:
         in_kept = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
     missed = in_kept - pre_restore.row_counts["public.orders"]  # rows neither backed up nor restored
@@ -281,7 +281,7 @@ def limit_and_comment(pg, name: str) -> tuple[int, str | None]:
 
 def test_stop_writes_first_refuses_writers_before_the_pre_restore_backup(capsys, pg, writer_role,
                                                                           restored_scene, file_repo):
-    from pgdr.catalog import catalog
+    from pgdr.catalog.scan import list_backups
     from pgdr.storage.repository import open_repository
 
     target, backup_id, _old, new = restored_scene
@@ -318,7 +318,7 @@ def test_stop_writes_first_refuses_writers_before_the_pre_restore_backup(capsys,
     # rows before the stop may be counted. What landed is checked by content below.
     assert written["rows"] <= 5
     assert any("too many connections" in line for line in refused)
-    (pre_restore,) = [m for m in catalog.list_backups(open_repository(file_repo)) if m.tier == "pre-restore"]
+    (pre_restore,) = [m for m in list_backups(open_repository(file_repo)) if m.tier == "pre-restore"]
     with psycopg.connect(pg.url(kept)) as conn:
         in_kept = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
     assert in_kept == pre_restore.row_counts["public.orders"]  # nothing landed after its snapshot
@@ -359,7 +359,7 @@ def test_a_restore_stopped_after_stopping_writes_leaves_the_target_open_as_befor
 
 def test_a_failed_restore_with_stop_writes_first_leaves_the_target_open_as_before(capsys, pg, writer_role,
                                                                                  restored_scene, file_repo):
-    from pgdr.catalog import catalog
+    from pgdr.catalog.scan import find_backup
     from pgdr.storage.repository import open_repository
     from tests.test_restore import corrupt
 
@@ -372,7 +372,7 @@ def test_a_failed_restore_with_stop_writes_first_leaves_the_target_open_as_befor
     assert code == 1 and "needs a superuser" in error_line(err)
     assert limit_and_comment(pg, name) == (50, "the fleet's orders")
     # A dump that fails its checksum, found after writes were stopped and the pre-restore backup taken.
-    corrupt(file_repo, catalog.find_backup(open_repository(file_repo), backup_id), "flip")
+    corrupt(file_repo, find_backup(open_repository(file_repo), backup_id), "flip")
     code, _out, err = run_cli(capsys, "restore", backup_id, "--target", target, "--repo", file_repo,
                               "--stop-writes-first")
     assert code == 1 and "corrupt" in error_line(err)

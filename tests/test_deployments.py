@@ -25,7 +25,7 @@ from prefect.server.schemas.schedules import CronSchedule as ServerCronSchedule
 from deployments.register import available_specs, deploy, register
 from deployments.serve import runner_deployments
 from deployments.specs import PREFECT_YAML, ROOT, WORK_POOL, DeploymentSpec, load_specs, split_available
-from pgdr.catalog import catalog
+from pgdr.catalog.scan import list_backups
 from pgdr.storage.repository import open_repository
 from tests.support.worker import PREFECT, process_worker, worker_env
 
@@ -197,7 +197,7 @@ def test_prefect_deploy_then_a_worker_runs_a_real_backup_with_parameters(fleet_d
                        "--watch", "--watch-timeout", "240", env=env)
     assert run.returncode == 0, run.stdout + run.stderr + log.read_text()[-3000:]
     assert "Completed" in run.stdout
-    (backup,) = catalog.list_backups(open_repository(repo_url))
+    (backup,) = list_backups(open_repository(repo_url))
     assert (backup.database, backup.tier) == ("fleet", "pre-deploy")
     assert sum(backup.row_counts.values()) > 0
 

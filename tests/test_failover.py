@@ -16,6 +16,7 @@ import pytest
 
 from flows.drill import drill
 from pgdr.catalog import catalog
+from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.dr import drill as drilling
 from pgdr.dr import failover as choosing
 from pgdr.ops.errors import PgdrError
@@ -308,8 +309,8 @@ def test_failover_takes_the_newest_good_dr_backup_not_the_last_drilled_one(capsy
         conn.execute("DELETE FROM trips")
     safety = cli_json(capsys, "backup", "--db", source_db, "--repo", dr_repo, "--tier", "pre-restore")
     repo = open_repository(dr_repo)
-    assert [m.backup_id for m in catalog.list_backups(repo)][-1] == safety["backup_id"]
-    assert catalog.read_verification(repo, catalog.find_backup(repo, drilled["backup_id"]))["verified"]
+    assert [m.backup_id for m in list_backups(repo)][-1] == safety["backup_id"]
+    assert catalog.read_verification(repo, find_backup(repo, drilled["backup_id"]))["verified"]
 
     result = cli_json(capsys, *failover_args(dr_repo, dr_target, zone))
     assert result["backup_id"] == newest["backup_id"]
@@ -350,7 +351,7 @@ def test_a_dry_run_after_a_real_failover_changes_nothing(capsys, pg, source_db, 
 def test_failed_verification_leaves_dns_untouched(capsys, pg, source_db, s3_repo, zone, dr_target):
     backup = cli_json(capsys, "backup", "--db", source_db, "--repo", s3_repo)
     repo = open_repository(s3_repo)
-    manifest = catalog.find_backup(repo, backup["backup_id"])
+    manifest = find_backup(repo, backup["backup_id"])
     raw = json.loads(manifest.to_json())
     raw["row_counts"]["public.vehicles"] += 1
     repo.put_bytes(manifest.manifest_key, json.dumps(raw).encode())
@@ -491,7 +492,7 @@ def drill_backup(db_url: str, repo_url: str) -> catalog.Manifest:
     from flows.backup import backup
 
     result = backup(db=db_url, repo=repo_url, tier="daily")
-    return catalog.find_backup(open_repository(repo_url), result["backup_id"])
+    return find_backup(open_repository(repo_url), result["backup_id"])
 
 
 def test_a_drill_that_misses_a_target_fails_notifies_and_reports_to_cloudwatch(capsys, monkeypatch, pg,

@@ -18,6 +18,7 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
 
 from pgdr.catalog import catalog
+from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.storage import s3repo
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
@@ -92,7 +93,7 @@ def test_slowdowns_and_resets_are_retried_and_the_backup_lands_intact(capsys, bi
     backup = cli_json(capsys, "backup", "--db", big_db, "--repo", s3_repo)
     assert s3_faults.calls["UploadPart"] >= 3 + 4  # several parts, four of them retried
     repo = open_repository(s3_repo)
-    manifest = catalog.find_backup(repo, backup["backup_id"])
+    manifest = find_backup(repo, backup["backup_id"])
     repo.verify(f"{manifest.prefix}/{manifest.data_key}", manifest.size_bytes, manifest.sha256)
     assert_backup_restores(capsys, s3_repo, backup, pg, new_db)
 
@@ -196,7 +197,7 @@ def test_a_backup_cancelled_or_killed_midway_leaves_nothing_and_the_next_succeed
         survivors = []
     assert not survivors, "children outlived pgdr: " + "; ".join(
         Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in survivors)
-    assert catalog.list_backups(repo) == []
+    assert list_backups(repo) == []
     if sig == signal.SIGTERM:
         assert repo.incomplete_uploads("") == []  # aborted on the way out
     else:
@@ -204,7 +205,7 @@ def test_a_backup_cancelled_or_killed_midway_leaves_nothing_and_the_next_succeed
         # never counts as a backup.
         assert all(u.key.endswith("dump.pgdr") for u in repo.incomplete_uploads(""))
     backup = cli_json(capsys, "backup", "--db", big_db, "--repo", s3_repo)
-    assert [m.backup_id for m in catalog.list_backups(repo)] == [backup["backup_id"]]
+    assert [m.backup_id for m in list_backups(repo)] == [backup["backup_id"]]
 
 
 @pytest.fixture
@@ -227,7 +228,7 @@ def test_disk_full_while_staging_a_restore_fails_cleanly(estimate, capsys, big_d
     backup = cli_json(capsys, "backup", "--db", big_db, "--repo", file_repo)
     if estimate == "too small":  # the free-space check passes; the disk fills up mid-way
         repo = open_repository(file_repo)
-        manifest = catalog.find_backup(repo, backup["backup_id"])
+        manifest = find_backup(repo, backup["backup_id"])
         manifest.dump_bytes = 1024
         repo.put_bytes(manifest.manifest_key, manifest.to_json())
     target = new_db("untouched")
@@ -357,7 +358,7 @@ def test_two_backups_of_one_database_started_together_both_land_one_after_the_ot
     results = [proc.communicate(timeout=600) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err.decode()[-500:] for _out, err in results]
     repo = open_repository(file_repo)
-    first, second = sorted(catalog.list_backups(repo), key=lambda m: (m.started_at, m.finished_at))
+    first, second = sorted(list_backups(repo), key=lambda m: (m.started_at, m.finished_at))
     assert first.backup_id != second.backup_id
     # The repository lock serialised them: the second dump began once the first was stored.
     assert catalog.parse_iso(second.started_at) >= catalog.parse_iso(first.finished_at)

@@ -15,6 +15,7 @@ from prefect.client.schemas.objects import StateType
 from deployments.register import register
 from flows.fleet import fleet as fleet_flow
 from pgdr.catalog import catalog
+from pgdr.catalog.scan import list_backups
 from pgdr.dr import fleet
 from pgdr.postgres.cluster import free_port
 from pgdr.storage.repository import open_repository
@@ -66,7 +67,7 @@ def test_five_databases_on_one_server_never_more_than_two_at_once(new_db, file_r
     assert len({row["flow_run"] for row in rows}) == 5  # each database its own flow run
     repo = open_repository(file_repo)
     for url in urls:
-        (stored,) = catalog.list_backups(repo, url.rsplit("/", 1)[1])
+        (stored,) = list_backups(repo, url.rsplit("/", 1)[1])
         assert stored.row_counts == {"public.readings": 2000 + urls.index(url)}
     host = fleet.Member.of(urls[0]).host
     assert asyncio.run(_limit(fleet.HOST_LIMIT_PREFIX + host)) == 2
@@ -95,9 +96,9 @@ def test_an_unreachable_database_fails_its_own_run_and_the_fleet_not_the_others(
         row = by_name[url.rsplit("/", 1)[1]]
         assert row["status"] == "ok" and row["size_bytes"] > 0
         assert asyncio.run(_state_of(row["flow_run"])) == StateType.COMPLETED
-        (stored,) = catalog.list_backups(repo, url.rsplit("/", 1)[1])
+        (stored,) = list_backups(repo, url.rsplit("/", 1)[1])
         assert stored.row_counts == {"public.readings": 100 * (index + 1)}
-    assert catalog.list_backups(repo, "ghost") == []
+    assert list_backups(repo, "ghost") == []
 
 
 def test_discovery_honours_patterns_and_never_takes_templates(pg, new_db):
@@ -169,7 +170,7 @@ def test_fleet_verify_restore_tests_every_database_on_the_scratch_server(pg, new
     assert set(verified["server_limits"]) == {f"127.0.0.1:{pg.port}"}
     repo = open_repository(file_repo)
     for url in urls:
-        (stored,) = catalog.list_backups(repo, url.rsplit("/", 1)[1])
+        (stored,) = list_backups(repo, url.rsplit("/", 1)[1])
         assert catalog.read_verification(repo, stored)["verified"] is True
 
 
@@ -179,4 +180,4 @@ def test_a_missing_deployment_is_refused_before_any_run(new_db, file_repo, capsy
                            "--deployment", "backup/nowhere")
     assert code == 1
     assert "deployment backup/nowhere not found" in error_line(err)
-    assert catalog.list_backups(open_repository(file_repo)) == []
+    assert list_backups(open_repository(file_repo)) == []

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgdr.catalog.retention import BackupFacts, Decision, Policy, choose, choose_base_backups, keep_chains
+from pgdr.catalog.policy import BackupFacts, Decision, Policy, choose, choose_base_backups, keep_chains
 from pgdr.ops.errors import ConfigError, IntegrityError
 from pgdr.pitr.basebackup import (
     FULL,

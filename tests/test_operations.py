@@ -12,7 +12,7 @@ from prefect import get_client
 
 from flows.backup import backup
 from flows.restore import restore
-from pgdr.catalog import catalog
+from pgdr.catalog.scan import find_backup
 from pgdr.ops import audit
 from pgdr.storage.repository import open_repository
 from tasks.runs import name_from
@@ -51,7 +51,7 @@ def test_a_failed_failover_notifies_once(capsys, monkeypatch, receiver, pg, sour
                                          zone, dr_target):  # noqa: F811
     backup_summary = cli_json(capsys, "backup", "--db", source_db, "--repo", s3_repo)
     repo = open_repository(s3_repo)
-    manifest = catalog.find_backup(repo, backup_summary["backup_id"])
+    manifest = find_backup(repo, backup_summary["backup_id"])
     raw = json.loads(manifest.to_json())
     raw["row_counts"]["public.vehicles"] += 1  # the restore's verification fails
     repo.put_bytes(manifest.manifest_key, json.dumps(raw).encode())

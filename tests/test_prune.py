@@ -14,6 +14,8 @@ import pytest
 import flows.backup
 import tasks.backup
 from pgdr.catalog import catalog, locks, retention
+from pgdr.catalog.policy import Policy
+from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.postgres import postgres
 from pgdr.storage.repository import Repository, open_repository
 from tests.support.cli import cli_json, run_cli
@@ -51,15 +53,15 @@ def test_listing_and_pruning_see_more_than_1000_objects(capsys, s3_repo):
     made += [fake_backup(repo, "fleet", "weekly", now - timedelta(days=7 * week, hours=2), verified=True)
              for week in range(60)]
     assert sum(1 for _ in repo.list("")) > 1000
-    assert ids(catalog.list_backups(repo, "fleet")) == ids(made)
+    assert ids(list_backups(repo, "fleet")) == ids(made)
 
     dry = cli_json(capsys, "prune", "--repo", s3_repo, "--dry-run")
     assert dry["counts"] == {"keep": 30 + 13, "would delete": 420 + 47}
-    assert ids(catalog.list_backups(repo, "fleet")) == ids(made)
+    assert ids(list_backups(repo, "fleet")) == ids(made)
 
     result = cli_json(capsys, "prune", "--repo", s3_repo)
     assert result["ok"] and result["counts"] == {"keep": 43, "deleted": 467}
-    left = catalog.list_backups(repo, "fleet")
+    left = list_backups(repo, "fleet")
     assert ids(left) == {r["backup_id"] for r in result["backups"] if r["action"] == "keep"}
     assert all(now - m.finished < timedelta(days=30 if m.tier == "daily" else 90) for m in left)
     # Nothing of a deleted backup stays behind; an audit record says what happened.
@@ -81,22 +83,22 @@ def test_failed_and_corrupt_newest_backups_never_cost_the_good_ones(file_repo):
     repo.put_bytes(f"{interrupted}/{catalog.DUMP}", b"half a dump")
     partial = repo._path(f"{interrupted}/.dump.pgdr.partial-0000")
     partial.write_bytes(b"half an upload")
-    assert catalog.list_backups(repo, "fleet")[-1].backup_id == corrupt[0].backup_id
+    assert list_backups(repo, "fleet")[-1].backup_id == corrupt[0].backup_id
 
-    policy = retention.Policy()
+    policy = Policy()
     plan = retention.plan_prune(repo, "fleet", now, policy)
     assert not plan.incomplete and not plan.stale_uploads  # within the grace period: maybe still running
     rows = retention.apply_plan(repo, plan, dry_run=False)
     kept = {r["backup_id"]: r["reason"] for r in rows if r["action"] == "keep"}
     assert set(kept) == {m.backup_id for m in good[:3]} | {corrupt[0].backup_id}
     assert "newest daily backup not known to be corrupt" in kept[good[0].backup_id]
-    assert ids(catalog.list_backups(repo, "fleet")) == set(kept)
+    assert ids(list_backups(repo, "fleet")) == set(kept)
 
     later = now + timedelta(hours=25)
     rows = retention.apply_plan(repo, retention.plan_prune(repo, "fleet", later, policy), dry_run=False)
     assert {r["action"] for r in rows if r["finished_at"] is None} == {"deleted", "aborted"}
     assert not list(repo.list(interrupted)) and not partial.exists()
-    assert ids(catalog.list_backups(repo, "fleet")) == set(kept)
+    assert ids(list_backups(repo, "fleet")) == set(kept)
 
 
 @pytest.fixture
@@ -122,7 +124,7 @@ def test_object_lock_is_reported_and_prune_carries_on(capsys, locked_bucket_repo
     assert result["ok"] and result["counts"] == {"keep": 1, "locked": 2, "deleted": 2}
     assert all("COMPLIANCE until" in actions[m.backup_id]["reason"] for m in old[:2])
     # A locked backup stays whole and listed (its manifest was not touched).
-    assert ids(catalog.list_backups(repo, "fleet")) == ids([newest, *old[:2]])
+    assert ids(list_backups(repo, "fleet")) == ids([newest, *old[:2]])
     code, out, _err = run_cli(capsys, "prune", "--repo", locked_bucket_repo)
     assert code == 0 and "2 locked" in out
 
@@ -199,7 +201,7 @@ def test_backup_and_prune_of_one_database_never_interleave(capsys, pg, new_db, f
     prune_thread.start()
     prune_thread.join(5)
     assert prune_thread.is_alive()  # waiting for the backup's lock
-    assert ids(catalog.list_backups(repo, database)) == ids(old)  # and has deleted nothing meanwhile
+    assert ids(list_backups(repo, database)) == ids(old)  # and has deleted nothing meanwhile
     go_on.set()
     backup_thread.join(120)
     prune_thread.join(120)
@@ -207,7 +209,7 @@ def test_backup_and_prune_of_one_database_never_interleave(capsys, pg, new_db, f
     new_id = results["backup"]["backup_id"]
     decided = {r["backup_id"]: r["action"] for r in results["prune"]["backups"]}
     assert decided == {new_id: "keep", **{m.backup_id: "deleted" for m in old}}
-    assert ids(catalog.list_backups(repo, database)) == {new_id}
+    assert ids(list_backups(repo, database)) == {new_id}
     assert not repo.head(locks.lock_key(database))
 
 
@@ -226,7 +228,7 @@ def test_the_dr_copy_restores_identical_content(replica_kind, capsys, s3, s3_rep
 
     listed = cli_json(capsys, "list", "--repo", replica)["backups"]
     assert [b["backup_id"] for b in listed] == [backup["backup_id"]]
-    copy = catalog.find_backup(open_repository(replica), backup["backup_id"])
+    copy = find_backup(open_repository(replica), backup["backup_id"])
     assert copy.sha256 == backup["sha256"]
     if replica_kind == "s3":
         head = boto3.client("s3").head_object(Bucket=bucket, Key=f"pgdr/{copy.prefix}/{catalog.DUMP}")

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from pgdr.catalog import catalog
+from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import counts_in, table_fingerprints
@@ -69,7 +70,7 @@ def test_round_trip_restores_identical_content(repo_kind, key, request, capsys, 
     assert table_fingerprints(target) == source
     assert leftovers(work_dir) == []
     verified = catalog.read_verification(open_repository(repo_url),
-                                         catalog.find_backup(open_repository(repo_url), backup["backup_id"]))
+                                         find_backup(open_repository(repo_url), backup["backup_id"]))
     assert verified["verified"] is True and verified["results"][-1]["by"] == "restore"
 
 
@@ -113,7 +114,7 @@ def test_restore_over_a_busy_database_swaps_and_rollback_brings_it_back(capsys, 
     # Clients only ever saw a whole database: the old one (900 rows) or the restored one.
     assert set(seen) <= {900, 1000}
     assert table_fingerprints(pg.url(result["previous_database"])) == changed
-    tiers = {m.tier for m in catalog.list_backups(open_repository(file_repo))}
+    tiers = {m.tier for m in list_backups(open_repository(file_repo))}
     assert tiers == {"manual", "pre-restore"}  # the runbook's backup before a restore
 
     undone = cli_json(capsys, "rollback", "--target", target, "--repo", file_repo)
@@ -134,7 +135,7 @@ def test_damaged_backups_are_refused_before_restore(damage, capsys, pg, new_db, 
     monkeypatch.setenv("PGDR_GNUPGHOME", gpg.homedir)
     recipient = gpg.protected_fingerprint if damage == "wrong passphrase" else gpg.fingerprint
     backup = cli_json(capsys, "backup", "--db", target, "--repo", file_repo, "--encrypt-to", recipient)
-    manifest = catalog.find_backup(open_repository(file_repo), backup["backup_id"])
+    manifest = find_backup(open_repository(file_repo), backup["backup_id"])
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("INSERT INTO t VALUES (-1)")
     before = table_fingerprints(target)
@@ -178,7 +179,7 @@ def test_a_pg_restore_failing_halfway_leaves_the_target_untouched(capsys, pg, ne
     backup = cli_json(capsys, "backup", "--db", target, "--repo", file_repo)
     # A backup without its roles (older pgdr): the role check cannot stop it, pg_restore fails.
     repo = open_repository(file_repo)
-    manifest = catalog.find_backup(repo, backup["backup_id"])
+    manifest = find_backup(repo, backup["backup_id"])
     manifest.globals = None
     repo.put_bytes(manifest.manifest_key, manifest.to_json())
     with psycopg.connect(target, autocommit=True) as conn:
@@ -208,7 +209,7 @@ def test_restore_to_temp_validates_and_drops_the_database(capsys, pg, fleet_db, 
 
 def test_the_flow_adds_no_copy_beyond_one_local_file(capsys, pg, fleet_db, file_repo, work_dir):
     backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo)
-    manifest = catalog.find_backup(open_repository(file_repo), backup["backup_id"])
+    manifest = find_backup(open_repository(file_repo), backup["backup_id"])
     peak_files, peak_bytes = 0, 0
     stop = threading.Event()
 
@@ -253,14 +254,14 @@ class TestVerify:
 
     def test_fails_on_a_corrupted_backup(self, capsys, pg, fleet_db, file_repo):
         backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo)
-        corrupt(file_repo, catalog.find_backup(open_repository(file_repo), backup["backup_id"]), "flip")
+        corrupt(file_repo, find_backup(open_repository(file_repo), backup["backup_id"]), "flip")
         code, _out, err = run_cli(capsys, "verify", "--repo", file_repo, "--server", pg.url())
         assert code == 1 and "corrupt" in error_line(err)
 
     def test_fails_when_restored_counts_differ_from_the_manifest(self, capsys, pg, fleet_db, file_repo):
         backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo)
         repo = open_repository(file_repo)
-        manifest = catalog.find_backup(repo, backup["backup_id"])
+        manifest = find_backup(repo, backup["backup_id"])
         manifest.row_counts["public.vehicles"] += 1
         repo.put_bytes(manifest.manifest_key, manifest.to_json())
         before = databases(pg)

@@ -13,17 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgdr.catalog import catalog
-from pgdr.catalog.retention import (
-    BackupFacts,
-    Policy,
-    SnapshotDir,
-    choose,
-    choose_base_backups,
-    recovery_window_anchor,
-    select_areas,
-    snapshot_group,
-    sweep,
-)
+from pgdr.catalog.policy import BackupFacts, Policy, choose, choose_base_backups, recovery_window_anchor
+from pgdr.catalog.retention import SnapshotDir, select_areas, snapshot_group, sweep
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import TIER_RETENTION_DAYS, TIERS
 from pgdr.storage import storage

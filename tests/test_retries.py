@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from pgdr.catalog import catalog
+from pgdr.catalog.scan import list_backups
 from pgdr.ops.errors import (
     PgdrError,
     TransientError,
@@ -69,7 +69,7 @@ def test_a_backup_whose_s3_put_fails_twice_with_503_completes_through_a_retry(
     backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", s3_repo)
     assert dump_puts.attempts == 3
     repo = open_repository(s3_repo)
-    backups = catalog.list_backups(repo)
+    backups = list_backups(repo)
     assert [b.backup_id for b in backups] == [backup["backup_id"]]  # one backup, not three
     manifest = backups[0]
     repo.verify(f"{manifest.prefix}/{manifest.data_key}", manifest.size_bytes, manifest.sha256)
@@ -123,7 +123,7 @@ def test_a_dump_whose_server_connection_is_terminated_is_retried_into_one_backup
     assert len(terminated) == 1
     assert backup["row_counts"] == {"public.readings": 5000}
     repo = open_repository(file_repo)
-    assert [b.backup_id for b in catalog.list_backups(repo)] == [backup["backup_id"]]
+    assert [b.backup_id for b in list_backups(repo)] == [backup["backup_id"]]
     assert len([o for o in repo.list(f"{database}/") if o.key.endswith("dump.pgdr")]) == 1
     assert repo.incomplete_uploads("") == []
 

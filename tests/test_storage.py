@@ -17,6 +17,7 @@ from botocore.awsrequest import AWSResponse
 import flows.storage
 import pgdr.storage.s3repo
 from pgdr.catalog import catalog, locks, retention
+from pgdr.catalog.policy import Policy
 from pgdr.storage import storage
 from pgdr.storage.repository import MiB, open_repository
 from tests.support.cli import cli_json, error_line, run_cli
@@ -277,7 +278,7 @@ def deny_object_deletes(client) -> None:
 def prune_bucket(repo_url: str, bucket: str, now) -> dict[str, dict]:
     """Retention of the bucket's snapshots at the time now; the rows by snapshot id."""
     repo = open_repository(repo_url)
-    plan = retention.plan_storage_prune(repo, bucket, now, retention.Policy())
+    plan = retention.plan_storage_prune(repo, bucket, now, Policy())
     return {r["backup_id"]: r for r in retention.apply_storage_plan(repo, plan, dry_run=False)}
 
 

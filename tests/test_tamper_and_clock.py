@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from pgdr.catalog import catalog
+from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 
@@ -25,7 +26,7 @@ def small_db(new_db, rows: int, prefix: str = "trust") -> str:
 
 
 def stored_manifest(repo_url: str, backup_id: str) -> catalog.Manifest:
-    return catalog.find_backup(open_repository(repo_url), backup_id)
+    return find_backup(open_repository(repo_url), backup_id)
 
 
 @pytest.mark.parametrize("repo_kind", ["file", "s3"])
@@ -107,12 +108,12 @@ def test_backups_are_ordered_and_aged_by_the_servers_clock(repo_kind, request, c
         for key in [o.key for o in repo.list(catalog.backup_prefix(database, original["backup_id"]) + "/")]:
             repo.delete(key)
 
-    assert [m.backup_id for m in catalog.list_backups(repo, database)] == [ahead, behind, newest["backup_id"]]
+    assert [m.backup_id for m in list_backups(repo, database)] == [ahead, behind, newest["backup_id"]]
     status = cli_json(capsys, "status", "--repo", repo_url)["databases"][0]
     assert status["last_backup"] == newest["backup_id"] and 0 <= status["age_hours"] < 1
-    warning = catalog.clock_warning(catalog.find_backup(repo, behind, database), 300)
+    warning = catalog.clock_warning(find_backup(repo, behind, database), 300)
     assert warning and "behind" in warning
-    assert catalog.clock_warning(catalog.find_backup(repo, newest["backup_id"], database), 300) is None
+    assert catalog.clock_warning(find_backup(repo, newest["backup_id"], database), 300) is None
 
     pruned = cli_json(capsys, "prune", "--repo", repo_url, "--dry-run")
     deleted = {r["backup_id"] for r in pruned["backups"] if r["action"] == "delete"}

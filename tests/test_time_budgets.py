@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pgdr.catalog import catalog
+from pgdr.catalog.scan import find_backup
 from pgdr.pipeline.watchdog import blame
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
@@ -96,7 +96,7 @@ def test_a_download_that_stops_arriving_fails_naming_the_store(capsys, pg, fleet
     """The stored dump becomes a pipe that sends a few bytes and then nothing (a hung mount)."""
     backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo)
     repo = open_repository(file_repo)
-    manifest = catalog.find_backup(repo, backup["backup_id"])
+    manifest = find_backup(repo, backup["backup_id"])
     stored = Path(repo.root) / manifest.prefix / manifest.data_key
     stored.unlink()
     os.mkfifo(stored)

@@ -11,6 +11,8 @@ import psycopg
 import pytest
 
 from pgdr.catalog import catalog
+from pgdr.catalog.index import resolve_backup
+from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.pipeline.process import CommandError, quoted_lines, run
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
@@ -43,10 +45,10 @@ def test_latest_is_never_a_safety_copy_nor_a_damaged_backup(capsys, file_repo):
     broken = fake_backup(repo, "fleet", "manual", now - timedelta(minutes=30))
     repo.put_bytes(broken.manifest_key, b'{"backup_id": "20260101T000000Z-manual-ab')  # cut short
 
-    assert catalog.resolve_backup(repo, "latest").backup_id == daily.backup_id
-    assert catalog.resolve_backup(repo, safety.backup_id).backup_id == safety.backup_id  # by id: yes
+    assert resolve_backup(repo, "latest").backup_id == daily.backup_id
+    assert resolve_backup(repo, safety.backup_id).backup_id == safety.backup_id  # by id: yes
     with pytest.raises(catalog.ConfigError, match=broken.manifest_key):
-        catalog.resolve_backup(repo, broken.backup_id)
+        resolve_backup(repo, broken.backup_id)
 
     listed = cli_json(capsys, "list", "--repo", file_repo)
     assert [(b["backup_id"], b["safety_copy"]) for b in listed["backups"]] == [
@@ -62,8 +64,8 @@ def test_latest_is_never_a_safety_copy_nor_a_damaged_backup(capsys, file_repo):
 
     only_safety = fake_backup(repo, "solo", "pre-restore", now)
     with pytest.raises(catalog.NotFoundError, match="other than safety copies"):
-        catalog.resolve_backup(repo, "latest", "solo")
-    assert catalog.resolve_backup(repo, only_safety.backup_id, "solo").tier == "pre-restore"
+        resolve_backup(repo, "latest", "solo")
+    assert resolve_backup(repo, only_safety.backup_id, "solo").tier == "pre-restore"
 
 
 @pytest.mark.parametrize("how", ["flag", "environment"])
@@ -82,7 +84,7 @@ def test_after_a_restore_over_a_live_database_latest_is_the_restored_backup(how,
                         *encrypt)
     try:
         repo = open_repository(file_repo)
-        (safety,) = [m for m in catalog.list_backups(repo) if m.tier == "pre-restore"]
+        (safety,) = [m for m in list_backups(repo) if m.tier == "pre-restore"]
         # The safety copy holds production data: encrypted like the run asked.
         assert safety.encryption == {"type": "gpg", "recipient_fingerprint": gpg.fingerprint}
 
@@ -107,7 +109,7 @@ def test_a_safety_copy_is_encrypted_like_the_backup_it_replaces_by_default(capsy
     backup = cli_json(capsys, "backup", "--db", live, "--repo", file_repo, "--encrypt-to", gpg.fingerprint)
     restored = cli_json(capsys, "restore", backup["backup_id"], "--target", live, "--repo", file_repo)
     pg.drop_database(restored["previous_database"])
-    (safety,) = [m for m in catalog.list_backups(open_repository(file_repo)) if m.tier == "pre-restore"]
+    (safety,) = [m for m in list_backups(open_repository(file_repo)) if m.tier == "pre-restore"]
     assert safety.encryption == {"type": "gpg", "recipient_fingerprint": gpg.fingerprint}
 
 
@@ -123,7 +125,7 @@ def test_a_failed_verification_is_recorded_and_counts_for_status_and_prune(capsy
     for each in (older, newer):
         cli_json(capsys, "restore-temp", each["backup_id"], "--repo", file_repo, "--server", pg.url())
     repo = open_repository(file_repo)
-    manifest = catalog.find_backup(repo, newer["backup_id"])
+    manifest = find_backup(repo, newer["backup_id"])
     corrupt(file_repo, manifest, "flip")
 
     code, out, err = run_cli(capsys, "verify", "--repo", file_repo, "--server", pg.url(), "--json")
@@ -151,7 +153,7 @@ def test_a_damaged_manifest_fails_verify_naming_its_key_and_hides_nothing(capsys
     good = cli_json(capsys, "backup", "--db", live, "--repo", file_repo)
     bad = cli_json(capsys, "backup", "--db", live, "--repo", file_repo)
     repo = open_repository(file_repo)
-    key = catalog.find_backup(repo, bad["backup_id"]).manifest_key
+    key = find_backup(repo, bad["backup_id"]).manifest_key
     repo.put_bytes(key, b"\x00not json")
 
     listed = cli_json(capsys, "list", "--repo", file_repo)
@@ -198,7 +200,7 @@ def test_a_wrong_passphrase_is_named_as_such(capsys, new_db, file_repo, gpg, mon
     assert code == 1 and "Bad passphrase" in line and "not-the-passphrase" not in err
     # A wrong passphrase says nothing about the backup: it is not recorded as failed.
     repo = open_repository(file_repo)
-    assert catalog.read_verification(repo, catalog.find_backup(repo, backup["backup_id"])) is None
+    assert catalog.read_verification(repo, find_backup(repo, backup["backup_id"])) is None
 
 
 # --- safety databases have a lifetime ---------------------------------------------------------
@@ -293,7 +295,7 @@ def test_an_archived_dump_is_shown_requested_back_and_then_restored(capsys, pg, 
 
     live = make_live_database(new_db, rows=30)
     backup = cli_json(capsys, "backup", "--db", live, "--repo", s3_repo, "--tier", "monthly")
-    manifest = catalog.find_backup(open_repository(s3_repo), backup["backup_id"])
+    manifest = find_backup(open_repository(s3_repo), backup["backup_id"])
     key = archive(s3_repo, manifest, "DEEP_ARCHIVE")
 
     (listed,) = cli_json(capsys, "list", "--repo", s3_repo)["backups"]

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgdr.catalog import catalog
+from pgdr.catalog.scan import find_backup
 from pgdr.postgres import database as whole_database
 from pgdr.postgres.cluster import grant_to_server
 from pgdr.postgres.postgres import connect
@@ -120,7 +120,7 @@ def test_inheritance_and_partitions_back_up_restore_and_verify(capsys, pg, inher
     result = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", pg.url(), "--keep")
     try:
         assert result["verified"] is True and result["row_counts"] == counts
-        manifest = catalog.find_backup(open_repository(file_repo), backup["backup_id"])
+        manifest = find_backup(open_repository(file_repo), backup["backup_id"])
         assert set(manifest.digests) == set(counts)  # contents checked too, not only counts
         restored = pg.url(result["temp_database"])
         # pg_dump puts a child's inherited columns first: compare those rows by column name.
@@ -272,7 +272,7 @@ def test_a_backup_without_properties_restores_with_postgresqls_default_acl(capsy
     run(source, "CREATE TABLE t (id int)")
     backup = cli_json(capsys, "backup", "--db", source, "--repo", file_repo)
     repo = open_repository(file_repo)
-    manifest = catalog.find_backup(repo, backup["backup_id"])
+    manifest = find_backup(repo, backup["backup_id"])
     manifest.database_properties = None  # written by a pgdr that did not record them
     repo.put_bytes(manifest.manifest_key, manifest.to_json())
     kept = cli_json(capsys, "restore-temp", "latest", "--repo", file_repo, "--server", pg.url(), "--keep")

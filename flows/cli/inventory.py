@@ -24,11 +24,12 @@ def list_(*, repo: str | None = None, db: str | None = None, json: bool = False)
         json: print one JSON object on stdout
     """
     from pgdr.catalog import catalog
+    from pgdr.catalog.index import scan_catalog
     from pgdr.storage.repository import open_repository
 
     config = settings()
     repository = open_repository(repo or config.repo_url, region=config.aws_region)
-    found = catalog.scan_catalog(repository, db)
+    found = scan_catalog(repository, db)
     backups = [{**m.summary(), "safety_copy": catalog.is_safety_copy(m),
                 "storage_class": found.storage_classes.get(m.backup_id)} for m in found.backups]
     base_backups, unreadable = _base_backups(repository, db)

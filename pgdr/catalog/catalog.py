@@ -1,4 +1,7 @@
-"""The backup catalog: key layout, backup ids, manifests, and finding backups.
+"""The backup catalog's ground: key layout, backup ids, manifests and verification records.
+
+pgdr.catalog.scan lists and finds backups; pgdr.catalog.index keeps the per-database
+summary that saves reading every manifest.
 
 A backup exists when its manifest exists: the manifest is written last, so a killed
 backup never looks complete. Verification results go to `verified.json` beside it,
@@ -9,20 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 import secrets
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Self, TypeVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 from urllib.parse import quote, unquote
 
-from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
+from pgdr.ops.errors import ConfigError, IntegrityError, PgdrError
 from pgdr.ops.settings import check_tier
-from pgdr.storage.repository import ObjectInfo, Repository, validate_key
+from pgdr.storage.repository import Repository, validate_key
+
+if TYPE_CHECKING:
+    from pgdr.catalog.index import BackupEntry
 
 MANIFEST = "manifest.json"
 DUMP = "dump.pgdr"
@@ -159,7 +161,7 @@ class StoredManifest:
         return self.manifest_key
 
 
-class _Located:
+class Located:
     """Where a backup's objects are, and its times, from its database, id and timestamps:
     shared by a manifest and the catalog's summary of one."""
 
@@ -203,7 +205,7 @@ class _Located:
 
 
 @dataclass
-class Manifest(_Located, StoredManifest):
+class Manifest(Located, StoredManifest):
     backup_id: str
     database: str
     tier: str
@@ -238,7 +240,7 @@ class Manifest(_Located, StoredManifest):
         # manifest built in memory.
         self.read_sha256: str | None = None
 
-    @property  # what _Located declares as a field, derived here from the encryption
+    @property  # what Located declares as a field, derived here from the encryption
     def encrypted(self) -> bool:  # type: ignore[override]
         return self.encryption is not None
 
@@ -278,10 +280,10 @@ def clock_warning(manifest: Manifest, max_skew_seconds: float) -> str | None:
 
 
 # A manifest or the catalog's summary of one: the rules below read only what both hold.
-Backup = TypeVar("Backup", bound="_Located")
+Backup = TypeVar("Backup", bound="Located")
 
 
-def is_safety_copy(manifest: _Located) -> bool:
+def is_safety_copy(manifest: Located) -> bool:
     return manifest.tier in SAFETY_TIERS
 
 
@@ -335,334 +337,6 @@ def manifest_at(key: str, data: bytes) -> Manifest:
             f"{manifest.database} (data {data_key!r}): it was moved or tampered with; nothing is restored "
             "from it")
     return manifest
-
-
-def list_databases(repo: Repository) -> list[str]:
-    return [database_from_component(name) for name in repo.list_dirs("")
-            if name not in RESERVED_AREAS]
-
-
-@dataclass
-class Catalog:
-    """What a listing of the repository found: complete backups (oldest first), damaged
-    ones, the storage class of each backup's data (None where the store has none), and the
-    keys of the verification records that exist."""
-
-    backups: list[Any]
-    damaged: list[DamagedBackup]
-    storage_classes: dict[str, str | None]
-    verified: set[str] = field(default_factory=set)
-
-
-@dataclass
-class _Listing:
-    """The keys of one database's backups: manifests (tier, object), data storage classes,
-    verification records."""
-
-    manifests: list[tuple[str, ObjectInfo]]
-    storage_classes: dict[str, str | None]
-    verified: set[str]
-
-
-def _list_database(repo: Repository, database: str) -> _Listing:
-    listing = _Listing([], {}, set())
-    db_prefix = database_component(database) + "/"
-    for tier in repo.list_dirs(db_prefix):
-        if tier in NON_TIER_AREAS:
-            continue
-        for info in repo.list(f"{db_prefix}{tier}/"):
-            if info.key.endswith("/" + DUMP):
-                listing.storage_classes[info.key.split("/")[-2]] = info.storage_class
-            elif info.key.endswith("/" + MANIFEST):
-                listing.manifests.append((tier, info))
-            elif info.key.endswith("/" + VERIFIED):
-                listing.verified.add(info.key)
-    return listing
-
-
-def _damaged(database: str, tier: str, key: str, error: PgdrError) -> DamagedBackup:
-    return DamagedBackup(database, key.split("/")[-2], tier, key, str(error))
-
-
-def _catalog(found: list[Any], damaged: list[DamagedBackup], listings: list[_Listing]) -> Catalog:
-    return Catalog(sorted(found, key=backup_order), sorted(damaged, key=lambda d: d.key),
-                   {k: v for listing in listings for k, v in listing.storage_classes.items()},
-                   {k for listing in listings for k in listing.verified})
-
-
-def scan_backups(repo: Repository, database: str | None = None) -> Catalog:
-    """Every complete backup (it has a manifest), each manifest read whole, and, apart,
-    those whose manifest cannot be read: one damaged manifest never hides the rest."""
-    manifests, damaged, listings = [], [], []
-    for db in [database] if database else list_databases(repo):
-        listing = _list_database(repo, db)
-        listings.append(listing)
-        keys = [info.key for _, info in listing.manifests]
-        for (tier, info), read in zip(listing.manifests, read_manifests(repo, keys), strict=True):
-            if isinstance(read, PgdrError):
-                damaged.append(_damaged(db, tier, info.key, read))
-            else:
-                manifests.append(read)
-    return _catalog(manifests, damaged, listings)
-
-
-def list_backups(repo: Repository, database: str | None = None) -> list[Manifest]:
-    """Every complete backup with a readable manifest, oldest first."""
-    return scan_backups(repo, database).backups
-
-
-MANIFEST_READERS = 16
-
-
-def _read_concurrently(read: Callable[[str], Any], keys: list[str]) -> list[Any]:
-    """read(key) of every key, on S3 many at once: each read is a round trip."""
-    if len(keys) < 2:
-        return [read(key) for key in keys]
-    with ThreadPoolExecutor(min(MANIFEST_READERS, len(keys)), thread_name_prefix="manifests") as pool:
-        return list(pool.map(read, keys))
-
-
-def read_manifests(repo: Repository, keys: list[str]) -> list[Manifest | PgdrError]:
-    """The manifests at keys (the error in place of a damaged or misplaced one), read
-    concurrently."""
-
-    def read(key: str) -> Manifest | PgdrError:
-        try:
-            return read_manifest(repo, key)
-        except (ConfigError, IntegrityError) as exc:
-            return exc
-
-    return _read_concurrently(read, keys)
-
-
-def backups_since(repo: Repository, database: str, tier: str, since: datetime) -> list[Manifest]:
-    """Complete backups of one database and tier started at `since` or later, oldest first;
-    lists only the days since then and reads only those manifests."""
-    found = []
-    day = since.date()
-    while day <= utcnow().date():
-        prefix = f"{database_component(database)}/{check_tier(tier)}/{day:%Y}/{day:%m}/{day:%d}/"
-        for info in repo.list(prefix):
-            backup_id = info.key.removeprefix(prefix).split("/")[0]
-            if info.key.endswith("/" + MANIFEST) and parse_backup_id(backup_id).started >= since:
-                found.append(read_manifest(repo, info.key))
-        day += timedelta(days=1)
-    return sorted(found, key=backup_order)
-
-
-# --- the catalog index ----------------------------------------------------------------------
-#
-# `<database>/index.json` holds a summary of each manifest a backup of the database saw,
-# bound to the version of the manifest object it was made from (its tag: S3 ETag, file
-# inode and mtime). It only saves reads: a listing of the keys always decides what exists,
-# an entry is used only while its manifest is still that very version (otherwise the
-# manifest is read), an entry whose manifest is gone is ignored, and an index that cannot
-# be read is ignored whole. Restoring or verifying reads the manifest itself.
-
-INDEX = "index.json"
-INDEX_FORMAT = "pgdr-catalog-index-1"
-INDEX_WRITE_ATTEMPTS = 10
-
-
-def index_key(database: str) -> str:
-    return validate_key(f"{database_component(database)}/{INDEX}")
-
-
-@dataclass(frozen=True)
-class BackupEntry(_Located):
-    """A complete backup as the catalog lists it: its manifest's summary, and which version
-    of the manifest (object tag, sha256 of its bytes) it was taken from."""
-
-    backup_id: str
-    database: str
-    tier: str
-    started_at: str
-    finished_at: str
-    snapshot_at: str
-    size_bytes: int
-    dump_bytes: int
-    encrypted: bool
-    manifest_sha256: str
-    manifest_tag: str
-
-    @classmethod
-    def of(cls, manifest: Manifest, data: bytes, tag: str) -> BackupEntry:
-        """The entry of the manifest whose bytes are data, stored as version tag."""
-        return cls(manifest.backup_id, manifest.database, manifest.tier, manifest.started_at,
-                   manifest.finished_at, manifest.snapshot_at, manifest.size_bytes, manifest.dump_bytes,
-                   manifest.encrypted, hashlib.sha256(data).hexdigest(), tag)
-
-    @classmethod
-    def from_index(cls, raw: dict[str, Any], database: str) -> BackupEntry:
-        """One entry of an index: ValueError unless it is well formed and of this database."""
-        entry = cls(**raw)
-        types = {name: int if name.endswith("_bytes") else bool if name == "encrypted" else str
-                 for name in cls.__dataclass_fields__}
-        if any(type(getattr(entry, name)) is not kind for name, kind in types.items()):
-            raise ValueError("an entry's field has the wrong type")
-        if entry.database != database or parse_backup_id(entry.backup_id).tier != entry.tier:
-            raise ValueError(f"entry {entry.backup_id} does not belong to this index")
-        backup_order(entry)  # its times parse
-        return entry
-
-
-@dataclass
-class _Index:
-    entries: dict[str, BackupEntry]  # by manifest key
-    tag: str | None  # the index object's version; None: there is none
-    readable: bool
-
-
-def read_index(repo: Repository, database: str) -> _Index:
-    """The database's index; empty when there is none, and ignored whole when damaged."""
-    try:
-        data, tag = repo.get_tagged(index_key(database))
-    except NotFoundError:
-        return _Index({}, None, True)
-    try:
-        raw = json.loads(data)
-        if raw["format"] != INDEX_FORMAT or raw["database"] != database:
-            raise ValueError("not this database's index")
-        entries = [BackupEntry.from_index(item, database) for item in raw["backups"]]
-    except (ValueError, TypeError, KeyError, AttributeError, PgdrError):
-        return _Index({}, tag, False)
-    return _Index({entry.manifest_key: entry for entry in entries}, tag, True)
-
-
-def _index_bytes(database: str, entries: list[BackupEntry]) -> bytes:
-    return json.dumps({"format": INDEX_FORMAT, "database": database,
-                       "backups": [asdict(e) for e in sorted(entries, key=lambda e: e.manifest_key)]},
-                      separators=(",", ":"), sort_keys=True).encode()
-
-
-def read_entry(repo: Repository, key: str) -> tuple[Manifest, BackupEntry]:
-    """The manifest at key (read_manifest's checks) and its entry."""
-    data, tag = repo.get_tagged(key)
-    manifest = manifest_at(key, data)
-    return manifest, BackupEntry.of(manifest, data, tag or "")
-
-
-@dataclass
-class _DatabaseCatalog:
-    entries: list[BackupEntry]
-    damaged: list[DamagedBackup]
-    listing: _Listing
-    index: _Index
-
-
-def _catalog_of(repo: Repository, database: str) -> _DatabaseCatalog:
-    """One database's backups: its keys listed, the index read, and only the manifests the
-    index does not hold (in that version) read."""
-    listing = _list_database(repo, database)
-    index = read_index(repo, database)
-    entries, unread = [], []
-    for tier, info in listing.manifests:
-        entry = index.entries.get(info.key)
-        if entry is not None and info.tag is not None and entry.manifest_tag == info.tag:
-            entries.append(entry)
-        else:
-            unread.append((tier, info.key))
-
-    def read(key: str) -> BackupEntry | PgdrError:
-        try:
-            return read_entry(repo, key)[1]
-        except (ConfigError, IntegrityError) as exc:
-            return exc
-
-    damaged = []
-    for (tier, key), read_back in zip(unread, _read_concurrently(read, [k for _, k in unread]), strict=True):
-        if isinstance(read_back, PgdrError):
-            damaged.append(_damaged(database, tier, key, read_back))
-        else:
-            entries.append(read_back)
-    return _DatabaseCatalog(entries, damaged, listing, index)
-
-
-def scan_catalog(repo: Repository, database: str | None = None) -> Catalog:
-    """scan_backups with BackupEntry summaries in place of whole manifests, from the index
-    where it holds them: the same backups and damaged ones, in the same order."""
-    entries, damaged, listings = [], [], []
-    for db in [database] if database else list_databases(repo):
-        found = _catalog_of(repo, db)
-        entries += found.entries
-        damaged += found.damaged
-        listings.append(found.listing)
-    return _catalog(entries, damaged, listings)
-
-
-def refresh_index(repo: Repository, database: str) -> bool:
-    """Bring the database's index up to date with its manifests (after a backup wrote one, or
-    to rebuild a damaged index): entries of every readable manifest, none of a gone one. A
-    conditional write: when another writer replaced the index meanwhile, read again and
-    retry, so that no writer's entry is lost. False when every attempt lost that race."""
-    for attempt in range(INDEX_WRITE_ATTEMPTS):
-        if attempt:
-            time.sleep(random.uniform(0, 0.05 * attempt))  # writers that collided do not collide again
-        found = _catalog_of(repo, database)
-        if found.index.readable and set(found.index.entries.values()) == set(found.entries):
-            return True
-        if repo.put_if_tag(index_key(database), _index_bytes(database, found.entries), found.index.tag):
-            return True
-    return False
-
-
-def find_backup(repo: Repository, backup_id: str, database: str | None = None) -> Manifest:
-    parse_backup_id(backup_id)
-    databases = [database] if database else list_databases(repo)
-    for db in databases:
-        key = f"{backup_prefix(db, backup_id)}/{MANIFEST}"
-        if repo.head(key):
-            return read_manifest(repo, key)
-    raise NotFoundError(f"backup {backup_id} not found in {repo.url}")
-
-
-def _confirmed_latest(repo: Repository, backups: list[BackupEntry]) -> Manifest | None:
-    """newest_regular_backup of entries, read from its manifest, when the manifests agree
-    with their entries: the newest one's, and those of any backup started later by its id
-    (so that no entry can put an older backup before a newer one). None when any
-    disagrees or cannot be read: then every manifest decides."""
-    latest = newest_regular_backup(backups)
-    if latest is None:
-        return None
-    started = parse_backup_id(latest.backup_id).started
-    later = [e for e in regular_backups(backups) if parse_backup_id(e.backup_id).started > started]
-    manifest = None
-    for entry in [latest, *later]:
-        try:
-            read, real = read_entry(repo, entry.manifest_key)
-        except (ConfigError, IntegrityError, NotFoundError):
-            return None
-        if real != entry:
-            return None
-        manifest = manifest or read
-    return manifest
-
-
-def resolve_backup(repo: Repository, selector: str, database: str | None = None,
-                   target_database: str | None = None) -> Manifest:
-    """A backup id, or `latest`: the newest complete backup of the regular tiers
-    (newest_regular_backup) of `database`; without it, of the only database in the
-    repository; with several, of the target's database name."""
-    if selector != "latest":
-        return find_backup(repo, selector, database)
-    if database is None:
-        databases = list_databases(repo)
-        if len(databases) == 1:
-            database = databases[0]
-        elif target_database in databases:
-            database = target_database
-        elif not databases:
-            raise NotFoundError(f"no backups in {repo.url}")
-        else:
-            raise ConfigError(
-                f"several databases in {repo.url} ({', '.join(databases)}): name one with --db"
-            )
-    backups = scan_catalog(repo, database).backups
-    latest = _confirmed_latest(repo, backups) or newest_regular_backup(list_backups(repo, database))
-    if latest is None:
-        only = " other than safety copies (restore one by its id)" if backups else ""
-        raise NotFoundError(f"no backups of {database}{only} in {repo.url}")
-    return latest
 
 
 def read_verification(repo: Repository, manifest: Manifest | BackupEntry) -> dict[str, Any] | None:

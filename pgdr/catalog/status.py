@@ -8,14 +8,16 @@ from datetime import datetime
 from typing import Any
 
 from pgdr.catalog import catalog
+from pgdr.catalog.index import BackupEntry, scan_catalog
+from pgdr.catalog.scan import Catalog, list_databases
 from pgdr.storage.repository import Repository
 
 # How many recent backups to look through for the newest verified one.
 _VERIFICATION_LOOKBACK = 10
 
 
-def _state(repo: Repository, found: catalog.Catalog,
-           manifest: catalog.BackupEntry | catalog.Manifest) -> tuple[str, str | None, str | None]:
+def _state(repo: Repository, found: Catalog,
+           manifest: BackupEntry | catalog.Manifest) -> tuple[str, str | None, str | None]:
     if manifest.verified_key not in found.verified:
         return catalog.NEVER_STATE, None, None  # the listing has no record: nothing to read
     try:
@@ -25,7 +27,7 @@ def _state(repo: Repository, found: catalog.Catalog,
 
 
 def database_status(repo: Repository, database: str, now: datetime) -> dict[str, Any]:
-    found = catalog.scan_catalog(repo, database)
+    found = scan_catalog(repo, database)
     backups = found.backups
     entry: dict[str, Any] = {"database": database, "backups": len(backups), "last_backup": None,
                              "tier": None, "finished_at": None, "age_hours": None, "size_bytes": None,
@@ -73,7 +75,7 @@ def server_safety_databases(server_url: str, of: str | None = None) -> dict[str,
 def repository_status(repo: Repository, database: str | None = None,
                       now: datetime | None = None, server_url: str | None = None) -> dict[str, Any]:
     moment = now or catalog.utcnow()
-    databases = [database] if database else catalog.list_databases(repo)
+    databases = [database] if database else list_databases(repo)
     status: dict[str, Any] = {"repository": repo.url, "checked_at": catalog.iso(moment),
               "databases": [database_status(repo, name, moment) for name in databases]}
     if server_url:

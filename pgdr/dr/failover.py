@@ -18,6 +18,8 @@ from datetime import datetime
 from typing import Any
 
 from pgdr.catalog import catalog
+from pgdr.catalog.index import resolve_backup
+from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
 from pgdr.storage.repository import Repository
 
@@ -76,10 +78,10 @@ def choose_backup(repository: Repository, database: str | None, now: datetime, *
     which must still pass its checksum. Without `database`, the repository's only one, or
     the one named like `target_database`. Nothing is changed anywhere."""
     if backup_id:
-        candidates = [catalog.find_backup(repository, backup_id, database)]
+        candidates = [find_backup(repository, backup_id, database)]
     else:
-        database = database or catalog.resolve_backup(repository, "latest", None, target_database).database
-        candidates = [m for m in reversed(catalog.list_backups(repository, database))
+        database = database or resolve_backup(repository, "latest", None, target_database).database
+        candidates = [m for m in reversed(list_backups(repository, database))
                       if m.tier not in NEVER_CHOSEN_TIERS]
         if not candidates:
             raise NotFoundError(f"no backup of {database} in {repository.url}")

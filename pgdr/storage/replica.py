@@ -14,8 +14,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from pgdr.catalog import catalog
 from pgdr.catalog.catalog import MANIFEST
+from pgdr.catalog.scan import list_backups, list_databases
 from pgdr.files.files import list_file_backups
 from pgdr.ops.errors import IntegrityError, NotFoundError, PgdrError
 from pgdr.pitr import wal
@@ -132,7 +132,7 @@ def copy_everything(source: Repository, target: Repository,
     returns how many of each kind were copied."""
     classes = storage_classes or {}
     counts = {"backups": 0, "base_backups": 0, "wal_files": 0, "files_backups": 0, "storage_snapshots": 0}
-    for manifest in _missing(target, catalog.list_backups(source)):
+    for manifest in _missing(target, list_backups(source)):
         copy_backup(source, target, manifest, classes.get(manifest.tier))
         counts["backups"] += 1
     for manifest in _missing(target, list_file_backups(source)):
@@ -141,7 +141,7 @@ def copy_everything(source: Repository, target: Repository,
     for manifest in _missing(target, list_snapshots(source)):
         copy_snapshot(source, target, manifest)
         counts["storage_snapshots"] += 1
-    for database in catalog.list_databases(source):
+    for database in list_databases(source):
         for manifest in _missing(target, list_base_backups(source, database)):
             copy_backup(source, target, manifest)
             counts["base_backups"] += 1
@@ -161,8 +161,8 @@ def replica_lag(source: Repository, target: Repository, now: datetime) -> dict[s
     missing there, and the lag (how much older the replica's newest is, or the age of the
     oldest missing one: what a region loss would cost beyond the primary's own RPO)."""
     databases: list[dict[str, Any]] = []
-    for database in catalog.list_databases(source):
-        ours, theirs = catalog.list_backups(source, database), catalog.list_backups(target, database)
+    for database in list_databases(source):
+        ours, theirs = list_backups(source, database), list_backups(target, database)
         copied = {m.backup_id for m in theirs}
         missing = [m for m in ours if m.backup_id not in copied]
         wal_ours = wal.archived_files(source, database)
