@@ -13,6 +13,7 @@ import pytest
 from pgdr.catalog import catalog
 from pgdr.catalog.index import resolve_backup
 from pgdr.catalog.scan import find_backup, list_backups
+from pgdr.ops.errors import NotFoundError
 from pgdr.pipeline.process import CommandError, quoted_lines, run
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
@@ -63,7 +64,7 @@ def test_latest_is_never_a_safety_copy_nor_a_damaged_backup(capsys, file_repo):
     assert [d["key"] for d in status["damaged"]] == [broken.manifest_key]
 
     only_safety = fake_backup(repo, "solo", "pre-restore", now)
-    with pytest.raises(catalog.NotFoundError, match="other than safety copies"):
+    with pytest.raises(NotFoundError, match="other than safety copies"):
         resolve_backup(repo, "latest", "solo")
     assert resolve_backup(repo, only_safety.backup_id, "solo").tier == "pre-restore"
 
