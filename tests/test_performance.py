@@ -50,7 +50,10 @@ class _WatchingRepository(FileRepository):
 
     def put_stream(self, key: str, chunks: Iterable[bytes], **kwargs: Any) -> PutResult:
         def watched() -> Iterator[bytes]:
-            children = _children()
+            # Children start as setpriv, which then becomes the program: wait for both names.
+            deadline = time.monotonic() + 20
+            while not {"pg_dump", "zstd"} <= set(children := _children()) and time.monotonic() < deadline:
+                time.sleep(0.05)
             self.seen.update(
                 dump_out=_fd_target(children["pg_dump"], 1),
                 zstd_in=_fd_target(children["zstd"], 0),
