@@ -15,9 +15,10 @@ from pgdr.catalog import catalog
 from pgdr.catalog.index import INDEX_WRITE_ATTEMPTS, refresh_index
 from pgdr.catalog.locks import database_lock
 from pgdr.ops.errors import ConfigError, PgdrError
-from pgdr.ops.settings import Settings, check_tier, load_settings
+from pgdr.ops.settings import check_tier, load_settings
 from pgdr.pipeline import crypto
 from pgdr.postgres import postgres
+from pgdr.storage.repository import Repository
 from tasks.artifacts import artifact_key, human_bytes, publish_table
 from tasks.backup import dump_database
 from tasks.prune import replicate_backup
@@ -25,12 +26,12 @@ from tasks.records import audited, open_repo, publish_metrics, write_manifest
 from tasks.runs import FLOW_HOOKS, run_name, server_slot
 
 
-def index_backup(repo_url: str, settings: Settings, database: str) -> None:
+def index_backup(repo: Repository, database: str) -> None:
     """Add the new backup to its database's catalog index, after its manifest and under its
     database's lock. The index only spares readers work (they list the keys and read what it
     lacks): the backup is complete without it, so a failure here is a warning."""
     try:
-        if not refresh_index(open_repo(repo_url, settings), database):
+        if not refresh_index(repo, database):
             get_run_logger().warning("the catalog index of %s was replaced by other writers %d times: "
                                      "not updated", database, INDEX_WRITE_ATTEMPTS)
     except PgdrError as exc:
@@ -60,21 +61,21 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
     check_tier(tier)
     repo_url = repo or settings.repo_url
-    open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
+    repository = open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
     recipient = encrypt_to or settings.encrypt_to
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
     database = postgres.database_name(db_url)
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
-    with audited(repo_url, settings, "backup", type=tier, source=database, destination=repo_url,
+    with audited(repository, settings, "backup", type=tier, source=database, destination=repo_url,
                  failure_metrics={"BackupFailureCount": 1}, backup_id=backup_id) as step:
         # The server's fleet limit, then the database's lock: prune of this database
         # waits meanwhile, and so does another backup of it.
-        with server_slot(db_url), database_lock(open_repo(repo_url, settings), database, "backup"):
-            manifest = dump_database(db_url, repo_url, settings, backup_id, tier, fingerprint)
-            write_manifest(repo_url, settings, manifest)
-            index_backup(repo_url, settings, database)
+        with server_slot(db_url), database_lock(repository, database, "backup"):
+            manifest = dump_database(db_url, repository, settings, backup_id, tier, fingerprint)
+            write_manifest(repository, manifest)
+            index_backup(repository, database)
         if settings.replica_repo_url:
-            replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
+            replicate_backup(repository, open_repo(settings.replica_repo_url, settings), settings, manifest)
         step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.size_bytes)
     publish_backup_artifact(manifest, step.seconds)
     warnings = [w for w in [catalog.clock_warning(manifest, settings.max_clock_skew_seconds)] if w]
@@ -82,7 +83,7 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
         get_run_logger().warning("%s", warning)
     publish_metrics(settings, database, BackupFailureCount=0, HoursSinceLastBackup=0,
                     BackupSizeBytes=manifest.size_bytes, BackupDurationSeconds=step.seconds)
-    pruned = prune_after_backup(repo_url, database, tier)
+    pruned = prune_after_backup(repository, database, tier)
     return {
         **manifest.summary(),
         "sha256": manifest.sha256,

@@ -53,18 +53,18 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
     if kind not in KINDS:
         raise ConfigError(f"unknown backup kind {kind!r}: choose one of {', '.join(KINDS)}")
     repo_url = repo or settings.repo_url
-    open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
+    repository = open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
     recipient = encrypt_to or settings.encrypt_to
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
     database = name or settings.wal_db or postgres.database_name(db_url)
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
-    with audited(repo_url, settings, "basebackup", type=tier, source=database, destination=repo_url,
+    with audited(repository, settings, "basebackup", type=tier, source=database, destination=repo_url,
                  backup_id=backup_id) as step:
-        manifest, warnings = take_base_backup(db_url, repo_url, settings, database, backup_id, fingerprint,
+        manifest, warnings = take_base_backup(db_url, repository, settings, database, backup_id, fingerprint,
                                               fast_checkpoint, kind)
-        write_manifest(repo_url, settings, manifest)
+        write_manifest(repository, manifest)
         if settings.replica_repo_url:
-            replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
+            replicate_backup(repository, open_repo(settings.replica_repo_url, settings), settings, manifest)
         step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.size_bytes)
     return {**summary(manifest), "location": f"{repo_url.rstrip('/')}/{manifest.prefix}/",
             "duration_seconds": round(step.seconds, 3), "warnings": warnings}

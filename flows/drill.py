@@ -40,6 +40,7 @@ from pgdr.pitr.basebackup import choose_base_backup, list_base_backups
 from pgdr.postgres import postgres
 from pgdr.postgres.cluster import LocalCluster
 from pgdr.restore import restore as restoring
+from pgdr.storage.repository import Repository
 from tasks.artifacts import publish_markdown
 from tasks.drill import write_report
 from tasks.failover import choose_backup
@@ -107,11 +108,12 @@ def drill(repo: str | None = None, db: str | None = None, server: str | None = N
     if not server_url and not pitr:
         raise ConfigError("a drill restores into a scratch database: pass --server URL or set DATABASE_URL")
     repo_url = repo or settings.repo_url
+    repository = open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
     targets = drilling.targets_for(scenario, rto_target_minutes, rpo_target_minutes)
     timeline = drilling.Timeline(catalog.utcnow)
     items: dict[str, bool | None] = {key: None for key, _ in drilling.CHECKLIST}
     problems: list[str] = []
-    rehearsal = _Rehearsal(timeline, items, repo_url, settings, health_sql or [])
+    rehearsal = _Rehearsal(timeline, items, repository, settings, health_sql or [])
     try:
         if pitr:
             rehearsal.point_in_time(db or settings.wal_db)
@@ -145,10 +147,10 @@ def drill(repo: str | None = None, db: str | None = None, server: str | None = N
         problems=problems)
     report["pitr"] = pitr
     report["report_key"] = drilling.drill_key(timeline.started)
-    write_report(repo_url, settings, report["report_key"], report)
+    write_report(repository, report["report_key"], report)
     publish_markdown("dr-drill", drilling.drill_markdown(report),
                      f"DR drill ({scenario}) of {report['database']}")
-    record_failure(repo_url, settings, audit_record(
+    record_failure(repository, audit_record(
         "drill", type=scenario, source=report["backup_id"] or "-", destination="scratch database",
         status="success" if report["ok"] else "failed", duration_seconds=timeline.elapsed(),
         rto_seconds=report["rto_seconds"], rpo_seconds=report["rpo_seconds"], report=report["report_key"]))
@@ -163,9 +165,9 @@ def drill(repo: str | None = None, db: str | None = None, server: str | None = N
 class _Rehearsal:
     """The recovery a drill rehearses, and what it leaves to clean up."""
 
-    def __init__(self, timeline: drilling.Timeline, items: dict[str, bool | None], repo_url: str,
+    def __init__(self, timeline: drilling.Timeline, items: dict[str, bool | None], repo: Repository,
                  settings: Settings, health_sql: list[str]) -> None:
-        self.timeline, self.items, self.repo_url, self.settings = timeline, items, repo_url, settings
+        self.timeline, self.items, self.repo, self.settings = timeline, items, repo, settings
         self.health_sql = health_sql
         self.database: str | None = None
         self.backup_id: str | None = None
@@ -180,7 +182,7 @@ class _Rehearsal:
         timeline, items = self.timeline, self.items
         with timeline.phase("choose backup") as phase:
             try:
-                choice = choose_backup(self.repo_url, self.settings, db, backup_id, max_age_hours, False)
+                choice = choose_backup(self.repo, db, backup_id, max_age_hours, False)
             except IntegrityError:
                 items["checksum_verified"] = False
                 raise
@@ -191,7 +193,7 @@ class _Rehearsal:
         self.scratch = restoring.derived_name(manifest.database, "drill", timeline.started)
         with timeline.phase("restore and verify") as phase:
             try:
-                result = restore_and_validate(self.repo_url, self.settings, manifest, server_url,
+                result = restore_and_validate(self.repo, self.settings, manifest, server_url,
                                               self.scratch, None, True, by="drill", no_acl=no_acl,
                                               create_roles=create_roles)
             except IntegrityError:
@@ -215,7 +217,7 @@ class _Rehearsal:
         timeline, items = self.timeline, self.items
         self.database = database
         with timeline.phase("choose base backup") as phase:
-            base = choose_base_backup(list_base_backups(open_repo(self.repo_url, self.settings), database))
+            base = choose_base_backup(list_base_backups(self.repo, database))
             items["backup_found"] = True
             self.backup_id = base.backup_id
             phase.detail = f"{base.backup_id}, consistent at {base.finished_at}"
@@ -223,7 +225,7 @@ class _Rehearsal:
         datadir = self.scratch_dir / "data"
         with timeline.phase("restore base backup and replay WAL") as phase:
             try:
-                reached = pitr_flow(datadir=str(datadir), repo=self.repo_url, db=database,
+                reached = pitr_flow(datadir=str(datadir), repo=self.repo.url, db=database,
                                     backup_id=base.backup_id, keep_running=True)
             except PgdrError:
                 items["restored"] = False

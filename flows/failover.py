@@ -32,6 +32,7 @@ from pgdr.ops.settings import Settings, load_settings
 from pgdr.postgres import health, postgres
 from pgdr.restore import restore as restoring
 from pgdr.storage import aws
+from pgdr.storage.repository import Repository
 from tasks.artifacts import publish_markdown
 from tasks.failover import (
     check_rds,
@@ -42,7 +43,7 @@ from tasks.failover import (
     switch_dns,
     wait_for_rds,
 )
-from tasks.records import record_failure
+from tasks.records import open_repo, record_failure
 from tasks.runs import FLOW_HOOKS, run_name
 
 
@@ -110,6 +111,7 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
     database that passed the checks; another `record_value` needs `force_record_value`."""
     settings = load_settings()
     repo_url = repo or settings.replica_repo_url or settings.repo_url
+    repository = open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
     region = region or settings.aws_region
     target_url = target or (None if rds_source_instance else settings.db_url)
     if rds_source_instance and not rds_target_instance:
@@ -141,7 +143,7 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
                                       health_timeout_seconds, dry_run)
         else:
             assert target_url is not None  # checked above
-            new_value = _database_failover(timeline, summary, repo_url, settings, target_url, db, backup_id,
+            new_value = _database_failover(timeline, summary, repository, settings, target_url, db, backup_id,
                                            max_backup_age_hours, accept_stale, record_value,
                                            force_record_value, health_sql or [], health_urls or [],
                                            health_timeout_seconds, dry_run,
@@ -163,15 +165,15 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
     except Exception as exc:
         summary.update(error=str(exc), phases=timeline.to_list(), rto_seconds=round(timeline.elapsed(), 3),
                        finished_at=catalog.iso(catalog.utcnow()))
-        _finish(repo_url, settings, summary, "failed")
+        _finish(repository, summary, "failed")
         raise FailoverFailed(f"failover stopped, DNS unchanged: {exc}", summary) from None
     summary.update(ok=True, phases=timeline.to_list(), rto_seconds=round(timeline.elapsed(), 3),
                    finished_at=catalog.iso(catalog.utcnow()))
-    _finish(repo_url, settings, summary, "success")
+    _finish(repository, summary, "success")
     return summary
 
 
-def _database_failover(timeline: Timeline, summary: dict[str, Any], repo_url: str, settings: Settings,
+def _database_failover(timeline: Timeline, summary: dict[str, Any], repo: Repository, settings: Settings,
                        target_url: str, db: str | None, backup_id: str | None, max_age_hours: float,
                        accept_stale: bool, record_value: str | None, force_record_value: bool,
                        health_sql: list[str], health_urls: list[str], health_timeout: float,
@@ -182,7 +184,7 @@ def _database_failover(timeline: Timeline, summary: dict[str, Any], repo_url: st
     new_value = choosing.check_record_value(record_value, postgres.parse_dsn(target_url).get("host"),
                                             force_record_value)
     with timeline.phase("choose backup") as phase:
-        choice = choose_backup(repo_url, settings, db, backup_id, max_age_hours, accept_stale,
+        choice = choose_backup(repo, db, backup_id, max_age_hours, accept_stale,
                                postgres.database_name(target_url))
         manifest = choice.manifest
         summary.update(source=manifest.backup_id, backup_id=manifest.backup_id, selection=choice.evidence,
@@ -191,7 +193,7 @@ def _database_failover(timeline: Timeline, summary: dict[str, Any], repo_url: st
     if not dry_run:
         with timeline.phase("restore and verify") as phase:
             restored = restore(backup_id=manifest.backup_id, target=postgres.strip_password(target_url),
-                               repo=repo_url, db=manifest.database, pre_restore_backup=False, **roles)
+                               repo=repo.url, db=manifest.database, pre_restore_backup=False, **roles)
             phase.detail = f"{len(restored['row_counts'])} tables match the manifest"
             summary["row_counts"] = restored["row_counts"]
         with timeline.phase("health checks") as phase:
@@ -201,7 +203,7 @@ def _database_failover(timeline: Timeline, summary: dict[str, Any], repo_url: st
                                          timeline.started)
         try:
             with timeline.phase("restore and verify (scratch database)") as phase:
-                result = restore_and_validate(repo_url, settings, manifest, target_url, scratch, None,
+                result = restore_and_validate(repo, settings, manifest, target_url, scratch, None,
                                               roles["no_owner"], by="failover dry run", properties=True,
                                               no_acl=roles["no_acl"], create_roles=roles["create_roles"])
                 phase.detail = f"{result['statistics']['evaluated']} tables match the manifest in {scratch}"
@@ -248,13 +250,13 @@ def _rds_failover(timeline: Timeline, summary: dict[str, Any], target_url: str |
     return choosing.check_record_value(record_value, endpoint["Address"], force_record_value)
 
 
-def _finish(repo_url: str, settings: Settings, summary: dict[str, Any], status: str) -> None:
+def _finish(repo: Repository, summary: dict[str, Any], status: str) -> None:
     publish_markdown("failover-dry-run" if summary["dry_run"] else "failover", _markdown(summary),
                      f"Failover to {summary['target']}")
     # record_failure only warns when the record cannot be written: a completed switch must
     # not be reported as failed because the audit area is unreachable.
     kind = "rds" if summary["selection"] == "rds" else "region"
-    record_failure(repo_url, settings, audit_record(
+    record_failure(repo, audit_record(
         "failover", type="dry-run" if summary["dry_run"] else kind,
         source=summary["source"] or "-", destination=summary["target"] or "-", status=status,
         duration_seconds=summary["rto_seconds"], dns=summary["dns"], phases=summary["phases"],

@@ -33,20 +33,20 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
     filing.check_name(name)
     check_tier(tier)
     repo_url = repo or settings.repo_url
-    open_repo(repo_url, settings)
+    repository = open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
     recipient = encrypt_to or settings.encrypt_to
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
-    with audited(repo_url, settings, "files-backup", type=tier, source=name, destination=repo_url,
+    with audited(repository, settings, "files-backup", type=tier, source=name, destination=repo_url,
                  backup_id=backup_id) as step:
         # A prune of this name waits meanwhile, and so does another backup of it.
-        with database_lock(open_repo(repo_url, settings), name, "files-backup", area=retention.FILES):
-            manifest = archive_files(list(paths), name, repo_url, settings, backup_id, tier, fingerprint)
-            write_manifest(repo_url, settings, manifest)
+        with database_lock(repository, name, "files-backup", area=retention.FILES):
+            manifest = archive_files(list(paths), name, repository, settings, backup_id, tier, fingerprint)
+            write_manifest(repository, manifest)
         if settings.replica_repo_url:
-            replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
+            replicate_backup(repository, open_repo(settings.replica_repo_url, settings), settings, manifest)
         step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.size_bytes)
-    pruned = prune_after_backup(repo_url, name, tier, area=retention.FILES)
+    pruned = prune_after_backup(repository, name, tier, area=retention.FILES)
     return {
         **manifest.summary(),
         "sha256": manifest.sha256,
@@ -69,11 +69,12 @@ def restore_files(backup_id: str, name: str, dest: str, repo: str | None = None,
     if not Path(dest).is_absolute():
         dest = str(Path(dest).resolve())
     repo_url = repo or settings.repo_url
-    with audited(repo_url, settings, "files-restore", type="unknown", source=name, destination=dest,
+    repository = open_repo(repo_url, settings)
+    with audited(repository, settings, "files-restore", type="unknown", source=name, destination=dest,
                  backup_id=backup_id) as step:
-        manifest = find_files_backup(repo_url, settings, backup_id, name)
+        manifest = find_files_backup(repository, backup_id, name)
         step.type, step.details["backup_id"] = manifest.tier, manifest.backup_id
-        done = restore_files_into(repo_url, settings, manifest, dest, overwrite)
+        done = restore_files_into(repository, settings, manifest, dest, overwrite)
         step.source = f"{repo_url}/{manifest.prefix}"
         step.succeeded(size_bytes=done.bytes)
     return {

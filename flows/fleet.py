@@ -28,8 +28,9 @@ from pgdr.catalog.scan import backups_since
 from pgdr.dr import fleet as fleets
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, FailedWithReport, PgdrError
-from pgdr.ops.settings import Settings, check_tier, load_settings
+from pgdr.ops.settings import check_tier, load_settings
 from pgdr.postgres import postgres
+from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress, Stopwatch, human_bytes, publish_table
 from tasks.fleet import list_fleet, set_server_limits
 from tasks.records import open_repo, record_audit
@@ -80,8 +81,8 @@ def _run_on_pool(deployment: str, parameters: dict[str, Any]) -> State:
     return state
 
 
-def _result(state: State, action: str, parameters: dict[str, Any], member: fleets.Member, repo_url: str,
-            settings: Settings, since: datetime) -> dict[str, Any] | None:
+def _result(state: State, action: str, parameters: dict[str, Any], member: fleets.Member, repo: Repository,
+            since: datetime) -> dict[str, Any] | None:
     """What a finished run produced: its return value when it ran here; for a backup run on
     a worker elsewhere, the backup it wrote, as the repository (the shared truth) lists it."""
     try:
@@ -90,13 +91,12 @@ def _result(state: State, action: str, parameters: dict[str, Any], member: fleet
     except Exception:  # results of runs on workers are not persisted: look in the repository
         if action != "backup":
             return None
-        written = backups_since(open_repo(repo_url, settings), member.database, parameters["tier"],
-                                        since)
+        written = backups_since(repo, member.database, parameters["tier"], since)
         return written[-1].summary() if written else None
 
 
 def run_member(action: str, member: fleets.Member, parameters: dict[str, Any], deployment: str | None,
-               repo_url: str, settings: Settings) -> dict[str, Any]:
+               repo: Repository) -> dict[str, Any]:
     """One database's run; whatever happens to it becomes a row of the report."""
     clock = Stopwatch()
     since = catalog.utcnow() - CLOCK_SKEW
@@ -106,7 +106,7 @@ def run_member(action: str, member: fleets.Member, parameters: dict[str, Any], d
         run_id = str(state.state_details.flow_run_id)
         ok = state.is_completed()
         if ok:
-            result, reason = _result(state, action, parameters, member, repo_url, settings, since), None
+            result, reason = _result(state, action, parameters, member, repo, since), None
         else:
             reason = failure_reason(state) or f"flow run ended {state.name}"
     except Exception as exc:  # the dispatch itself failed (no such deployment, API down)
@@ -140,20 +140,20 @@ def fleet(action: str = "backup", databases: list[str] | None = None, servers: l
     target = None if local else deployment or DEPLOYMENTS[action]
     if target:
         check_deployment(target)
+    repository = open_repo(repo or settings.repo_url, settings)  # a bad URL fails here, before anything runs
     clock = Stopwatch()
     members = list_fleet(list(databases or settings.fleet_databases), list(servers or settings.fleet_servers),
                          list(include or []), list(exclude or []))
     # Backups work on each database's server; verifications on the server they restore to.
     limited = members if action == "backup" else [fleets.Member.of(verify_server or settings.db_url or "")]
     limits = set_server_limits(sorted({m.host for m in limited}), host_limit, settings.host_limit)
-    repo_url = repo or settings.repo_url
 
     def run_one(member: fleets.Member) -> dict[str, Any]:
         parameters = _child_parameters(action, member, repo, tier, verify_server)
-        return run_member(action, member, parameters, target, repo_url, settings)
+        return run_member(action, member, parameters, target, repository)
 
     rows = dispatch(f"fleet {action}", members, run_one, max_parallel)
-    return report(action, rows, limits, settings, repo_url, clock.seconds)
+    return report(action, rows, limits, repository, clock.seconds)
 
 
 def dispatch(label: str, members: list[fleets.Member], run_one: Callable[[fleets.Member], dict[str, Any]],
@@ -171,8 +171,8 @@ def dispatch(label: str, members: list[fleets.Member], run_one: Callable[[fleets
     return [rows[member] for member in members]
 
 
-def report(action: str, rows: list[dict[str, Any]], limits: dict[str, int], settings: Settings,
-           repo_url: str, seconds: float) -> dict[str, Any]:
+def report(action: str, rows: list[dict[str, Any]], limits: dict[str, int], repo: Repository,
+           seconds: float) -> dict[str, Any]:
     failed = [row for row in rows if row["status"] != "ok"]
     stored = sum(row["size_bytes"] or 0 for row in rows)
     headline = (f"Fleet {action}: {len(rows) - len(failed)} of {len(rows)} ok"
@@ -185,8 +185,8 @@ def report(action: str, rows: list[dict[str, Any]], limits: dict[str, int], sett
         for row in rows], headline)
     summary = {"ok": not failed, "action": action, "databases": rows, "server_limits": limits,
                "flow_run": str(current_run.id), "duration_seconds": round(seconds, 1)}
-    record_audit(repo_url, settings, audit_record(
-        f"fleet-{action}", type=action, source=", ".join(sorted(limits)), destination=repo_url,
+    record_audit(repo, audit_record(
+        f"fleet-{action}", type=action, source=", ".join(sorted(limits)), destination=repo.url,
         status="failed" if failed else "success", duration_seconds=seconds,
         databases=len(rows), failed=[row["database"] for row in failed]))
     if failed:

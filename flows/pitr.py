@@ -70,10 +70,10 @@ def pitr(
                                       target_timeline)
     logger.info("recovering %s to %s from base backup %s into %s", database, target.describe(),
                 " + ".join(b.backup_id for b in chain), datadir)
-    with audited(repo_url, settings, "pitr", type="hot", source=database, destination=datadir,
+    with audited(repository, settings, "pitr", type="hot", source=database, destination=datadir,
                  backup_id=manifest.backup_id, target=target.describe()) as step:
         try:
-            unpack_base_backup(repo_url, settings, chain, datadir)
+            unpack_base_backup(repository, settings, chain, datadir)
             reached = recover_to_target(datadir, port, target, recovery, timeout_seconds,
                                         manifest.server_version)
         finally:

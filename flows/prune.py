@@ -20,6 +20,7 @@ from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import PgdrError
 from pgdr.ops.settings import Settings, check_tier, load_settings
 from pgdr.postgres import postgres
+from pgdr.storage.repository import Repository
 from tasks.artifacts import Stopwatch, publish_table
 from tasks.prune import prune_safety_databases, prune_set, sweep_leftovers
 from tasks.records import open_repo, record_audit
@@ -49,18 +50,18 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
     safety_server = server_url
     if retention.DATABASE not in areas or tier not in (None, "pre-restore"):
         safety_server = None
-    result = apply_retention(repo_url, settings, sets, tier, dry_run, safety_server, db)
+    result = apply_retention(repository, settings, sets, tier, dry_run, safety_server, db)
     return {**result, "leftovers": [] if dry_run else sweep_leftovers(settings, server_url)}
 
 
-def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str]], tier: str | None,
+def apply_retention(repo: Repository, settings: Settings, sets: list[tuple[str, str]], tier: str | None,
                     dry_run: bool, server_url: str | None = None, of: str | None = None) -> dict[str, Any]:
     """Prune each (area, name) set, and the safety databases on server_url (of one target,
     or all); audit record and table artifact of what was done."""
     clock = Stopwatch()
     rows: list[dict[str, Any]] = []
     for each, one in sets:
-        rows += prune_set(repo_url, settings, each, one, tier, dry_run)
+        rows += prune_set(repo, settings, each, one, tier, dry_run)
     if server_url:
         try:
             rows += prune_safety_databases(server_url, settings, of, dry_run)
@@ -72,8 +73,8 @@ def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str
     for row in rows:
         if row["action"] in ("locked", "failed"):
             logger.warning("%s %s: %s", row["action"], row["backup_id"], row["reason"])
-    record_audit(repo_url, settings, audit_record(
-        "prune", type=tier or "all", destination=repo_url,
+    record_audit(repo, audit_record(
+        "prune", type=tier or "all", destination=repo.url,
         source=", ".join(one if each == retention.DATABASE else f"{each}/{one}" for each, one in sets) or "-",
         status="dry-run" if dry_run else "failed" if failed else "success",
         duration_seconds=clock.seconds, counts=counts,
@@ -81,19 +82,19 @@ def apply_retention(repo_url: str, settings: Settings, sets: list[tuple[str, str
         dropped_databases=[r["backup_id"] for r in rows if r["action"] == "dropped"],
         locked=[r["backup_id"] for r in rows if r["action"] == "locked"]))
     if rows:
-        publish_table("prune", rows, f"Prune of {repo_url}{' (dry run)' if dry_run else ''}: " +
+        publish_table("prune", rows, f"Prune of {repo.url}{' (dry run)' if dry_run else ''}: " +
                       ", ".join(f"{n} {action}" for action, n in sorted(counts.items())))
-    return {"ok": not failed, "repository": repo_url, "dry_run": dry_run, "counts": counts, "backups": rows}
+    return {"ok": not failed, "repository": repo.url, "dry_run": dry_run, "counts": counts, "backups": rows}
 
 
-def prune_after_backup(repo_url: str, name: str, tier: str,
+def prune_after_backup(repo: Repository, name: str, tier: str,
                        area: str = retention.DATABASE) -> dict[str, Any] | None:
     """Retention for the tier just backed up (of the database, files-backup name or bucket
     name), as steps of the backup's own run (a flow run of its own costs a second or two).
     The backup has succeeded whatever happens here: a pruning problem is logged (and
     audited), not raised."""
     try:
-        return apply_retention(repo_url, load_settings(), [(area, name)], tier, dry_run=False)
+        return apply_retention(repo, load_settings(), [(area, name)], tier, dry_run=False)
     except Exception as exc:
         get_run_logger().warning("pruning %s after the backup failed: %s", name, exc)
         return None

@@ -22,7 +22,7 @@ from pgdr.postgres import postgres
 from pgdr.restore import recovery
 from pgdr.restore import restore as restoring
 from tasks.artifacts import Stopwatch, artifact_key, markdown_table, publish_markdown
-from tasks.records import audited
+from tasks.records import audited, open_repo
 from tasks.recover_table import check_target, recover_one
 from tasks.restore import find_backup
 from tasks.runs import FLOW_HOOKS, run_name
@@ -71,10 +71,10 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
         raise ConfigError("no target given: pass --target URL")
     recovery.check_mode(mode)
     row_filter = recovery.check_row_filter(where)
-    repo_url = repo or settings.repo_url
+    repository = open_repo(repo or settings.repo_url, settings)
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()  # from the start: finding the backup is part of the recovery's time
-    manifest = find_backup(repo_url, settings, backup_id, db, target_db)
+    manifest = find_backup(repository, backup_id, db, target_db)
     moment = catalog.utcnow()
     temp_db = restoring.derived_name(manifest.database, "recover", moment)
     result: dict[str, Any] = {
@@ -83,13 +83,13 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
         "temp_database": temp_db, "tables": [],
     }
 
-    with audited(repo_url, settings, "recover-table", type=mode, source=manifest.backup_id,
+    with audited(repository, settings, "recover-table", type=mode, source=manifest.backup_id,
                  destination=target_db, clock=clock, dry_run=dry_run, where=row_filter,
                  tables=result["tables"]) as step:
         wanted = recovery.requested_tables(list(tables or []), manifest.row_counts, manifest.partitioned)
         check_target(target_url, wanted, mode, row_filter)
         try:
-            restore_and_validate(repo_url, settings, manifest, target_url, temp_db, jobs, no_owner,
+            restore_and_validate(repository, settings, manifest, target_url, temp_db, jobs, no_owner,
                                  by="recover-table", tables=[(schema, table) for _, schema, table in wanted])
             temp_url = postgres.with_database(target_url, temp_db)
             for key, schema, table in wanted:

@@ -35,13 +35,13 @@ def replicate(repo: str | None = None, replica_repo: str | None = None,
         raise ConfigError("no DR copy configured: set PGDR_REPLICA_REPO or pass --replica URL")
     if replica_url.rstrip("/") == repo_url.rstrip("/"):
         raise ConfigError("the replica must be another repository than the one it copies")
+    repository, replica_repository = open_repo(repo_url, settings), open_repo(replica_url, settings)
     clock = Stopwatch()
-    copied = copy_missing(repo_url, replica_url, settings)
-    lag = replica.replica_lag(open_repo(repo_url, settings), open_repo(replica_url, settings),
-                              catalog.utcnow())
+    copied = copy_missing(repository, replica_repository, settings)
+    lag = replica.replica_lag(repository, replica_repository, catalog.utcnow())
     get_run_logger().info("copied %s to %s", ", ".join(f"{n} {kind}" for kind, n in copied.items()),
                           replica_url)
-    record_audit(repo_url, settings, audit_record(
+    record_audit(repository, audit_record(
         "replicate", type="all", source=repo_url, destination=replica_url, status="success",
         duration_seconds=clock.seconds, copied=copied))
     return {"repository": repo_url, "replica": replica_url, "copied": copied, "lag": lag,

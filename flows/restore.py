@@ -24,6 +24,7 @@ from pgdr.pipeline.process import CommandError
 from pgdr.postgres import postgres
 from pgdr.restore import quality, recovery, selective
 from pgdr.restore import restore as restoring
+from pgdr.storage.repository import Repository
 from tasks.artifacts import Stopwatch
 from tasks.records import open_repo, publish_metrics, record_audit, record_failure
 from tasks.restore import (
@@ -56,7 +57,7 @@ def is_backup_defect(exc: BaseException) -> bool:
         isinstance(exc, CommandError) and exc.name == "pg_restore")
 
 
-def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Manifest, server_url: str,
+def restore_and_validate(repo: Repository, settings: Settings, manifest: catalog.Manifest, server_url: str,
                          dbname: str, jobs: int | None, no_owner: bool, by: str, *,
                          archive_wait_hours: float = 12.0, wait: bool = True,
                          of: str | None = None, properties: bool = False, no_acl: bool = False,
@@ -70,25 +71,25 @@ def restore_and_validate(repo_url: str, settings: Settings, manifest: catalog.Ma
     archived dump is brought back first (bring_back_archived). Only a whole restore counts
     as a verification of the backup."""
     check_roles(server_url, dbname, manifest, no_owner, no_acl, create_roles)
-    bring_back_archived(repo_url, settings, manifest, archive_wait_hours, wait)
+    bring_back_archived(repo, manifest, archive_wait_hours, wait)
     loading = quality.preload()
     directory = restoring.work_directory(settings.work_dir)
     try:
-        archive = stage_backup(repo_url, settings, manifest, directory)
+        archive = stage_backup(repo, settings, manifest, directory)
         if not quality.cores_spare(jobs or settings.restore_jobs):
             loading.join()  # overlap the download only: pg_restore gets the cores to itself
         restored = restore_into_new_database(server_url, settings, dbname, archive, jobs, no_owner,
                                              of or manifest.database, no_acl, tables)
     except PgdrError as exc:
         if is_backup_defect(exc):
-            record_failed_verification(repo_url, settings, manifest, str(exc), by)
+            record_failed_verification(repo, manifest, str(exc), by)
         raise
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     try:
         if restored is None:
             result = validate_restore(server_url, dbname, manifest, jobs=jobs or settings.restore_jobs)
-            record_verification(repo_url, settings, manifest, result, by)
+            record_verification(repo, manifest, result, by)
         else:
             result = validate_restore(server_url, dbname, manifest, selective.row_counts_of(
                 manifest.row_counts, restored), jobs=jobs or settings.restore_jobs)
@@ -126,10 +127,10 @@ def _restored(manifest: catalog.Manifest, result: dict[str, Any], target_url: st
     }
 
 
-def _audited(operation: str, kind: str, repo_url: str, settings: Settings, source: str, destination: str,
+def _audited(operation: str, kind: str, repo: Repository, source: str, destination: str,
              clock: Stopwatch, status: str, size: int = 0, **details: Any) -> None:
     write = record_audit if status == "success" else record_failure
-    write(repo_url, settings, audit_record(
+    write(repo, audit_record(
         operation, type=kind, source=source, destination=destination, status=status, size_bytes=size,
         duration_seconds=clock.seconds, **details))
 
@@ -157,12 +158,13 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
     if not target_url:
         raise ConfigError("no target given: pass --target URL")
     repo_url = repo or settings.repo_url
+    repository = open_repo(repo_url, settings)
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()
-    with one_at_a_time(repo_url, settings, target_url, "restore"):
+    with one_at_a_time(repository, target_url, "restore"):
         # The backup first: a wrong id or an empty repository is refused before the target
         # is touched; then what a killed run left on the target is repaired.
-        manifest = find_backup(repo_url, settings, backup_id, db, target_db)
+        manifest = find_backup(repository, backup_id, db, target_db)
         repaired = repair_target(target_url, target_db)
         with postgres.connect(target_url, dbname=restoring.admin_database(target_db)) as conn:
             exists = postgres.database_exists(conn, target_db)
@@ -178,20 +180,20 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
             incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
             if not exists:
                 # Loaded under a scratch name: the real name appears only once validated.
-                result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
+                result = restore_and_validate(repository, settings, manifest, target_url, incoming, jobs,
                                               no_owner, by="restore", archive_wait_hours=archive_wait_hours,
                                               wait=not no_wait, of=target_db, properties=True,
                                               no_acl=no_acl, create_roles=create_roles, tables=selected)
             else:
                 # Before the safety copy: a run that stops to wait for S3 leaves nothing behind.
-                bring_back_archived(repo_url, settings, manifest, archive_wait_hours, not no_wait)
+                bring_back_archived(repository, manifest, archive_wait_hours, not no_wait)
                 if stop_writes_first:
                     stop_writes(target_url, target_db)
                 before = restoring.rows_written(target_url, target_db)
                 if pre_restore_backup:
                     backup(db=postgres.strip_password(target_url), repo=repo_url, tier="pre-restore",
                            encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
-                result = restore_and_validate(repo_url, settings, manifest, target_url, incoming, jobs,
+                result = restore_and_validate(repository, settings, manifest, target_url, incoming, jobs,
                                               no_owner, by="restore", archive_wait_hours=archive_wait_hours,
                                               wait=not no_wait, of=target_db, properties=True,
                                               no_acl=no_acl, create_roles=create_roles)
@@ -206,14 +208,14 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
                 if written is not None:
                     written["stopped_writes_first"] = stop_writes_first
         except Exception as exc:
-            _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "failed",
+            _audited("restore", "full", repository, manifest.backup_id, target_db, clock, "failed",
                      error=str(exc))
             raise
         finally:
             if stop_writes_first and exists:
                 # Not swapped in (a failure, a SIGTERM): the old database takes connections again.
                 restoring.allow_writes_again(target_url, target_db)
-    _audited("restore", "full", repo_url, settings, manifest.backup_id, target_db, clock, "success",
+    _audited("restore", "full", repository, manifest.backup_id, target_db, clock, "success",
              manifest.size_bytes, previous_database=kept_as, written_after_pre_restore_backup=written)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
     return _restored(manifest, result, target_url, clock, previous_database=kept_as, repaired=repaired,
@@ -221,10 +223,9 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
 
 
 @contextmanager
-def one_at_a_time(repo_url: str, settings: Settings, target_url: str, operation: str) -> Iterator[None]:
+def one_at_a_time(repo: Repository, target_url: str, operation: str) -> Iterator[None]:
     """One restore or rollback of a target at a time, through the repository lock."""
     name = f"{postgres.host_key(target_url)}/{postgres.database_name(target_url)}"
-    repo = open_repo(repo_url, settings)
     try:
         with database_lock(repo, name, operation, wait_seconds=0, area=RESTORE_LOCKS):
             yield
@@ -275,17 +276,17 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
     server_url = server or settings.db_url
     if not server_url:
         raise ConfigError("no server given: pass --server URL or set DATABASE_URL")
-    repo_url = repo or settings.repo_url
+    repository = open_repo(repo or settings.repo_url, settings)
     clock = Stopwatch()
-    manifest = find_backup(repo_url, settings, backup_id, db)
+    manifest = find_backup(repository, backup_id, db)
     temp_db = restoring.derived_name(manifest.database, "temp", catalog.utcnow())
     try:
-        result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, jobs, no_owner,
+        result = restore_and_validate(repository, settings, manifest, server_url, temp_db, jobs, no_owner,
                                       by="restore-to-temp", archive_wait_hours=archive_wait_hours,
                                       wait=not no_wait, properties=True, no_acl=no_acl,
                                       create_roles=create_roles)
     except Exception as exc:
-        _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "failed",
+        _audited("restore", "temp", repository, manifest.backup_id, temp_db, clock, "failed",
                  error=str(exc))
         raise
     if not keep:
@@ -293,7 +294,7 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
     else:
         with postgres.connect(server_url, dbname=restoring.admin_database(temp_db), autocommit=True) as conn:
             restoring.untag(conn, temp_db)  # kept on purpose: not a leftover
-    _audited("restore", "temp", repo_url, settings, manifest.backup_id, temp_db, clock, "success",
+    _audited("restore", "temp", repository, manifest.backup_id, temp_db, clock, "success",
              manifest.size_bytes, kept=keep)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
     return _restored(manifest, result, postgres.with_database(server_url, temp_db), clock,
@@ -309,8 +310,8 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
         raise ConfigError("no target given: pass --target URL")
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()
-    repo_url = repo or settings.repo_url
-    with one_at_a_time(repo_url, settings, target_url, "rollback"):
+    repository = open_repo(repo or settings.repo_url, settings)
+    with one_at_a_time(repository, target_url, "rollback"):
         repaired = repair_target(target_url, target_db)
         admin = restoring.admin_database(target_db)
         with postgres.connect(target_url, dbname=admin, autocommit=True) as conn:
@@ -326,6 +327,6 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
         restoring.swap_databases(target_url, target_db, previous, aside, {
             "pgdr": "rolled-back", "of": target_db, "at": catalog.iso(now),
             "restored": tag.get("replaced_by")})
-    _audited("rollback", "full", repo_url, settings, previous, target_db, clock, "success")
+    _audited("rollback", "full", repository, previous, target_db, clock, "success")
     return {"target": postgres.display_dsn(target_url), "restored_from": previous, "set_aside_as": aside,
             "repaired": repaired, "duration_seconds": round(clock.seconds, 3)}

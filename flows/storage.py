@@ -31,21 +31,22 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
     location = snapshots.parse_s3_url(source)
     check_tier(tier)
     repo_url = repo or settings.repo_url
-    snapshots.s3_repository(open_repo(repo_url, settings))
+    repository = open_repo(repo_url, settings)
+    snapshots.s3_repository(repository)
     snapshot_id = catalog.new_backup_id(catalog.utcnow(), tier)
-    with audited(repo_url, settings, "storage-snapshot", type=tier, source=location.url, destination=repo_url,
-                 backup_id=snapshot_id) as step:
+    with audited(repository, settings, "storage-snapshot", type=tier, source=location.url,
+                 destination=repo_url, backup_id=snapshot_id) as step:
         # The snapshot refers to the previous one's copies: no prune of the bucket may delete
         # them meanwhile (it waits), nor may another snapshot of the bucket run.
-        with database_lock(open_repo(repo_url, settings), location.bucket, "storage-snapshot",
+        with database_lock(repository, location.bucket, "storage-snapshot",
                            area=retention.STORAGE):
-            manifest = copy_changed_objects(location.url, repo_url, settings, snapshot_id, tier)
-            write_manifest(repo_url, settings, manifest)
+            manifest = copy_changed_objects(location.url, repository, settings, snapshot_id, tier)
+            write_manifest(repository, manifest)
         if settings.replica_repo_url:
-            replicate_backup(repo_url, settings.replica_repo_url, settings, manifest)
+            replicate_backup(repository, open_repo(settings.replica_repo_url, settings), settings, manifest)
         step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.copied_bytes,
                        objects=manifest.object_count, copied=manifest.copied_count)
-    pruned = prune_after_backup(repo_url, location.bucket, tier, area=retention.STORAGE)
+    pruned = prune_after_backup(repository, location.bucket, tier, area=retention.STORAGE)
     return {
         **manifest.summary(),
         "previous_snapshot": manifest.previous_snapshot,
@@ -63,12 +64,13 @@ def storage_restore(snapshot: str, dest: str, bucket: str | None = None, repo: s
     settings = load_settings()
     location = snapshots.parse_s3_url(dest)
     repo_url = repo or settings.repo_url
-    with audited(repo_url, settings, "storage-restore", type="unknown", source=repo_url,
+    repository = open_repo(repo_url, settings)
+    with audited(repository, settings, "storage-restore", type="unknown", source=repo_url,
                  destination=location.url, backup_id=snapshot) as step:
-        manifest = find_storage_snapshot(repo_url, settings, snapshot, bucket)
+        manifest = find_storage_snapshot(repository, snapshot, bucket)
         step.type, step.source = manifest.tier, f"{repo_url}/{manifest.prefix}"
         step.details["backup_id"] = manifest.snapshot_id
-        copied = copy_objects_back(repo_url, settings, manifest, location.url, overwrite)
+        copied = copy_objects_back(repository, manifest, location.url, overwrite)
         step.succeeded(size_bytes=copied, objects=manifest.object_count)
     return {
         "snapshot_id": manifest.snapshot_id,

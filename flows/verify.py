@@ -64,7 +64,7 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
             temp_db = restoring.derived_name(database, "verify", catalog.utcnow())
             try:
                 with server_slot(server_url):
-                    result = restore_and_validate(repo_url, settings, manifest, server_url, temp_db, None,
+                    result = restore_and_validate(repository, settings, manifest, server_url, temp_db, None,
                                                   True, by="verify")
             finally:
                 restoring.drop_quietly(server_url, temp_db)
@@ -75,7 +75,7 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
         except PgdrError as exc:
             entry["reason"] = str(exc)
             logger.error("verification of %s failed: %s", database, exc)
-        record_audit(repo_url, settings, audit_record(
+        record_audit(repository, audit_record(
             "verify", type="restore-test", source=entry["backup_id"] or database,
             destination="temporary database",
             status="success" if entry["ok"] else "failed", duration_seconds=clock.seconds,

@@ -12,22 +12,21 @@ from pgdr.ops.settings import Settings
 from pgdr.pipeline.dump import stream_dump
 from pgdr.postgres import database as whole_database
 from pgdr.postgres import postgres
+from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress
 from tasks.policy import retrying
-from tasks.records import open_repo
 
 TOOL_VERSION = "pgdr 0.1.0"
 
 
 @task(name="dump database", **retrying(2, 15),
       timeout_seconds=24 * 3600, tags=["pg_dump"])
-def dump_database(db_url: str, repo_url: str, settings: Settings, backup_id: str, tier: str,
+def dump_database(db_url: str, repo: Repository, settings: Settings, backup_id: str, tier: str,
                   encrypt_fingerprint: str | None) -> catalog.Manifest:
     """Count rows in an exported snapshot and dump exactly that snapshot: the counts in the
     manifest are exactly the rows in the dump, whatever is written meanwhile. The counting
     runs while pg_dump streams (both read the same snapshot), not before it."""
     logger = get_run_logger()
-    repo = open_repo(repo_url, settings)
     database = postgres.database_name(db_url)
     started = catalog.utcnow()
     with postgres.connect(db_url) as conn:

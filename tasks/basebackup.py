@@ -28,21 +28,20 @@ from pgdr.pitr.basebackup import (
 )
 from pgdr.postgres import postgres
 from pgdr.postgres.cluster import programs_for
+from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress, human_bytes
 from tasks.backup import TOOL_VERSION
 from tasks.policy import retrying
-from tasks.records import open_repo
 
 
 @task(name="base backup", **retrying(2, 15),
       timeout_seconds=24 * 3600, tags=["pg_basebackup"])
-def take_base_backup(db_url: str, repo_url: str, settings: Settings, database: str, backup_id: str,
+def take_base_backup(db_url: str, repo: Repository, settings: Settings, database: str, backup_id: str,
                      encrypt_fingerprint: str | None, fast_checkpoint: bool,
                      kind: str = "auto") -> tuple[BaseManifest, list[str]]:
     """The base backup and the warnings an operator should see (an incremental that could
     not be taken, so a full one was)."""
     logger = get_run_logger()
-    repo = open_repo(repo_url, settings)
     with postgres.connect(db_url) as conn:
         version = postgres.server_version(conn)
         # In bytes since PostgreSQL 11.

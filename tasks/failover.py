@@ -8,19 +8,18 @@ from prefect import get_run_logger, task
 
 from pgdr.catalog import catalog
 from pgdr.dr import failover as choosing
-from pgdr.ops.settings import Settings
 from pgdr.postgres import health
 from pgdr.storage import aws
+from pgdr.storage.repository import Repository
 from tasks.policy import retrying
-from tasks.records import open_repo
 
 
 @task(name="choose backup", **retrying(2, 5))
-def choose_backup(repo_url: str, settings: Settings, database: str | None, backup_id: str | None,
+def choose_backup(repo: Repository, database: str | None, backup_id: str | None,
                   max_age_hours: float, accept_stale: bool,
                   target_database: str | None = None) -> choosing.Choice:
     """The one choice a failover and a drill make (pgdr/dr/failover.py)."""
-    choice = choosing.choose_backup(open_repo(repo_url, settings), database, catalog.utcnow(),
+    choice = choosing.choose_backup(repo, database, catalog.utcnow(),
                                     backup_id=backup_id, max_age_hours=max_age_hours,
                                     accept_stale=accept_stale, target_database=target_database)
     for reason in choice.skipped:

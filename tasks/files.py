@@ -13,15 +13,15 @@ from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import Settings
 from pgdr.pipeline import crypto
 from pgdr.restore.restore import work_directory
+from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress
 from tasks.backup import TOOL_VERSION
 from tasks.policy import retrying
-from tasks.records import open_repo
 
 
 @task(name="archive files", **retrying(2, 15),
       timeout_seconds=12 * 3600)
-def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings, backup_id: str,
+def archive_files(paths: list[str], name: str, repo: Repository, settings: Settings, backup_id: str,
                   tier: str, encrypt_fingerprint: str | None) -> filing.FilesManifest:
     started = catalog.utcnow()
     found = filing.collect(paths)
@@ -38,7 +38,7 @@ def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings
     prefix = filing.backup_prefix(name, backup_id)
     with Progress(f"files backup {name}", sum(entry.size for entry, _ in found.entries)) as progress:
         stored, tar_bytes = filing.store_archive(
-            found.entries, open_repo(repo_url, settings), f"{prefix}/{data_key}",
+            found.entries, repo, f"{prefix}/{data_key}",
             encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
             storage_class=settings.storage_classes.get(tier), zstd_level=settings.zstd_level,
             zstd_threads=settings.zstd_threads, secrets=settings.secrets(),
@@ -57,17 +57,17 @@ def archive_files(paths: list[str], name: str, repo_url: str, settings: Settings
 
 
 @task(name="find files backup", **retrying(2, 5))
-def find_files_backup(repo_url: str, settings: Settings, selector: str, name: str) -> filing.FilesManifest:
-    return filing.find_file_backup(open_repo(repo_url, settings), selector, name)
+def find_files_backup(repo: Repository, selector: str, name: str) -> filing.FilesManifest:
+    return filing.find_file_backup(repo, selector, name)
 
 
 @task(name="restore files", **retrying(2, 10))
-def restore_files_into(repo_url: str, settings: Settings, manifest: filing.FilesManifest, dest: str,
+def restore_files_into(repo: Repository, settings: Settings, manifest: filing.FilesManifest, dest: str,
                        overwrite: bool) -> filing.Restored:
     work = work_directory(settings.work_dir)
     try:
         return filing.restore_archive(
-            open_repo(repo_url, settings), manifest, Path(dest), work, overwrite=overwrite,
+            repo, manifest, Path(dest), work, overwrite=overwrite,
             gpg_homedir=settings.gpg_homedir,
             passphrase=crypto.resolve_passphrase(settings.gpg_passphrase, settings.gpg_passphrase_block),
             secrets=settings.secrets(),

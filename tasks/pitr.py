@@ -14,13 +14,13 @@ from pgdr.pitr.basebackup import (
     restore_backup_chain,
 )
 from pgdr.postgres.cluster import LocalCluster, grant_to_server, programs_for
+from pgdr.storage.repository import Repository
 from tasks.policy import retrying
-from tasks.records import open_repo
 
 
 @task(name="restore base backup", **retrying(2, 10))
-def unpack_base_backup(repo_url: str, settings: Settings, chain: list[BaseManifest], datadir: str) -> str:
-    restore_backup_chain(open_repo(repo_url, settings), chain, Path(datadir),
+def unpack_base_backup(repo: Repository, settings: Settings, chain: list[BaseManifest], datadir: str) -> str:
+    restore_backup_chain(repo, chain, Path(datadir),
                          bin_dir=programs_for(chain[-1].server_version), gpg_homedir=settings.gpg_homedir,
                          passphrase=settings.gpg_passphrase, secrets=settings.secrets())
     return datadir

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from prefect.cache_policies import NONE
 from prefect.tasks import exponential_backoff
 
 from pgdr.ops.errors import is_transient
@@ -30,7 +31,8 @@ _RETRY_DELAY_FACTOR = float(os.environ.get("PGDR_RETRY_DELAY_FACTOR", "1"))
 def retrying(times: int, first_delay: float) -> dict[str, Any]:
     """Task options: retry transient failures `times` times, the first after about
     first_delay seconds, doubling each time, with jitter so that runs that failed together
-    do not retry together. Prefect logs each retry with its error and delay."""
-    return {"retries": times,
+    do not retry together. Prefect logs each retry with its error and delay. No caching:
+    every step runs (its inputs, a Repository among them, are not hashed for a cache key)."""
+    return {"retries": times, "cache_policy": NONE,
             "retry_delay_seconds": exponential_backoff(first_delay * _RETRY_DELAY_FACTOR),
             "retry_jitter_factor": 0.5, "retry_condition_fn": transient_only}

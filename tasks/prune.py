@@ -15,16 +15,15 @@ from pgdr.ops.settings import Settings
 from pgdr.postgres import postgres
 from pgdr.restore import restore as restoring
 from pgdr.storage import replica
+from pgdr.storage.repository import Repository
 from pgdr.storage.storage import StorageManifest
 from tasks.policy import retrying
-from tasks.records import open_repo
 
 
 @task(name="prune", task_run_name="prune {area} {name}", **retrying(2, 5))
-def prune_set(repo_url: str, settings: Settings, area: str, name: str, tier: str | None,
+def prune_set(repo: Repository, settings: Settings, area: str, name: str, tier: str | None,
               dry_run: bool) -> list[dict[str, Any]]:
     """Retention for one database, files-backup name or snapshotted bucket."""
-    repo = open_repo(repo_url, settings)
     policy = Policy(settings.retention_days, settings.keep_verified)
 
     def run() -> list[dict[str, Any]]:
@@ -77,15 +76,14 @@ def sweep_leftovers(settings: Settings, server_url: str | None) -> list[str]:
 
 
 @task(name="copy to replica", **retrying(3, 5))
-def replicate_backup(repo_url: str, replica_url: str, settings: Settings,
+def replicate_backup(source: Repository, target: Repository, settings: Settings,
                      manifest: replica.StoredBackup | StorageManifest) -> dict[str, Any]:
     """The DR-region copy of a finished backup (database, base or files backup, or storage
     snapshot), checked against its manifest."""
-    source, target = open_repo(repo_url, settings), open_repo(replica_url, settings)
     if isinstance(manifest, StorageManifest):
         result = replica.copy_snapshot(source, target, manifest)
     else:
         tier = getattr(manifest, "tier", None)
         result = replica.copy_backup(source, target, manifest, settings.storage_classes.get(tier or ""))
-    get_run_logger().info("copied %s to %s (%s objects)", manifest.backup_id, replica_url, result["objects"])
+    get_run_logger().info("copied %s to %s (%s objects)", manifest.backup_id, target.url, result["objects"])
     return result

@@ -24,17 +24,17 @@ def open_repo(url: str, settings: Settings) -> Repository:
 
 
 @task(name="write manifest", **retrying(3, 2))
-def write_manifest(repo_url: str, settings: Settings, manifest: StoredManifest) -> str:
+def write_manifest(repo: Repository, manifest: StoredManifest) -> str:
     """The completion marker of a backup, files backup, base backup or storage snapshot:
     written last, so that nothing without one is ever taken for complete."""
-    return manifest.write(open_repo(repo_url, settings))
+    return manifest.write(repo)
 
 
 @task(name="record audit", **retrying(3, 2))
-def record_audit(repo_url: str, settings: Settings, record: dict[str, Any]) -> str:
+def record_audit(repo: Repository, record: dict[str, Any]) -> str:
     """The runbook's audit record in the repository, and a Prefect event."""
     record = {**record, **_run_origin(record["user"])}
-    key = audit.write_audit(open_repo(repo_url, settings), record)
+    key = audit.write_audit(repo, record)
     try:
         from prefect.events import emit_event
 
@@ -69,12 +69,12 @@ def _run_origin(os_user: str) -> dict[str, str]:
     return {"started_by": how, "user": who, "os_user": os_user}
 
 
-def record_failure(repo_url: str, settings: Settings, record: dict[str, Any]) -> None:
+def record_failure(repo: Repository, record: dict[str, Any]) -> None:
     """Audit a failed operation without hiding why it failed: if even the audit record
     cannot be written (the repository may be the problem), say so in the log. One attempt:
     when the store is what failed, retrying its audit record only delays the message."""
     try:
-        record_audit.with_options(retries=0)(repo_url, settings, record)
+        record_audit.with_options(retries=0)(repo, record)
     except Exception as exc:
         get_run_logger().warning("could not write the audit record of this failure: %s", exc)
 
@@ -111,7 +111,7 @@ class AuditedStep:
 
 
 @contextmanager
-def audited(repo_url: str, settings: Settings, operation: str, *, type: str, source: str, destination: str,
+def audited(repo: Repository, settings: Settings, operation: str, *, type: str, source: str, destination: str,
             failure_metrics: dict[str, float] | None = None, clock: Stopwatch | None = None,
             **details: Any) -> Iterator[AuditedStep]:
     """Time an operation and write its audit record: `success` when the block completes
@@ -123,11 +123,11 @@ def audited(repo_url: str, settings: Settings, operation: str, *, type: str, sou
     try:
         yield step
     except Exception as exc:
-        record_failure(repo_url, settings, step.record("failed", error=str(exc)))
+        record_failure(repo, step.record("failed", error=str(exc)))
         if failure_metrics:
             publish_metrics(settings, step.source, **failure_metrics)
         raise
-    record_audit(repo_url, settings, step.record("success"))
+    record_audit(repo, step.record("success"))
 
 
 def publish_metrics(settings: Settings, database: str, **values: float) -> None:

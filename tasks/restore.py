@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
 
 from pgdr.catalog import catalog
 from pgdr.catalog.index import resolve_backup
@@ -18,39 +19,39 @@ from pgdr.postgres import database as whole_database
 from pgdr.postgres import postgres
 from pgdr.restore import quality, selective
 from pgdr.restore import restore as restoring
+from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress, artifact_key, human_bytes, publish_markdown
 from tasks.policy import retrying
-from tasks.records import open_repo
 
 
 @task(name="find backup", **retrying(2, 5))
-def find_backup(repo_url: str, settings: Settings, selector: str, database: str | None,
+def find_backup(repo: Repository, selector: str, database: str | None,
                 target_database: str | None = None) -> catalog.Manifest:
-    manifest = resolve_backup(open_repo(repo_url, settings), selector, database, target_database)
+    manifest = resolve_backup(repo, selector, database, target_database)
     get_run_logger().info("backup %s of %s (%s, %s)", manifest.backup_id, manifest.database,
                           manifest.finished_at, human_bytes(manifest.size_bytes))
     return manifest
 
 
-@task(name="bring back archived dump")
-def bring_back_archived(repo_url: str, settings: Settings, manifest: catalog.Manifest, wait_hours: float,
+@task(name="bring back archived dump", cache_policy=NONE)  # a Repository is no cache key
+def bring_back_archived(repo: Repository, manifest: catalog.Manifest, wait_hours: float,
                         wait: bool) -> str | None:
     """A dump that lifecycle moved to GLACIER or DEEP_ARCHIVE is restored by S3 first:
     waited for (with progress), or NotReadyYet (exit 3) saying when to retry."""
     return restoring.wait_until_readable(
-        open_repo(repo_url, settings), f"{manifest.prefix}/{manifest.data_key}", wait_hours=wait_hours,
+        repo, f"{manifest.prefix}/{manifest.data_key}", wait_hours=wait_hours,
         wait=wait, report=get_run_logger().warning)
 
 
 @task(name="stage backup", **retrying(2, 5))
-def stage_backup(repo_url: str, settings: Settings, manifest: catalog.Manifest, directory: Path) -> Path:
+def stage_backup(repo: Repository, settings: Settings, manifest: catalog.Manifest, directory: Path) -> Path:
     """Verify the stored bytes' checksum while decoding them into one local file; nothing
     reaches PostgreSQL unless the checksum matched."""
     restoring.check_free_space(directory, manifest.dump_bytes)
     archive = directory / f"{manifest.backup_id}.dump"
     with Progress(f"fetch {manifest.backup_id}", manifest.size_bytes) as progress:
         fetch_dump(
-            open_repo(repo_url, settings), f"{manifest.prefix}/{manifest.data_key}", archive,
+            repo, f"{manifest.prefix}/{manifest.data_key}", archive,
             size=manifest.size_bytes, sha256=manifest.sha256, encrypted=manifest.encryption is not None,
             gpg_homedir=settings.gpg_homedir,
             passphrase=resolve_passphrase(settings.gpg_passphrase, settings.gpg_passphrase_block),
@@ -161,10 +162,9 @@ def check_roles(server_url: str, dbname: str, manifest: catalog.Manifest, no_own
 
 
 @task(name="record verification", **retrying(3, 2))
-def record_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
+def record_verification(repo: Repository, manifest: catalog.Manifest,
                         result: dict[str, Any], by: str) -> None:
     """Append the result to verified.json beside the manifest (never rewriting the manifest)."""
-    repo = open_repo(repo_url, settings)
     # Which manifest was verified, byte for byte (the bytes this run read and restored from):
     # a manifest replaced later is not this one.
     manifest_sha256 = (manifest.read_sha256
@@ -178,11 +178,11 @@ def record_verification(repo_url: str, settings: Settings, manifest: catalog.Man
 
 
 @task(name="record failed verification", **retrying(3, 2))
-def record_failed_verification(repo_url: str, settings: Settings, manifest: catalog.Manifest,
+def record_failed_verification(repo: Repository, manifest: catalog.Manifest,
                                reason: str, by: str) -> None:
     """A backup whose bytes or restore failed is recorded as failed, with the reason, exactly
     like one that passed: status, prune and failover then stop counting it as good."""
-    catalog.append_verification(open_repo(repo_url, settings), manifest, {
+    catalog.append_verification(repo, manifest, {
         "by": by, "success": False, "at": catalog.iso(catalog.utcnow()), "reason": reason})
 
 

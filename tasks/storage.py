@@ -6,15 +6,15 @@ from prefect import get_run_logger, task
 
 from pgdr.ops.settings import Settings
 from pgdr.storage import storage as snapshots
+from pgdr.storage.repository import Repository
 from tasks.policy import retrying
-from tasks.records import open_repo
 
 
 @task(name="copy changed objects", **retrying(2, 15),
       timeout_seconds=24 * 3600)
-def copy_changed_objects(source_url: str, repo_url: str, settings: Settings, snapshot_id: str,
+def copy_changed_objects(source_url: str, repo: Repository, settings: Settings, snapshot_id: str,
                          tier: str) -> snapshots.StorageManifest:
-    manifest = snapshots.take_snapshot(open_repo(repo_url, settings), snapshots.parse_s3_url(source_url),
+    manifest = snapshots.take_snapshot(repo, snapshots.parse_s3_url(source_url),
                                        snapshot_id, tier, storage_class=settings.storage_classes.get(tier))
     get_run_logger().info("%d objects, %d copied (%d bytes), %d unchanged since %s",
                           manifest.object_count, manifest.copied_count, manifest.copied_bytes,
@@ -23,14 +23,14 @@ def copy_changed_objects(source_url: str, repo_url: str, settings: Settings, sna
 
 
 @task(name="find storage snapshot", **retrying(2, 5))
-def find_storage_snapshot(repo_url: str, settings: Settings, selector: str,
+def find_storage_snapshot(repo: Repository, selector: str,
                           bucket: str | None) -> snapshots.StorageManifest:
-    return snapshots.find_snapshot(open_repo(repo_url, settings), selector, bucket)
+    return snapshots.find_snapshot(repo, selector, bucket)
 
 
 @task(name="copy objects back", **retrying(2, 15),
       timeout_seconds=24 * 3600)
-def copy_objects_back(repo_url: str, settings: Settings, manifest: snapshots.StorageManifest, dest_url: str,
+def copy_objects_back(repo: Repository, manifest: snapshots.StorageManifest, dest_url: str,
                       overwrite: bool) -> int:
-    return snapshots.restore_snapshot(open_repo(repo_url, settings), manifest,
+    return snapshots.restore_snapshot(repo, manifest,
                                       snapshots.parse_s3_url(dest_url), overwrite=overwrite)

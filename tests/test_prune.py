@@ -177,7 +177,7 @@ def test_backup_and_prune_of_one_database_never_interleave(capsys, pg, new_db, f
     old = [fake_backup(repo, database, "manual", now - timedelta(days=60 + i)) for i in range(3)]
 
     dumping, go_on = threading.Event(), threading.Event()
-    real_stream_dump = flows.backup.stream_dump
+    real_stream_dump = tasks.backup.stream_dump
 
     def held_stream_dump(*args, **kwargs):
         dumping.set()

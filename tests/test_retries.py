@@ -162,3 +162,14 @@ def test_library_errors_are_judged_by_what_they_are_and_bugs_are_never_retried()
     assert is_transient(slow) and not is_transient(bucket)
     assert transient_s3_error("", 500) and not transient_s3_error("InvalidArgument", 400)
     assert not transient_pg_message('FATAL:  database "nope" does not exist')
+
+
+def test_a_step_given_an_s3_repository_computes_no_cache_key(capfd, s3_repo):
+    """Flows hand their open Repository (a boto3 client inside) to their steps: Prefect
+    must not try to hash it into a cache key (it cannot, and logs an error each time)."""
+    from tasks.drill import write_report
+
+    repo = open_repository(s3_repo)
+    assert write_report(repo, "drills/x.json", {"ok": True}) == "drills/x.json"
+    assert repo.get_bytes("drills/x.json")
+    assert "cache key" not in capfd.readouterr().err
