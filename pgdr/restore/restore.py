@@ -449,12 +449,17 @@ def sweep_leftover_databases(server_url: str) -> list[str]:
 
 
 def rows_written(server_url: str, dbname: str) -> int | None:
-    """Rows inserted, updated and deleted in dbname since the statistics began (None when
-    unknown). Sessions flush their counts when they end, as the swap makes them."""
-    with postgres.connect(server_url, dbname=admin_database(dbname), autocommit=True) as conn:
-        conn.execute("SELECT pg_stat_clear_snapshot()")
-        row = conn.execute("SELECT tup_inserted + tup_updated + tup_deleted FROM pg_stat_database"
-                           " WHERE datname = %s", (dbname,)).fetchone()
+    """Rows inserted, updated and deleted in dbname's own tables since the statistics began
+    (None when unknown). The system catalogs are left out: autovacuum's ANALYZE writes
+    pg_statistic, which no user wrote. Sessions flush their counts when they end, as the swap
+    makes them."""
+    try:
+        with postgres.connect(server_url, dbname=dbname, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute("SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)"
+                               " FROM pg_stat_user_tables").fetchone()
+    except PgdrError:
+        return None  # the database takes no connection now: the count is unknown, not zero
     return int(row[0]) if row and row[0] is not None else None
 
 
