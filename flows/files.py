@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 
 from flows.prune import prune_after_backup
-from pgdr.catalog import catalog, retention
+from pgdr.catalog import catalog, prune_report
 from pgdr.catalog.locks import database_lock
 from pgdr.files import files as filing
 from pgdr.ops.settings import check_tier, load_settings
@@ -40,13 +40,13 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
     with audited(repository, settings, "files-backup", type=tier, source=name, destination=repo_url,
                  backup_id=backup_id) as step:
         # A prune of this name waits meanwhile, and so does another backup of it.
-        with database_lock(repository, name, "files-backup", area=retention.FILES):
+        with database_lock(repository, name, "files-backup", area=prune_report.FILES):
             manifest = archive_files(list(paths), name, repository, settings, backup_id, tier, fingerprint)
             write_manifest(repository, manifest)
         if settings.replica_repo_url:
             replicate_backup(repository, open_repo(settings.replica_repo_url, settings), settings, manifest)
         step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.size_bytes)
-    pruned = prune_after_backup(repository, name, tier, area=retention.FILES)
+    pruned = prune_after_backup(repository, name, tier, area=prune_report.FILES)
     return {
         **manifest.summary(),
         "sha256": manifest.sha256,

@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pgdr.catalog import retention
+from pgdr.catalog.prune_report import DATABASE, FILES, PITR, STORAGE, safety_databases_unchecked_row
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import PgdrError
 from pgdr.ops.settings import Settings, check_tier, load_settings
@@ -38,7 +39,7 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
     settings = load_settings()
     if tier:
         check_tier(tier)
-    named = {retention.DATABASE: db, retention.FILES: name, retention.STORAGE: bucket, retention.PITR: db}
+    named = {DATABASE: db, FILES: name, STORAGE: bucket, PITR: db}
     areas = retention.select_areas(area, named)
     repo_url = repo or settings.repo_url
     repository = open_repo(repo_url, settings)
@@ -48,7 +49,7 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
         sets += [(each, one) for one in ([given] if given else retention.list_sets(repository, each))]
     server_url = server or settings.db_url
     safety_server = server_url
-    if retention.DATABASE not in areas or tier not in (None, "pre-restore"):
+    if DATABASE not in areas or tier not in (None, "pre-restore"):
         safety_server = None
     result = apply_retention(repository, settings, sets, tier, dry_run, safety_server, db)
     return {**result, "leftovers": [] if dry_run else sweep_leftovers(settings, server_url)}
@@ -66,7 +67,7 @@ def apply_retention(repo: Repository, settings: Settings, sets: list[tuple[str, 
         try:
             rows += prune_safety_databases(server_url, settings, of, dry_run)
         except PgdrError as exc:  # the repository's pruning stands; the report says what was not done
-            rows.append(retention.safety_databases_unchecked_row(postgres.display_dsn(server_url), str(exc)))
+            rows.append(safety_databases_unchecked_row(postgres.display_dsn(server_url), str(exc)))
     counts = {action: sum(1 for r in rows if r["action"] == action) for action in {r["action"] for r in rows}}
     failed = [r for r in rows if r["action"] == "failed"]
     logger = get_run_logger()
@@ -75,7 +76,7 @@ def apply_retention(repo: Repository, settings: Settings, sets: list[tuple[str, 
             logger.warning("%s %s: %s", row["action"], row["backup_id"], row["reason"])
     record_audit(repo, audit_record(
         "prune", type=tier or "all", destination=repo.url,
-        source=", ".join(one if each == retention.DATABASE else f"{each}/{one}" for each, one in sets) or "-",
+        source=", ".join(one if each == DATABASE else f"{each}/{one}" for each, one in sets) or "-",
         status="dry-run" if dry_run else "failed" if failed else "success",
         duration_seconds=clock.seconds, counts=counts,
         deleted=[r["backup_id"] for r in rows if r["action"] in ("deleted", "aborted")],
@@ -88,7 +89,7 @@ def apply_retention(repo: Repository, settings: Settings, sets: list[tuple[str, 
 
 
 def prune_after_backup(repo: Repository, name: str, tier: str,
-                       area: str = retention.DATABASE) -> dict[str, Any] | None:
+                       area: str = DATABASE) -> dict[str, Any] | None:
     """Retention for the tier just backed up (of the database, files-backup name or bucket
     name), as steps of the backup's own run (a flow run of its own costs a second or two).
     The backup has succeeded whatever happens here: a pruning problem is logged (and

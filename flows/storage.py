@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow
 
 from flows.prune import prune_after_backup
-from pgdr.catalog import catalog, retention
+from pgdr.catalog import catalog, prune_report
 from pgdr.catalog.locks import database_lock
 from pgdr.ops.settings import check_tier, load_settings
 from pgdr.storage import storage as snapshots
@@ -39,14 +39,14 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
         # The snapshot refers to the previous one's copies: no prune of the bucket may delete
         # them meanwhile (it waits), nor may another snapshot of the bucket run.
         with database_lock(repository, location.bucket, "storage-snapshot",
-                           area=retention.STORAGE):
+                           area=prune_report.STORAGE):
             manifest = copy_changed_objects(location.url, repository, settings, snapshot_id, tier)
             write_manifest(repository, manifest)
         if settings.replica_repo_url:
             replicate_backup(repository, open_repo(settings.replica_repo_url, settings), settings, manifest)
         step.succeeded(destination=f"{repo_url}/{manifest.prefix}", size_bytes=manifest.copied_bytes,
                        objects=manifest.object_count, copied=manifest.copied_count)
-    pruned = prune_after_backup(repository, location.bucket, tier, area=retention.STORAGE)
+    pruned = prune_after_backup(repository, location.bucket, tier, area=prune_report.STORAGE)
     return {
         **manifest.summary(),
         "previous_snapshot": manifest.previous_snapshot,

@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 from prefect import get_run_logger, task
 
-from pgdr.catalog import catalog, retention
+from pgdr.catalog import catalog, prune_report, retention
 from pgdr.catalog.locks import database_lock
 from pgdr.catalog.policy import Policy, choose_safety_databases
 from pgdr.ops.errors import PgdrError, first_line
@@ -55,7 +55,7 @@ def prune_safety_databases(server_url: str, settings: Settings, of: str | None,
                     action = "dropped"
                 except psycopg.Error as exc:
                     action, reason = "failed", f"{reason}; could not drop: {first_line(exc)}"
-            rows.append(retention.safety_database_row(database, action, reason))
+            rows.append(prune_report.safety_database_row(database, action, reason))
     return rows
 
 

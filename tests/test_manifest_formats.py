@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from pgdr.catalog.backup_retention import scan_backups
 from pgdr.catalog.catalog import Manifest, StoredManifest
-from pgdr.catalog.retention import scan_backups, scan_base_backups
+from pgdr.catalog.pitr_retention import scan_base_backups
 from pgdr.files.files import FilesManifest
 from pgdr.ops.errors import ConfigError
 from pgdr.pitr.basebackup import BaseManifest

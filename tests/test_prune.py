@@ -13,7 +13,7 @@ import pytest
 
 import flows.backup
 import tasks.backup
-from pgdr.catalog import catalog, locks, retention
+from pgdr.catalog import backup_retention, catalog, locks
 from pgdr.catalog.policy import Policy
 from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.postgres import postgres
@@ -86,16 +86,17 @@ def test_failed_and_corrupt_newest_backups_never_cost_the_good_ones(file_repo):
     assert list_backups(repo, "fleet")[-1].backup_id == corrupt[0].backup_id
 
     policy = Policy()
-    plan = retention.plan_prune(repo, "fleet", now, policy)
+    plan = backup_retention.plan_prune(repo, "fleet", now, policy)
     assert not plan.incomplete and not plan.stale_uploads  # within the grace period: maybe still running
-    rows = retention.apply_plan(repo, plan, dry_run=False)
+    rows = backup_retention.apply_plan(repo, plan, dry_run=False)
     kept = {r["backup_id"]: r["reason"] for r in rows if r["action"] == "keep"}
     assert set(kept) == {m.backup_id for m in good[:3]} | {corrupt[0].backup_id}
     assert "newest daily backup not known to be corrupt" in kept[good[0].backup_id]
     assert ids(list_backups(repo, "fleet")) == set(kept)
 
     later = now + timedelta(hours=25)
-    rows = retention.apply_plan(repo, retention.plan_prune(repo, "fleet", later, policy), dry_run=False)
+    plan = backup_retention.plan_prune(repo, "fleet", later, policy)
+    rows = backup_retention.apply_plan(repo, plan, dry_run=False)
     assert {r["action"] for r in rows if r["finished_at"] is None} == {"deleted", "aborted"}
     assert not list(repo.list(interrupted)) and not partial.exists()
     assert ids(list_backups(repo, "fleet")) == set(kept)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from pgdr.catalog import catalog
 from pgdr.catalog.policy import BackupFacts, Policy, choose, choose_base_backups, recovery_window_anchor
-from pgdr.catalog.retention import SnapshotDir, select_areas, snapshot_group, sweep
+from pgdr.catalog.retention import select_areas
+from pgdr.catalog.snapshot_retention import SnapshotDir, snapshot_group, sweep
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import TIER_RETENTION_DAYS, TIERS
 from pgdr.storage import storage

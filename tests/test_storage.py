@@ -16,7 +16,7 @@ from botocore.awsrequest import AWSResponse
 
 import flows.storage
 import pgdr.storage.s3repo
-from pgdr.catalog import catalog, locks, retention
+from pgdr.catalog import catalog, locks, snapshot_retention
 from pgdr.catalog.policy import Policy
 from pgdr.storage import storage
 from pgdr.storage.repository import MiB, open_repository
@@ -278,8 +278,8 @@ def deny_object_deletes(client) -> None:
 def prune_bucket(repo_url: str, bucket: str, now) -> dict[str, dict]:
     """Retention of the bucket's snapshots at the time now; the rows by snapshot id."""
     repo = open_repository(repo_url)
-    plan = retention.plan_storage_prune(repo, bucket, now, Policy())
-    return {r["backup_id"]: r for r in retention.apply_storage_plan(repo, plan, dry_run=False)}
+    plan = snapshot_retention.plan_storage_prune(repo, bucket, now, Policy())
+    return {r["backup_id"]: r for r in snapshot_retention.apply_storage_plan(repo, plan, dry_run=False)}
 
 
 def test_a_prune_cut_short_after_the_manifests_leaves_the_kept_snapshot_whole(capsys, s3_repo, monkeypatch):

@@ -41,7 +41,7 @@ def list_(*, repo: str | None = None, db: str | None = None, json: bool = False)
 def _base_backups(repository: Any, database: str | None) -> tuple[list[dict[str, Any]], list[str]]:
     """The physical base backups (point-in-time recovery), with their kind and parent; a
     database whose base backup manifests cannot be read is named apart, not an error."""
-    from pgdr.catalog.retention import list_pitr_sets
+    from pgdr.catalog.pitr_retention import list_pitr_sets
     from pgdr.pitr.basebackup import list_base_backups, summary
 
     found: list[dict[str, Any]] = []

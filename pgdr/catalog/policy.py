@@ -14,7 +14,7 @@ Everything else is deleted. Only a verification that passed counts as verified.
 
 Storage snapshots share objects (a snapshot refers to the unchanged copies an earlier one
 made): deleting one removes its manifest first, then only the objects that no remaining
-snapshot refers to (`sweep`, pgdr.catalog.retention). pgdr.catalog.retention applies
+snapshot refers to (`sweep`, pgdr.catalog.snapshot_retention). pgdr.catalog.retention applies
 the choice to each area of a repository.
 """
 
