@@ -21,6 +21,7 @@ from pgdr.ops.settings import load_settings
 from pgdr.postgres import postgres
 from pgdr.restore import recovery
 from pgdr.restore import restore as restoring
+from pgdr.restore.row_filter import check_row_filter
 from tasks.artifacts import Stopwatch, artifact_key, markdown_table, publish_markdown
 from tasks.records import audited, open_repo
 from tasks.recover_table import check_target, recover_one
@@ -70,7 +71,7 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
     if not target_url:
         raise ConfigError("no target given: pass --target URL")
     recovery.check_mode(mode)
-    row_filter = recovery.check_row_filter(where)
+    row_filter = check_row_filter(where)
     repository = open_repo(repo or settings.repo_url, settings)
     target_db = postgres.database_name(target_url)
     clock = Stopwatch()  # from the start: finding the backup is part of the recovery's time

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from pgdr.ops.errors import ConfigError
-from pgdr.restore import recovery
+from pgdr.restore import row_filter, table_rows
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import table_fingerprints
 
@@ -256,18 +256,18 @@ def test_the_filter_cannot_run_a_second_statement_even_past_the_syntax_check(ord
     """The server-side guard on its own: the extended protocol refuses a second statement."""
     escape = "true); DROP TABLE shipments; SELECT (1"
     with psycopg.connect(orders) as conn:
-        shape = recovery.table_shape(conn, "public", "orders")
+        shape = table_rows.table_shape(conn, "public", "orders")
         with pytest.raises(ConfigError, match="cannot insert multiple commands"):
-            recovery.count_source_rows(conn, shape, escape)
+            table_rows.count_source_rows(conn, shape, escape)
     assert sql_rows(orders, "SELECT count(*) FROM shipments") == [(20,)]
     with pytest.raises(ConfigError):
-        recovery.check_row_filter(escape)
+        row_filter.check_row_filter(escape)
 
 
 @pytest.mark.parametrize("text", ["note = 'a;b'", "note = E'it\\'s; fine'", '"my;col" = 1',
                                   "note = $q$ -- ) ; $q$", "(id < 3) OR (id > 5)"])
 def test_filters_with_separators_inside_literals_are_accepted(text):
-    assert recovery.check_row_filter(text) == text
+    assert row_filter.check_row_filter(text) == text
 
 
 # --- the row filter runs with least privilege -------------------------------------------------
@@ -287,7 +287,7 @@ def victims(pg, orders, new_db):
 
 def filter_roles(pg) -> list[str]:
     query = "SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)"
-    return [r[0] for r in sql_rows(pg.admin_url, query, (recovery.FILTER_ROLE_PREFIX,))]
+    return [r[0] for r in sql_rows(pg.admin_url, query, (row_filter.FILTER_ROLE_PREFIX,))]
 
 
 @pytest.mark.parametrize("dry_run", [False, True])
@@ -318,10 +318,10 @@ def test_a_filter_cannot_probe_server_files(capsys, pg, orders, file_repo):
 def test_a_filter_runs_as_a_role_that_may_only_read_its_table(pg, orders, victims):
     """The second wall, on its own: even a call that passed the allow-list would run as a
     role with SELECT on the one table, read-only, under a statement timeout."""
-    with recovery.filter_reader(orders, "public", "orders", "id < 10", timeout_seconds=7) as conn:
+    with row_filter.filter_reader(orders, "public", "orders", "id < 10", timeout_seconds=7) as conn:
         role, superuser = conn.execute("SELECT current_user, rolsuper FROM pg_roles"
                                        " WHERE rolname = current_user").fetchone()
-        assert role.startswith(recovery.FILTER_ROLE_PREFIX) and superuser is False
+        assert role.startswith(row_filter.FILTER_ROLE_PREFIX) and superuser is False
         assert conn.execute("SHOW statement_timeout").fetchone() == ("7s",)
         assert conn.execute("SELECT count(*) FROM orders WHERE id < 10").fetchone() == (9,)
         for refused in [f"SELECT pg_terminate_backend({victims[0]})", "SELECT pg_read_file('/etc/hostname')",
@@ -337,6 +337,6 @@ def test_a_filter_runs_as_a_role_that_may_only_read_its_table(pg, orders, victim
                                   "now() - interval '1 day' < now() AND lower(note) <> upper(note)"])
 def test_ordinary_filters_pass_the_allow_list(text, orders):
     with psycopg.connect(orders) as conn:
-        shape = recovery.table_shape(conn, "public", "orders")
-        recovery.refuse_unsafe_filter(conn, shape, text)
-        assert recovery.count_source_rows(conn, shape, text) >= 0
+        shape = table_rows.table_shape(conn, "public", "orders")
+        row_filter.refuse_unsafe_filter(conn, shape, text)
+        assert table_rows.count_source_rows(conn, shape, text) >= 0
