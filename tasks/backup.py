@@ -16,8 +16,6 @@ from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress
 from tasks.policy import retrying
 
-TOOL_VERSION = "pgdr 0.1.0"
-
 
 @task(name="dump database", **retrying(2, 15),
       timeout_seconds=24 * 3600, tags=["pg_dump"])
@@ -77,7 +75,7 @@ def dump_database(db_url: str, repo: Repository, settings: Settings, backup_id: 
         finished_at=catalog.iso(catalog.utcnow()),
         snapshot_at=catalog.iso(snapshot_at),
         server_version=version,
-        tool_version=TOOL_VERSION,
+        tool_version=catalog.TOOL_VERSION,
         format="pg_dump-custom",
         compression=f"zstd-{settings.zstd_level}",
         encryption={"type": "gpg", "recipient_fingerprint": encrypt_fingerprint}

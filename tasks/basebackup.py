@@ -30,7 +30,6 @@ from pgdr.postgres import postgres
 from pgdr.postgres.cluster import programs_for
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress, human_bytes
-from tasks.backup import TOOL_VERSION
 from tasks.policy import retrying
 
 
@@ -117,7 +116,7 @@ def take_base_backup(db_url: str, repo: Repository, settings: Settings, database
         wal_segment_size=segment_size,
         server_version=version,
         system_identifier=system_id,
-        tool_version=TOOL_VERSION,
+        tool_version=catalog.TOOL_VERSION,
         compression=f"zstd-{settings.zstd_level}",
         encryption={"type": "gpg", "recipient_fingerprint": encrypt_fingerprint}
         if encrypt_fingerprint else None,

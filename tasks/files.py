@@ -15,7 +15,6 @@ from pgdr.pipeline import crypto
 from pgdr.restore.restore import work_directory
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress
-from tasks.backup import TOOL_VERSION
 from tasks.policy import retrying
 
 
@@ -47,7 +46,7 @@ def archive_files(paths: list[str], name: str, repo: Repository, settings: Setti
     return filing.FilesManifest(
         backup_id=backup_id, name=name, tier=tier,
         started_at=catalog.iso(started), finished_at=catalog.iso(catalog.utcnow()),
-        tool_version=TOOL_VERSION, format=filing.FORMAT, compression=f"zstd-{settings.zstd_level}",
+        tool_version=catalog.TOOL_VERSION, format=filing.FORMAT, compression=f"zstd-{settings.zstd_level}",
         encryption={"type": "gpg", "recipient_fingerprint": encrypt_fingerprint}
         if encrypt_fingerprint else None,
         size_bytes=stored.size, archive_bytes=tar_bytes, sha256=stored.sha256, data_key=data_key,

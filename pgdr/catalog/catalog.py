@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 DUMP = "dump.pgdr"
 VERIFIED = "verified.json"
+# The pgdr that wrote a manifest, recorded in it (`tool_version`).
+TOOL_VERSION = "pgdr 0.1.0"
 # Top-level areas that are not databases.
 RESERVED_AREAS = frozenset({"audit", "drills", "locks", "files", "storage"})
 # Per-database areas that are not backup tiers.
