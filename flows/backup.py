@@ -6,8 +6,6 @@ audit record -> artifact.
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, get_run_logger
 
 from flows.prune import prune_after_backup
@@ -51,9 +49,21 @@ def publish_backup_artifact(manifest: catalog.Manifest, seconds: float) -> None:
     )
 
 
+class BackupResult(catalog.BackupSummary):
+    """`pgdr backup --json`: the backup's summary, where it went, and what retention did after it."""
+
+    sha256: str
+    row_counts: dict[str, int]
+    location: str
+    duration_seconds: float
+    replica: str | None
+    pruned: dict[str, int] | None  # rows of each action of the prune after the backup
+    warnings: list[str]
+
+
 @flow(name="backup", flow_run_name=run_name("backup-{db|$db}-{tier}"), log_prints=True, **FLOW_HOOKS)
 def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
-           encrypt_to: str | None = None) -> dict[str, Any]:
+           encrypt_to: str | None = None) -> BackupResult:
     """Back up one database into the repository; returns the backup's summary."""
     settings = load_settings()
     db_url = db or settings.db_url

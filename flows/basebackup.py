@@ -11,8 +11,6 @@ summarize_wal is off): daily incrementals on a weekly full.
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
 from pgdr.catalog import catalog
@@ -21,6 +19,7 @@ from pgdr.ops.settings import load_settings
 from pgdr.pipeline import crypto
 from pgdr.pitr.basebackup import (
     KINDS,
+    BaseBackupSummary,
     summary,
 )
 from pgdr.postgres import postgres
@@ -30,10 +29,18 @@ from tasks.records import audited, open_repo, write_manifest
 from tasks.runs import FLOW_HOOKS, run_name
 
 
+class BaseBackupResult(BaseBackupSummary):
+    """`pgdr basebackup --json`."""
+
+    location: str
+    duration_seconds: float
+    warnings: list[str]
+
+
 @flow(name="basebackup", flow_run_name=run_name("basebackup-{db|$db}"), log_prints=True, **FLOW_HOOKS)
 def basebackup(db: str | None = None, repo: str | None = None, name: str | None = None,
                encrypt_to: str | None = None, fast_checkpoint: bool = True,
-               tier: str = "hot", kind: str = "auto") -> dict[str, Any]:
+               tier: str = "hot", kind: str = "auto") -> BaseBackupResult:
     """Take a physical base backup of the server behind `db` for point-in-time recovery.
 
     `kind`: "auto" (the default policy: on PostgreSQL 17+, incremental on the previous

@@ -9,7 +9,7 @@ restore_files:  find backup -> verify + decode -> validate every member -> write
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from prefect import flow
 
@@ -25,9 +25,35 @@ from tasks.records import audited, open_repo, write_manifest
 from tasks.runs import FLOW_HOOKS, run_name
 
 
+class FilesBackupResult(filing.FilesSummary):
+    """`pgdr files --json`."""
+
+    sha256: str
+    archive_bytes: int
+    sources: dict[str, str]
+    skipped: list[str]
+    location: str
+    duration_seconds: float
+    pruned: dict[str, int] | None
+
+
+class FilesRestoreResult(TypedDict):
+    """`pgdr restore-files --json`."""
+
+    backup_id: str
+    name: str
+    dest: str
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+    verified: bool
+    duration_seconds: float
+
+
 @flow(name="files", flow_run_name=run_name("files-{name}-{tier}"), log_prints=True, **FLOW_HOOKS)
 def files(paths: list[str], name: str, repo: str | None = None, tier: str = "manual",
-          encrypt_to: str | None = None) -> dict[str, Any]:
+          encrypt_to: str | None = None) -> FilesBackupResult:
     """Back up named paths (directories or files) as one archive; returns its summary."""
     settings = load_settings()
     filing.check_name(name)
@@ -62,7 +88,7 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
 @flow(name="restore-files", flow_run_name=run_name("restore-files-{name}-into-{dest}"),
       log_prints=True, **FLOW_HOOKS)
 def restore_files(backup_id: str, name: str, dest: str, repo: str | None = None,
-                  overwrite: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False) -> FilesRestoreResult:
     """Restore a files backup (an id, or latest) into the directory dest."""
     settings = load_settings()
     filing.check_name(name)

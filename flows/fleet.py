@@ -92,7 +92,7 @@ def _result(state: State, action: str, parameters: dict[str, Any], member: fleet
         if action != "backup":
             return None
         written = backups_since(repo, member.database, parameters["tier"], since)
-        return written[-1].summary() if written else None
+        return dict(written[-1].summary()) if written else None
 
 
 def run_member(action: str, member: fleets.Member, parameters: dict[str, Any], deployment: str | None,

@@ -8,7 +8,7 @@ storage_restore:  find snapshot -> copy every object back into a bucket or prefi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 from prefect import flow
 
@@ -23,9 +23,29 @@ from tasks.runs import FLOW_HOOKS, run_name
 from tasks.storage import copy_changed_objects, copy_objects_back, find_storage_snapshot
 
 
+class SnapshotResult(snapshots.SnapshotSummary):
+    """`pgdr storage-snapshot --json`."""
+
+    previous_snapshot: str | None
+    location: str
+    duration_seconds: float
+    pruned: dict[str, int] | None
+
+
+class StorageRestoreResult(TypedDict):
+    """`pgdr storage-restore --json`."""
+
+    snapshot_id: str
+    bucket: str
+    dest: str
+    object_count: int
+    bytes: int
+    duration_seconds: float
+
+
 @flow(name="storage-snapshot", flow_run_name=run_name("storage-snapshot-{source}"),
       log_prints=True, **FLOW_HOOKS)
-def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual") -> dict[str, Any]:
+def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual") -> SnapshotResult:
     """Snapshot s3://bucket[/prefix] into the (S3) repository; returns its summary."""
     settings = load_settings()
     location = snapshots.parse_s3_url(source)
@@ -59,7 +79,7 @@ def storage_snapshot(source: str, repo: str | None = None, tier: str = "manual")
 @flow(name="storage-restore", flow_run_name=run_name("storage-restore-{snapshot}-into-{bucket|dest}"),
       log_prints=True, **FLOW_HOOKS)
 def storage_restore(snapshot: str, dest: str, bucket: str | None = None, repo: str | None = None,
-                    overwrite: bool = False) -> dict[str, Any]:
+                    overwrite: bool = False) -> StorageRestoreResult:
     """Copy every object of a snapshot (an id, or latest) into s3://bucket[/prefix]."""
     settings = load_settings()
     location = snapshots.parse_s3_url(dest)

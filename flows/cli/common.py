@@ -8,12 +8,12 @@ this module loads nothing heavy, not even the parser: `wal-push` runs once per W
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from pgdr.ops.errors import PgdrError
 
-Result = dict[str, Any]
+Result = Mapping[str, Any]  # what --json prints: each flow's result type says its keys
 Show = Callable[[Any], None]
 F = TypeVar("F", bound=Callable[..., Any])
 

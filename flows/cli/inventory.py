@@ -6,12 +6,16 @@ the command-line parser (flows.cli.main), so their options are plain.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.cli import render
 from flows.cli.common import Result, command, settings
 from flows.cli.results import ListResult
 from pgdr.ops.errors import PgdrError
+
+if TYPE_CHECKING:
+    from pgdr.catalog.catalog import ListedBackup
+    from pgdr.pitr.basebackup import BaseBackupSummary
 
 
 @command(render.show_list, runs_flow=False)
@@ -30,21 +34,22 @@ def list_(*, repo: str | None = None, db: str | None = None, json: bool = False)
     config = settings()
     repository = open_repository(repo or config.repo_url, region=config.aws_region)
     found = scan_catalog(repository, db)
-    backups = [{**m.summary(), "safety_copy": catalog.is_safety_copy(m),
-                "storage_class": found.storage_classes.get(m.backup_id)} for m in found.backups]
+    backups: list[ListedBackup] = [
+        {**m.summary(), "safety_copy": catalog.is_safety_copy(m),
+         "storage_class": found.storage_classes.get(m.backup_id)} for m in found.backups]
     base_backups, unreadable = _base_backups(repository, db)
     return {"repository": repository.url, "backups": backups,
             "damaged": [d.summary() for d in found.damaged], "base_backups": base_backups,
             "base_backups_unreadable": unreadable}
 
 
-def _base_backups(repository: Any, database: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+def _base_backups(repository: Any, database: str | None) -> tuple[list[BaseBackupSummary], list[str]]:
     """The physical base backups (point-in-time recovery), with their kind and parent; a
     database whose base backup manifests cannot be read is named apart, not an error."""
     from pgdr.catalog.pitr_retention import list_pitr_sets
     from pgdr.pitr.basebackup import list_base_backups, summary
 
-    found: list[dict[str, Any]] = []
+    found: list[BaseBackupSummary] = []
     unreadable: list[str] = []
     for name in [database] if database else list_pitr_sets(repository):
         try:

@@ -3,7 +3,11 @@ flow (the flows' results are described where they are built)."""
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:  # list and status stay light: these modules load psycopg
+    from pgdr.catalog.catalog import DamagedSummary, ListedBackup
+    from pgdr.pitr.basebackup import BaseBackupSummary
 
 
 class ListResult(TypedDict):
@@ -11,9 +15,9 @@ class ListResult(TypedDict):
     `storage_class`; damaged manifests come apart, never restored."""
 
     repository: str
-    backups: list[dict[str, Any]]
-    damaged: list[dict[str, Any]]
-    base_backups: list[dict[str, Any]]  # physical base backups, with kind and parent
+    backups: list[ListedBackup]
+    damaged: list[DamagedSummary]
+    base_backups: list[BaseBackupSummary]  # physical base backups, with kind and parent
     base_backups_unreadable: list[str]  # databases whose base backup manifests cannot be read
 
 

@@ -16,7 +16,7 @@ import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypedDict, TypeVar
 from urllib.parse import quote, unquote
 
 from pgdr.ops.errors import ConfigError, IntegrityError, PgdrError
@@ -59,6 +59,35 @@ def new_backup_id(now: datetime, tier: str) -> str:
     """`20260128T020000Z-daily-3f2a`: sorts by time, names its tier, unique."""
     check_tier(tier)
     return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{tier}-{secrets.token_hex(2)}"
+
+
+class BackupSummary(TypedDict):
+    """A database backup in `--json` results: what `list` shows of each, and what `backup` starts with."""
+
+    backup_id: str
+    database: str
+    tier: str
+    finished_at: str
+    size_bytes: int
+    encrypted: bool
+
+
+class ListedBackup(BackupSummary):
+    """A backup in `list --json`: whether it is a restore's safety copy, and its storage class."""
+
+    safety_copy: bool
+    storage_class: str | None
+
+
+class DamagedSummary(TypedDict):
+    """A backup whose manifest cannot be trusted, in `list --json` and `status --json`."""
+
+    backup_id: str
+    database: str
+    tier: str
+    damaged: Literal[True]
+    key: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -195,7 +224,7 @@ class Located:
     def snapshot(self) -> datetime:
         return parse_iso(self.snapshot_at)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> BackupSummary:
         return {
             "backup_id": self.backup_id,
             "database": self.database,
@@ -313,7 +342,7 @@ class DamagedBackup:
     key: str
     reason: str
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> DamagedSummary:
         return {"backup_id": self.backup_id, "database": self.database, "tier": self.tier,
                 "damaged": True, "key": self.key, "reason": self.reason}
 

@@ -161,7 +161,7 @@ def _catalog_of(repo: Repository, database: str) -> _DatabaseCatalog:
     return _DatabaseCatalog(entries, damaged, listing, index)
 
 
-def scan_catalog(repo: Repository, database: str | None = None) -> Catalog:
+def scan_catalog(repo: Repository, database: str | None = None) -> Catalog[BackupEntry]:
     """scan_backups with BackupEntry summaries in place of whole manifests, from the index
     where it holds them: the same backups and damaged ones, in the same order."""
     entries, damaged, listings = [], [], []

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pgdr.catalog.catalog import (
     DUMP,
@@ -16,6 +16,7 @@ from pgdr.catalog.catalog import (
     RESERVED_AREAS,
     VERIFIED,
     DamagedBackup,
+    Located,
     Manifest,
     backup_order,
     backup_prefix,
@@ -35,13 +36,16 @@ def list_databases(repo: Repository) -> list[str]:
             if name not in RESERVED_AREAS]
 
 
+BackupT = TypeVar("BackupT", bound=Located)
+
+
 @dataclass
-class Catalog:
+class Catalog(Generic[BackupT]):
     """What a listing of the repository found: complete backups (oldest first), damaged
     ones, the storage class of each backup's data (None where the store has none), and the
     keys of the verification records that exist."""
 
-    backups: list[Any]
+    backups: list[BackupT]  # whole manifests from scan_backups, index entries from scan_catalog
     damaged: list[DamagedBackup]
     storage_classes: dict[str, str | None]
     verified: set[str] = field(default_factory=set)
@@ -79,14 +83,15 @@ def damaged_backup(database: str, tier: str, key: str, error: PgdrError) -> Dama
     return DamagedBackup(database, key.split("/")[-2], tier, key, str(error))
 
 
-def assemble_catalog(found: list[Any], damaged: list[DamagedBackup], listings: list[Listing]) -> Catalog:
+def assemble_catalog(found: list[BackupT], damaged: list[DamagedBackup],
+                     listings: list[Listing]) -> Catalog[BackupT]:
     """The Catalog of what one or more database listings found, in catalog order."""
     return Catalog(sorted(found, key=backup_order), sorted(damaged, key=lambda d: d.key),
                    {k: v for listing in listings for k, v in listing.storage_classes.items()},
                    {k for listing in listings for k in listing.verified})
 
 
-def scan_backups(repo: Repository, database: str | None = None) -> Catalog:
+def scan_backups(repo: Repository, database: str | None = None) -> Catalog[Manifest]:
     """Every complete backup (it has a manifest), each manifest read whole, and, apart,
     those whose manifest cannot be read: one damaged manifest never hides the rest."""
     manifests, damaged, listings = [], [], []

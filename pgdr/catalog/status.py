@@ -16,7 +16,7 @@ from pgdr.storage.repository import Repository
 _VERIFICATION_LOOKBACK = 10
 
 
-def _state(repo: Repository, found: Catalog,
+def _state(repo: Repository, found: Catalog[BackupEntry],
            manifest: BackupEntry | catalog.Manifest) -> tuple[str, str | None, str | None]:
     if manifest.verified_key not in found.verified:
         return catalog.NEVER_STATE, None, None  # the listing has no record: nothing to read

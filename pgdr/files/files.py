@@ -25,7 +25,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, TypedDict
 
 from pgdr.catalog import catalog
 from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
@@ -79,6 +79,18 @@ class Entry:
         return int(self.mode, 8)
 
 
+class FilesSummary(TypedDict):
+    """A files backup in `--json` results."""
+
+    backup_id: str
+    name: str
+    tier: str
+    finished_at: str
+    size_bytes: int
+    encrypted: bool
+    files: int
+
+
 @dataclass
 class FilesManifest(catalog.StoredManifest):
     KIND: ClassVar[str] = "files manifest"
@@ -111,7 +123,7 @@ class FilesManifest(catalog.StoredManifest):
     def members(self) -> list[Entry]:
         return [Entry.from_dict(raw) for raw in self.entries]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> FilesSummary:
         return {
             "backup_id": self.backup_id,
             "name": self.name,

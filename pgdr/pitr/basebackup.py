@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from pgdr.catalog.catalog import MANIFEST, StoredManifest, database_component, dated_prefix
 from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
@@ -462,7 +462,24 @@ def extract_safely(tar: tarfile.TarFile, datadir: Path) -> None:
             raise IntegrityError(f"base backup entry {member.name!r} is not a file or directory")
 
 
-def summary(manifest: BaseManifest) -> dict[str, Any]:
+class BaseBackupSummary(TypedDict):
+    """A base backup in `--json` results (`basebackup`, `list`, `archive-status`)."""
+
+    backup_id: str
+    database: str
+    finished_at: str
+    start_lsn: str
+    end_lsn: str
+    timeline: int
+    start_wal_file: str
+    size_bytes: int
+    sha256: str
+    encrypted: bool
+    kind: str
+    parent_backup_id: str | None
+
+
+def summary(manifest: BaseManifest) -> BaseBackupSummary:
     return {
         "backup_id": manifest.backup_id,
         "database": manifest.database,

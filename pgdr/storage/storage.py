@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 from urllib.parse import urlparse
 
 from pgdr.catalog import catalog
@@ -51,6 +51,20 @@ def parse_s3_url(url: str) -> Location:
         raise ConfigError(f"expected s3://bucket[/prefix], not {url!r}")
     prefix = parsed.path.strip("/")
     return Location(parsed.netloc, prefix + "/" if prefix else "")
+
+
+class SnapshotSummary(TypedDict):
+    """A storage snapshot in `--json` results."""
+
+    snapshot_id: str
+    bucket: str
+    source_prefix: str
+    tier: str
+    finished_at: str
+    object_count: int
+    total_bytes: int
+    copied_count: int
+    copied_bytes: int
 
 
 @dataclass
@@ -84,7 +98,7 @@ class StorageManifest(catalog.StoredManifest):
     def size_bytes(self) -> int:
         return self.copied_bytes
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> SnapshotSummary:
         return {
             "snapshot_id": self.snapshot_id,
             "bucket": self.bucket,

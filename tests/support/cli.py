@@ -15,11 +15,32 @@ def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def result_types() -> dict[str, type]:
+    """The declared `--json` result of each command that has one: every successful
+    cli_json of these commands is checked against it, key for key."""
+    from flows.backup import BackupResult
+    from flows.basebackup import BaseBackupResult
+    from flows.cli.results import ListResult, WalFetchResult, WalPushResult
+    from flows.files import FilesBackupResult, FilesRestoreResult
+    from flows.storage import SnapshotResult, StorageRestoreResult
+
+    return {"backup": BackupResult, "basebackup": BaseBackupResult, "list": ListResult,
+            "wal-push": WalPushResult, "wal-fetch": WalFetchResult, "files": FilesBackupResult,
+            "restore-files": FilesRestoreResult, "storage-snapshot": SnapshotResult,
+            "storage-restore": StorageRestoreResult}
+
+
 def cli_json(capsys: Any, *argv: str) -> dict[str, Any]:
-    """The JSON object of a successful `pgdr argv... --json`."""
+    """The JSON object of a successful `pgdr argv... --json`, with exactly the keys its
+    command declares."""
     code, out, err = run_cli(capsys, *argv, "--json")
     assert code == 0, err
-    return json.loads(out)
+    result = json.loads(out)
+    declared = result_types().get(argv[0])
+    if declared is not None:
+        keys = declared.__required_keys__ | declared.__optional_keys__  # type: ignore[attr-defined]
+        assert set(result) == keys, f"{argv[0]} --json: {sorted(set(result) ^ keys)} differ from its type"
+    return result
 
 
 def error_line(err: str) -> str:
