@@ -14,68 +14,27 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from botocore.awsrequest import AWSResponse
-from botocore.exceptions import ConnectionClosedError
 
 from pgdr.catalog import catalog
 from pgdr.catalog.scan import find_backup, list_backups
-from pgdr.storage import s3repo
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import table_fingerprints
 from tests.support.fake_pg_dump import broken_pg_bin
+from tests.support.s3faults import S3Faults, fake_response, install_s3_faults, reset, s3_error_body
 from tests.test_backup import assert_nothing_left, big_db  # noqa: F401 - shared fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class _RawBody:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def stream(self, **_kwargs):
-        yield self.data
-
-
-def fake_response(status: int, body: bytes = b"") -> AWSResponse:
-    return AWSResponse("http://fault.invalid", status, {}, _RawBody(body))
-
-
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
-INTERNAL_IN_200 = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
-                   b"<Message>We encountered an internal error.</Message></Error>")
+SLOW_DOWN = s3_error_body("SlowDown", "Please reduce your request rate.")
+INTERNAL_IN_200 = s3_error_body("InternalError", "We encountered an internal error.")
 
 
 @pytest.fixture
-def s3_faults(monkeypatch):
-    """Register (operation, fault, times) on every S3 client pgdr creates; count calls."""
-    faults: list[dict] = []
-    calls: dict[str, int] = {}
-
-    def install(client):
-        def before_send(request, **kwargs):
-            operation = kwargs["event_name"].rsplit(".", 1)[-1]
-            calls[operation] = calls.get(operation, 0) + 1
-            for fault in faults:
-                if fault["operation"] == operation and fault["left"] != 0:
-                    fault["left"] -= 1
-                    return fault["make"]()
-            return None
-
-        client.meta.events.register("before-send.s3", before_send)
-
-    monkeypatch.setattr(s3repo, "S3_CLIENT_HOOKS", [install])
-
-    def add(operation: str, make, times: int = -1) -> None:
-        faults.append({"operation": operation, "make": make, "left": times})
-
-    add.calls = calls
-    return add
-
-
-def reset():
-    raise ConnectionClosedError(endpoint_url="http://fault.invalid")
+def s3_faults(monkeypatch) -> S3Faults:
+    """Faults planted in every S3 client pgdr creates; counts the requests sent."""
+    return install_s3_faults(monkeypatch)
 
 
 def assert_backup_restores(capsys, repo_url, backup, pg, new_db):
@@ -87,11 +46,11 @@ def assert_backup_restores(capsys, repo_url, backup, pg, new_db):
 
 def test_slowdowns_and_resets_are_retried_and_the_backup_lands_intact(capsys, big_db, s3_repo, s3_faults,  # noqa: F811
                                                                       pg, new_db):
-    s3_faults("UploadPart", lambda: fake_response(503, SLOW_DOWN), times=2)
-    s3_faults("UploadPart", reset, times=2)
-    s3_faults("PutObject", reset, times=1)
+    s3_faults.plant("UploadPart", lambda: fake_response(503, SLOW_DOWN), times=2)
+    s3_faults.plant("UploadPart", reset, times=2)
+    s3_faults.plant("PutObject", reset, times=1)
     backup = cli_json(capsys, "backup", "--db", big_db, "--repo", s3_repo)
-    assert s3_faults.calls["UploadPart"] >= 3 + 4  # several parts, four of them retried
+    assert s3_faults.count("UploadPart") >= 3 + 4  # several parts, four of them retried
     repo = open_repository(s3_repo)
     manifest = find_backup(repo, backup["backup_id"])
     repo.verify(f"{manifest.prefix}/{manifest.data_key}", manifest.size_bytes, manifest.sha256)
@@ -101,23 +60,23 @@ def test_slowdowns_and_resets_are_retried_and_the_backup_lands_intact(capsys, bi
 def test_a_permanent_s3_failure_fails_clearly_and_leaves_nothing(capsys, big_db, s3_repo, s3_faults,  # noqa: F811
                                                                  monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")  # fail in seconds, not minutes of backoff
-    s3_faults("UploadPart", lambda: fake_response(503, SLOW_DOWN))
+    s3_faults.plant("UploadPart", lambda: fake_response(503, SLOW_DOWN))
     code, _out, err = run_cli(capsys, "backup", "--db", big_db, "--repo", s3_repo)
     assert code == 1 and "SlowDown" in error_line(err)
     assert_nothing_left(s3_repo)
 
 
 def test_complete_multipart_upload_with_an_error_body_is_a_failure(capsys, big_db, s3_repo, s3_faults):  # noqa: F811
-    s3_faults("CompleteMultipartUpload", lambda: fake_response(200, INTERNAL_IN_200))
+    s3_faults.plant("CompleteMultipartUpload", lambda: fake_response(200, INTERNAL_IN_200))
     code, _out, err = run_cli(capsys, "backup", "--db", big_db, "--repo", s3_repo)
     assert code == 1 and "InternalError" in error_line(err)
     assert_nothing_left(s3_repo)
 
 
 def test_one_bad_complete_multipart_upload_is_retried(capsys, big_db, s3_repo, s3_faults, pg, new_db):  # noqa: F811
-    s3_faults("CompleteMultipartUpload", lambda: fake_response(200, INTERNAL_IN_200), times=1)
+    s3_faults.plant("CompleteMultipartUpload", lambda: fake_response(200, INTERNAL_IN_200), times=1)
     backup = cli_json(capsys, "backup", "--db", big_db, "--repo", s3_repo)
-    assert s3_faults.calls["CompleteMultipartUpload"] == 2
+    assert s3_faults.count("CompleteMultipartUpload") == 2
     assert_backup_restores(capsys, s3_repo, backup, pg, new_db)
 
 

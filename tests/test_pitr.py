@@ -468,6 +468,60 @@ def test_concurrent_pushes_of_one_name_archive_exactly_one_content(repo_kind, re
     assert len([info for info in repo.list(wal.wal_prefix(DB)) if ".zst" in info.key]) == 1
 
 
+def test_a_push_whose_shared_copy_is_removed_by_a_losing_twin_is_refused_for_its_content(s3_repo, tmp_path):
+    """Two pushes of one content store the same bytes under the same key; another content's
+    marker comes first. The twin that sees it first removes the copy they share while the
+    other twin has just written it: the other is refused for its content too, not failed
+    for an upload that vanished, and the archive holds the winner's copy only."""
+    repo = open_repository(s3_repo)
+    paths = {}
+    for name, fill in (("x1", 1), ("x2", 1), ("y", 2)):
+        paths[name] = tmp_path / name / SEGMENT
+        paths[name].parent.mkdir()
+        paths[name].write_bytes(bytes([fill]) * (1 << 20))
+    x1_at_marker, y_archived, x2_wrote, x1_done = (threading.Event() for _ in range(4))
+
+    def before_put(params, context, **_):
+        context["wal_data"] = ".zst" in params["url_path"]
+        if threading.current_thread().name == "x1" and SEGMENT + wal.SIDECAR in params["url_path"]:
+            x1_at_marker.set()  # x1 has stored its copy: hold its marker until y's is there
+            assert y_archived.wait(60)
+
+    def after_put(context, **_):
+        if threading.current_thread().name == "x2" and context["wal_data"] and not x2_wrote.is_set():
+            x2_wrote.set()  # x2 has written the shared copy: let x1 remove it now
+            assert x1_done.wait(60)
+
+    repo.client.meta.events.register("before-call.s3.PutObject", before_put)
+    repo.client.meta.events.register("after-call.s3.PutObject", after_put)
+    outcomes: dict[str, object] = {}
+
+    def push(name: str) -> None:
+        try:
+            outcomes[name] = wal.push(repo, DB, paths[name])
+        except PgdrError as exc:
+            outcomes[name] = exc
+
+    x1 = threading.Thread(target=push, args=("x1",), name="x1")
+    x2 = threading.Thread(target=push, args=("x2",), name="x2")
+    x1.start()
+    assert x1_at_marker.wait(60)
+    x2.start()
+    assert x2_wrote.wait(60)
+    push("y")
+    y_archived.set()
+    x1.join()
+    x1_done.set()
+    x2.join()
+    assert isinstance(outcomes["y"], wal.PushResult) and outcomes["y"].stored, outcomes
+    for twin in ("x1", "x2"):
+        assert isinstance(outcomes[twin], IntegrityError), outcomes
+        assert "already archived with different content" in str(outcomes[twin])
+    wal.fetch(repo, DB, SEGMENT, tmp_path / "fetched")
+    assert (tmp_path / "fetched").read_bytes() == paths["y"].read_bytes()
+    assert [info.key for info in repo.list(wal.wal_prefix(DB)) if ".zst" in info.key] == [outcomes["y"].key]
+
+
 def test_pushing_ahead_archives_ready_segments_in_parallel_and_answers_from_the_note(
         capsys, file_repo, tmp_path):
     pg_wal = tmp_path / "pg_wal"

@@ -21,53 +21,33 @@ from pgdr.ops.errors import (
     transient_s3_error,
 )
 from pgdr.pipeline.process import CommandError
-from pgdr.storage import s3repo
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
+from tests.support.s3faults import S3Faults, fake_response, install_s3_faults, s3_error_body
 from tests.test_backup import assert_nothing_left
-from tests.test_faults import fake_response
 
-UNAVAILABLE = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
-               b"<Message>Service is unable to handle request.</Message></Error>")
-ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
-                 b"<Message>Access Denied</Message></Error>")
+UNAVAILABLE = s3_error_body("ServiceUnavailable", "Service is unable to handle request.")
+ACCESS_DENIED = s3_error_body("AccessDenied", "Access Denied")
+
+
+def dump_write(operation: str, url: str) -> bool:
+    """An S3 request writing a dump.pgdr."""
+    return operation in ("PutObject", "CreateMultipartUpload") and "/dump.pgdr" in url
 
 
 @pytest.fixture
-def dump_puts(monkeypatch):
-    """`dump_puts(status, body, times)`: the next `times` S3 writes of a dump.pgdr get this
-    answer; `dump_puts.attempts` counts every write of a dump.pgdr that reached the wire."""
-    plan: dict = {"left": 0}
-
-    def install(client):
-        def before_send(request, **kwargs):
-            operation = kwargs["event_name"].rsplit(".", 1)[-1]
-            if operation not in ("PutObject", "CreateMultipartUpload") or "/dump.pgdr" not in request.url:
-                return None
-            add.attempts += 1
-            if plan["left"] != 0:
-                plan["left"] -= 1
-                return fake_response(plan["status"], plan["body"])
-            return None
-
-        client.meta.events.register("before-send.s3", before_send)
-
-    monkeypatch.setattr(s3repo, "S3_CLIENT_HOOKS", [install])
+def s3_faults(monkeypatch) -> S3Faults:
+    """Faults planted in every S3 client pgdr creates, each request tried once."""
     # One HTTP attempt per request: what botocore's own retries would hide is the task's to retry.
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-
-    def add(status: int, body: bytes, times: int = -1) -> None:
-        plan.update(status=status, body=body, left=times)
-
-    add.attempts = 0
-    return add
+    return install_s3_faults(monkeypatch)
 
 
 def test_a_backup_whose_s3_put_fails_twice_with_503_completes_through_a_retry(
-        capsys, fleet_db, s3_repo, dump_puts):
-    dump_puts(503, UNAVAILABLE, times=2)
+        capsys, fleet_db, s3_repo, s3_faults):
+    s3_faults.plant(dump_write, lambda: fake_response(503, UNAVAILABLE), times=2)
     backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", s3_repo)
-    assert dump_puts.attempts == 3
+    assert s3_faults.count(dump_write) == 3
     repo = open_repository(s3_repo)
     backups = list_backups(repo)
     assert [b.backup_id for b in backups] == [backup["backup_id"]]  # one backup, not three
@@ -78,12 +58,12 @@ def test_a_backup_whose_s3_put_fails_twice_with_503_completes_through_a_retry(
     assert repo.incomplete_uploads("") == []
 
 
-def test_a_permanent_s3_error_is_not_retried(capsys, fleet_db, s3_repo, dump_puts):
-    dump_puts(403, ACCESS_DENIED)
+def test_a_permanent_s3_error_is_not_retried(capsys, fleet_db, s3_repo, s3_faults):
+    s3_faults.plant(dump_write, lambda: fake_response(403, ACCESS_DENIED))
     code, out, err = run_cli(capsys, "backup", "--db", fleet_db, "--repo", s3_repo, "--json")
     assert code == 1 and out == ""
     assert "AccessDenied" in error_line(err)
-    assert dump_puts.attempts == 1
+    assert s3_faults.count(dump_write) == 1
     assert_nothing_left(s3_repo)
 
 

@@ -12,7 +12,6 @@ from datetime import timedelta
 
 import boto3
 import pytest
-from botocore.awsrequest import AWSResponse
 
 import flows.storage
 import pgdr.storage.s3repo
@@ -21,6 +20,7 @@ from pgdr.catalog.policy import Policy
 from pgdr.storage import storage
 from pgdr.storage.repository import MiB, open_repository
 from tests.support.cli import cli_json, error_line, run_cli
+from tests.support.s3faults import fake_response, s3_error_body
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_s3_delete_many_reports_why_each_refused_key_stays(s3_repo, monkeypatch)
     def refuse_one(client):
         def before_send(request, **_kwargs):
             if refused.encode() in request.body:
-                return AWSResponse(request.url, 200, {}, _Body(
+                return fake_response(200, (
                     b'<?xml version="1.0" encoding="UTF-8"?><DeleteResult><Error>'
                     b"<Key>" + refused.encode() + b"</Key><Code>AccessDenied</Code>"
                     b"<Message>Access Denied</Message></Error></DeleteResult>"))
@@ -241,34 +241,19 @@ def test_an_expired_snapshot_goes_and_what_the_kept_one_refers_to_stays(capsys, 
     assert {o.key for o in repo.list(f"{older.prefix}/")} == still_referenced
 
 
-class _Denied:
-    """The body of an S3 AccessDenied error response."""
-
-    def stream(self, **_kwargs):
-        yield (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
-               b"<Message>Access Denied</Message></Error>")
-
-
-class _Body:
-    """A response body botocore reads."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def stream(self, **_kwargs):
-        yield self.data
+ACCESS_DENIED = s3_error_body("AccessDenied", "Access Denied")
 
 
 def deny_object_deletes(client) -> None:
     """Every deletion of a snapshot's stored object fails (manifests still go)."""
     def before_send(request, **_kwargs):
         if f"/{storage.OBJECTS}/" in request.url:
-            return AWSResponse(request.url, 403, {}, _Denied())
+            return fake_response(403, ACCESS_DENIED)
         return None
 
     def before_send_batch(request, **_kwargs):
         if f"/{storage.OBJECTS}/".encode() in request.body:
-            return AWSResponse(request.url, 403, {}, _Denied())
+            return fake_response(403, ACCESS_DENIED)
         return None
 
     client.meta.events.register("before-send.s3.DeleteObject", before_send)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from pgdr.catalog.catalog import database_component, iso, utcnow
-from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
+from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError, TransientError
 from pgdr.pipeline import crypto
 from pgdr.pipeline.pipeline import decode_bytes, decode_commands, encode_commands, encode_file
 from pgdr.storage.filerepo import write_atomically
@@ -156,9 +156,9 @@ def push(
 ) -> PushResult:
     """Archive one WAL file; returns only once it is durably stored with its marker.
 
-    The marker is created only if none exists (S3 `If-None-Match: *`, a hard link on
-    disk): of concurrent pushes of one name exactly one is archived; the others succeed
-    if their content is the same, and fail otherwise. IntegrityError when a different
+    The data and the marker are created only if none exists (S3 `If-None-Match: *`, a
+    hard link on disk): of concurrent pushes of one name exactly one is archived; the
+    others succeed if their content is the same, and fail otherwise. IntegrityError when a different
     file of that name is archived: PostgreSQL then keeps the segment and retries, and the
     operator sees why in its log.
     """
@@ -170,13 +170,14 @@ def push(
     fingerprint = crypto.recipient_fingerprint(encrypt_to, gpg_homedir) if encrypt_to else None
     # (A completed segment does not change; if it did, fetch would find the checksum wrong.)
     stored = encode_file(path, encode_commands(fingerprint, gpg_homedir, zstd_level, 1))
-    key = data_key(database, name, fingerprint is not None, hashlib.sha256(stored).hexdigest())
-    result = repo.put_bytes(key, stored)
+    stored_sha256 = hashlib.sha256(stored).hexdigest()
+    key = data_key(database, name, fingerprint is not None, stored_sha256)
+    _store_data(repo, key, stored)
     record = {
         "name": name,
         "key": key,
-        "size": result.size,
-        "sha256": result.sha256,
+        "size": len(stored),
+        "sha256": stored_sha256,
         "wal_size": wal_size,
         "wal_sha256": wal_sha256,
         "compression": f"zstd-{zstd_level}",
@@ -184,7 +185,7 @@ def push(
         "archived_at": iso(utcnow()),
     }
     if repo.put_if_absent(sidecar_key(database, name), json.dumps(record, sort_keys=True).encode()):
-        return PushResult(name, key, True, result.size, wal_size, wal_sha256)
+        return PushResult(name, key, True, len(stored), wal_size, wal_sha256)
     # Another push of this name was archived first: ours is not the archived copy.
     winner = _read_sidecar(repo, database, name)
     if winner is None:
@@ -194,6 +195,23 @@ def push(
         with contextlib.suppress(PgdrError):
             repo.delete(key)
     return _already_archived(winner, name, wal_sha256, wal_size)
+
+
+def _store_data(repo: Repository, key: str, stored: bytes) -> None:
+    """Store a push's bytes under their content-named key, created only if absent: pushes
+    of the same bytes share one copy and never replace it or read back each other's upload.
+    A push of the same bytes that lost the marker to another content removes the shared
+    copy; one found gone is written again (the marker then refuses this push as well)."""
+    for _ in range(3):
+        if repo.put_if_absent(key, stored):
+            return
+        there = repo.head(key)
+        if there is not None:
+            if there.size != len(stored):
+                raise IntegrityError(f"{key} holds {there.size} bytes, not the {len(stored)} "
+                                     "its name promises")
+            return
+    raise TransientError(f"{key}: the copy kept vanishing while it was being stored; retrying is safe")
 
 
 def _already_archived(record: dict[str, Any], name: str, wal_sha256: str, wal_size: int) -> PushResult:

@@ -79,19 +79,24 @@ class FileRepository(Repository):
             raise ConfigError(f"invalid repository key {key!r}")
         return path
 
-    def put_stream(self, key: str, chunks: Iterable[bytes], *, storage_class: str | None = None,
-                   size_hint: int | None = None) -> PutResult:
+    def _writable_path(self, key: str) -> Path:
+        """The key's path, its directory created."""
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PgdrError(f"cannot write to repository {self.url}: {exc.strerror}") from None
+        return path
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], *, storage_class: str | None = None,
+                   size_hint: int | None = None) -> PutResult:
+        path = self._writable_path(key)
         digest = hashlib.sha256()
         size = 0
 
         def counted() -> Iterator[bytes]:
-            # Counted, not stat()ed afterwards: a concurrent delete of the key (a WAL push
-            # that lost a race removing its copy) must not turn a completed write into an error.
+            # Counted, not stat()ed afterwards: what this call wrote, whatever a concurrent
+            # writer or delete of the key does to the name next.
             nonlocal size
             for chunk in hash_chunks(chunks, digest):
                 size += len(chunk)
@@ -182,8 +187,7 @@ class FileRepository(Repository):
     def put_if_absent(self, key: str, data: bytes) -> bool:
         # Written whole under a private name, then hard-linked into place: link() fails
         # when the name exists, so creation is exclusive and nobody reads a partial file.
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._writable_path(key)
         partial = _partial_beside(path)
         try:
             _write_synced(partial, [data])
