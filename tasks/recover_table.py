@@ -9,7 +9,7 @@ import psycopg
 from prefect import get_run_logger, task
 
 from pgdr.ops.errors import ConfigError, PgdrError
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn, postgres
 from pgdr.restore import recovery
 from pgdr.restore import restore as restoring
 
@@ -22,7 +22,7 @@ def check_target(target_url: str, wanted: list[tuple[str, str, str]], mode: str,
         for key, schema, table in wanted:
             shape = recovery.table_shape(conn, schema, table)
             if shape is None and mode != "side-table":
-                raise ConfigError(f"{key} does not exist in {postgres.display_dsn(target_url)}: "
+                raise ConfigError(f"{key} does not exist in {dsn.display_dsn(target_url)}: "
                                   "recover it with --mode side-table, or restore the backup elsewhere")
             if shape is not None and not shape.primary_key and mode == "missing-rows":
                 raise ConfigError(f"{key} has no primary key, so missing rows cannot be told apart: "
