@@ -39,7 +39,7 @@ RUN set -eux; \
     rm -rf /var/lib/apt/lists/*
 
 # pgdr finds pg_dump & co. in /usr/lib/postgresql/<major>/bin by the server's version
-# (pgdr.postgres.postgres.pg_bin); PGDR_PG_BIN would force one directory for every server.
+# (pgdr.postgres.programs.pg_bin); PGDR_PG_BIN would force one directory for every server.
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

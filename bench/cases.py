@@ -30,11 +30,11 @@ from pgdr.postgres.cluster import LocalCluster, grant_to_server
 from pgdr.postgres.postgres import (
     DIGEST_SETTINGS,
     digest_select,
-    pg_bin,
     table_columns,
     table_rows,
     user_tables,
 )
+from pgdr.postgres.programs import pg_bin
 
 S3COPY = Path(__file__).with_name("s3copy.py")
 OLD_KEY = "old/fleet.sql.gz"

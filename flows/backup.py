@@ -15,7 +15,7 @@ from pgdr.catalog.locks import database_lock
 from pgdr.ops.errors import ConfigError, PgdrError
 from pgdr.ops.settings import check_tier, load_settings
 from pgdr.pipeline import crypto
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn
 from pgdr.storage.repository import Repository
 from tasks.artifacts import artifact_key, human_bytes, publish_table
 from tasks.backup import dump_database
@@ -74,7 +74,7 @@ def backup(db: str | None = None, repo: str | None = None, tier: str = "manual",
     repository = open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
     recipient = encrypt_to or settings.encrypt_to
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
-    database = postgres.database_name(db_url)
+    database = dsn.database_name(db_url)
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
     with audited(repository, settings, "backup", type=tier, source=database, destination=repo_url,
                  failure_metrics={"BackupFailureCount": 1}, backup_id=backup_id) as step:

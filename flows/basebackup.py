@@ -22,7 +22,7 @@ from pgdr.pitr.basebackup import (
     BaseBackupSummary,
     summary,
 )
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn
 from tasks.basebackup import take_base_backup
 from tasks.prune import replicate_backup
 from tasks.records import audited, open_repo, write_manifest
@@ -63,7 +63,7 @@ def basebackup(db: str | None = None, repo: str | None = None, name: str | None 
     repository = open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
     recipient = encrypt_to or settings.encrypt_to
     fingerprint = crypto.recipient_fingerprint(recipient, settings.gpg_homedir) if recipient else None
-    database = name or settings.wal_db or postgres.database_name(db_url)
+    database = name or settings.wal_db or dsn.database_name(db_url)
     backup_id = catalog.new_backup_id(catalog.utcnow(), tier)
     with audited(repository, settings, "basebackup", type=tier, source=database, destination=repo_url,
                  backup_id=backup_id) as step:

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from pgdr.ops.errors import ConfigError, FailedWithReport
 from pgdr.ops.settings import load_settings
 from pgdr.pitr.pitr import check_archiving
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn
 from tasks.records import open_repo
 from tasks.runs import FLOW_HOOKS, run_name
 
@@ -29,7 +29,7 @@ def check(db: str | None = None, repo: str | None = None, name: str | None = Non
     if not db_url:
         raise ConfigError("no database given: pass --db URL or set DATABASE_URL / DB_HOST")
     repo_url = repo or settings.repo_url
-    database = name or settings.wal_db or postgres.database_name(db_url)
+    database = name or settings.wal_db or dsn.database_name(db_url)
     result = check_archiving(db_url, open_repo(repo_url, settings), database, timeout_seconds,
                              max_base_age_hours=max_base_age_hours)
     if not result["ok"]:

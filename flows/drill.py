@@ -37,7 +37,7 @@ from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, FailedWithReport, IntegrityError, PgdrError
 from pgdr.ops.settings import Settings, load_settings
 from pgdr.pitr.basebackup import choose_base_backup, list_base_backups
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn, postgres
 from pgdr.postgres.cluster import LocalCluster
 from pgdr.restore import restore as restoring
 from pgdr.storage.repository import Repository
@@ -129,7 +129,7 @@ def drill(repo: str | None = None, db: str | None = None, server: str | None = N
         assert server_url is not None and rehearsal.database is not None
         with timeline.phase("failover dry-run") as phase:
             try:
-                dr_target = postgres.strip_password(postgres.with_database(server_url, rehearsal.database))
+                dr_target = dsn.strip_password(dsn.with_database(server_url, rehearsal.database))
                 outcome = failover_flow(**{"repo": repo_url, "max_backup_age_hours": max_backup_age_hours,
                                            **failover, "dry_run": True, "target": dr_target})
                 items["failover_dry_run_ok"] = True
@@ -207,7 +207,7 @@ class _Rehearsal:
                 raise
             items.update(restored=True, row_counts_validated=True)
             phase.detail = f"{result['statistics']['evaluated']} tables match the manifest"
-        self._check_health(postgres.with_database(server_url, self.scratch))
+        self._check_health(dsn.with_database(server_url, self.scratch))
         self.restored = drilling.restored_point(manifest.snapshot)
 
     def point_in_time(self, database: str | None) -> None:

@@ -29,7 +29,7 @@ from pgdr.dr.drill import Timeline, phases_markdown
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, PgdrError
 from pgdr.ops.settings import Settings, load_settings
-from pgdr.postgres import health, postgres
+from pgdr.postgres import dsn, health
 from pgdr.restore import restore as restoring
 from pgdr.storage import aws
 from pgdr.storage.repository import Repository
@@ -69,7 +69,7 @@ def run_health_checks(phase: Any, sql_url: str | None, sql: list[str], urls: lis
 
 def _endpoint_url(target: str, endpoint: dict[str, Any]) -> str:
     """The target's database and user, at the restored instance's endpoint."""
-    params = postgres.parse_dsn(target)
+    params = dsn.parse_dsn(target)
     params.update(host=endpoint["Address"], port=str(endpoint["Port"]))
     return make_conninfo("", **params)
 
@@ -128,7 +128,7 @@ def failover(zone_id: str, record_name: str, record_value: str | None = None, re
     summary: dict[str, Any] = {
         "ok": False, "dry_run": dry_run, "repository": repo_url, "source": rds_source_instance,
         "selection": "rds" if rds_source_instance else None, "backup_id": None,
-        "target": postgres.display_dsn(target_url) if target_url else None, "dns": None, "health": [],
+        "target": dsn.display_dsn(target_url) if target_url else None, "dns": None, "health": [],
         "started_at": catalog.iso(timeline.started)}
     try:
         with timeline.phase("read dns record") as phase:
@@ -181,25 +181,25 @@ def _database_failover(timeline: Timeline, summary: dict[str, Any], repo: Reposi
     """Choose, restore (a dry run: into a scratch database beside the target), check;
     returns the value the record gets (checked first: a wrong one changes nothing).
     `roles`: no_owner, no_acl, create_roles, as restore takes them."""
-    new_value = choosing.check_record_value(record_value, postgres.parse_dsn(target_url).get("host"),
+    new_value = choosing.check_record_value(record_value, dsn.parse_dsn(target_url).get("host"),
                                             force_record_value)
     with timeline.phase("choose backup") as phase:
         choice = choose_backup(repo, db, backup_id, max_age_hours, accept_stale,
-                               postgres.database_name(target_url))
+                               dsn.database_name(target_url))
         manifest = choice.manifest
         summary.update(source=manifest.backup_id, backup_id=manifest.backup_id, selection=choice.evidence,
                        snapshot_at=manifest.snapshot_at, choice=choice.to_dict())
         phase.detail = f"{manifest.backup_id} ({choice.evidence}, {choice.age_seconds / 3600:.1f} h old)"
     if not dry_run:
         with timeline.phase("restore and verify") as phase:
-            restored = restore(backup_id=manifest.backup_id, target=postgres.strip_password(target_url),
+            restored = restore(backup_id=manifest.backup_id, target=dsn.strip_password(target_url),
                                repo=repo.url, db=manifest.database, pre_restore_backup=False, **roles)
             phase.detail = f"{len(restored['row_counts'])} tables match the manifest"
             summary["row_counts"] = restored["row_counts"]
         with timeline.phase("health checks") as phase:
             summary["health"] = run_health_checks(phase, target_url, health_sql, health_urls, health_timeout)
     else:
-        scratch = restoring.derived_name(postgres.database_name(target_url), "failover_dry_run",
+        scratch = restoring.derived_name(dsn.database_name(target_url), "failover_dry_run",
                                          timeline.started)
         try:
             with timeline.phase("restore and verify (scratch database)") as phase:
@@ -209,7 +209,7 @@ def _database_failover(timeline: Timeline, summary: dict[str, Any], repo: Reposi
                 phase.detail = f"{result['statistics']['evaluated']} tables match the manifest in {scratch}"
                 summary["row_counts"] = {t["table"]: t["observed"] for t in result["tables"]}
             with timeline.phase("health checks (scratch database)") as phase:
-                summary["health"] = run_health_checks(phase, postgres.with_database(target_url, scratch),
+                summary["health"] = run_health_checks(phase, dsn.with_database(target_url, scratch),
                                                       health_sql, health_urls, health_timeout)
         finally:
             with timeline.phase("drop scratch database") as phase:

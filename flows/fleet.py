@@ -29,7 +29,7 @@ from pgdr.dr import fleet as fleets
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, FailedWithReport, PgdrError
 from pgdr.ops.settings import check_tier, load_settings
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress, Stopwatch, human_bytes, publish_table
 from tasks.fleet import list_fleet, set_server_limits
@@ -57,7 +57,7 @@ def _child_parameters(action: str, member: fleets.Member, repo: str | None, tier
     if action == "backup":
         return {"db": member.url, "repo": repo, "tier": tier}
     return {"db": member.database, "repo": repo,
-            "server": postgres.strip_password(verify_server) if verify_server else None}
+            "server": dsn.strip_password(verify_server) if verify_server else None}
 
 
 def _run_here(action: str, parameters: dict[str, Any]) -> State:

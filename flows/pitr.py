@@ -25,7 +25,8 @@ from pgdr.pitr.basebackup import (
     find_base_backup,
     list_base_backups,
 )
-from pgdr.postgres.cluster import LocalCluster, free_port, programs_for
+from pgdr.postgres.cluster import LocalCluster, free_port
+from pgdr.postgres.programs import same_major_bin_dir
 from tasks.pitr import recover_to_target, unpack_base_backup
 from tasks.records import audited, open_repo
 from tasks.runs import FLOW_HOOKS, run_name
@@ -78,7 +79,7 @@ def pitr(
                                         manifest.server_version)
         finally:
             if not keep_running:
-                LocalCluster(Path(datadir), port, bin_dir=programs_for(manifest.server_version)).stop()
+                LocalCluster(Path(datadir), port, bin_dir=same_major_bin_dir(manifest.server_version)).stop()
         step.succeeded()
     return {
         "database": database,

@@ -20,7 +20,7 @@ from pgdr.catalog.prune_report import DATABASE, FILES, PITR, STORAGE, safety_dat
 from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import PgdrError
 from pgdr.ops.settings import Settings, check_tier, load_settings
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Stopwatch, publish_table
 from tasks.prune import prune_safety_databases, prune_set, sweep_leftovers
@@ -67,7 +67,7 @@ def apply_retention(repo: Repository, settings: Settings, sets: list[tuple[str, 
         try:
             rows += prune_safety_databases(server_url, settings, of, dry_run)
         except PgdrError as exc:  # the repository's pruning stands; the report says what was not done
-            rows.append(safety_databases_unchecked_row(postgres.display_dsn(server_url), str(exc)))
+            rows.append(safety_databases_unchecked_row(dsn.display_dsn(server_url), str(exc)))
     counts = {action: sum(1 for r in rows if r["action"] == action) for action in {r["action"] for r in rows}}
     failed = [r for r in rows if r["action"] == "failed"]
     logger = get_run_logger()

@@ -18,7 +18,7 @@ from flows.restore import restore_and_validate
 from pgdr.catalog import catalog
 from pgdr.ops.errors import ConfigError, PgdrError
 from pgdr.ops.settings import load_settings
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn
 from pgdr.restore import recovery
 from pgdr.restore import restore as restoring
 from pgdr.restore.row_filter import check_row_filter
@@ -73,14 +73,14 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
     recovery.check_mode(mode)
     row_filter = check_row_filter(where)
     repository = open_repo(repo or settings.repo_url, settings)
-    target_db = postgres.database_name(target_url)
+    target_db = dsn.database_name(target_url)
     clock = Stopwatch()  # from the start: finding the backup is part of the recovery's time
     manifest = find_backup(repository, backup_id, db, target_db)
     moment = catalog.utcnow()
     temp_db = restoring.derived_name(manifest.database, "recover", moment)
     result: dict[str, Any] = {
         "backup_id": manifest.backup_id, "database": manifest.database,
-        "target": postgres.display_dsn(target_url), "mode": mode, "dry_run": dry_run, "where": row_filter,
+        "target": dsn.display_dsn(target_url), "mode": mode, "dry_run": dry_run, "where": row_filter,
         "temp_database": temp_db, "tables": [],
     }
 
@@ -92,7 +92,7 @@ def recover_table(backup_id: str = "latest", target: str | None = None, tables: 
         try:
             restore_and_validate(repository, settings, manifest, target_url, temp_db, jobs, no_owner,
                                  by="recover-table", tables=[(schema, table) for _, schema, table in wanted])
-            temp_url = postgres.with_database(target_url, temp_db)
+            temp_url = dsn.with_database(target_url, temp_db)
             for key, schema, table in wanted:
                 try:
                     result["tables"].append(recover_one(target_url, temp_url, key, schema, table, mode,

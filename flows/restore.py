@@ -21,8 +21,8 @@ from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, FailedWithReport, IntegrityError, NotFoundError, PgdrError
 from pgdr.ops.settings import Settings, load_settings
 from pgdr.pipeline.process import CommandError
-from pgdr.postgres import postgres
-from pgdr.restore import quality, recovery, selective
+from pgdr.postgres import dsn, postgres
+from pgdr.restore import quality, recovery, selective, staging, tags
 from pgdr.restore import restore as restoring
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Stopwatch
@@ -73,7 +73,7 @@ def restore_and_validate(repo: Repository, settings: Settings, manifest: catalog
     check_roles(server_url, dbname, manifest, no_owner, no_acl, create_roles)
     bring_back_archived(repo, manifest, archive_wait_hours, wait)
     loading = quality.preload()
-    directory = restoring.work_directory(settings.work_dir)
+    directory = staging.work_directory(settings.work_dir)
     try:
         archive = stage_backup(repo, settings, manifest, directory)
         if not quality.cores_spare(jobs or settings.restore_jobs):
@@ -119,7 +119,7 @@ def _restored(manifest: catalog.Manifest, result: dict[str, Any], target_url: st
     return {
         "backup_id": manifest.backup_id,
         "database": manifest.database,
-        "target": postgres.display_dsn(target_url),
+        "target": dsn.display_dsn(target_url),
         "verified": result["success"],
         "row_counts": {t["table"]: t["observed"] for t in result["tables"]},
         **extra,
@@ -159,7 +159,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
         raise ConfigError("no target given: pass --target URL")
     repo_url = repo or settings.repo_url
     repository = open_repo(repo_url, settings)
-    target_db = postgres.database_name(target_url)
+    target_db = dsn.database_name(target_url)
     clock = Stopwatch()
     with one_at_a_time(repository, target_url, "restore"):
         # The backup first: a wrong id or an empty repository is refused before the target
@@ -191,7 +191,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
                     stop_writes(target_url, target_db)
                 before = restoring.rows_written(target_url, target_db)
                 if pre_restore_backup:
-                    backup(db=postgres.strip_password(target_url), repo=repo_url, tier="pre-restore",
+                    backup(db=dsn.strip_password(target_url), repo=repo_url, tier="pre-restore",
                            encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
                 result = restore_and_validate(repository, settings, manifest, target_url, incoming, jobs,
                                               no_owner, by="restore", archive_wait_hours=archive_wait_hours,
@@ -225,14 +225,14 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
 @contextmanager
 def one_at_a_time(repo: Repository, target_url: str, operation: str) -> Iterator[None]:
     """One restore or rollback of a target at a time, through the repository lock."""
-    name = f"{postgres.host_key(target_url)}/{postgres.database_name(target_url)}"
+    name = f"{dsn.host_key(target_url)}/{dsn.database_name(target_url)}"
     try:
         with database_lock(repo, name, operation, wait_seconds=0, area=RESTORE_LOCKS):
             yield
     except LockBusy:
         holder = lock_holder(repo, name, RESTORE_LOCKS) or {}
         raise PgdrError(
-            f"a {holder.get('operation', 'restore')} of {postgres.display_dsn(target_url)} is running since "
+            f"a {holder.get('operation', 'restore')} of {dsn.display_dsn(target_url)} is running since "
             f"{holder.get('acquired_at', '?')} (on {holder.get('host', '?')}, pid {holder.get('pid', '?')}): "
             "wait for it to finish") from None
 
@@ -258,9 +258,9 @@ def repair(target: str | None = None) -> dict[str, Any]:
     target_url = target or settings.db_url
     if not target_url:
         raise ConfigError("no target given: pass --target URL")
-    target_db = postgres.database_name(target_url)
+    target_db = dsn.database_name(target_url)
     done = repair_target(target_url, target_db)
-    return {"target": postgres.display_dsn(target_url), "repaired": done}
+    return {"target": dsn.display_dsn(target_url), "repaired": done}
 
 
 @flow(name="restore-to-temp", flow_run_name=run_name("restore-to-temp-{db|backup_id}"),
@@ -293,11 +293,11 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
         restoring.drop_quietly(server_url, temp_db)
     else:
         with postgres.connect(server_url, dbname=restoring.admin_database(temp_db), autocommit=True) as conn:
-            restoring.untag(conn, temp_db)  # kept on purpose: not a leftover
+            tags.untag(conn, temp_db)  # kept on purpose: not a leftover
     _audited("restore", "temp", repository, manifest.backup_id, temp_db, clock, "success",
              manifest.size_bytes, kept=keep)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
-    return _restored(manifest, result, postgres.with_database(server_url, temp_db), clock,
+    return _restored(manifest, result, dsn.with_database(server_url, temp_db), clock,
                      temp_database=temp_db, kept=keep)
 
 
@@ -308,15 +308,15 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
     target_url = target or settings.db_url
     if not target_url:
         raise ConfigError("no target given: pass --target URL")
-    target_db = postgres.database_name(target_url)
+    target_db = dsn.database_name(target_url)
     clock = Stopwatch()
     repository = open_repo(repo or settings.repo_url, settings)
     with one_at_a_time(repository, target_url, "rollback"):
         repaired = repair_target(target_url, target_db)
         admin = restoring.admin_database(target_db)
         with postgres.connect(target_url, dbname=admin, autocommit=True) as conn:
-            kept = restoring.tagged_databases(conn, restoring.PRE_RESTORE, target_db)
-            undone = restoring.tagged_databases(conn, "rolled-back", target_db)
+            kept = tags.tagged_databases(conn, tags.PRE_RESTORE, target_db)
+            undone = tags.tagged_databases(conn, "rolled-back", target_db)
         if not kept:
             already = (f" (the last restore was already rolled back: its database is kept as {undone[0][0]})"
                        if undone else "")
@@ -328,5 +328,5 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
             "pgdr": "rolled-back", "of": target_db, "at": catalog.iso(now),
             "restored": tag.get("replaced_by")})
     _audited("rollback", "full", repository, previous, target_db, clock, "success")
-    return {"target": postgres.display_dsn(target_url), "restored_from": previous, "set_aside_as": aside,
+    return {"target": dsn.display_dsn(target_url), "restored_from": previous, "set_aside_as": aside,
             "repaired": repaired, "duration_seconds": round(clock.seconds, 3)}

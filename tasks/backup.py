@@ -11,7 +11,7 @@ from pgdr.catalog import catalog
 from pgdr.ops.settings import Settings
 from pgdr.pipeline.dump import stream_dump
 from pgdr.postgres import database as whole_database
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn, postgres
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress
 from tasks.policy import retrying
@@ -25,7 +25,7 @@ def dump_database(db_url: str, repo: Repository, settings: Settings, backup_id: 
     manifest are exactly the rows in the dump, whatever is written meanwhile. The counting
     runs while pg_dump streams (both read the same snapshot), not before it."""
     logger = get_run_logger()
-    database = postgres.database_name(db_url)
+    database = dsn.database_name(db_url)
     started = catalog.utcnow()
     with postgres.connect(db_url) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -85,7 +85,7 @@ def dump_database(db_url: str, repo: Repository, settings: Settings, backup_id: 
         sha256=result.stored.sha256,
         row_counts=row_counts,
         wal_lsn_start=wal_lsn,
-        source=postgres.display_dsn(db_url),
+        source=dsn.display_dsn(db_url),
         data_key=catalog.DUMP,
         partitioned=partitioned,
         database_properties=properties,

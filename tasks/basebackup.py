@@ -26,8 +26,8 @@ from pgdr.pitr.basebackup import (
     store_server_manifest,
     stream_basebackup,
 )
-from pgdr.postgres import postgres
-from pgdr.postgres.cluster import programs_for
+from pgdr.postgres import dsn, postgres
+from pgdr.postgres.programs import same_major_bin_dir
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress, human_bytes
 from tasks.policy import retrying
@@ -55,7 +55,7 @@ def take_base_backup(db_url: str, repo: Repository, settings: Settings, database
     if archive_mode == "off":
         # Without the archive the backup restores only to its own end point: say so.
         logger.warning("archive_mode is off on %s: this backup cannot be rolled forward",
-                       postgres.display_dsn(db_url))
+                       dsn.display_dsn(db_url))
     plan = plan_backup_kind(kind, list_base_backups(repo, database),
                             server_major=int(re.match(r"\d+", version).group()),  # type: ignore[union-attr]
                             summarize_wal=summarize_wal == "on", system_identifier=system_id,
@@ -69,13 +69,13 @@ def take_base_backup(db_url: str, repo: Repository, settings: Settings, database
     prefix = base_prefix(database, backup_id)
 
     def stream(parent_manifest: Path | None) -> Any:
-        with Progress(f"base backup of {postgres.display_dsn(db_url)}", size_hint) as progress:
+        with Progress(f"base backup of {dsn.display_dsn(db_url)}", size_hint) as progress:
             return stream_basebackup(
                 db_url, repo, f"{prefix}/{data_key}", label=f"pgdr {backup_id}",
                 encrypt_to=encrypt_fingerprint, gpg_homedir=settings.gpg_homedir,
                 fast_checkpoint=fast_checkpoint, zstd_level=settings.zstd_level,
                 zstd_threads=settings.zstd_threads, secrets=settings.secrets(), progress=progress.update,
-                bin_dir=programs_for(version), incremental_from=parent_manifest)
+                bin_dir=same_major_bin_dir(version), incremental_from=parent_manifest)
 
     if plan.kind == INCREMENTAL:
         assert plan.parent is not None
@@ -123,7 +123,7 @@ def take_base_backup(db_url: str, repo: Repository, settings: Settings, database
         size_bytes=result.stored.size,
         sha256=result.stored.sha256,
         data_key=data_key,
-        source=postgres.display_dsn(db_url),
+        source=dsn.display_dsn(db_url),
         kind=plan.kind,
         parent_backup_id=plan.parent.backup_id if plan.parent else None,
         server_manifest=server_manifest,

@@ -12,7 +12,7 @@ from pgdr.files import files as filing
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import Settings
 from pgdr.pipeline import crypto
-from pgdr.restore.restore import work_directory
+from pgdr.restore.staging import work_directory
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress
 from tasks.policy import retrying

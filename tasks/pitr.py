@@ -13,7 +13,8 @@ from pgdr.pitr.basebackup import (
     BaseManifest,
     restore_backup_chain,
 )
-from pgdr.postgres.cluster import LocalCluster, grant_to_server, programs_for
+from pgdr.postgres.cluster import LocalCluster, grant_to_server
+from pgdr.postgres.programs import same_major_bin_dir
 from pgdr.storage.repository import Repository
 from tasks.policy import retrying
 
@@ -21,8 +22,9 @@ from tasks.policy import retrying
 @task(name="restore base backup", **retrying(2, 10))
 def unpack_base_backup(repo: Repository, settings: Settings, chain: list[BaseManifest], datadir: str) -> str:
     restore_backup_chain(repo, chain, Path(datadir),
-                         bin_dir=programs_for(chain[-1].server_version), gpg_homedir=settings.gpg_homedir,
-                         passphrase=settings.gpg_passphrase, secrets=settings.secrets())
+                         bin_dir=same_major_bin_dir(chain[-1].server_version),
+                         gpg_homedir=settings.gpg_homedir, passphrase=settings.gpg_passphrase,
+                         secrets=settings.secrets())
     return datadir
 
 
@@ -33,4 +35,5 @@ def recover_to_target(datadir: str, port: int, target: pitr_steps.Target, recove
     pitr_steps.configure_recovery(path, recovery)
     grant_to_server(path)
     # The backed-up server's own major version starts its data directory.
-    return pitr_steps.recover(LocalCluster(path, port, bin_dir=programs_for(server_version)), target, timeout)
+    cluster = LocalCluster(path, port, bin_dir=same_major_bin_dir(server_version))
+    return pitr_steps.recover(cluster, target, timeout)

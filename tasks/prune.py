@@ -12,8 +12,9 @@ from pgdr.catalog.locks import database_lock
 from pgdr.catalog.policy import Policy, choose_safety_databases
 from pgdr.ops.errors import PgdrError, first_line
 from pgdr.ops.settings import Settings
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn, postgres
 from pgdr.restore import restore as restoring
+from pgdr.restore import staging, tags
 from pgdr.storage import replica
 from pgdr.storage.repository import Repository
 from pgdr.storage.storage import StorageManifest
@@ -40,10 +41,10 @@ def prune_safety_databases(server_url: str, settings: Settings, of: str | None,
                            dry_run: bool) -> list[dict[str, Any]]:
     """Drop the databases restores and rollbacks set aside on the server (of one target, or
     all) once past PGDR_KEEP_SAFETY_DATABASES_DAYS; the newest per target stays."""
-    admin = restoring.admin_database(postgres.database_name(server_url))
+    admin = restoring.admin_database(dsn.database_name(server_url))
     rows = []
     with postgres.connect(server_url, dbname=admin, autocommit=True) as conn:
-        found = [d for d in restoring.safety_databases(conn) if of is None or d.of == of]
+        found = [d for d in tags.safety_databases(conn) if of is None or d.of == of]
         for database, drop, reason in choose_safety_databases(
                 found, catalog.utcnow(), settings.keep_safety_databases_days):
             action = "keep"
@@ -51,7 +52,7 @@ def prune_safety_databases(server_url: str, settings: Settings, of: str | None,
                 action = "would drop"
             elif drop:
                 try:
-                    restoring.drop_safety_database(conn, database.name)
+                    tags.drop_safety_database(conn, database.name)
                     action = "dropped"
                 except psycopg.Error as exc:
                     action, reason = "failed", f"{reason}; could not drop: {first_line(exc)}"
@@ -64,7 +65,7 @@ def sweep_leftovers(settings: Settings, server_url: str | None) -> list[str]:
     """What killed runs left on this host (staging directories with decrypted dumps,
     passfiles) and, given a server (--server or DATABASE_URL), on it (scratch databases of
     runs that are gone, an interrupted swap): removed or finished, one line each."""
-    lines = restoring.sweep_local_leftovers(settings.work_dir)
+    lines = staging.sweep_local_leftovers(settings.work_dir)
     if server_url:
         try:
             lines += restoring.sweep_leftover_databases(server_url)

@@ -16,8 +16,8 @@ from pgdr.ops.settings import Settings
 from pgdr.pipeline.crypto import resolve_passphrase
 from pgdr.pipeline.dump import fetch_dump
 from pgdr.postgres import database as whole_database
-from pgdr.postgres import postgres
-from pgdr.restore import quality, selective
+from pgdr.postgres import dsn, postgres
+from pgdr.restore import quality, selective, staging, tags
 from pgdr.restore import restore as restoring
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress, artifact_key, human_bytes, publish_markdown
@@ -38,7 +38,7 @@ def bring_back_archived(repo: Repository, manifest: catalog.Manifest, wait_hours
                         wait: bool) -> str | None:
     """A dump that lifecycle moved to GLACIER or DEEP_ARCHIVE is restored by S3 first:
     waited for (with progress), or NotReadyYet (exit 3) saying when to retry."""
-    return restoring.wait_until_readable(
+    return staging.wait_until_readable(
         repo, f"{manifest.prefix}/{manifest.data_key}", wait_hours=wait_hours,
         wait=wait, report=get_run_logger().warning)
 
@@ -47,7 +47,7 @@ def bring_back_archived(repo: Repository, manifest: catalog.Manifest, wait_hours
 def stage_backup(repo: Repository, settings: Settings, manifest: catalog.Manifest, directory: Path) -> Path:
     """Verify the stored bytes' checksum while decoding them into one local file; nothing
     reaches PostgreSQL unless the checksum matched."""
-    restoring.check_free_space(directory, manifest.dump_bytes)
+    staging.check_free_space(directory, manifest.dump_bytes)
     archive = directory / f"{manifest.backup_id}.dump"
     with Progress(f"fetch {manifest.backup_id}", manifest.size_bytes) as progress:
         fetch_dump(
@@ -74,14 +74,14 @@ def restore_into_new_database(server_url: str, settings: Settings, dbname: str, 
         if postgres.database_exists(conn, dbname):
             raise ConfigError(f"database {dbname} already exists")
         postgres.create_database(conn, dbname)
-        restoring.tag_as_restoring(conn, dbname, of or dbname)
+        tags.tag_as_restoring(conn, dbname, of or dbname)
         whole_database.close_to_public(conn, dbname)
     try:
         if tables:
             return selective.restore_tables(server_url, dbname, archive, tables,
                                             jobs=jobs or settings.restore_jobs, no_owner=no_owner,
                                             secrets=settings.secrets())
-        restoring.pg_restore(server_url, dbname, archive, jobs=jobs or settings.restore_jobs,
+        staging.pg_restore(server_url, dbname, archive, jobs=jobs or settings.restore_jobs,
                              no_owner=no_owner, no_acl=no_acl, secrets=settings.secrets())
     except BaseException:
         restoring.drop_quietly(server_url, dbname)
@@ -96,7 +96,7 @@ def validate_restore(server_url: str, dbname: str, manifest: catalog.Manifest,
     of some tables, `row_counts`: the manifest's for those); and so does its content digest
     (computed on `jobs` connections)."""
     expected = manifest.row_counts if row_counts is None else row_counts
-    result = quality.validate_row_counts(postgres.with_database(server_url, dbname), expected,
+    result = quality.validate_row_counts(dsn.with_database(server_url, dbname), expected,
                                          manifest.digests, known_tables=manifest.row_counts, jobs=jobs)
     result.update(backup_id=manifest.backup_id, database=dbname, verified_at=catalog.iso(catalog.utcnow()))
     rows = [[t["table"], t["expected"], t["observed"], "ok" if t["success"] else "FAILED"]
@@ -129,7 +129,7 @@ def apply_database_properties(server_url: str, dbname: str, manifest: catalog.Ma
         skipped = whole_database.apply_properties(conn, dbname, manifest.database_properties,
                                                   owner=not no_owner, acl=not no_acl, comment=False)
         # The comment goes into pgdr's tag: the swap (or keeping a temp database) puts it in place.
-        restoring.remember_comment(conn, dbname, manifest.database_properties["comment"])
+        tags.remember_comment(conn, dbname, manifest.database_properties["comment"])
     for what in skipped:
         get_run_logger().warning("setting %s not applied: the role does not exist on this server", what)
 
@@ -146,14 +146,14 @@ def check_roles(server_url: str, dbname: str, manifest: catalog.Manifest, no_own
     with postgres.connect(server_url, dbname=restoring.admin_database(dbname), autocommit=True) as conn:
         spaces = whole_database.missing_tablespaces(conn, manifest.globals.get("tablespaces", []))
         if spaces:
-            raise ConfigError(f"{postgres.host_key(server_url)} lacks the tablespace(s) {', '.join(spaces)} "
+            raise ConfigError(f"{dsn.host_key(server_url)} lacks the tablespace(s) {', '.join(spaces)} "
                               f"that backup {manifest.backup_id} uses: create them first (CREATE TABLESPACE)")
         missing = needed - whole_database.existing_roles(conn, sorted(needed))
         if not missing:
             return []
         if not create_roles:
             raise ConfigError(
-                f"{postgres.host_key(server_url)} lacks the role(s) {', '.join(sorted(missing))} that backup "
+                f"{dsn.host_key(server_url)} lacks the role(s) {', '.join(sorted(missing))} that backup "
                 f"{manifest.backup_id} needs: pass --create-roles to create them from the backup (without "
                 "passwords), or --no-owner --no-acl to restore without owners and grants")
         created = whole_database.create_roles(conn, manifest.globals["role_statements"], missing)

@@ -48,7 +48,7 @@ def server_slot(db_url: str) -> Iterator[None]:
 
 def _database_of(parameters: dict[str, Any], settings: Settings) -> str | None:
     """The database a run was about, from its parameters (a URL or a name) or the settings."""
-    from pgdr.postgres.postgres import database_name
+    from pgdr.postgres.dsn import database_name
 
     for key in ("db", "target", "database"):
         value = parameters.get(key)
@@ -122,7 +122,7 @@ def notify_hook(flow: Any, flow_run: Any, state: Any) -> None:
 def _name_part(value: Any) -> str:
     """A parameter as a piece of a run name: a PostgreSQL URL or DSN as its database name
     (a URL may hold a password), a list as its items, at most 40 characters."""
-    from pgdr.postgres.postgres import database_name
+    from pgdr.postgres.dsn import database_name
 
     if isinstance(value, list | tuple):
         return "+".join(_name_part(item) for item in value[:3]) + ("+..." if len(value) > 3 else "")
@@ -165,7 +165,7 @@ def run_name(template: str) -> Callable[[], str]:
 
 
 def _configured_database() -> str | None:
-    from pgdr.postgres.postgres import database_name
+    from pgdr.postgres.dsn import database_name
 
     try:
         db_url = load_settings().db_url

@@ -27,7 +27,8 @@ from moto.server import ThreadedMotoServer  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from pgdr.demo.sample_data import create_fleet_database  # noqa: E402
-from pgdr.postgres.cluster import LocalCluster, find_postgres_bin, free_port  # noqa: E402
+from pgdr.postgres.cluster import LocalCluster, free_port  # noqa: E402
+from pgdr.postgres.programs import find_postgres_bin  # noqa: E402
 from tests.support.db import PgServer  # noqa: E402
 from tests.support.gpg import GpgHome, make_gpg_home  # noqa: E402
 from tests.support.secrets import (  # noqa: E402

@@ -25,7 +25,8 @@ from pgdr.pitr.basebackup import (
     list_base_backups,
     plan_backup_kind,
 )
-from pgdr.postgres.cluster import LocalCluster, find_postgres_bin, grant_to_server
+from pgdr.postgres.cluster import LocalCluster, grant_to_server
+from pgdr.postgres.programs import find_postgres_bin
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.test_pitr import execute, server_dir, switch_and_wait_archived  # noqa: F401 (a fixture)

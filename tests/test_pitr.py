@@ -35,7 +35,8 @@ from pgdr.pitr.basebackup import (
     find_base_backup,
     list_base_backups,
 )
-from pgdr.postgres.cluster import LocalCluster, find_postgres_bin, grant_to_server
+from pgdr.postgres.cluster import LocalCluster, grant_to_server
+from pgdr.postgres.programs import find_postgres_bin
 from pgdr.storage import s3repo
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli

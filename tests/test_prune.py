@@ -16,7 +16,7 @@ import tasks.backup
 from pgdr.catalog import backup_retention, catalog, locks
 from pgdr.catalog.policy import Policy
 from pgdr.catalog.scan import find_backup, list_backups
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn
 from pgdr.storage.repository import Repository, open_repository
 from tests.support.cli import cli_json, run_cli
 from tests.support.db import table_fingerprints
@@ -172,7 +172,7 @@ def test_init_repo_settings_read_back_and_a_second_run_is_fine(capsys, s3):
 
 def test_backup_and_prune_of_one_database_never_interleave(capsys, pg, new_db, file_repo, monkeypatch):
     db_url = new_db("locked")
-    database = postgres.database_name(db_url)
+    database = dsn.database_name(db_url)
     repo = open_repository(file_repo)
     now = catalog.utcnow()
     old = [fake_backup(repo, database, "manual", now - timedelta(days=60 + i)) for i in range(3)]

@@ -27,7 +27,7 @@ from flows.failover import failover
 from flows.restore import restore
 from pgdr.ops.errors import PgdrError
 from pgdr.pipeline import crypto
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn, postgres
 from pgdr.storage import aws
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.fake_pg_dump import broken_pg_bin
@@ -219,7 +219,7 @@ def test_a_run_handed_a_url_without_password_finds_the_configured_one(pg, monkey
     """A subflow or a run on a worker gets the target without its password: it comes from
     DATABASE_URL (or DB_PASSWORD) where the connection is made."""
     bare = pg.cluster.url("postgres", user=PG_SECRET_ROLE)
-    monkeypatch.setattr(postgres, "_PASSWORDS", {})  # nothing remembered from a URL in this process
+    monkeypatch.setattr(dsn, "_PASSWORDS", {})  # nothing remembered from a URL in this process
     monkeypatch.delenv("DB_PASSWORD", raising=False)
     monkeypatch.setenv("DATABASE_URL", pg.secret_url("postgres"))
     with postgres.connect(bare) as conn:

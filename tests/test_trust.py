@@ -320,7 +320,7 @@ def test_waiting_for_an_archived_object_reports_progress(s3, s3_repo):
     import httpx
 
     from pgdr.ops.errors import NotReadyYet
-    from pgdr.restore import restore as restoring
+    from pgdr.restore import staging
 
     repo = open_repository(s3_repo)
     repo.put_bytes("fleet/x/archived", b"old bytes", storage_class="GLACIER")
@@ -336,11 +336,11 @@ def test_waiting_for_an_archived_object_reports_progress(s3, s3_repo):
     time.sleep(1.1)
     try:
         with pytest.raises(NotReadyYet, match="typically 5 h"):
-            restoring.wait_until_readable(repo, "fleet/x/archived", wait_hours=1, wait=False, report=print)
+            staging.wait_until_readable(repo, "fleet/x/archived", wait_hours=1, wait=False, report=print)
         with pytest.raises(NotReadyYet, match="still being restored"):
-            restoring.wait_until_readable(repo, "fleet/x/archived", wait_hours=0, wait=True, report=print)
+            staging.wait_until_readable(repo, "fleet/x/archived", wait_hours=0, wait=True, report=print)
         seen: list[str] = []
-        storage_class = restoring.wait_until_readable(repo, "fleet/x/archived", wait_hours=1, wait=True,
+        storage_class = staging.wait_until_readable(repo, "fleet/x/archived", wait_hours=1, wait=True,
                                                       report=seen.append, poll_seconds=0.01)
     finally:
         transition("unset-transition", {"model_name": "s3::keyrestore"})

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from pgdr.catalog import catalog
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import load_settings
-from pgdr.postgres.postgres import display_dsn, parse_table_name, strip_password, with_database
+from pgdr.postgres.dsn import display_dsn, strip_password, with_database
+from pgdr.postgres.postgres import parse_table_name
 from pgdr.storage.repository import MiB, open_repository, validate_key
 from pgdr.storage.s3upload import MAX_PART_SIZE, MAX_PARTS, base_part_size, part_size
 

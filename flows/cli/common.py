@@ -54,7 +54,7 @@ def settings() -> Any:
 
 def url(value: str | None) -> str | None:
     """A database URL without its password (kept in this process only)."""
-    from pgdr.postgres.postgres import strip_password
+    from pgdr.postgres.dsn import strip_password
 
     return strip_password(value) if value else None
 

@@ -135,7 +135,7 @@ def fleet(action: Literal["backup", "verify"] = "backup", /, *, db: list[str] | 
         verify_server: server for verify's temporary databases (URL)
     """
     from flows.fleet import fleet
-    from pgdr.postgres.postgres import strip_password
+    from pgdr.postgres.dsn import strip_password
 
     return fleet(action=action, databases=[strip_password(u) for u in db or []],
                  servers=[strip_password(u) for u in server or []],

@@ -200,7 +200,8 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    from pgdr.pipeline.process import defer_termination, kill_running_pipelines
+    from pgdr.pipeline.process import kill_running_pipelines
+    from pgdr.pipeline.termination import defer_termination
 
     if defer_termination():
         return  # a step that must not stop half-way (a swap) is running: it ends, then this

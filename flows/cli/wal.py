@@ -24,7 +24,7 @@ def wal_target(repo: str | None, name: str | None, server_url: str | None = None
     config = settings()
     database = name or config.wal_db
     if not database and (server_url or config.db_url):
-        from pgdr.postgres.postgres import database_name
+        from pgdr.postgres.dsn import database_name
 
         database = database_name(server_url or config.db_url)
     if not database:

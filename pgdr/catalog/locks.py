@@ -24,7 +24,7 @@ from typing import Any
 
 from pgdr.catalog.catalog import database_component, iso, parse_iso, utcnow
 from pgdr.ops.errors import PgdrError
-from pgdr.pipeline.process import run_is_gone, this_run
+from pgdr.pipeline.runs import run_is_gone, this_run
 from pgdr.storage.repository import Repository
 
 LOCK_TTL = timedelta(minutes=5)

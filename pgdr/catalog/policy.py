@@ -127,7 +127,7 @@ def is_stale(moment: datetime, now: datetime, grace: timedelta = DEFAULT_GRACE) 
 
 def choose_safety_databases(found: Iterable[Any], now: datetime,
                             keep_days: int) -> list[tuple[Any, bool, str]]:
-    """(database, drop?, reason) for each safety database (pgdr.restore.restore.SafetyDatabase): the
+    """(database, drop?, reason) for each safety database (pgdr.restore.tags.SafetyDatabase): the
     newest of each role per target is kept (it is what `pgdr rollback` uses), the others
     once older than keep_days; one without a time is kept (never drop what is not understood)."""
     _aware(now, "now")

@@ -38,7 +38,7 @@ SAFETY_DATABASE = "safety-database"
 
 
 def safety_database_row(database: Any, action: str, reason: str) -> dict[str, object]:
-    """The prune report's row for a safety database (pgdr.restore.restore.SafetyDatabase)."""
+    """The prune report's row for a safety database (pgdr.restore.tags.SafetyDatabase)."""
     try:
         at = datetime.fromisoformat(database.at.replace("Z", "+00:00"))
     except (AttributeError, ValueError):

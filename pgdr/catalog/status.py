@@ -56,14 +56,15 @@ def server_safety_databases(server_url: str, of: str | None = None) -> dict[str,
     """The databases restores and rollbacks set aside on a server (full copies, dropped by
     prune after PGDR_KEEP_SAFETY_DATABASES_DAYS); an unreachable server is reported, not raised."""
     from pgdr.ops.errors import PgdrError
-    from pgdr.postgres import postgres
+    from pgdr.postgres import dsn, postgres
     from pgdr.restore import restore as restoring
+    from pgdr.restore import tags
 
-    report: dict[str, Any] = {"server": postgres.display_dsn(server_url), "databases": [], "error": None}
+    report: dict[str, Any] = {"server": dsn.display_dsn(server_url), "databases": [], "error": None}
     try:
-        admin = restoring.admin_database(postgres.database_name(server_url))
+        admin = restoring.admin_database(dsn.database_name(server_url))
         with postgres.connect(server_url, dbname=admin) as conn:
-            found = restoring.safety_databases(conn)
+            found = tags.safety_databases(conn)
     except PgdrError as exc:
         report["error"] = str(exc)
         return report

@@ -16,7 +16,7 @@ from itertools import zip_longest
 from typing import Any
 
 from pgdr.ops.errors import ConfigError
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn, postgres
 
 HOST_LIMIT_PREFIX = "pgdr-host:"
 
@@ -38,13 +38,13 @@ class Member:
 
     @classmethod
     def of(cls, url: str) -> Member:
-        bare = postgres.strip_password(url)
-        return cls(bare, postgres.database_name(bare), postgres.host_key(bare))
+        bare = dsn.strip_password(url)
+        return cls(bare, dsn.database_name(bare), dsn.host_key(bare))
 
 
 def host_limit_name(url: str) -> str:
     """The global concurrency limit that guards the server of url: `pgdr-host:<host>:<port>`."""
-    return HOST_LIMIT_PREFIX + postgres.host_key(url)
+    return HOST_LIMIT_PREFIX + dsn.host_key(url)
 
 
 def matches(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
@@ -59,7 +59,7 @@ def discover(server_url: str, include: Sequence[str] = (), exclude: Sequence[str
     chosen by the patterns."""
     with postgres.connect(server_url, autocommit=True) as conn:
         names = [row[0] for row in conn.execute(_DISCOVERABLE)]
-    return [Member.of(postgres.with_database(server_url, name)) for name in names
+    return [Member.of(dsn.with_database(server_url, name)) for name in names
             if matches(name, include, exclude)]
 
 

@@ -100,7 +100,7 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, to redact from child process output."""
-        from pgdr.postgres.postgres import password_of
+        from pgdr.postgres.dsn import password_of
 
         values = [self.gpg_passphrase, self.notify_url, os.environ.get("AWS_SECRET_ACCESS_KEY")]
         if self.db_url:

@@ -22,7 +22,8 @@ from pgdr.pipeline import crypto
 from pgdr.pipeline.pipeline import Encoder, Progress, decode_commands, encode_commands
 from pgdr.pipeline.process import Pipeline
 from pgdr.pipeline.watchdog import StallWatchdog, stall_seconds
-from pgdr.postgres.postgres import libpq_env, pg_bin
+from pgdr.postgres.postgres import libpq_env
+from pgdr.postgres.programs import pg_bin
 from pgdr.storage.repository import PutResult, Repository
 
 

@@ -14,16 +14,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import IO, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO, Any, TypedDict, Unpack
 
 from pgdr.ops.errors import PgdrError, redact
 
@@ -65,7 +62,7 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-# --- children die with pgdr; SIGTERM waits for steps that must not stop half-way ------------
+# --- children die with pgdr -------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
 _prctl = None
@@ -97,102 +94,6 @@ def dying_with_parent(argv: Sequence[str], env: Mapping[str, str] | None) -> tup
     if program is None:
         return list(argv), {"preexec_fn": die_with_parent}
     return [_SETPRIV, "--pdeathsig", "KILL", "--", program, *argv[1:]], {}  # type: ignore[list-item]
-
-
-_critical_depth = 0
-_termination_pending = threading.Event()
-
-
-@contextlib.contextmanager
-def termination_deferred() -> Iterator[None]:
-    """A SIGTERM that arrives during the block takes effect when the block has finished:
-    for steps that must complete once begun (the swap of a restore). In the main thread the
-    block has its own handler (Prefect's flow engine installs one of its own meanwhile)."""
-    global _critical_depth
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: _termination_pending.set())
-    except ValueError:  # not the main thread: the command line's handler defers it
-        previous = None
-    _critical_depth += 1
-    try:
-        yield
-    finally:
-        _critical_depth -= 1
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        if _critical_depth == 0 and _termination_pending.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)  # now it is handled
-
-
-def defer_termination() -> bool:
-    """Called by the SIGTERM handler: True (and the signal kept for later) while a
-    termination_deferred block runs."""
-    if _critical_depth > 0:
-        _termination_pending.set()
-        return True
-    _termination_pending.clear()
-    return False
-
-
-def termination_pending() -> bool:
-    return _termination_pending.is_set()
-
-
-# --- who owns a leftover: a run is named by host, pid and the pid's start time -------------
-
-
-def _started(pid: int) -> str | None:
-    """The start time of process pid in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def this_run() -> dict[str, Any]:
-    """host, pid and pid start of this process: recorded on everything a run leaves behind
-    until it is done (scratch databases, staging and passfile directories)."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": _started(os.getpid())}
-
-
-def run_is_gone(owner: Mapping[str, Any]) -> bool:
-    """True when owner names a process of this host that no longer runs (killed, or its pid
-    reused by another). A run of another host is never presumed gone here."""
-    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
-        return False
-    try:
-        os.kill(owner["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, under another user
-    recorded = owner.get("pid_started")
-    return recorded is not None and _started(owner["pid"]) not in (None, recorded)
-
-
-def private_directory(prefix: str, base: str | Path | None = None) -> Path:
-    """A new 0700 directory named after this run (`<prefix><pid>.<start>-<random>`), so that
-    once the run is gone, sweep_dead_runs knows it is a leftover."""
-    run = this_run()
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{run['pid']}.{run['pid_started']}-", dir=base))
-
-
-def sweep_dead_runs(base: str | Path | None, prefix: str) -> list[Path]:
-    """Remove the private directories under base (default: the temporary directory) whose
-    run is gone; returns what was removed."""
-    removed = []
-    root = Path(base or tempfile.gettempdir())
-    for entry in root.glob(f"{prefix}*"):
-        pid, _dot, rest = entry.name[len(prefix):].partition(".")
-        started = rest.split("-", 1)[0]
-        if not (pid.isdigit() and _dot and entry.is_dir()):  # only names private_directory gives
-            continue
-        owner = {"host": socket.gethostname(), "pid": int(pid),
-                 "pid_started": None if started == "None" else started}
-        if run_is_gone(owner):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
 
 
 class _StderrCollector(threading.Thread):
@@ -378,18 +279,19 @@ class Pipeline:
                 proc.wait()
 
 
-def run(
-    argv: Sequence[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    input: bytes | None = None,
-    timeout: float | None = None,
-    secrets: Iterable[str] = (),
-    pass_fds: Sequence[int] = (),
-) -> str:
-    """Run one command to completion and return its stdout; CommandError on failure."""
-    return run_bytes(argv, env=env, input=input, timeout=timeout, secrets=secrets,
-                     pass_fds=pass_fds).decode("utf-8", "replace")
+class RunOptions(TypedDict, total=False):
+    """The keywords of run and run_bytes."""
+
+    env: Mapping[str, str] | None
+    input: bytes | None
+    timeout: float | None
+    secrets: Iterable[str]
+    pass_fds: Sequence[int]
+
+
+def run(argv: Sequence[str], **options: Unpack[RunOptions]) -> str:
+    """Run one command to completion and return its stdout as text; CommandError on failure."""
+    return run_bytes(argv, **options).decode("utf-8", "replace")
 
 
 def run_bytes(

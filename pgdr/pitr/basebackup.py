@@ -36,7 +36,8 @@ from pgdr.pipeline.dump import fetch_dump
 from pgdr.pipeline.pipeline import NO_STALL_BUDGET, Encoder, encode_commands, stream_encoded
 from pgdr.pipeline.process import Pipeline
 from pgdr.pitr.wal import wal_file_name
-from pgdr.postgres.postgres import libpq_env, pg_bin
+from pgdr.postgres.postgres import libpq_env
+from pgdr.postgres.programs import pg_bin
 from pgdr.storage.repository import READ_CHUNK, PutResult, Repository
 
 BASE_AREA = "base"

@@ -198,11 +198,11 @@ def check_archiving(db_url: str, repo: Repository, database: str, timeout: float
     Returns the report; `ok` false with `problems` saying why otherwise."""
     from pgdr.pitr import wal
     from pgdr.pitr.basebackup import list_base_backups
-    from pgdr.postgres import postgres
+    from pgdr.postgres import dsn, postgres
 
     problems: list[str] = []
     report: dict[str, Any] = {"database": database, "repository": repo.url,
-                              "server": postgres.display_dsn(db_url), "switched_segment": None,
+                              "server": dsn.display_dsn(db_url), "switched_segment": None,
                               "archived_within_seconds": None, "base_backup": None}
     with postgres.connect(db_url, autocommit=True) as conn:
         mode, command = conn.execute(

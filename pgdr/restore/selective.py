@@ -16,8 +16,8 @@ from pathlib import Path
 import psycopg
 
 from pgdr.pipeline.process import run
-from pgdr.postgres import postgres
-from pgdr.restore import restore as restoring
+from pgdr.postgres import dsn, postgres, programs
+from pgdr.restore import staging
 
 Relation = tuple[str, str]
 """(schema, name) of a table, as the catalogs spell them."""
@@ -74,12 +74,12 @@ def restore_tables(server_url: str, dbname: str, archive: Path, tables: Sequence
                    no_owner: bool, secrets: list[str]) -> set[Relation]:
     """Into the existing, empty database dbname: the backup's schema, then the rows of
     `tables` and of the tables below them. Returns the tables whose rows were restored."""
-    restoring.pg_restore(server_url, dbname, archive, jobs=1, no_owner=no_owner, secrets=secrets,
+    staging.pg_restore(server_url, dbname, archive, jobs=1, no_owner=no_owner, secrets=secrets,
                          options=["--section=pre-data"])
-    with postgres.connect(postgres.with_database(server_url, dbname)) as conn:
+    with postgres.connect(dsn.with_database(server_url, dbname)) as conn:
         family = table_family(conn, tables)
         # pg_restore of the server's version: an older one cannot read a newer archive.
-        pg_restore = postgres.pg_bin("pg_restore", postgres.server_major(conn))
+        pg_restore = programs.pg_bin("pg_restore", postgres.server_major(conn))
     by_schema: dict[str, list[str]] = {}
     for schema, name in sorted(family):
         by_schema.setdefault(schema, []).extend(["-t", name])
@@ -88,7 +88,7 @@ def restore_tables(server_url: str, dbname: str, archive: Path, tables: Sequence
     listing = run([pg_restore, "--list", str(archive)], secrets=secrets)
     selection = archive.with_suffix(".list")
     selection.write_text("\n".join(chosen_entries(listing, narrowed)) + "\n")
-    restoring.pg_restore(server_url, dbname, archive, jobs=jobs, no_owner=no_owner, secrets=secrets,
+    staging.pg_restore(server_url, dbname, archive, jobs=jobs, no_owner=no_owner, secrets=secrets,
                          options=[f"--use-list={selection}"])
     return family
 

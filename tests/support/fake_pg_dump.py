@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pgdr.postgres.postgres import pg_bin
+from pgdr.postgres.programs import pg_bin
 
 _WRAPPER = """#!{python}
 # The real pg_dump; after {limit} bytes: {then}.
