@@ -138,3 +138,81 @@ def test_an_option_given_twice_counts_once_the_last_and_lists_append():
 ])
 def test_anything_else_goes_to_the_parser(argv):
     assert _bind_plainly(argv) is None
+
+
+# Each command's options are declared on its command function, and the flow's parameters on
+# the flow (Prefect builds the UI's form and the deployments' schema from them). What keeps
+# the two from drifting apart: every flow parameter has its option, under the same name
+# unless it is listed here, and an option of the same name has the flow's default.
+FLOWS_OF = {
+    "backup": ["flows.backup:backup"], "restore": ["flows.restore:restore"],
+    "restore-temp": ["flows.restore:restore_to_temp"], "rollback": ["flows.restore:rollback"],
+    "repair": ["flows.restore:repair"], "verify": ["flows.verify:verify"],
+    "recover-table": ["flows.recover_table:recover_table"], "basebackup": ["flows.basebackup:basebackup"],
+    "pitr": ["flows.pitr:pitr", "flows.pitr:rds_point_in_time_recovery"],
+    "failover": ["flows.failover:failover"], "drill": ["flows.drill:drill"], "fleet": ["flows.fleet:fleet"],
+    "files": ["flows.files:files"], "restore-files": ["flows.files:restore_files"],
+    "storage-snapshot": ["flows.storage:storage_snapshot"],
+    "storage-restore": ["flows.storage:storage_restore"],
+    "prune": ["flows.prune:prune"], "replicate": ["flows.replicate:replicate"],
+}
+# flow parameter: the option that sets it, where a person's word differs from the flow's
+OPTION_FOR = {
+    "backup_id": "backup", "tables": "table", "paths": "path", "databases": "db", "servers": "server",
+    "pre_restore_backup": "no_pre_restore_backup", "fast_checkpoint": "spread_checkpoint",
+    "kind": "full", "target_timeline": "timeline", "timeout_seconds": "timeout", "keep_running": "stop",
+    "source_instance": "rds_source", "target_instance": "rds_target", "instance_class": "rds_instance_class",
+    "health_urls": "health_url", "health_timeout_seconds": "health_timeout",
+    "failover": "with_failover_dry_run", "replica_repo": "replica",
+}
+# flow parameters no person sets: the command line fills them in, or only a deployment does
+NOT_AN_OPTION = {
+    ("drill", "started_at"): "the process's start, so that the measured RTO includes pgdr's own",
+    ("pitr", "pgdr_path"): "this pgdr, which the recovering server's restore_command runs",
+    ("replicate", "only_when_configured"): "the replicate/frequent deployment's: no replica is no error",
+}
+
+
+def _options_of(function) -> dict[str, object]:
+    """A command function's options by Python name, option groups expanded, with defaults."""
+    import dataclasses
+    import inspect
+
+    options: dict[str, object] = {}
+    for parameter in inspect.signature(function).parameters.values():
+        if dataclasses.is_dataclass(parameter.default):
+            options.update({f.name: getattr(parameter.default, f.name)
+                            for f in dataclasses.fields(parameter.default)})
+        else:
+            options[parameter.name] = parameter.default
+    return options
+
+
+def test_every_flow_parameter_has_its_option_with_the_flow_default():
+    import importlib
+    import inspect
+
+    commands = {name: path for group in COMMANDS.values() for name, path in group}
+    assert set(FLOWS_OF) == {name for name, path in commands.items()
+                             if getattr(_command(path), "pgdr_runs_flow", False)}
+    for name, flows in FLOWS_OF.items():
+        options = _options_of(_command(commands[name]))
+        for path in flows:
+            module, attribute = path.split(":")
+            flow = getattr(importlib.import_module(module), attribute)
+            for parameter in inspect.signature(flow.fn).parameters.values():
+                if (name, parameter.name) in NOT_AN_OPTION:
+                    continue
+                option = OPTION_FOR.get(parameter.name, parameter.name)
+                assert option in options, f"{path}: parameter {parameter.name} has no option in `pgdr {name}`"
+                default = options[option]
+                if option == parameter.name and default is not inspect.Parameter.empty \
+                        and parameter.default is not inspect.Parameter.empty:
+                    assert default == parameter.default, (name, option, default, parameter.default)
+
+
+def _command(path: str):
+    import importlib
+
+    module, function = path.split(":")
+    return getattr(importlib.import_module(f"flows.cli.{module}"), function)
