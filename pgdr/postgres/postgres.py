@@ -24,24 +24,29 @@ from pgdr.postgres.dsn import display_dsn, params_with_password, password_of, wi
 
 PASSFILE_PREFIX = "pgdr-pass-"
 
+def _users_relation(relation: str, namespace: str) -> str:
+    """The SQL condition that the relation (alias) in the schema (alias) is the users': not
+    in a system schema, and not an extension's."""
+    return f"""{namespace}.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND {namespace}.nspname NOT LIKE 'pg\\_toast%' AND {namespace}.nspname NOT LIKE 'pg\\_temp%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = {relation}.oid AND d.deptype = 'e')"""
+
+
 # Tables whose rows pg_dump writes: ordinary tables (partitions included) outside the
 # system schemas and extensions. quote_ident() on the server decides which names need
 # quotes, exactly as PostgreSQL itself would.
-_TABLES_SQL = """
+_TABLES_SQL = f"""
 SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname), n.nspname, c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'r'
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+WHERE c.relkind = 'r' AND {_users_relation("c", "n")}
 ORDER BY n.nspname, c.relname
 """
 
 
 # Partitioned tables (a partition may itself be partitioned) and the partitions that store
 # their rows; the same schemas and extension rule as _TABLES_SQL.
-_PARTITIONED_SQL = """
+_PARTITIONED_SQL = f"""
 SELECT quote_ident(n.nspname) || '.' || quote_ident(p.relname),
        array_agg(quote_ident(ln.nspname) || '.' || quote_ident(l.relname) ORDER BY ln.nspname, l.relname)
          FILTER (WHERE l.oid IS NOT NULL)
@@ -49,11 +54,7 @@ FROM pg_class p JOIN pg_namespace n ON n.oid = p.relnamespace
 LEFT JOIN LATERAL pg_partition_tree(p.oid) t ON t.isleaf
 LEFT JOIN pg_class l ON l.oid = t.relid AND l.relkind = 'r'
 LEFT JOIN pg_namespace ln ON ln.oid = l.relnamespace
-WHERE p.relkind = 'p'
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                  WHERE d.classid = 'pg_class'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+WHERE p.relkind = 'p' AND {_users_relation("p", "n")}
 GROUP BY n.nspname, p.relname
 ORDER BY n.nspname, p.relname
 """

@@ -55,30 +55,34 @@ def insert_missing(conn: psycopg.Connection, target: TableShape, stage: sql.Iden
 
 def update_changed(conn: psycopg.Connection, target: TableShape, stage: sql.Identifier,
                    columns: list[str]) -> int:
-    """Give rows present in both the backup's values (compared as text, which works for
-    every type, json included)."""
-    values = [c for c in columns if c not in target.primary_key]
-    if not values:
-        return 0
-    query = sql.SQL(
-        "UPDATE {t} AS t SET ({cols}) = ROW({scols}) FROM {stage} s"
-        " WHERE {match} AND ROW({tcols})::text IS DISTINCT FROM ROW({scols})::text"
-    ).format(t=target.own_rows, cols=column_list(values), scols=column_list(values, "s"),
-             tcols=column_list(values, "t"), stage=stage, match=_key_match(target.primary_key, "t", "s"))
-    return conn.execute(query).rowcount
+    """Give rows present in both the backup's values; the rows given."""
+    return _changed(conn, target, stage, columns, count_only=False)
 
 
 def count_changed(conn: psycopg.Connection, target: TableShape, stage: sql.Identifier,
                   columns: list[str]) -> int:
+    """The rows update_changed would give the backup's values (a dry run)."""
+    return _changed(conn, target, stage, columns, count_only=True)
+
+
+def _changed(conn: psycopg.Connection, target: TableShape, stage: sql.Identifier, columns: list[str],
+             count_only: bool) -> int:
+    """Rows present in both whose values differ (compared as text, which works for every
+    type, json included): counted, or given the backup's values."""
     values = [c for c in columns if c not in target.primary_key]
     if not values:
         return 0
-    query = sql.SQL(
-        "SELECT count(*) FROM {t} AS t JOIN {stage} s ON {match}"
-        " WHERE ROW({tcols})::text IS DISTINCT FROM ROW({scols})::text"
-    ).format(t=target.own_rows, stage=stage, match=_key_match(target.primary_key, "t", "s"),
-             tcols=column_list(values, "t"), scols=column_list(values, "s"))
-    return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
+    differs = sql.SQL("{match} AND ROW({tcols})::text IS DISTINCT FROM ROW({scols})::text").format(
+        match=_key_match(target.primary_key, "t", "s"), tcols=column_list(values, "t"),
+        scols=column_list(values, "s"))
+    if count_only:
+        query = sql.SQL("SELECT count(*) FROM {t} AS t, {stage} s WHERE {differs}").format(
+            t=target.own_rows, stage=stage, differs=differs)
+        return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
+    query = sql.SQL("UPDATE {t} AS t SET ({cols}) = ROW({scols}) FROM {stage} s WHERE {differs}").format(
+        t=target.own_rows, cols=column_list(values), scols=column_list(values, "s"), stage=stage,
+        differs=differs)
+    return conn.execute(query).rowcount
 
 
 def _absent_from_stage(target: TableShape, stage: sql.Identifier) -> sql.Composable:
