@@ -9,7 +9,7 @@ import pytest
 
 from pgdr.catalog.catalog import Manifest, StoredManifest
 from pgdr.catalog.retention import scan_backups, scan_base_backups
-from pgdr.files.files import FilesManifest
+from pgdr.files.manifest import FilesManifest
 from pgdr.ops.errors import ConfigError
 from pgdr.pitr.basebackup import BaseManifest
 from pgdr.storage.repository import open_repository

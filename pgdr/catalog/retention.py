@@ -37,9 +37,9 @@ from pgdr.catalog.policy import (
     is_stale,
 )
 from pgdr.catalog.scan import list_databases
-from pgdr.files import files as filing
+from pgdr.files import manifest as files_manifest
 from pgdr.ops.errors import ConfigError, PgdrError
-from pgdr.pitr import wal
+from pgdr.pitr import wal, walarchive
 from pgdr.pitr.basebackup import BASE_AREA, BaseManifest
 from pgdr.storage.repository import IncompleteUpload, Repository
 from pgdr.storage.storage import StorageManifest, bucket_area, list_buckets, referenced_keys
@@ -172,8 +172,8 @@ def plan_prune(repo: Repository, database: str, now: datetime, policy: Policy,
 def plan_files_prune(repo: Repository, name: str, now: datetime, policy: Policy,
                      tier: str | None = None, grace: timedelta = DEFAULT_GRACE) -> PrunePlan:
     """What pruning the files backups named name would do (as plan_prune for a database)."""
-    root = f"{filing.AREA}/{filing.check_name(name)}"
-    return _plan(repo, FILES, root, scan_backups(repo, root, name, filing.FilesManifest),
+    root = f"{files_manifest.AREA}/{files_manifest.check_name(name)}"
+    return _plan(repo, FILES, root, scan_backups(repo, root, name, files_manifest.FilesManifest),
                  now, policy, tier, grace)
 
 
@@ -485,7 +485,7 @@ def prune_set(repo: Repository, area: str, name: str, now: datetime, policy: Pol
 
 def list_sets(repo: Repository, area: str) -> list[str]:
     """The databases, files-backup names or snapshotted buckets in the repository."""
-    return {DATABASE: list_databases, FILES: filing.list_names, STORAGE: list_buckets,
+    return {DATABASE: list_databases, FILES: files_manifest.list_names, STORAGE: list_buckets,
             PITR: list_pitr_sets}[area](repo)
 
 
@@ -518,14 +518,14 @@ def plan_pitr_prune(repo: Repository, database: str, now: datetime, policy: Poli
 def prune_archived_wal(repo: Repository, database: str, remaining: list[BaseManifest],
                        dry_run: bool) -> list[dict[str, object]]:
     """Delete the archived WAL older than the oldest remaining base backup: one report row."""
-    names = wal.prunable_segments((f.name for f in wal.archived_files(repo, database)),
-                                  (b.start_wal_file for b in remaining))
+    names = walarchive.prunable_segments((f.name for f in walarchive.archived_files(repo, database)),
+                                         (b.start_wal_file for b in remaining))
     if not names:
         return []
     oldest = min(remaining, key=lambda b: (wal.segment_position(b.start_wal_file), b.backup_id))
     problem = None
     if not dry_run:
-        failed = list(wal.delete_archived(repo, database, names).values())
+        failed = list(walarchive.delete_archived(repo, database, names).values())
         if failed:
             problem = f"{len(failed)} not deleted ({failed[0]}): the next prune retries"
     reason = (f"{len(names)} archived WAL files before {oldest.start_wal_file}, where the oldest "
