@@ -17,11 +17,8 @@ from pgdr.catalog import catalog
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import load_settings
 from pgdr.pipeline import crypto
-from pgdr.pitr.basebackup import (
-    KINDS,
-    BaseBackupSummary,
-    summary,
-)
+from pgdr.pitr.basebackup import BaseBackupSummary, summary
+from pgdr.pitr.incremental import KINDS
 from pgdr.postgres import dsn
 from tasks.basebackup import take_base_backup
 from tasks.prune import replicate_backup

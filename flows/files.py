@@ -16,7 +16,7 @@ from prefect import flow
 from flows.prune import prune_after_backup
 from pgdr.catalog import catalog, prune_report
 from pgdr.catalog.locks import database_lock
-from pgdr.files import files as filing
+from pgdr.files.manifest import FilesSummary, check_name
 from pgdr.ops.settings import check_tier, load_settings
 from pgdr.pipeline import crypto
 from tasks.files import archive_files, find_files_backup, restore_files_into
@@ -25,7 +25,7 @@ from tasks.records import audited, open_repo, write_manifest
 from tasks.runs import FLOW_HOOKS, run_name
 
 
-class FilesBackupResult(filing.FilesSummary):
+class FilesBackupResult(FilesSummary):
     """`pgdr files --json`."""
 
     sha256: str
@@ -56,7 +56,7 @@ def files(paths: list[str], name: str, repo: str | None = None, tier: str = "man
           encrypt_to: str | None = None) -> FilesBackupResult:
     """Back up named paths (directories or files) as one archive; returns its summary."""
     settings = load_settings()
-    filing.check_name(name)
+    check_name(name)
     check_tier(tier)
     repo_url = repo or settings.repo_url
     repository = open_repo(repo_url, settings)  # a bad URL fails here, before anything runs
@@ -91,7 +91,7 @@ def restore_files(backup_id: str, name: str, dest: str, repo: str | None = None,
                   overwrite: bool = False) -> FilesRestoreResult:
     """Restore a files backup (an id, or latest) into the directory dest."""
     settings = load_settings()
-    filing.check_name(name)
+    check_name(name)
     if not Path(dest).is_absolute():
         dest = str(Path(dest).resolve())
     repo_url = repo or settings.repo_url

@@ -19,12 +19,8 @@ from prefect import flow, get_run_logger
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import load_settings
 from pgdr.pitr import pitr as pitr_steps
-from pgdr.pitr.basebackup import (
-    backup_chain,
-    choose_base_backup,
-    find_base_backup,
-    list_base_backups,
-)
+from pgdr.pitr.basebackup import choose_base_backup, find_base_backup, list_base_backups
+from pgdr.pitr.incremental import backup_chain
 from pgdr.postgres.cluster import LocalCluster, free_port
 from pgdr.postgres.programs import same_major_bin_dir
 from tasks.pitr import recover_to_target, unpack_base_backup

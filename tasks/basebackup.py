@@ -17,15 +17,13 @@ from pgdr.pitr.basebackup import (
     INCREMENTAL,
     SERVER_MANIFEST,
     BaseManifest,
-    KindPlan,
     base_prefix,
-    fetch_server_manifest,
     list_base_backups,
-    plan_backup_kind,
     start_wal_file,
     store_server_manifest,
     stream_basebackup,
 )
+from pgdr.pitr.incremental import KindPlan, fetch_server_manifest, plan_backup_kind
 from pgdr.postgres import dsn, postgres
 from pgdr.postgres.programs import same_major_bin_dir
 from pgdr.storage.repository import Repository

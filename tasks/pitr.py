@@ -9,10 +9,8 @@ from prefect import task
 
 from pgdr.ops.settings import Settings
 from pgdr.pitr import pitr as pitr_steps
-from pgdr.pitr.basebackup import (
-    BaseManifest,
-    restore_backup_chain,
-)
+from pgdr.pitr.basebackup import BaseManifest
+from pgdr.pitr.baserestore import restore_backup_chain
 from pgdr.postgres.cluster import LocalCluster, grant_to_server
 from pgdr.postgres.programs import same_major_bin_dir
 from pgdr.storage.repository import Repository

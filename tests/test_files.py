@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from pgdr.catalog import catalog, locks
-from pgdr.files import files as filing
+from pgdr.files.backup import collect, first_secret, secret_patterns
+from pgdr.files.manifest import ARCHIVE, FORMAT, Entry, FilesManifest, find_file_backup, list_file_backups
 from pgdr.ops.errors import ConfigError
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
@@ -87,7 +88,7 @@ def test_tree_round_trips_exactly(repo_kind, encrypted, request, capsys, gpg, tm
     assert result["encrypted"] is encrypted
     assert result["location"].startswith(f"{repo_url}/files/app-config/daily/")
     repo = open_repository(repo_url)
-    [manifest] = filing.list_file_backups(repo)
+    [manifest] = list_file_backups(repo)
     assert manifest.backup_id == result["backup_id"] and manifest.sha256 == result["sha256"]
     entries = {e["path"]: e for e in manifest.entries}
     app_sha = hashlib.sha256((config / "app.yaml").read_bytes()).hexdigest()
@@ -134,7 +135,7 @@ def test_expired_files_backups_are_pruned_and_the_kept_one_restores(capsys, file
     other = cli_json(capsys, "files", "--path", str(config), "--name", "infra", "--repo", file_repo,
                      "--tier", "daily")
     repo = open_repository(file_repo)
-    newest = filing.list_file_backups(repo, "app-config")[-1].backup_id
+    newest = list_file_backups(repo, "app-config")[-1].backup_id
     stored_before = sorted(o.key for o in repo.list("files/"))
 
     # Time travel by policy: with a daily retention of 0 days, only the floors keep a backup
@@ -156,7 +157,7 @@ def test_expired_files_backups_are_pruned_and_the_kept_one_restores(capsys, file
     assert result["ok"] and result["counts"] == {"keep": 2, "deleted": 2}
     assert {r["backup_id"]: r["action"] for r in result["backups"]} == {
         k: v.replace("would delete", "deleted") for k, v in expected.items()}
-    assert {m.backup_id for m in filing.list_file_backups(repo)} == {newest, other["backup_id"]}
+    assert {m.backup_id for m in list_file_backups(repo)} == {newest, other["backup_id"]}
     # Nothing of a deleted backup stays behind, and the lock is released.
     assert {o.key.split("/")[-2] for o in repo.list("files/")} == {newest, other["backup_id"]}
     assert not repo.head(locks.lock_key("app-config", "files"))
@@ -171,7 +172,7 @@ def test_expired_files_backups_are_pruned_and_the_kept_one_restores(capsys, file
     again = cli_json(capsys, "files", "--path", str(config), "--name", "infra", "--repo", file_repo,
                      "--tier", "daily")
     assert again["pruned"] == {"keep": 1, "deleted": 1}
-    assert {m.backup_id for m in filing.list_file_backups(repo)} == {newest, again["backup_id"]}
+    assert {m.backup_id for m in list_file_backups(repo)} == {newest, again["backup_id"]}
 
 
 @pytest.mark.parametrize("extra_patterns", ["", "*.secret"])
@@ -188,7 +189,7 @@ def test_secret_file_without_encryption_is_refused(extra_patterns, capsys, file_
     assert error_line(err) == (f"pgdr: error: {secret} looks like a secret: refusing to store it "
                                "unencrypted (pass --encrypt-to or set PGDR_ENCRYPT_TO)")
     repo = open_repository(file_repo)
-    assert filing.list_file_backups(repo) == []
+    assert list_file_backups(repo) == []
     assert not [o for o in repo.list("files/")]
 
 
@@ -196,18 +197,18 @@ def test_symlink_pointing_outside_the_backed_up_paths_is_refused(tmp_path):
     config, _ = make_tree(tmp_path / "src")
     os.symlink("/etc/hostname", config / "hostname")
     with pytest.raises(ConfigError, match="cannot back up: refusing symlink 'config/hostname'"):
-        filing.collect([str(config)])
+        collect([str(config)])
 
 
 def test_secret_patterns_match_file_names():
-    patterns = filing.secret_patterns()
+    patterns = secret_patterns()
     names = [".env", "prod.env", "terraform.tfstate", "terraform.tfstate.backup", "tls.pem", "tls.key",
              "id_rsa", "id_rsa.pub", ".env.production", "credentials", "terraform.tfvars", "cert.p12",
              "cert.pfx", "keystore.jks", "kubeconfig", "client_secret.json", "Secrets.yaml", "PROD.ENV"]
     for name in names:
-        assert filing.first_secret([filing.Entry(f"a/{name}", "file", "0600", 0)], patterns) == f"a/{name}"
+        assert first_secret([Entry(f"a/{name}", "file", "0600", 0)], patterns) == f"a/{name}"
     for name in [".env.gpg", "env.example", ".env.example", "secrets.yaml.asc", "keys", "app.yaml"]:
-        assert filing.first_secret([filing.Entry(f"a/{name}", "file", "0600", 0)], patterns) is None
+        assert first_secret([Entry(f"a/{name}", "file", "0600", 0)], patterns) is None
 
 
 # --- crafted archives ------------------------------------------------------------------------
@@ -244,11 +245,11 @@ def store_crafted(repo_url: str, name: str, members: list[tuple], listed: list[t
     stored = subprocess.run(["zstd", "-q", "-c"], input=buffer.getvalue(), capture_output=True,
                             check=True).stdout
     backup_id = catalog.new_backup_id(catalog.utcnow(), "manual")
-    manifest = filing.FilesManifest(
+    manifest = FilesManifest(
         backup_id=backup_id, name=name, tier="manual", started_at="2026-01-01T00:00:00Z",
-        finished_at="2026-01-01T00:00:01Z", tool_version="crafted", format=filing.FORMAT,
+        finished_at="2026-01-01T00:00:01Z", tool_version="crafted", format=FORMAT,
         compression="zstd-3", encryption=None, size_bytes=len(stored), archive_bytes=len(buffer.getvalue()),
-        sha256=hashlib.sha256(stored).hexdigest(), data_key=filing.ARCHIVE, sources={},
+        sha256=hashlib.sha256(stored).hexdigest(), data_key=ARCHIVE, sources={},
         entries=[_entry(info, data) for info, data in (listed if listed is not None else members)],
     )
     repo = open_repository(repo_url)
@@ -313,7 +314,7 @@ def test_restore_does_not_write_through_a_symlink_already_in_the_destination(cap
 def test_corrupt_archive_is_refused_before_anything_is_written(capsys, file_repo, tmp_path):
     backup_id = store_crafted(file_repo, "crafted", [_member("readme.txt", b"fine\n")])
     repo = open_repository(file_repo)
-    manifest = filing.find_file_backup(repo, backup_id, "crafted")
+    manifest = find_file_backup(repo, backup_id, "crafted")
     data = bytearray(repo.get_bytes(f"{manifest.prefix}/{manifest.data_key}"))
     data[-5] ^= 0xFF
     repo.put_bytes(f"{manifest.prefix}/{manifest.data_key}", bytes(data))

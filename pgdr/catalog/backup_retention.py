@@ -33,7 +33,7 @@ from pgdr.catalog.prune_report import (
     is_backup_id,
     report_row,
 )
-from pgdr.files import files as filing
+from pgdr.files import manifest as files_manifest
 from pgdr.ops.errors import PgdrError
 from pgdr.storage.repository import IncompleteUpload, Repository
 
@@ -141,8 +141,8 @@ def plan_prune(repo: Repository, database: str, now: datetime, policy: Policy,
 def plan_files_prune(repo: Repository, name: str, now: datetime, policy: Policy,
                      tier: str | None = None, grace: timedelta = DEFAULT_GRACE) -> PrunePlan:
     """What pruning the files backups named name would do (as plan_prune for a database)."""
-    root = f"{filing.AREA}/{filing.check_name(name)}"
-    return plan_backups(repo, FILES, root, scan_backups(repo, root, name, filing.FilesManifest),
+    root = f"{files_manifest.AREA}/{files_manifest.check_name(name)}"
+    return plan_backups(repo, FILES, root, scan_backups(repo, root, name, files_manifest.FilesManifest),
                         now, policy, tier, grace)
 
 

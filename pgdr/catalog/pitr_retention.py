@@ -14,7 +14,7 @@ from pgdr.catalog.catalog import database_component
 from pgdr.catalog.policy import DEFAULT_GRACE, Policy, choose_base_backups
 from pgdr.catalog.prune_report import PITR, deletion_outcome, report_row
 from pgdr.catalog.scan import list_databases
-from pgdr.pitr import wal
+from pgdr.pitr import wal, walarchive
 from pgdr.pitr.basebackup import BASE_AREA, BaseManifest
 from pgdr.storage.repository import Repository
 
@@ -41,14 +41,14 @@ def plan_pitr_prune(repo: Repository, database: str, now: datetime, policy: Poli
 def prune_archived_wal(repo: Repository, database: str, remaining: list[BaseManifest],
                        dry_run: bool) -> list[dict[str, object]]:
     """Delete the archived WAL older than the oldest remaining base backup: one report row."""
-    names = wal.prunable_segments((f.name for f in wal.archived_files(repo, database)),
-                                  (b.start_wal_file for b in remaining))
+    names = walarchive.prunable_segments((f.name for f in walarchive.archived_files(repo, database)),
+                                         (b.start_wal_file for b in remaining))
     if not names:
         return []
     oldest = min(remaining, key=lambda b: (wal.segment_position(b.start_wal_file), b.backup_id))
     problem = None
     if not dry_run:
-        failed = list(wal.delete_archived(repo, database, names).values())
+        failed = list(walarchive.delete_archived(repo, database, names).values())
         if failed:
             problem = f"{len(failed)} not deleted ({failed[0]}): the next prune retries"
     reason = (f"{len(names)} archived WAL files before {oldest.start_wal_file}, where the oldest "

@@ -14,7 +14,7 @@ from pgdr.catalog.policy import Policy
 from pgdr.catalog.prune_report import AREAS, DATABASE, FILES, PITR, STORAGE
 from pgdr.catalog.scan import list_databases
 from pgdr.catalog.snapshot_retention import apply_storage_plan, plan_storage_prune
-from pgdr.files import files as filing
+from pgdr.files import manifest as files_manifest
 from pgdr.ops.errors import ConfigError
 from pgdr.storage.repository import Repository
 from pgdr.storage.storage import list_buckets
@@ -48,5 +48,5 @@ def prune_set(repo: Repository, area: str, name: str, now: datetime, policy: Pol
 
 def list_sets(repo: Repository, area: str) -> list[str]:
     """The databases, files-backup names or snapshotted buckets in the repository."""
-    return {DATABASE: list_databases, FILES: filing.list_names, STORAGE: list_buckets,
+    return {DATABASE: list_databases, FILES: files_manifest.list_names, STORAGE: list_buckets,
             PITR: list_pitr_sets}[area](repo)

@@ -1,4 +1,5 @@
-"""Physical base backups for point-in-time recovery, and restoring them.
+"""Physical base backups for point-in-time recovery: where they are stored, their
+manifest, finding one, and taking one.
 
 `pg_basebackup -D - -Ft -X fetch | zstd | [gpg]` streams into
 `<db>/base/<YYYY>/<MM>/<DD>/<id>/base.tar.zst[.gpg]`, and `manifest.json` beside it is
@@ -7,32 +8,26 @@ more) and needs `-X fetch` or `-X none` (streaming WAL needs a second output fil
 `-X fetch` the backup holds the WAL it needs to become consistent, so it restores even
 without the WAL archive.
 
-PostgreSQL 17 and newer also take incremental backups (`pg_basebackup --incremental=<the
-previous backup's backup_manifest>`): only the blocks changed since that backup, found in
-the server's WAL summaries (`summarize_wal = on`). The server's backup_manifest (the last
-member of the tar) is therefore also stored apart, as `backup_manifest.zst[.gpg]`, for the
-next incremental to start from. Restoring an incremental needs its whole chain back to a
-full backup: each link is unpacked and `pg_combinebackup` rebuilds a full data directory.
+The server's backup_manifest (the last member of the tar) is also stored apart, as
+`backup_manifest.zst[.gpg]`, for the next incremental backup to start from (see
+pgdr.pitr.incremental); pgdr.pitr.baserestore restores them.
 """
+
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
 import subprocess
-import tarfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, TypedDict
 
 from pgdr.catalog.catalog import MANIFEST, StoredManifest, database_component, dated_prefix
-from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
-from pgdr.pipeline.dump import fetch_dump
+from pgdr.ops.errors import NotFoundError, PgdrError
 from pgdr.pipeline.pipeline import NO_STALL_BUDGET, Encoder, encode_commands, stream_encoded
 from pgdr.pipeline.process import Pipeline
 from pgdr.pitr.wal import wal_file_name
@@ -41,14 +36,9 @@ from pgdr.postgres.programs import pg_bin
 from pgdr.storage.repository import READ_CHUNK, PutResult, Repository
 
 BASE_AREA = "base"
-# Parallel streams downloading a base backup from S3: the fast way back is network-bound.
-DOWNLOAD_STREAMS = 4
 # The server's own manifest inside the tar, and the object it is stored apart as.
 SERVER_MANIFEST = "backup_manifest"
 FULL, INCREMENTAL = "full", "incremental"
-KINDS = ("auto", FULL, INCREMENTAL)
-# The default policy: a full backup when the newest chain's full is older than this.
-FULL_EVERY = timedelta(days=7)
 
 _START = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
 _END = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
@@ -127,90 +117,6 @@ def choose_base_backup(backups: list[BaseManifest], *, target_time: datetime | N
         oldest = f" (the oldest finished {backups[0].finished_at})" if backups else ""
         raise NotFoundError(f"no base backup finished before the recovery target{oldest}")
     return usable[-1]
-
-
-def backup_chain(backups: Iterable[BaseManifest], chosen: BaseManifest) -> list[BaseManifest]:
-    """The backups that restoring `chosen` needs, full first: itself if full, else its
-    parents back to a full. IntegrityError naming the broken link when a parent is missing
-    or is not of the same server."""
-    by_id = {b.backup_id: b for b in backups}
-    chain = [chosen]
-    while chain[0].kind == INCREMENTAL:
-        child = chain[0]
-        parent = by_id.get(child.parent_backup_id or "")
-        if parent is None:
-            raise IntegrityError(f"the backup chain of {chosen.backup_id} is broken: {child.backup_id} is "
-                                 f"incremental on {child.parent_backup_id}, which is not in the repository")
-        if parent.system_identifier != child.system_identifier or parent in chain:
-            raise IntegrityError(f"the backup chain of {chosen.backup_id} is broken: parent "
-                                 f"{parent.backup_id} of {child.backup_id} is not of the same server")
-        chain.insert(0, parent)
-    if chain[0].kind != FULL:
-        raise IntegrityError(f"the backup chain of {chosen.backup_id} starts with {chain[0].backup_id}, "
-                             f"of unknown kind {chain[0].kind!r}")
-    return chain
-
-
-@dataclass(frozen=True)
-class KindPlan:
-    """What the next base backup is: FULL, or INCREMENTAL on `parent`; `note` says why and
-    `warning` is set when an incremental was wanted but cannot be taken."""
-
-    kind: str
-    parent: BaseManifest | None
-    note: str
-    warning: str | None = None
-
-
-def plan_backup_kind(requested: str, backups: list[BaseManifest], *, server_major: int, summarize_wal: bool,
-                     system_identifier: str, timeline: int, now: datetime,
-                     full_every: timedelta = FULL_EVERY) -> KindPlan:
-    """The default policy (requested "auto"): incremental on the newest base backup of the
-    same server when PostgreSQL is 17 or newer, summarize_wal is on, that backup's chain is
-    whole, its full finished less than `full_every` ago, and it is on the same timeline;
-    otherwise full. "full" forces a full backup; "incremental" forces an incremental and
-    raises ConfigError when one cannot be taken."""
-    if requested not in KINDS:
-        raise ConfigError(f"unknown backup kind {requested!r}: choose one of {', '.join(KINDS)}")
-    if requested == FULL:
-        return KindPlan(FULL, None, "a full backup was asked for")
-    reason = _no_incremental_because(backups, server_major=server_major, summarize_wal=summarize_wal,
-                                     system_identifier=system_identifier, timeline=timeline, now=now,
-                                     full_every=full_every)
-    if isinstance(reason, BaseManifest):
-        return KindPlan(INCREMENTAL, reason, f"incremental on {reason.backup_id}")
-    if requested == INCREMENTAL:
-        raise ConfigError(f"an incremental base backup cannot be taken: {reason}")
-    warned = reason.startswith("summarize_wal is off")
-    return KindPlan(FULL, None, reason, reason + ": taking a full backup instead" if warned else None)
-
-
-def _no_incremental_because(backups: list[BaseManifest], *, server_major: int, summarize_wal: bool,
-                            system_identifier: str, timeline: int, now: datetime,
-                            full_every: timedelta) -> BaseManifest | str:
-    """The parent of the next incremental, or why there is none."""
-    if server_major < 17:
-        return f"PostgreSQL {server_major} has no incremental backups (17 and newer have)"
-    if not summarize_wal:
-        return "summarize_wal is off on the server (incremental backups need it on)"
-    mine = [b for b in backups if b.system_identifier == system_identifier]
-    if not mine:
-        return "no earlier base backup of this server"
-    parent = max(mine, key=lambda b: (b.finished_at, b.backup_id))
-    if parent.server_manifest is None:
-        return f"the newest base backup {parent.backup_id} has no stored backup_manifest"
-    if int(parent.server_version.split(".")[0]) != server_major:
-        return f"the newest base backup {parent.backup_id} is of PostgreSQL {parent.server_version}"
-    if parent.timeline != timeline:
-        return (f"the newest base backup {parent.backup_id} is of timeline {parent.timeline}, "
-                f"the server is on {timeline}")
-    try:
-        full = backup_chain(mine, parent)[0]
-    except IntegrityError as exc:
-        return str(exc)
-    if now - full.finished >= full_every:
-        return f"the newest full backup {full.backup_id} is {full_every.days} days old or more"
-    return parent
 
 
 @dataclass(frozen=True)
@@ -364,103 +270,8 @@ def store_server_manifest(repo: Repository, key: str, data: bytes, *, encrypt_to
     return {"key": key, "size_bytes": stored.size, "sha256": stored.sha256}
 
 
-def fetch_server_manifest(repo: Repository, manifest: BaseManifest, destination: Path, *,
-                          gpg_homedir: str | None = None, passphrase: str | None = None,
-                          secrets: list[str] | None = None) -> Path:
-    """The parent's backup_manifest, checked against its sha256, decoded into destination."""
-    info = manifest.server_manifest
-    if info is None:
-        raise NotFoundError(f"base backup {manifest.backup_id} has no stored {SERVER_MANIFEST}")
-    fetch_dump(repo, info["key"], destination, size=info["size_bytes"], sha256=info["sha256"],
-               encrypted=manifest.encryption is not None, gpg_homedir=gpg_homedir, passphrase=passphrase,
-               secrets=secrets)
-    return destination
-
-
 def start_wal_file(result: BaseBackupResult, segment_size: int) -> str:
     return wal_file_name(result.timeline, result.start_lsn, segment_size)
-
-
-def restore_base_backup(repo: Repository, manifest: BaseManifest, datadir: Path, *,
-                        gpg_homedir: str | None = None, passphrase: str | None = None,
-                        secrets: list[str] | None = None) -> None:
-    """Verify and decode the stored backup, then unpack it into datadir (new or empty).
-
-    The tar is checked against the manifest's sha256 before it is unpacked.
-    """
-    if datadir.exists() and any(datadir.iterdir()):
-        raise ConfigError(f"{datadir} is not empty: restore a base backup into a new directory")
-    datadir.mkdir(parents=True, exist_ok=True)
-    datadir.chmod(0o700)
-    archive = datadir.with_name(f".{datadir.name}.base.tar")
-    try:
-        fetch_dump(repo, f"{manifest.prefix}/{manifest.data_key}", archive, size=manifest.size_bytes,
-                   sha256=manifest.sha256, encrypted=manifest.encryption is not None,
-                   gpg_homedir=gpg_homedir, passphrase=passphrase, secrets=secrets,
-                   streams=DOWNLOAD_STREAMS)
-        with tarfile.open(archive, "r:") as tar:
-            extract_safely(tar, datadir)
-    except BaseException:
-        shutil.rmtree(datadir, ignore_errors=True)
-        raise
-    finally:
-        archive.unlink(missing_ok=True)
-
-
-def restore_backup_chain(repo: Repository, chain: list[BaseManifest], datadir: Path, *,
-                         bin_dir: Path | None = None, gpg_homedir: str | None = None,
-                         passphrase: str | None = None, secrets: list[str] | None = None) -> None:
-    """Restore a full backup (a chain of one) or rebuild one from a chain (full first, then
-    each incremental): every link is verified and unpacked beside datadir, then
-    pg_combinebackup writes datadir. A damaged link fails before datadir is written."""
-    if len(chain) == 1:
-        restore_base_backup(repo, chain[0], datadir, gpg_homedir=gpg_homedir, passphrase=passphrase,
-                            secrets=secrets)
-        return
-    if datadir.exists() and any(datadir.iterdir()):
-        raise ConfigError(f"{datadir} is not empty: restore a base backup into a new directory")
-    staging = datadir.with_name(f".{datadir.name}.chain")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(mode=0o700, parents=True)
-    try:
-        links = []
-        for index, link in enumerate(chain):
-            links.append(staging / f"{index:03d}-{link.backup_id}")
-            restore_base_backup(repo, link, links[-1], gpg_homedir=gpg_homedir, passphrase=passphrase,
-                                secrets=secrets)
-        if datadir.exists():
-            datadir.rmdir()  # empty (checked): pg_combinebackup creates it
-        program = str(bin_dir / "pg_combinebackup") if bin_dir else pg_bin("pg_combinebackup")
-        with Pipeline([[program, *map(str, links), "-o", str(datadir)]], stdout=subprocess.DEVNULL,
-                      secrets=secrets or []) as combine:
-            combine.wait()
-    except BaseException:
-        shutil.rmtree(datadir, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def extract_safely(tar: tarfile.TarFile, datadir: Path) -> None:
-    """Unpack only plain files and directories, each strictly inside datadir, owned by
-    us and private (0600/0700), whatever the archive says. A single-tablespace base
-    backup holds nothing else; anything else (links, devices, `..`) is refused.
-    (tarfile's `data` filter would do this, but only from Python 3.11.4.)"""
-    root = datadir.resolve()
-    for member in tar:
-        path = (root / member.name).resolve()
-        if member.name.startswith("/") or not path.is_relative_to(root):
-            raise IntegrityError(f"base backup entry {member.name!r} points outside the data directory")
-        if member.isdir():
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        elif member.isfile():
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with source, os.fdopen(fd, "wb") as out:  # type: ignore[union-attr]
-                shutil.copyfileobj(source, out, READ_CHUNK)  # type: ignore[arg-type]
-        else:
-            raise IntegrityError(f"base backup entry {member.name!r} is not a file or directory")
 
 
 class BaseBackupSummary(TypedDict):

@@ -196,7 +196,7 @@ def check_archiving(db_url: str, repo: Repository, database: str, timeout: float
     4. the newest base backup is at most max_base_age_hours old (recovery replays all WAL
        since it: without new base backups it only grows longer).
     Returns the report; `ok` false with `problems` saying why otherwise."""
-    from pgdr.pitr import wal
+    from pgdr.pitr import wal, walarchive
     from pgdr.pitr.basebackup import list_base_backups
     from pgdr.postgres import dsn, postgres
 
@@ -236,8 +236,8 @@ def check_archiving(db_url: str, repo: Repository, database: str, timeout: float
         if age_hours > max_base_age_hours:
             problems.append(f"the newest base backup {newest.backup_id} finished {age_hours:.1f} h ago, "
                             f"more than {max_base_age_hours:g} h: are base backups still being taken?")
-    status = wal.archive_status(repo, database, chain_start=newest.start_wal_file if newest else None,
-                                segment_size=newest.wal_segment_size if newest else 16 * 1024 * 1024)
+    status = walarchive.archive_status(repo, database, chain_start=newest.start_wal_file if newest else None,
+                                       segment_size=newest.wal_segment_size if newest else 16 * 1024 * 1024)
     if status["missing_segments"]:
         problems.append(f"{status['missing_segments']} WAL segment(s) missing since base backup "
                         f"{newest.backup_id} ({', '.join(status['gaps'][:3])}"  # type: ignore[union-attr]

@@ -12,7 +12,8 @@ accept even when encryption makes the stored bytes differ each time, and what ma
 different file under the same name a loud failure.
 
 This path runs once per 16 MB segment, as the postgres user, from the archiver: it
-imports no Prefect and nothing heavy it does not need.
+imports no Prefect and nothing heavy it does not need. Reading the whole archive (its
+gaps, its age, pruning it) is pgdr.pitr.walarchive's.
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 from pgdr.catalog.catalog import database_component, iso, utcnow
 from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError, TransientError
@@ -42,8 +41,8 @@ SIDECAR = ".sha256"
 FETCH_NOT_FOUND = 1
 FETCH_ABORT_RECOVERY = 255
 
-_SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
-_WAL_NAME = re.compile(
+SEGMENT_PATTERN = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
+WAL_NAME_PATTERN = re.compile(
     r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$"
 )
 
@@ -51,7 +50,7 @@ _WAL_NAME = re.compile(
 def check_wal_name(name: str) -> str:
     """A WAL file name as PostgreSQL passes it in %f: a segment, a `.partial` segment,
     a `.backup` label or a timeline `.history` file. Anything else is refused."""
-    if not _WAL_NAME.match(name or ""):
+    if not WAL_NAME_PATTERN.match(name or ""):
         raise ConfigError(f"{name!r} is not a WAL file name")
     return name
 
@@ -59,7 +58,7 @@ def check_wal_name(name: str) -> str:
 def segment_position(name: str) -> int | None:
     """A segment's place in the WAL stream, whatever its timeline (log * 2**32 + seg);
     None for a history file, which belongs to no position."""
-    match = _SEGMENT.match(name[:24])
+    match = SEGMENT_PATTERN.match(name[:24])
     if not match or name.endswith(".history"):
         return None
     return int(match.group(2), 16) * 0x1_0000_0000 + int(match.group(3), 16)
@@ -243,7 +242,8 @@ def ready_files(wal_dir: Path) -> list[str]:
                   if p.name.endswith(".ready")]
     except OSError:
         return []
-    return sorted((n for n in marked if _WAL_NAME.match(n)), key=lambda n: (not n.endswith(".history"), n))
+    return sorted((n for n in marked if WAL_NAME_PATTERN.match(n)),
+                  key=lambda n: (not n.endswith(".history"), n))
 
 
 def _spool_note(spool: Path, name: str) -> Path:
@@ -277,8 +277,6 @@ def push_ahead(repo: Repository, database: str, path: Path, spool: Path, jobs: i
     """Archive path (as push) and, in parallel, up to jobs-1 more files PostgreSQL has
     marked ready; return once path is archived. A failure of another file is left for
     PostgreSQL's own call for it, which reports it."""
-    from concurrent.futures import ThreadPoolExecutor
-
     name = check_wal_name(path.name)
     spool.mkdir(parents=True, exist_ok=True)
     earlier = _pushed_ahead(spool, repo, database, path, name)
@@ -334,135 +332,3 @@ def fetch(
     except OSError as exc:
         raise PgdrError(f"cannot write {destination}: {exc.strerror}") from None
     return len(data)
-
-
-# --- what is archived -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ArchivedFile:
-    name: str
-    archived: datetime  # when its marker was stored
-
-
-def archived_files(repo: Repository, database: str) -> list[ArchivedFile]:
-    """Every completely archived WAL file of database, in WAL order."""
-    prefix = wal_prefix(database)
-    found = []
-    for info in repo.list(prefix):
-        name = info.key[len(prefix):]
-        if name.endswith(SIDECAR) and _WAL_NAME.match(name[: -len(SIDECAR)]):
-            found.append(ArchivedFile(name[: -len(SIDECAR)], info.modified))
-    return sorted(found, key=lambda f: f.name)
-
-
-# Gaps listed by name in a report; the count says how many there are in all.
-GAPS_LISTED = 20
-
-
-def missing_segments(archived: Iterable[str], first: str, last: str,
-                     segment_size: int = 16 * 1024 * 1024) -> list[str]:
-    """The segments from first to last (inclusive, by place in the WAL stream, on any
-    timeline) of which no whole segment is archived: recovery cannot replay past the
-    first of them. Named on first's timeline."""
-    per_log = 0x1_0000_0000 // segment_size
-
-    def index(name: str) -> int:
-        match = _SEGMENT.match(name)
-        if not match:
-            raise ConfigError(f"{name!r} is not a WAL segment name")
-        return int(match.group(2), 16) * per_log + int(match.group(3), 16)
-
-    present = {index(name) for name in archived if _SEGMENT.match(name)}
-    return [f"{first[:8]}{i // per_log:08X}{i % per_log:08X}"
-            for i in range(index(first), index(last) + 1) if i not in present]
-
-
-def archive_status(repo: Repository, database: str, now: datetime | None = None,
-                   chain_start: str | None = None, segment_size: int = 16 * 1024 * 1024) -> dict[str, Any]:
-    """The newest archived segment and its age: the RPO if the server died now; with
-    chain_start (the newest base backup's first segment), the gaps since then."""
-    files = archived_files(repo, database)
-    segments = [f for f in files if _SEGMENT.match(f.name)]
-    now = now or utcnow()
-    last = max(segments, key=lambda f: (f.archived, f.name)) if segments else None
-    gaps = (missing_segments((f.name for f in segments), chain_start, last.name, segment_size)
-            if last and chain_start else [])
-    return {
-        "repository": repo.url,
-        "database": database,
-        "archived_files": len(files),
-        "segments": len(segments),
-        "last_segment": last.name if last else None,
-        "last_archived_at": iso(last.archived) if last else None,
-        "age_seconds": round((now - last.archived).total_seconds(), 3) if last else None,
-        "chain_start": chain_start,
-        "missing_segments": len(gaps),
-        "gaps": gaps[:GAPS_LISTED],
-        "ok": last is not None and not gaps,
-    }
-
-
-# --- retention ------------------------------------------------------------------------------
-
-
-def prunable_segments(archived: Iterable[str], kept_start_segments: Iterable[str]) -> list[str]:
-    """The archived WAL files no kept base backup needs: those before the oldest kept
-    backup's starting segment, on any timeline. History files are always kept (tiny, and
-    recovery needs them to follow timelines); with no kept base backup nothing is
-    prunable, since no deletion can then be proven safe."""
-    starts = [segment_position(check_wal_name(name)) for name in kept_start_segments]
-    if not starts:
-        return []
-    cutoff = min(p for p in starts if p is not None)
-    return sorted(
-        name for name in archived
-        if (position := segment_position(check_wal_name(name))) is not None and position < cutoff
-    )
-
-
-class WalPruneResult(TypedDict):
-    """What `pgdr wal-prune --json` prints."""
-
-    database: str
-    base_backups: int
-    prunable: list[str]
-    deleted: int
-    dry_run: bool
-
-
-def prune_archive(repo: Repository, database: str, kept_start_segments: list[str],
-                  dry_run: bool) -> WalPruneResult:
-    """Delete (or with dry_run only list) the archived WAL no kept base backup needs."""
-    names = prunable_segments((f.name for f in archived_files(repo, database)), kept_start_segments)
-    if not dry_run and (failed := delete_archived(repo, database, names)):
-        raise PgdrError(f"{len(failed)} archived WAL files not deleted: {next(iter(failed.values()))}")
-    return {"database": database, "base_backups": len(kept_start_segments), "prunable": names,
-            "deleted": 0 if dry_run else len(names), "dry_run": dry_run}
-
-
-def delete_archived(repo: Repository, database: str, names: Iterable[str]) -> dict[str, str]:
-    """Remove archived WAL files: the markers first, so a file never looks archived
-    without its data (a file whose marker stays keeps its data). Returns why each file
-    that could not be removed was not: empty when all are gone."""
-    def data_keys(name: str) -> set[str] | str:
-        """The file's data keys, or why its marker cannot be read now."""
-        record = None
-        try:
-            record = _read_sidecar(repo, database, name)
-        except IntegrityError:
-            pass  # its data is at one of the names a marker could give
-        except PgdrError as exc:
-            return str(exc)
-        return {record["key"]} if record else {data_key(database, name, e) for e in (False, True)}
-
-    # A year of WAL is tens of thousands of files: their markers are read a few at a time.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        found = dict(zip(names := list(names), pool.map(data_keys, names), strict=True))
-    failed = {name: keys for name, keys in found.items() if isinstance(keys, str)}
-    owners = {key: name for name, keys in found.items() if not isinstance(keys, str) for key in keys}
-    markers = {sidecar_key(database, name): name for name in found if name not in failed}
-    failed.update({markers[key]: why for key, why in repo.delete_many(markers).items()})
-    leftover = repo.delete_many(key for key, name in owners.items() if name not in failed)
-    failed.update({owners[key]: why for key, why in leftover.items()})
-    return failed

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 from pgdr.catalog.catalog import MANIFEST
 from pgdr.catalog.scan import list_backups, list_databases
-from pgdr.files.files import list_file_backups
+from pgdr.files.manifest import list_file_backups
 from pgdr.ops.errors import IntegrityError, NotFoundError, PgdrError
-from pgdr.pitr import wal
+from pgdr.pitr import wal, walarchive
 from pgdr.pitr.basebackup import list_base_backups
 from pgdr.storage.repository import Repository
 from pgdr.storage.s3repo import S3Repository
@@ -145,8 +145,8 @@ def copy_everything(source: Repository, target: Repository,
         for manifest in _missing(target, list_base_backups(source, database)):
             copy_backup(source, target, manifest)
             counts["base_backups"] += 1
-        there = {f.name for f in wal.archived_files(target, database)}
-        for archived in wal.archived_files(source, database):
+        there = {f.name for f in walarchive.archived_files(target, database)}
+        for archived in walarchive.archived_files(source, database):
             if archived.name not in there:
                 counts["wal_files"] += copy_wal(source, target, database, archived.name)
     return counts
@@ -165,8 +165,8 @@ def replica_lag(source: Repository, target: Repository, now: datetime) -> dict[s
         ours, theirs = list_backups(source, database), list_backups(target, database)
         copied = {m.backup_id for m in theirs}
         missing = [m for m in ours if m.backup_id not in copied]
-        wal_ours = wal.archived_files(source, database)
-        wal_there = {f.name for f in wal.archived_files(target, database)}
+        wal_ours = walarchive.archived_files(source, database)
+        wal_there = {f.name for f in walarchive.archived_files(target, database)}
         wal_missing = [f for f in wal_ours if f.name not in wal_there]
         oldest_gap = min([m.finished for m in missing] + [f.archived for f in wal_missing], default=None)
         databases.append({
