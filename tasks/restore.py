@@ -9,7 +9,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from pgdr.catalog import catalog
+from pgdr.catalog import catalog, verification
 from pgdr.catalog.index import resolve_backup
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import Settings
@@ -174,7 +174,7 @@ def record_verification(repo: Repository, manifest: catalog.Manifest,
              "manifest_sha256": manifest_sha256}
     if not result["success"]:
         entry["reason"] = f"row counts differ: {quality.failure_summary(result)}"
-    catalog.append_verification(repo, manifest, entry)
+    verification.append_verification(repo, manifest, entry)
 
 
 @task(name="record failed verification", **retrying(3, 2))
@@ -182,7 +182,7 @@ def record_failed_verification(repo: Repository, manifest: catalog.Manifest,
                                reason: str, by: str) -> None:
     """A backup whose bytes or restore failed is recorded as failed, with the reason, exactly
     like one that passed: status, prune and failover then stop counting it as good."""
-    catalog.append_verification(repo, manifest, {
+    verification.append_verification(repo, manifest, {
         "by": by, "success": False, "at": catalog.iso(catalog.utcnow()), "reason": reason})
 
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from flows.drill import drill
-from pgdr.catalog import catalog
+from pgdr.catalog import catalog, verification
 from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.dr import drill as drilling
 from pgdr.dr import failover as choosing
@@ -310,7 +310,7 @@ def test_failover_takes_the_newest_good_dr_backup_not_the_last_drilled_one(capsy
     safety = cli_json(capsys, "backup", "--db", source_db, "--repo", dr_repo, "--tier", "pre-restore")
     repo = open_repository(dr_repo)
     assert [m.backup_id for m in list_backups(repo)][-1] == safety["backup_id"]
-    assert catalog.read_verification(repo, find_backup(repo, drilled["backup_id"]))["verified"]
+    assert verification.read_verification(repo, find_backup(repo, drilled["backup_id"]))["verified"]
 
     result = cli_json(capsys, *failover_args(dr_repo, dr_target, zone))
     assert result["backup_id"] == newest["backup_id"]

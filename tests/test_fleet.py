@@ -14,7 +14,7 @@ from prefect.client.schemas.objects import StateType
 
 from deployments.register import register
 from flows.fleet import fleet as fleet_flow
-from pgdr.catalog import catalog
+from pgdr.catalog import verification
 from pgdr.catalog.scan import list_backups
 from pgdr.dr import fleet
 from pgdr.postgres.cluster import free_port
@@ -171,7 +171,7 @@ def test_fleet_verify_restore_tests_every_database_on_the_scratch_server(pg, new
     repo = open_repository(file_repo)
     for url in urls:
         (stored,) = list_backups(repo, url.rsplit("/", 1)[1])
-        assert catalog.read_verification(repo, stored)["verified"] is True
+        assert verification.read_verification(repo, stored)["verified"] is True
 
 
 def test_a_missing_deployment_is_refused_before_any_run(new_db, file_repo, capsys):

@@ -13,7 +13,7 @@ import pytest
 
 import flows.backup
 import tasks.backup
-from pgdr.catalog import backup_retention, catalog, locks
+from pgdr.catalog import backup_retention, catalog, locks, verification
 from pgdr.catalog.policy import Policy
 from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.postgres import dsn
@@ -37,7 +37,7 @@ def fake_backup(repo: Repository, database: str, tier: str, finished: datetime,
     repo.put_bytes(f"{manifest.prefix}/{catalog.DUMP}", data)
     repo.put_bytes(manifest.manifest_key, manifest.to_json())
     if verified is not None:
-        catalog.write_verification(repo, manifest, {"verified": verified, "results": []})
+        verification.write_verification(repo, manifest, {"verified": verified, "results": []})
     return manifest
 
 

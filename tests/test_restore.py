@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgdr.catalog import catalog
+from pgdr.catalog import catalog, verification
 from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
@@ -69,7 +69,7 @@ def test_round_trip_restores_identical_content(repo_kind, key, request, capsys, 
     assert result["row_counts"] == backup["row_counts"]
     assert table_fingerprints(target) == source
     assert leftovers(work_dir) == []
-    verified = catalog.read_verification(open_repository(repo_url),
+    verified = verification.read_verification(open_repository(repo_url),
                                          find_backup(open_repository(repo_url), backup["backup_id"]))
     assert verified["verified"] is True and verified["results"][-1]["by"] == "restore"
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from pgdr.catalog import catalog
+from pgdr.catalog import catalog, verification
 from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
@@ -62,7 +62,7 @@ def test_an_emptied_row_counts_fails_verification_and_a_verification_names_its_m
     repo = open_repository(file_repo)
     manifest = stored_manifest(file_repo, backup["backup_id"])
     cli_json(capsys, "restore-temp", backup["backup_id"], "--repo", file_repo, "--server", pg.url())
-    history = catalog.read_verification(repo, manifest)
+    history = verification.read_verification(repo, manifest)
     import hashlib
 
     assert history["manifest_sha256"] == hashlib.sha256(repo.get_bytes(manifest.manifest_key)).hexdigest()
@@ -72,7 +72,7 @@ def test_an_emptied_row_counts_fails_verification_and_a_verification_names_its_m
                               "--server", pg.url())
     line = error_line(err)
     assert code == 1 and "public.items" in line and "not in the manifest" in line
-    assert catalog.read_verification(repo, manifest)["verified"] is False
+    assert verification.read_verification(repo, manifest)["verified"] is False
 
 
 def skewed_copy(repo_url: str, manifest: catalog.Manifest, client_offset: timedelta, tag: str) -> str:

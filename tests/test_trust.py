@@ -10,7 +10,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from pgdr.catalog import catalog
+from pgdr.catalog import catalog, verification
 from pgdr.catalog.index import resolve_backup
 from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.ops.errors import NotFoundError
@@ -131,7 +131,7 @@ def test_a_failed_verification_is_recorded_and_counts_for_status_and_prune(capsy
 
     code, out, err = run_cli(capsys, "verify", "--repo", file_repo, "--server", pg.url(), "--json")
     assert code == 1 and "corrupt" in error_line(err) and json.loads(out)["ok"] is False
-    history = catalog.read_verification(repo, manifest)
+    history = verification.read_verification(repo, manifest)
     assert history["verified"] is False and "corrupt" in history["reason"]
     assert [r["success"] for r in history["results"]] == [True, False]
 
@@ -201,7 +201,7 @@ def test_a_wrong_passphrase_is_named_as_such(capsys, new_db, file_repo, gpg, mon
     assert code == 1 and "Bad passphrase" in line and "not-the-passphrase" not in err
     # A wrong passphrase says nothing about the backup: it is not recorded as failed.
     repo = open_repository(file_repo)
-    assert catalog.read_verification(repo, find_backup(repo, backup["backup_id"])) is None
+    assert verification.read_verification(repo, find_backup(repo, backup["backup_id"])) is None
 
 
 # --- safety databases have a lifetime ---------------------------------------------------------
@@ -310,7 +310,7 @@ def test_an_archived_dump_is_shown_requested_back_and_then_restored(capsys, pg, 
     bucket = s3_repo.split("/")[2]
     assert "Restore" in boto3.client("s3").head_object(Bucket=bucket, Key=key)  # S3 is bringing it back
     # Nothing was recorded against the backup: it is not damaged, only archived.
-    assert catalog.read_verification(open_repository(s3_repo), manifest) is None
+    assert verification.read_verification(open_repository(s3_repo), manifest) is None
 
     restored = cli_json(capsys, "restore-temp", "latest", "--repo", s3_repo, "--server", pg.url())
     assert restored["backup_id"] == backup["backup_id"] and restored["verified"] is True

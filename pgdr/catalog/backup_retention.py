@@ -22,7 +22,6 @@ from pgdr.catalog.catalog import (
     database_component,
     iso,
     parse_backup_id,
-    read_verification,
 )
 from pgdr.catalog.policy import DEFAULT_GRACE, BackupFacts, Decision, Policy, choose, is_stale
 from pgdr.catalog.prune_report import (
@@ -33,6 +32,7 @@ from pgdr.catalog.prune_report import (
     is_backup_id,
     report_row,
 )
+from pgdr.catalog.verification import read_verification
 from pgdr.files import manifest as files_manifest
 from pgdr.ops.errors import PgdrError
 from pgdr.storage.repository import IncompleteUpload, Repository

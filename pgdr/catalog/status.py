@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pgdr.catalog import catalog
+from pgdr.catalog import catalog, verification
 from pgdr.catalog.index import BackupEntry, scan_catalog
 from pgdr.catalog.scan import Catalog, list_databases
 from pgdr.storage.repository import Repository
@@ -19,11 +19,11 @@ _VERIFICATION_LOOKBACK = 10
 def _state(repo: Repository, found: Catalog[BackupEntry],
            manifest: BackupEntry | catalog.Manifest) -> tuple[str, str | None, str | None]:
     if manifest.verified_key not in found.verified:
-        return catalog.NEVER_STATE, None, None  # the listing has no record: nothing to read
+        return verification.NEVER_STATE, None, None  # the listing has no record: nothing to read
     try:
-        return catalog.verification_state(catalog.read_verification(repo, manifest))
+        return verification.verification_state(verification.read_verification(repo, manifest))
     except ValueError:
-        return catalog.FAILED_STATE, None, f"unreadable {catalog.VERIFIED} of {manifest.backup_id}"
+        return verification.FAILED_STATE, None, f"unreadable {catalog.VERIFIED} of {manifest.backup_id}"
 
 
 def database_status(repo: Repository, database: str, now: datetime) -> dict[str, Any]:
@@ -43,10 +43,10 @@ def database_status(repo: Repository, database: str, now: datetime) -> dict[str,
                  age_hours=round((now - catalog.backup_time(latest)).total_seconds() / 3600, 2),
                  size_bytes=latest.size_bytes, storage_class=found.storage_classes.get(latest.backup_id),
                  last_backup_state=state, last_backup_reason=reason, last_backup_verified_at=when,
-                 verified={catalog.VERIFIED_STATE: True, catalog.FAILED_STATE: False}.get(state))
+                 verified={verification.VERIFIED_STATE: True, verification.FAILED_STATE: False}.get(state))
     for manifest in reversed(catalog.regular_backups(backups)[-_VERIFICATION_LOOKBACK:]):
         state, when, _reason = _state(repo, found, manifest)
-        if state == catalog.VERIFIED_STATE:
+        if state == verification.VERIFIED_STATE:
             entry.update(verified_at=when, verified_backup=manifest.backup_id)
             break
     return entry

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pgdr.catalog import catalog
+from pgdr.catalog import catalog, verification
 from pgdr.catalog.index import resolve_backup
 from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.ops.errors import ConfigError, IntegrityError, NotFoundError, PgdrError
@@ -95,7 +95,7 @@ def choose_backup(repository: Repository, database: str | None, now: datetime, *
             skipped.append(f"{manifest.backup_id}: {exc}")
             continue
         age = check_age(manifest, now, max_age_hours, accept_stale)
-        return Choice(manifest, age, catalog.read_verification(repository, manifest), skipped)
+        return Choice(manifest, age, verification.read_verification(repository, manifest), skipped)
     raise IntegrityError(f"no backup of {database} in {repository.url} passes its checksum "
                          f"({len(skipped)} tried)")
 
