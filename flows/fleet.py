@@ -26,14 +26,13 @@ from prefect.runtime import flow_run as current_run
 from pgdr.catalog import catalog
 from pgdr.catalog.scan import backups_since
 from pgdr.dr import fleet as fleets
-from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, FailedWithReport, PgdrError
 from pgdr.ops.settings import check_tier, load_settings
 from pgdr.postgres import dsn
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Progress, Stopwatch, human_bytes, publish_table
 from tasks.fleet import list_fleet, set_server_limits
-from tasks.records import open_repo, record_audit
+from tasks.records import AuditedStep, audited, open_repo
 from tasks.runs import FLOW_HOOKS, failure_reason, run_name
 
 # The deployment each action dispatches to unless told otherwise (prefect.yaml).
@@ -141,19 +140,23 @@ def fleet(action: str = "backup", databases: list[str] | None = None, servers: l
     if target:
         check_deployment(target)
     repository = open_repo(repo or settings.repo_url, settings)  # a bad URL fails here, before anything runs
-    clock = Stopwatch()
-    members = list_fleet(list(databases or settings.fleet_databases), list(servers or settings.fleet_servers),
-                         list(include or []), list(exclude or []))
-    # Backups work on each database's server; verifications on the server they restore to.
-    limited = members if action == "backup" else [fleets.Member.of(verify_server or settings.db_url or "")]
-    limits = set_server_limits(sorted({m.host for m in limited}), host_limit, settings.host_limit)
+    with audited(repository, settings, f"fleet-{action}", type=action, source="-",
+                 destination=repository.url) as step:
+        members = list_fleet(list(databases or settings.fleet_databases),
+                             list(servers or settings.fleet_servers), list(include or []),
+                             list(exclude or []))
+        # Backups work on each database's server; verifications on the server they restore to.
+        limited = (members if action == "backup"
+                   else [fleets.Member.of(verify_server or settings.db_url or "")])
+        limits = set_server_limits(sorted({m.host for m in limited}), host_limit, settings.host_limit)
+        step.source = ", ".join(sorted(limits))
 
-    def run_one(member: fleets.Member) -> dict[str, Any]:
-        parameters = _child_parameters(action, member, repo, tier, verify_server)
-        return run_member(action, member, parameters, target, repository)
+        def run_one(member: fleets.Member) -> dict[str, Any]:
+            parameters = _child_parameters(action, member, repo, tier, verify_server)
+            return run_member(action, member, parameters, target, repository)
 
-    rows = dispatch(f"fleet {action}", members, run_one, max_parallel)
-    return report(action, rows, limits, repository, clock.seconds)
+        rows = dispatch(f"fleet {action}", members, run_one, max_parallel)
+        return report(action, rows, limits, step)
 
 
 def dispatch(label: str, members: list[fleets.Member], run_one: Callable[[fleets.Member], dict[str, Any]],
@@ -171,8 +174,11 @@ def dispatch(label: str, members: list[fleets.Member], run_one: Callable[[fleets
     return [rows[member] for member in members]
 
 
-def report(action: str, rows: list[dict[str, Any]], limits: dict[str, int], repo: Repository,
-           seconds: float) -> dict[str, Any]:
+def report(action: str, rows: list[dict[str, Any]], limits: dict[str, int],
+           step: AuditedStep) -> dict[str, Any]:
+    """The fleet's table artifact and summary, what its audit record says of the databases;
+    FailedWithReport if any failed."""
+    seconds = step.seconds
     failed = [row for row in rows if row["status"] != "ok"]
     stored = sum(row["size_bytes"] or 0 for row in rows)
     headline = (f"Fleet {action}: {len(rows) - len(failed)} of {len(rows)} ok"
@@ -185,10 +191,7 @@ def report(action: str, rows: list[dict[str, Any]], limits: dict[str, int], repo
         for row in rows], headline)
     summary = {"ok": not failed, "action": action, "databases": rows, "server_limits": limits,
                "flow_run": str(current_run.id), "duration_seconds": round(seconds, 1)}
-    record_audit(repo, audit_record(
-        f"fleet-{action}", type=action, source=", ".join(sorted(limits)), destination=repo.url,
-        status="failed" if failed else "success", duration_seconds=seconds,
-        databases=len(rows), failed=[row["database"] for row in failed]))
+    step.details.update(databases=len(rows), failed=[row["database"] for row in failed])
     if failed:
         raise FailedWithReport(f"{len(failed)} of {len(rows)} database(s) failed: " + "; ".join(
             f"{row['database']} ({row['reason']})" for row in failed), summary)

@@ -17,14 +17,13 @@ from prefect import flow, get_run_logger
 
 from pgdr.catalog import retention
 from pgdr.catalog.prune_report import DATABASE, FILES, PITR, STORAGE, safety_databases_unchecked_row
-from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import PgdrError
 from pgdr.ops.settings import Settings, check_tier, load_settings
 from pgdr.postgres import dsn
 from pgdr.storage.repository import Repository
-from tasks.artifacts import Stopwatch, publish_table
+from tasks.artifacts import publish_table
 from tasks.prune import prune_safety_databases, prune_set, sweep_leftovers
-from tasks.records import open_repo, record_audit
+from tasks.records import audited, open_repo
 from tasks.runs import FLOW_HOOKS, run_name
 
 
@@ -59,29 +58,28 @@ def apply_retention(repo: Repository, settings: Settings, sets: list[tuple[str, 
                     dry_run: bool, server_url: str | None = None, of: str | None = None) -> dict[str, Any]:
     """Prune each (area, name) set, and the safety databases on server_url (of one target,
     or all); audit record and table artifact of what was done."""
-    clock = Stopwatch()
-    rows: list[dict[str, Any]] = []
-    for each, one in sets:
-        rows += prune_set(repo, settings, each, one, tier, dry_run)
-    if server_url:
-        try:
-            rows += prune_safety_databases(server_url, settings, of, dry_run)
-        except PgdrError as exc:  # the repository's pruning stands; the report says what was not done
-            rows.append(safety_databases_unchecked_row(dsn.display_dsn(server_url), str(exc)))
-    counts = {action: sum(1 for r in rows if r["action"] == action) for action in {r["action"] for r in rows}}
-    failed = [r for r in rows if r["action"] == "failed"]
-    logger = get_run_logger()
-    for row in rows:
-        if row["action"] in ("locked", "failed"):
-            logger.warning("%s %s: %s", row["action"], row["backup_id"], row["reason"])
-    record_audit(repo, audit_record(
-        "prune", type=tier or "all", destination=repo.url,
-        source=", ".join(one if each == DATABASE else f"{each}/{one}" for each, one in sets) or "-",
-        status="dry-run" if dry_run else "failed" if failed else "success",
-        duration_seconds=clock.seconds, counts=counts,
-        deleted=[r["backup_id"] for r in rows if r["action"] in ("deleted", "aborted")],
-        dropped_databases=[r["backup_id"] for r in rows if r["action"] == "dropped"],
-        locked=[r["backup_id"] for r in rows if r["action"] == "locked"]))
+    source = ", ".join(one if each == DATABASE else f"{each}/{one}" for each, one in sets) or "-"
+    with audited(repo, settings, "prune", type=tier or "all", source=source, destination=repo.url) as step:
+        rows: list[dict[str, Any]] = []
+        for each, one in sets:
+            rows += prune_set(repo, settings, each, one, tier, dry_run)
+        if server_url:
+            try:
+                rows += prune_safety_databases(server_url, settings, of, dry_run)
+            except PgdrError as exc:  # the repository's pruning stands; the report says what was not done
+                rows.append(safety_databases_unchecked_row(dsn.display_dsn(server_url), str(exc)))
+        counts = {action: sum(1 for r in rows if r["action"] == action)
+                  for action in {r["action"] for r in rows}}
+        failed = [r for r in rows if r["action"] == "failed"]
+        logger = get_run_logger()
+        for row in rows:
+            if row["action"] in ("locked", "failed"):
+                logger.warning("%s %s: %s", row["action"], row["backup_id"], row["reason"])
+        step.succeeded(
+            status="dry-run" if dry_run else "failed" if failed else "success", counts=counts,
+            deleted=[r["backup_id"] for r in rows if r["action"] in ("deleted", "aborted")],
+            dropped_databases=[r["backup_id"] for r in rows if r["action"] == "dropped"],
+            locked=[r["backup_id"] for r in rows if r["action"] == "locked"])
     if rows:
         publish_table("prune", rows, f"Prune of {repo.url}{' (dry run)' if dry_run else ''}: " +
                       ", ".join(f"{n} {action}" for action, n in sorted(counts.items())))

@@ -9,12 +9,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pgdr.catalog import catalog
-from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError
 from pgdr.ops.settings import load_settings
 from pgdr.storage import replica
 from tasks.artifacts import Stopwatch
-from tasks.records import open_repo, record_audit
+from tasks.records import audited, open_repo
 from tasks.replicate import copy_missing
 from tasks.runs import FLOW_HOOKS, run_name
 
@@ -37,12 +36,12 @@ def replicate(repo: str | None = None, replica_repo: str | None = None,
         raise ConfigError("the replica must be another repository than the one it copies")
     repository, replica_repository = open_repo(repo_url, settings), open_repo(replica_url, settings)
     clock = Stopwatch()
-    copied = copy_missing(repository, replica_repository, settings)
-    lag = replica.replica_lag(repository, replica_repository, catalog.utcnow())
-    get_run_logger().info("copied %s to %s", ", ".join(f"{n} {kind}" for kind, n in copied.items()),
-                          replica_url)
-    record_audit(repository, audit_record(
-        "replicate", type="all", source=repo_url, destination=replica_url, status="success",
-        duration_seconds=clock.seconds, copied=copied))
+    with audited(repository, settings, "replicate", type="all", source=repo_url, destination=replica_url,
+                 clock=clock) as step:
+        copied = copy_missing(repository, replica_repository, settings)
+        lag = replica.replica_lag(repository, replica_repository, catalog.utcnow())
+        get_run_logger().info("copied %s to %s", ", ".join(f"{n} {kind}" for kind, n in copied.items()),
+                              replica_url)
+        step.succeeded(copied=copied)
     return {"repository": repo_url, "replica": replica_url, "copied": copied, "lag": lag,
             "duration_seconds": round(clock.seconds, 3)}

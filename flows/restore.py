@@ -17,7 +17,6 @@ from prefect import flow, get_run_logger
 from flows.backup import backup
 from pgdr.catalog import catalog
 from pgdr.catalog.locks import LockBusy, database_lock, lock_holder
-from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, FailedWithReport, IntegrityError, NotFoundError, PgdrError
 from pgdr.ops.settings import Settings, load_settings
 from pgdr.pipeline.process import CommandError
@@ -26,7 +25,7 @@ from pgdr.restore import quality, recovery, selective, staging, tags
 from pgdr.restore import restore as restoring
 from pgdr.storage.repository import Repository
 from tasks.artifacts import Stopwatch
-from tasks.records import open_repo, publish_metrics, record_audit, record_failure
+from tasks.records import audited, open_repo, publish_metrics
 from tasks.restore import (
     apply_database_properties,
     bring_back_archived,
@@ -127,14 +126,6 @@ def _restored(manifest: catalog.Manifest, result: dict[str, Any], target_url: st
     }
 
 
-def _audited(operation: str, kind: str, repo: Repository, source: str, destination: str,
-             clock: Stopwatch, status: str, size: int = 0, **details: Any) -> None:
-    write = record_audit if status == "success" else record_failure
-    write(repo, audit_record(
-        operation, type=kind, source=source, destination=destination, status=status, size_bytes=size,
-        duration_seconds=clock.seconds, **details))
-
-
 @flow(name="restore", flow_run_name=run_name("restore-{db|target|$db}-into-{target|$db}"),
       log_prints=True, **FLOW_HOOKS)
 def restore(backup_id: str = "latest", target: str | None = None, repo: str | None = None,
@@ -176,47 +167,47 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
             selected = [(schema, table) for _key, schema, table
                         in recovery.requested_tables(tables, manifest.row_counts, manifest.partitioned)]
         kept_as = written = None
-        try:
-            incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
-            if not exists:
-                # Loaded under a scratch name: the real name appears only once validated.
-                result = restore_and_validate(repository, settings, manifest, target_url, incoming, jobs,
-                                              no_owner, by="restore", archive_wait_hours=archive_wait_hours,
-                                              wait=not no_wait, of=target_db, properties=True,
-                                              no_acl=no_acl, create_roles=create_roles, tables=selected)
-            else:
-                # Before the safety copy: a run that stops to wait for S3 leaves nothing behind.
-                bring_back_archived(repository, manifest, archive_wait_hours, not no_wait)
-                if stop_writes_first:
-                    stop_writes(target_url, target_db)
-                before = restoring.rows_written(target_url, target_db)
-                if pre_restore_backup:
-                    backup(db=dsn.strip_password(target_url), repo=repo_url, tier="pre-restore",
-                           encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
-                result = restore_and_validate(repository, settings, manifest, target_url, incoming, jobs,
-                                              no_owner, by="restore", archive_wait_hours=archive_wait_hours,
-                                              wait=not no_wait, of=target_db, properties=True,
-                                              no_acl=no_acl, create_roles=create_roles)
+        with audited(repository, settings, "restore", type="full", source=manifest.backup_id,
+                     destination=target_db, clock=clock) as step:
             try:
-                kept_as = swap_into_place(target_url, target_db, incoming, manifest, replace=exists)
-            except BaseException:
-                restoring.drop_quietly(target_url, incoming)  # not swapped in: the target is as it was
-                raise
-            restoring.pause_point("swapped")
-            if kept_as and pre_restore_backup:
-                written = writes_since_pre_restore_backup(target_url, target_db, kept_as, before)
-                if written is not None:
-                    written["stopped_writes_first"] = stop_writes_first
-        except Exception as exc:
-            _audited("restore", "full", repository, manifest.backup_id, target_db, clock, "failed",
-                     error=str(exc))
-            raise
-        finally:
-            if stop_writes_first and exists:
-                # Not swapped in (a failure, a SIGTERM): the old database takes connections again.
-                restoring.allow_writes_again(target_url, target_db)
-    _audited("restore", "full", repository, manifest.backup_id, target_db, clock, "success",
-             manifest.size_bytes, previous_database=kept_as, written_after_pre_restore_backup=written)
+                incoming = restoring.derived_name(target_db, "restoring", catalog.utcnow())
+                if not exists:
+                    # Loaded under a scratch name: the real name appears only once validated.
+                    result = restore_and_validate(repository, settings, manifest, target_url, incoming, jobs,
+                                                  no_owner, by="restore",
+                                                  archive_wait_hours=archive_wait_hours, wait=not no_wait,
+                                                  of=target_db, properties=True, no_acl=no_acl,
+                                                  create_roles=create_roles, tables=selected)
+                else:
+                    # Before the safety copy: a run that stops to wait for S3 leaves nothing behind.
+                    bring_back_archived(repository, manifest, archive_wait_hours, not no_wait)
+                    if stop_writes_first:
+                        stop_writes(target_url, target_db)
+                    before = restoring.rows_written(target_url, target_db)
+                    if pre_restore_backup:
+                        backup(db=dsn.strip_password(target_url), repo=repo_url, tier="pre-restore",
+                               encrypt_to=safety_copy_recipient(encrypt_to, settings, manifest))
+                    result = restore_and_validate(repository, settings, manifest, target_url, incoming, jobs,
+                                                  no_owner, by="restore",
+                                                  archive_wait_hours=archive_wait_hours, wait=not no_wait,
+                                                  of=target_db, properties=True, no_acl=no_acl,
+                                                  create_roles=create_roles)
+                try:
+                    kept_as = swap_into_place(target_url, target_db, incoming, manifest, replace=exists)
+                except BaseException:
+                    restoring.drop_quietly(target_url, incoming)  # not swapped in: the target is as it was
+                    raise
+                restoring.pause_point("swapped")
+                if kept_as and pre_restore_backup:
+                    written = writes_since_pre_restore_backup(target_url, target_db, kept_as, before)
+                    if written is not None:
+                        written["stopped_writes_first"] = stop_writes_first
+            finally:
+                if stop_writes_first and exists:
+                    # Not swapped in (a failure, a SIGTERM): the old database takes connections again.
+                    restoring.allow_writes_again(target_url, target_db)
+            step.succeeded(size_bytes=manifest.size_bytes, previous_database=kept_as,
+                           written_after_pre_restore_backup=written)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
     return _restored(manifest, result, target_url, clock, previous_database=kept_as, repaired=repaired,
                      written_after_pre_restore_backup=written)
@@ -280,22 +271,19 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
     clock = Stopwatch()
     manifest = find_backup(repository, backup_id, db)
     temp_db = restoring.derived_name(manifest.database, "temp", catalog.utcnow())
-    try:
+    with audited(repository, settings, "restore", type="temp", source=manifest.backup_id, destination=temp_db,
+                 clock=clock) as step:
         result = restore_and_validate(repository, settings, manifest, server_url, temp_db, jobs, no_owner,
                                       by="restore-to-temp", archive_wait_hours=archive_wait_hours,
                                       wait=not no_wait, properties=True, no_acl=no_acl,
                                       create_roles=create_roles)
-    except Exception as exc:
-        _audited("restore", "temp", repository, manifest.backup_id, temp_db, clock, "failed",
-                 error=str(exc))
-        raise
-    if not keep:
-        restoring.drop_quietly(server_url, temp_db)
-    else:
-        with postgres.connect(server_url, dbname=restoring.admin_database(temp_db), autocommit=True) as conn:
-            tags.untag(conn, temp_db)  # kept on purpose: not a leftover
-    _audited("restore", "temp", repository, manifest.backup_id, temp_db, clock, "success",
-             manifest.size_bytes, kept=keep)
+        if not keep:
+            restoring.drop_quietly(server_url, temp_db)
+        else:
+            with postgres.connect(server_url, dbname=restoring.admin_database(temp_db),
+                                  autocommit=True) as conn:
+                tags.untag(conn, temp_db)  # kept on purpose: not a leftover
+        step.succeeded(size_bytes=manifest.size_bytes, kept=keep)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
     return _restored(manifest, result, dsn.with_database(server_url, temp_db), clock,
                      temp_database=temp_db, kept=keep)
@@ -311,7 +299,9 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
     target_db = dsn.database_name(target_url)
     clock = Stopwatch()
     repository = open_repo(repo or settings.repo_url, settings)
-    with one_at_a_time(repository, target_url, "rollback"):
+    with one_at_a_time(repository, target_url, "rollback"), \
+            audited(repository, settings, "rollback", type="full", source="-", destination=target_db,
+                    clock=clock) as step:
         repaired = repair_target(target_url, target_db)
         admin = restoring.admin_database(target_db)
         with postgres.connect(target_url, dbname=admin, autocommit=True) as conn:
@@ -322,11 +312,11 @@ def rollback(target: str | None = None, repo: str | None = None) -> dict[str, An
                        if undone else "")
             raise PgdrError(f"no pre-restore copy of {target_db} to roll back to{already}")
         previous, tag = kept[0]
+        step.source = previous
         now = catalog.utcnow()
         aside = restoring.derived_name(target_db, "rolled_back", now)
         restoring.swap_databases(target_url, target_db, previous, aside, {
             "pgdr": "rolled-back", "of": target_db, "at": catalog.iso(now),
             "restored": tag.get("replaced_by")})
-    _audited("rollback", "full", repository, previous, target_db, clock, "success")
     return {"target": dsn.display_dsn(target_url), "restored_from": previous, "set_aside_as": aside,
             "repaired": repaired, "duration_seconds": round(clock.seconds, 3)}

@@ -14,12 +14,11 @@ from prefect import flow, get_run_logger
 from flows.restore import VerificationFailed, restore_and_validate
 from pgdr.catalog import catalog
 from pgdr.catalog.scan import list_databases, scan_backups
-from pgdr.ops.audit import audit_record
 from pgdr.ops.errors import ConfigError, PgdrError
 from pgdr.ops.settings import load_settings
 from pgdr.restore import restore as restoring
-from tasks.artifacts import Stopwatch, markdown_table, publish_markdown
-from tasks.records import open_repo, publish_metrics, record_audit
+from tasks.artifacts import markdown_table, publish_markdown
+from tasks.records import audited, open_repo, publish_metrics
 from tasks.runs import FLOW_HOOKS, run_name, server_slot
 
 
@@ -45,41 +44,38 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
     now = catalog.utcnow()
     report = []
     for database in databases:
-        clock = Stopwatch()
         entry: dict[str, Any] = {"database": database, "ok": False, "backup_id": None, "age_hours": None}
         report.append(entry)
         try:
-            found = scan_backups(repository, database)
-            entry["damaged"] = [d.key for d in found.damaged]
-            manifest = catalog.newest_regular_backup(found.backups)
-            if manifest is None:
-                raise PgdrError(f"no backup of {database}"
-                                + (f" (damaged: {found.damaged[0].reason})" if found.damaged else ""))
-            entry["backup_id"] = manifest.backup_id
-            age = backup_age_hours(manifest, now)
-            entry["age_hours"] = round(age, 2)
-            if age > max_age_hours:
-                raise PgdrError(f"latest backup of {database} is {age:.1f} h old "
-                                f"(more than {max_age_hours:g} h)")
-            temp_db = restoring.derived_name(database, "verify", catalog.utcnow())
-            try:
-                with server_slot(server_url):
-                    result = restore_and_validate(repository, settings, manifest, server_url, temp_db, None,
-                                                  True, by="verify")
-            finally:
-                restoring.drop_quietly(server_url, temp_db)
-            entry["tables"] = result["statistics"]["evaluated"]
-            if found.damaged:  # the latest is good, but part of the history cannot be read
-                raise PgdrError("; ".join(d.reason for d in found.damaged))
-            entry["ok"] = True
-        except PgdrError as exc:
+            with audited(repository, settings, "verify", type="restore-test", source=database,
+                         destination="temporary database") as step:
+                found = scan_backups(repository, database)
+                entry["damaged"] = [d.key for d in found.damaged]
+                manifest = catalog.newest_regular_backup(found.backups)
+                if manifest is None:
+                    raise PgdrError(f"no backup of {database}"
+                                    + (f" (damaged: {found.damaged[0].reason})" if found.damaged else ""))
+                entry["backup_id"] = step.source = manifest.backup_id
+                age = backup_age_hours(manifest, now)
+                entry["age_hours"] = round(age, 2)
+                if age > max_age_hours:
+                    raise PgdrError(f"latest backup of {database} is {age:.1f} h old "
+                                    f"(more than {max_age_hours:g} h)")
+                temp_db = restoring.derived_name(database, "verify", catalog.utcnow())
+                try:
+                    with server_slot(server_url):
+                        result = restore_and_validate(repository, settings, manifest, server_url, temp_db,
+                                                      None, True, by="verify")
+                finally:
+                    restoring.drop_quietly(server_url, temp_db)
+                entry["tables"] = result["statistics"]["evaluated"]
+                if found.damaged:  # the latest is good, but part of the history cannot be read
+                    raise PgdrError("; ".join(d.reason for d in found.damaged))
+                entry["ok"] = True
+                step.succeeded(reason=None)  # what a success record has always said
+        except PgdrError as exc:  # recorded (audited): the other databases are still verified
             entry["reason"] = str(exc)
             logger.error("verification of %s failed: %s", database, exc)
-        record_audit(repository, audit_record(
-            "verify", type="restore-test", source=entry["backup_id"] or database,
-            destination="temporary database",
-            status="success" if entry["ok"] else "failed", duration_seconds=clock.seconds,
-            reason=entry.get("reason")))
         staleness = {"HoursSinceLastBackup": entry["age_hours"]} if entry["age_hours"] is not None else {}
         publish_metrics(settings, database, VerifyFailureCount=int(not entry["ok"]), **staleness)
     publish_markdown(

@@ -10,7 +10,7 @@ from prefect import get_client, get_run_logger, task
 
 from pgdr.catalog.catalog import StoredManifest
 from pgdr.ops import audit
-from pgdr.ops.errors import redact
+from pgdr.ops.errors import first_line, redact
 from pgdr.ops.metrics import put_metrics
 from pgdr.ops.settings import Settings
 from pgdr.storage.repository import Repository, open_repository
@@ -82,7 +82,7 @@ def record_failure(repo: Repository, record: dict[str, Any]) -> None:
 class AuditedStep:
     """One audited operation in progress: its clock, and what its audit record says. The
     block fills in what it learns (`type`, `source`, `details`) and, last, what only a
-    success records (`succeeded`)."""
+    completed block records (`succeeded`)."""
 
     def __init__(self, operation: str, type: str, source: str, destination: str,
                  details: dict[str, Any], clock: Stopwatch | None = None) -> None:
@@ -95,39 +95,44 @@ class AuditedStep:
     def seconds(self) -> float:
         return self.clock.seconds
 
-    def succeeded(self, *, destination: str | None = None, size_bytes: int = 0, **details: Any) -> None:
-        """What the success record says beyond the common fields: where the result went,
-        its size, operation-specific details."""
-        self._success = {"destination": destination or self.destination, "size_bytes": size_bytes,
-                         "details": details}
+    def succeeded(self, *, status: str = "success", destination: str | None = None, size_bytes: int = 0,
+                  **details: Any) -> None:
+        """What the record of the completed block says beyond the common fields: its status
+        when not plainly a success (a dry run; a prune that could not delete everything it
+        should have), where the result went, its size, operation-specific details."""
+        self._success = {"status": status, "destination": destination or self.destination,
+                         "size_bytes": size_bytes, "details": details}
 
-    def record(self, status: str, **details: Any) -> dict[str, Any]:
-        success = self._success if status == "success" else {}
+    def record(self, error: str | None = None) -> dict[str, Any]:
+        """The record of the completed block or, given its error, of the failed one."""
+        outcome: dict[str, Any] = (self._success if error is None
+                                   else {"status": "failed", "details": {"error": error}})
         return audit.audit_record(
             self.operation, type=self.type, source=self.source,
-            destination=success.get("destination", self.destination), status=status,
-            size_bytes=success.get("size_bytes", 0), duration_seconds=self.clock.seconds,
-            **{**self.details, **success.get("details", {}), **details})
+            destination=outcome.get("destination", self.destination), status=outcome.get("status", "success"),
+            size_bytes=outcome.get("size_bytes", 0), duration_seconds=self.clock.seconds,
+            **{**self.details, **outcome.get("details", {})})
 
 
 @contextmanager
 def audited(repo: Repository, settings: Settings, operation: str, *, type: str, source: str, destination: str,
             failure_metrics: dict[str, float] | None = None, clock: Stopwatch | None = None,
             **details: Any) -> Iterator[AuditedStep]:
-    """Time an operation and write its audit record: `success` when the block completes
-    (its writing may be retried, and a failure to write it fails the run), `failed` with
-    the error when it raises (record_failure: the error is never hidden), then the block's
-    error goes on. failure_metrics are published (source as the database) on a failure;
-    clock, when the operation's time started before its audit could."""
+    """Time an operation and write its audit record: `success` (or what `succeeded` said)
+    when the block completes (its writing may be retried, and a failure to write it fails
+    the run), `failed` with the error's first line, secrets redacted, when it raises
+    (record_failure: the error is never hidden), then the block's error goes on.
+    failure_metrics are published (source as the database) on a failure; clock, when the
+    operation's time started before its audit could."""
     step = AuditedStep(operation, type, source, destination, details, clock)
     try:
         yield step
     except Exception as exc:
-        record_failure(repo, step.record("failed", error=str(exc)))
+        record_failure(repo, step.record(error=first_line(exc, settings.secrets())))
         if failure_metrics:
             publish_metrics(settings, step.source, **failure_metrics)
         raise
-    record_audit(repo, step.record("success"))
+    record_audit(repo, step.record())
 
 
 def publish_metrics(settings: Settings, database: str, **values: float) -> None:

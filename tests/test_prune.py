@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import threading
 import uuid
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import boto3
 import pytest
@@ -18,8 +21,10 @@ from pgdr.catalog.policy import Policy
 from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.postgres import dsn
 from pgdr.storage.repository import Repository, open_repository
-from tests.support.cli import cli_json, run_cli
+from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import table_fingerprints
+from tests.support.secrets import ALL_SECRETS
+from tests.support.stored import audit_records
 
 
 def fake_backup(repo: Repository, database: str, tier: str, finished: datetime,
@@ -128,6 +133,46 @@ def test_object_lock_is_reported_and_prune_carries_on(capsys, locked_bucket_repo
     assert ids(list_backups(repo, "fleet")) == ids([newest, *old[:2]])
     code, out, _err = run_cli(capsys, "prune", "--repo", locked_bucket_repo)
     assert code == 0 and "2 locked" in out
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Makes a directory read-only (a bind mount of itself, so root is refused too): storage
+    that refuses writes."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    mounted: list[Path] = []
+
+    def make(path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        for argv in (["mount", "--bind", path, path], ["mount", "-o", "remount,ro,bind", path]):
+            result = subprocess.run(argv, capture_output=True)
+            if result.returncode != 0:
+                pytest.skip(f"cannot mount here: {result.stderr.decode().strip()}")
+            if path not in mounted:
+                mounted.append(path)
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", path], check=False)
+
+
+def test_a_prune_the_repository_refuses_leaves_a_failed_audit_record_with_the_error(capsys, file_repo,
+                                                                                       read_only):
+    repo = open_repository(file_repo)
+    now = catalog.utcnow()
+    old = fake_backup(repo, "fleet", "daily", now - timedelta(days=60))
+    fake_backup(repo, "fleet", "daily", now - timedelta(hours=1))
+    read_only(Path(file_repo.removeprefix("file://")) / locks.lock_key("fleet").rsplit("/", 1)[0])
+
+    code, _out, err = run_cli(capsys, "prune", "--repo", file_repo, "--db", "fleet")
+    assert code == 1 and "Read-only file system" in err
+    assert old.backup_id in ids(list_backups(repo, "fleet"))  # nothing deleted without the lock
+    [record] = audit_records(file_repo, "prune")
+    assert (record["status"], record["source"], record["type"]) == ("failed", "fleet, pitr/fleet", "all")
+    assert "Read-only file system" in record["details"]["error"]
+    assert record["details"]["error"] in error_line(err)
+    assert not [s for s in ALL_SECRETS if s in json.dumps(record)]
 
 
 def test_init_repo_settings_read_back_and_a_second_run_is_fine(capsys, s3):

@@ -10,7 +10,9 @@ import boto3
 import psycopg
 import pytest
 
-from tests.support.cli import cli_json, run_cli
+from tests.support.cli import cli_json, error_line, run_cli
+from tests.support.secrets import ALL_SECRETS
+from tests.support.stored import audit_records
 
 SEGMENT = "000000010000000000000007"
 
@@ -104,10 +106,19 @@ def test_an_unreachable_replica_never_stalls_wal_archiving_and_the_gap_is_filled
     # and status says out loud that the replica cannot be reached.
     assert (code, err) == (0, "") and json.loads(out)["stored"] is True
     assert "NoSuchBucket" in cli_json(capsys, "status", "--repo", s3_repo)["replica"]["error"]
+    # Catching up fails too meanwhile, and its audit record says why (no secret in it).
+    code, _, err = run_cli(capsys, "replicate", "--all", "--repo", s3_repo)
+    assert code == 1 and "NoSuchBucket" in err
+    [failed] = audit_records(s3_repo, "replicate")
+    assert (failed["status"], failed["source"], failed["destination"]) == (
+        "failed", s3_repo, f"s3://{missing}/pgdr")
+    assert failed["details"] == {"error": error_line(err).removeprefix("pgdr: error: ")}
+    assert not [s for s in ALL_SECRETS if s in json.dumps(failed)]
 
     boto3.client("s3").create_bucket(Bucket=missing)
     assert cli_json(capsys, "status", "--repo", s3_repo)["replica"]["databases"][0]["missing_wal_files"] == 1
     assert cli_json(capsys, "replicate", "--all", "--repo", s3_repo)["copied"]["wal_files"] == 1
+    assert [r["status"] for r in audit_records(s3_repo, "replicate")] == ["failed", "success"]
     code, _, err = run_cli(capsys, "wal-fetch", SEGMENT, str(tmp_path / "fetched"), "--repo",
                            f"s3://{missing}/pgdr", "--db", "ledger")
     assert (code, err) == (0, "") and (tmp_path / "fetched").read_bytes() == segment.read_bytes()

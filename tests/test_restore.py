@@ -16,6 +16,8 @@ from pgdr.catalog.scan import find_backup, list_backups
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
 from tests.support.db import counts_in, table_fingerprints
+from tests.support.secrets import ALL_SECRETS
+from tests.support.stored import audit_records
 
 
 def databases(pg) -> set[str]:
@@ -252,11 +254,16 @@ class TestVerify:
         assert code == 1 and "old" in error_line(err)
         assert json.loads(out)["ok"] is False
 
-    def test_fails_on_a_corrupted_backup(self, capsys, pg, fleet_db, file_repo):
+    def test_fails_on_a_corrupted_backup(self, capsys, pg, fleet_db, file_repo, monkeypatch):
         backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo)
         corrupt(file_repo, find_backup(open_repository(file_repo), backup["backup_id"]), "flip")
+        monkeypatch.setenv("DATABASE_URL", pg.secret_url())  # a secret the record must not carry
         code, _out, err = run_cli(capsys, "verify", "--repo", file_repo, "--server", pg.url())
         assert code == 1 and "corrupt" in error_line(err)
+        [record] = audit_records(file_repo, "verify")
+        assert (record["status"], record["source"]) == ("failed", backup["backup_id"])
+        assert record["details"] == {"error": error_line(err).removeprefix("pgdr: error: ")}
+        assert not [s for s in ALL_SECRETS if s in json.dumps(record)]
 
     def test_fails_when_restored_counts_differ_from_the_manifest(self, capsys, pg, fleet_db, file_repo):
         backup = cli_json(capsys, "backup", "--db", fleet_db, "--repo", file_repo)

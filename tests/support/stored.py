@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from pgdr.catalog import catalog
 from pgdr.storage.repository import open_repository
@@ -40,3 +42,10 @@ def archive_tables(archive: Path) -> set[str]:
 def restore_archive(archive: Path, target_url: str) -> None:
     subprocess.run(["pg_restore", "--exit-on-error", "-d", target_url, str(archive)],
                    check=True, capture_output=True)
+
+
+def audit_records(repo_url: str, operation: str) -> list[dict[str, Any]]:
+    """The audit records of one operation in the repository, oldest first."""
+    repo = open_repository(repo_url)
+    records = [json.loads(repo.get_bytes(info.key)) for info in repo.list("audit/")]
+    return sorted((r for r in records if r["operation"] == operation), key=lambda r: r["timestamp"])
