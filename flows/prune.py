@@ -11,7 +11,7 @@ backup and storage snapshot, for its tier.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from prefect import flow, get_run_logger
 
@@ -27,10 +27,26 @@ from tasks.records import audited, open_repo
 from tasks.runs import FLOW_HOOKS, run_name
 
 
+class PruneReport(TypedDict):
+    """What retention did: each backup (and safety database) with its action and why."""
+
+    ok: bool  # False when something could not be deleted
+    repository: str
+    dry_run: bool
+    counts: dict[str, int]  # rows of each action
+    backups: list[dict[str, object]]
+
+
+class PruneResult(PruneReport):
+    """`pgdr prune --json`."""
+
+    leftovers: list[str]  # what killed runs had left on this host and server, removed
+
+
 @flow(name="prune", flow_run_name=run_name("prune-{db|name|bucket|all}"), log_prints=True, **FLOW_HOOKS)
 def prune(repo: str | None = None, db: str | None = None, tier: str | None = None,
           dry_run: bool = False, area: str | None = None, name: str | None = None,
-          bucket: str | None = None, server: str | None = None) -> dict[str, Any]:
+          bucket: str | None = None, server: str | None = None) -> PruneResult:
     """Apply retention to the repository: database backups, files backups and storage
     snapshots (or one area; one database, files-backup name or bucket; one tier); returns
     every backup with what was done to it and why. With a server (`server` or
@@ -55,7 +71,7 @@ def prune(repo: str | None = None, db: str | None = None, tier: str | None = Non
 
 
 def apply_retention(repo: Repository, settings: Settings, sets: list[tuple[str, str]], tier: str | None,
-                    dry_run: bool, server_url: str | None = None, of: str | None = None) -> dict[str, Any]:
+                    dry_run: bool, server_url: str | None = None, of: str | None = None) -> PruneReport:
     """Prune each (area, name) set, and the safety databases on server_url (of one target,
     or all); audit record and table artifact of what was done."""
     source = ", ".join(one if each == DATABASE else f"{each}/{one}" for each, one in sets) or "-"
@@ -87,7 +103,7 @@ def apply_retention(repo: Repository, settings: Settings, sets: list[tuple[str, 
 
 
 def prune_after_backup(repo: Repository, name: str, tier: str,
-                       area: str = DATABASE) -> dict[str, Any] | None:
+                       area: str = DATABASE) -> PruneReport | None:
     """Retention for the tier just backed up (of the database, files-backup name or bucket
     name), as steps of the backup's own run (a flow run of its own costs a second or two).
     The backup has succeeded whatever happens here: a pruning problem is logged (and

@@ -4,7 +4,7 @@ was configured, or whose copy failed), then report how far the replica still lag
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from prefect import flow, get_run_logger
 
@@ -18,9 +18,22 @@ from tasks.replicate import copy_missing
 from tasks.runs import FLOW_HOOKS, run_name
 
 
+class Replicated(TypedDict):
+    repository: str
+    replica: str | None  # None: no replica configured, nothing copied (the schedule's run)
+    copied: dict[str, int]
+
+
+class ReplicateResult(Replicated, total=False):
+    """`pgdr replicate --json`: what was copied, by kind, and how far the replica lags."""
+
+    lag: dict[str, Any]
+    duration_seconds: float
+
+
 @flow(name="replicate", flow_run_name=run_name("replicate-all"), log_prints=True, **FLOW_HOOKS)
 def replicate(repo: str | None = None, replica_repo: str | None = None,
-              only_when_configured: bool = False) -> dict[str, Any]:
+              only_when_configured: bool = False) -> ReplicateResult:
     """Copy everything `replica_repo` (default PGDR_REPLICA_REPO) lacks from `repo`.
     `only_when_configured` (the schedule's): with no replica configured, log it and copy
     nothing instead of failing."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypedDict
 
 from prefect import flow, get_run_logger
 
@@ -47,6 +47,52 @@ RESTORE_LOCKS = "restores"
 
 class VerificationFailed(FailedWithReport):
     """The restored database does not hold what the backup's manifest says."""
+
+
+class Restored(TypedDict):
+    """What every restore reports: the backup, where it went, the row count of each table
+    as validated there."""
+
+    backup_id: str
+    database: str
+    target: str
+    verified: bool
+    row_counts: dict[str, int]
+    duration_seconds: float
+
+
+class RestoreResult(Restored):
+    """`pgdr restore --json`: also the replaced database, kept for rollback (None for a new
+    database), what a killed run had left, and the rows written after the pre-restore
+    backup began (None when none could be)."""
+
+    previous_database: str | None
+    repaired: list[str]
+    written_after_pre_restore_backup: dict[str, Any] | None
+
+
+class TempRestoreResult(Restored):
+    """`pgdr restore-temp --json`: also the throwaway database, and whether it was kept."""
+
+    temp_database: str
+    kept: bool
+
+
+class RollbackResult(TypedDict):
+    """`pgdr rollback --json`."""
+
+    target: str
+    restored_from: str
+    set_aside_as: str
+    repaired: list[str]
+    duration_seconds: float
+
+
+class RepairResult(TypedDict):
+    """`pgdr repair --json`: one line for each thing finished or cleaned up."""
+
+    target: str
+    repaired: list[str]
 
 
 def is_backup_defect(exc: BaseException) -> bool:
@@ -112,16 +158,15 @@ def safety_copy_recipient(encrypt_to: str | None, settings: Settings,
     return encrypt_to or settings.encrypt_to or (manifest.encryption or {}).get("recipient_fingerprint")
 
 
-def _restored(manifest: catalog.Manifest, result: dict[str, Any], target_url: str, clock: Stopwatch,
-              **extra: Any) -> dict[str, Any]:
-    """What a restore reports (the CLI's --json contract): backup, target, verification."""
+def _restored(manifest: catalog.Manifest, result: dict[str, Any], target_url: str,
+              clock: Stopwatch) -> Restored:
+    """What every restore reports: backup, target, verification."""
     return {
         "backup_id": manifest.backup_id,
         "database": manifest.database,
         "target": dsn.display_dsn(target_url),
         "verified": result["success"],
         "row_counts": {t["table"]: t["observed"] for t in result["tables"]},
-        **extra,
         "duration_seconds": round(clock.seconds, 3),
     }
 
@@ -133,7 +178,7 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
             pre_restore_backup: bool = True, encrypt_to: str | None = None,
             archive_wait_hours: float = 12.0, no_wait: bool = False, no_acl: bool = False,
             create_roles: bool = False, tables: list[str] | None = None,
-            stop_writes_first: bool = False) -> dict[str, Any]:
+            stop_writes_first: bool = False) -> RestoreResult:
     """Restore a backup into `target` (a database URL). A new database is restored
     directly; an existing one is replaced only after the restored copy validated, and is
     kept as `<db>_pre_restore_<ts>` (see rollback). The pre-restore backup is encrypted to
@@ -209,8 +254,8 @@ def restore(backup_id: str = "latest", target: str | None = None, repo: str | No
             step.succeeded(size_bytes=manifest.size_bytes, previous_database=kept_as,
                            written_after_pre_restore_backup=written)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
-    return _restored(manifest, result, target_url, clock, previous_database=kept_as, repaired=repaired,
-                     written_after_pre_restore_backup=written)
+    return {**_restored(manifest, result, target_url, clock), "previous_database": kept_as,
+            "repaired": repaired, "written_after_pre_restore_backup": written}
 
 
 @contextmanager
@@ -243,7 +288,7 @@ def writes_since_pre_restore_backup(target_url: str, target_db: str, kept_as: st
 
 
 @flow(name="repair", flow_run_name=run_name("repair-{target|$db}"), log_prints=True, **FLOW_HOOKS)
-def repair(target: str | None = None) -> dict[str, Any]:
+def repair(target: str | None = None) -> RepairResult:
     """Finish or clean up what a killed restore or rollback left on `target`'s server."""
     settings = load_settings()
     target_url = target or settings.db_url
@@ -260,7 +305,7 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
                     server: str | None = None, keep: bool = False, jobs: int | None = None,
                     no_owner: bool = False, archive_wait_hours: float = 12.0,
                     no_wait: bool = False, no_acl: bool = False,
-                    create_roles: bool = False) -> dict[str, Any]:
+                    create_roles: bool = False) -> TempRestoreResult:
     """Restore into a throwaway database on `server`, validate it, drop it unless kept
     (an archived dump: as restore)."""
     settings = load_settings()
@@ -285,12 +330,12 @@ def restore_to_temp(backup_id: str = "latest", repo: str | None = None, db: str 
                 tags.untag(conn, temp_db)  # kept on purpose: not a leftover
         step.succeeded(size_bytes=manifest.size_bytes, kept=keep)
     publish_metrics(settings, manifest.database, RestoreDurationSeconds=clock.seconds)
-    return _restored(manifest, result, dsn.with_database(server_url, temp_db), clock,
-                     temp_database=temp_db, kept=keep)
+    return {**_restored(manifest, result, dsn.with_database(server_url, temp_db), clock),
+            "temp_database": temp_db, "kept": keep}
 
 
 @flow(name="rollback", flow_run_name=run_name("rollback-{target|$db}"), log_prints=True, **FLOW_HOOKS)
-def rollback(target: str | None = None, repo: str | None = None) -> dict[str, Any]:
+def rollback(target: str | None = None, repo: str | None = None) -> RollbackResult:
     """Undo the last restore of `target`: its pre-restore database takes the name back."""
     settings = load_settings()
     target_url = target or settings.db_url

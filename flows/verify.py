@@ -7,7 +7,7 @@ database passes the great-expectations validation; the temporary database is dro
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from prefect import flow, get_run_logger
 
@@ -26,9 +26,18 @@ def backup_age_hours(manifest: catalog.Manifest, now: Any) -> float:
     return float((now - catalog.backup_time(manifest)).total_seconds()) / 3600
 
 
+class VerifyResult(TypedDict):
+    """`pgdr verify --json`: per database, its newest backup, its age and whether a restore
+    of it validated (with the reason when not)."""
+
+    ok: bool
+    repository: str
+    databases: list[dict[str, Any]]
+
+
 @flow(name="verify", flow_run_name=run_name("verify-{db|all}"), log_prints=True, **FLOW_HOOKS)
 def verify(repo: str | None = None, db: str | None = None, max_age_hours: float = 26.0,
-           server: str | None = None) -> dict[str, Any]:
+           server: str | None = None) -> VerifyResult:
     """Check the latest backup of every database (and that every manifest can be read);
     fail, with the reasons, if any check fails."""
     settings = load_settings()
@@ -86,7 +95,7 @@ def verify(repo: str | None = None, db: str | None = None, max_age_hours: float 
               "ok" if e["ok"] else f"FAILED: {e.get('reason')}"] for e in report]),
         f"Verification of {len(report)} database(s) in {repo_url}",
     )
-    summary = {"ok": all(e["ok"] for e in report), "repository": repo_url, "databases": report}
+    summary: VerifyResult = {"ok": all(e["ok"] for e in report), "repository": repo_url, "databases": report}
     failed = [e for e in report if not e["ok"]]
     if failed:
         raise VerificationFailed("; ".join(e["reason"] for e in failed), summary)

@@ -6,7 +6,7 @@ Every message is one line, safe to print: no secret, no traceback needed to unde
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # The password of a URL (scheme://user:password@host), whoever wrote it into a message.
@@ -54,7 +54,7 @@ class FailedWithReport(PgdrError):
     """A run that checked or did several things, some of which failed: the message says
     which, and `details` is the whole report (what `--json` prints)."""
 
-    def __init__(self, message: str, details: dict[str, Any]) -> None:
+    def __init__(self, message: str, details: Mapping[str, Any]) -> None:
         super().__init__(message)
         self.details = details
 

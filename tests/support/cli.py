@@ -22,24 +22,33 @@ def result_types() -> dict[str, type]:
     from flows.basebackup import BaseBackupResult
     from flows.cli.results import ListResult, WalFetchResult, WalPushResult
     from flows.files import FilesBackupResult, FilesRestoreResult
+    from flows.prune import PruneResult
+    from flows.replicate import ReplicateResult
+    from flows.restore import RepairResult, RestoreResult, RollbackResult, TempRestoreResult
     from flows.storage import SnapshotResult, StorageRestoreResult
+    from flows.verify import VerifyResult
 
     return {"backup": BackupResult, "basebackup": BaseBackupResult, "list": ListResult,
             "wal-push": WalPushResult, "wal-fetch": WalFetchResult, "files": FilesBackupResult,
             "restore-files": FilesRestoreResult, "storage-snapshot": SnapshotResult,
-            "storage-restore": StorageRestoreResult}
+            "storage-restore": StorageRestoreResult, "restore": RestoreResult,
+            "restore-temp": TempRestoreResult, "rollback": RollbackResult, "repair": RepairResult,
+            "prune": PruneResult, "replicate": ReplicateResult, "verify": VerifyResult}
 
 
 def cli_json(capsys: Any, *argv: str) -> dict[str, Any]:
-    """The JSON object of a successful `pgdr argv... --json`, with exactly the keys its
-    command declares."""
+    """The JSON object of a successful `pgdr argv... --json`, with the keys its command
+    declares: every required one, and no other."""
     code, out, err = run_cli(capsys, *argv, "--json")
     assert code == 0, err
     result = json.loads(out)
-    declared = result_types().get(argv[0])
+    physical = "--physical" in argv  # restore --physical reports the point-in-time recovery
+    declared = None if physical else result_types().get(argv[0])
     if declared is not None:
-        keys = declared.__required_keys__ | declared.__optional_keys__  # type: ignore[attr-defined]
-        assert set(result) == keys, f"{argv[0]} --json: {sorted(set(result) ^ keys)} differ from its type"
+        required = declared.__required_keys__  # type: ignore[attr-defined]
+        allowed = required | declared.__optional_keys__  # type: ignore[attr-defined]
+        missing, extra = sorted(required - set(result)), sorted(set(result) - allowed)
+        assert not missing and not extra, f"{argv[0]} --json: {missing} missing, {extra} extra"
     return result
 
 
