@@ -11,11 +11,13 @@ from cyclopts import Group, Parameter, validators
 from flows.cli import render
 from flows.cli.common import Result, command, db_url, settings
 from flows.cli.options import FlowOutput, Output
+from flows.cli.results import ArchiveStatusResult
 from flows.cli.wal import wal_target
 
 
 @command(render.show_archive_status, runs_flow=False)
-def archive_status(*, repo: str | None = None, db: str | None = None, output: Output = Output()) -> Result:
+def archive_status(*, repo: str | None = None, db: str | None = None,
+                   output: Output = Output()) -> ArchiveStatusResult:
     """The last archived WAL segment and its age.
 
     Args:
@@ -30,10 +32,11 @@ def archive_status(*, repo: str | None = None, db: str | None = None, output: Ou
     newest = backups[-1] if backups else None
     if newest is None:
         return {**walarchive.archive_status(repository, database), "base_backup": None}
+    base = summary(newest)
     return {**walarchive.archive_status(repository, database, chain_start=newest.start_wal_file,
                                         segment_size=newest.wal_segment_size),
-            "base_backup": {k: v for k, v in summary(newest).items()
-                            if k in ("backup_id", "finished_at", "kind", "parent_backup_id")}}
+            "base_backup": {"backup_id": base["backup_id"], "finished_at": base["finished_at"],
+                            "kind": base["kind"], "parent_backup_id": base["parent_backup_id"]}}
 
 
 @command(render.show_check, runs_flow=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypedDict
 
+from pgdr.pitr.walarchive import ArchiveStatus  # light: the WAL commands load it anyway
+
 if TYPE_CHECKING:  # list and status stay light: these modules load psycopg
     from pgdr.catalog.catalog import DamagedSummary, ListedBackup
     from pgdr.pitr.basebackup import BaseBackupSummary
@@ -19,6 +21,13 @@ class ListResult(TypedDict):
     damaged: list[DamagedSummary]
     base_backups: list[BaseBackupSummary]  # physical base backups, with kind and parent
     base_backups_unreadable: list[str]  # databases whose base backup manifests cannot be read
+
+
+class ArchiveStatusResult(ArchiveStatus):
+    """`pgdr archive-status --json`: the archive, and the newest base backup it continues
+    (None when there is none)."""
+
+    base_backup: dict[str, str | None] | None
 
 
 class WalPushResult(TypedDict):

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from pgdr.catalog.catalog import iso, utcnow
 from pgdr.ops.errors import ConfigError, IntegrityError, PgdrError
@@ -67,8 +67,24 @@ def missing_segments(archived: Iterable[str], first: str, last: str,
             for i in range(index(first), index(last) + 1) if i not in present]
 
 
+class ArchiveStatus(TypedDict):
+    """The WAL archive of a database at a glance (`archive-status`, `check`)."""
+
+    repository: str
+    database: str
+    archived_files: int
+    segments: int
+    last_segment: str | None
+    last_archived_at: str | None
+    age_seconds: float | None  # of the newest segment: the RPO if the server died now
+    chain_start: str | None
+    missing_segments: int
+    gaps: list[str]  # the first of them
+    ok: bool
+
+
 def archive_status(repo: Repository, database: str, now: datetime | None = None,
-                   chain_start: str | None = None, segment_size: int = 16 * 1024 * 1024) -> dict[str, Any]:
+                   chain_start: str | None = None, segment_size: int = 16 * 1024 * 1024) -> ArchiveStatus:
     """The newest archived segment and its age: the RPO if the server died now; with
     chain_start (the newest base backup's first segment), the gaps since then."""
     files = archived_files(repo, database)

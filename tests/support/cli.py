@@ -20,7 +20,7 @@ def result_types() -> dict[str, type]:
     cli_json of these commands is checked against it, key for key."""
     from flows.backup import BackupResult
     from flows.basebackup import BaseBackupResult
-    from flows.cli.results import ListResult, WalFetchResult, WalPushResult
+    from flows.cli.results import ArchiveStatusResult, ListResult, WalFetchResult, WalPushResult
     from flows.files import FilesBackupResult, FilesRestoreResult
     from flows.prune import PruneResult
     from flows.replicate import ReplicateResult
@@ -33,7 +33,8 @@ def result_types() -> dict[str, type]:
             "restore-files": FilesRestoreResult, "storage-snapshot": SnapshotResult,
             "storage-restore": StorageRestoreResult, "restore": RestoreResult,
             "restore-temp": TempRestoreResult, "rollback": RollbackResult, "repair": RepairResult,
-            "prune": PruneResult, "replicate": ReplicateResult, "verify": VerifyResult}
+            "prune": PruneResult, "replicate": ReplicateResult, "verify": VerifyResult,
+            "archive-status": ArchiveStatusResult}
 
 
 def cli_json(capsys: Any, *argv: str) -> dict[str, Any]:
