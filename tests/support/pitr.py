@@ -35,17 +35,22 @@ def execute(url: str, *statements: str) -> None:
             conn.execute(statement)
 
 
-def switch_and_wait_archived(url: str) -> str:
-    """Close the current segment and wait until the archiver stored it; its name."""
+def switch_and_wait_archived(url: str, timeout: float = 150) -> str:
+    """Close the current segment and wait until the archiver stored it; its name. The
+    archiver also wakes on its own every 60 s: the wait covers two of its cycles."""
     with psycopg.connect(url, autocommit=True) as conn:
         name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-        for _ in range(240):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             last, failed = conn.execute(
                 "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver").fetchone()
             if last and last[:24] >= name:
                 return name
             time.sleep(0.25)
-    raise AssertionError(f"{name} was not archived (last failure: {failed})")
+        archiver = conn.execute("SELECT * FROM pg_stat_archiver").fetchone()
+        ready = conn.execute("SELECT name FROM pg_ls_archive_statusdir() ORDER BY name").fetchall()
+    raise AssertionError(f"{name} was not archived within {timeout:.0f} s (last failure: {failed}; "
+                         f"pg_stat_archiver {archiver}; archive_status {[r[0] for r in ready]})")
 
 
 @contextmanager
